@@ -1,0 +1,10 @@
+//! klspeech: fine-tune pretrained Wav2Vec2 speech models on small data sets, with KL-Norm.
+//!
+//! Dependencies flow one way: [`audio`] -> [`features`] -> model -> heads/loss -> train -> CLI.
+
+pub mod audio;
+pub mod error;
+pub mod features;
+pub mod plot;
+
+pub use error::{Error, Result};
