@@ -120,12 +120,20 @@ pub fn normalize_clip(x: &[f32], out: &mut [f32]) {
 pub struct FeatureExtractor {
     /// Its configuration.
     pub config: FeatureExtractorConfig,
+    /// Normalize over each clip's own samples even when transformers would include padding.
+    pub padding_aware: bool,
 }
 
 impl FeatureExtractor {
     /// Builds one from a config.
     pub fn new(config: FeatureExtractorConfig) -> Self {
-        FeatureExtractor { config }
+        FeatureExtractor { config, padding_aware: false }
+    }
+
+    /// Same extractor, with per-clip statistics whatever the config says.
+    pub fn with_padding_aware(mut self, on: bool) -> Self {
+        self.padding_aware = on;
+        self
     }
 
     /// Reads `preprocessor_config.json` from a model folder (defaults if it is absent,
@@ -152,13 +160,19 @@ impl FeatureExtractor {
         let pad = self.config.padding_value;
         let mut input_values = vec![pad; clips.len() * max_len];
         let mut attention_mask = vec![0u8; clips.len() * max_len];
+        // transformers passes no mask to its normalization when it returns none.
+        let whole_row = self.config.do_normalize && !self.config.return_attention_mask && !self.padding_aware;
         for (i, clip) in clips.iter().enumerate() {
             let clip = clip.as_ref();
-            let row = &mut input_values[i * max_len..i * max_len + clip.len()];
-            if self.config.do_normalize {
-                normalize_clip(clip, row);
+            let row = &mut input_values[i * max_len..(i + 1) * max_len];
+            if whole_row {
+                row[..clip.len()].copy_from_slice(clip);
+                let padded_row = row.to_vec();
+                normalize_clip(&padded_row, row);
+            } else if self.config.do_normalize {
+                normalize_clip(clip, &mut row[..clip.len()]);
             } else {
-                row.copy_from_slice(clip);
+                row[..clip.len()].copy_from_slice(clip);
             }
             attention_mask[i * max_len..i * max_len + clip.len()].fill(1);
         }
