@@ -5,6 +5,8 @@
 pub mod audio;
 pub mod error;
 pub mod features;
+pub mod model;
 pub mod plot;
+pub mod rng;
 
 pub use error::{Error, Result};

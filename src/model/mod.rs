@@ -1,0 +1,369 @@
+//! Wav2Vec2 on candle, with KL-Norm and the two fine-tuning heads.
+//!
+//! ```no_run
+//! use klspeech::model::{LoadOptions, SpeechModel};
+//! let model = SpeechModel::load("models/klspeech-tiny".as_ref(), &LoadOptions::default())?;
+//! println!("{} parameters", model.num_parameters());
+//! # Ok::<(), klspeech::Error>(())
+//! ```
+
+pub mod config;
+pub mod heads;
+pub mod layers;
+pub mod norm;
+pub mod params;
+pub mod wav2vec2;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::Wav2Vec2Config;
+pub use heads::{ClassificationHead, CtcHead};
+pub use norm::{KlPrior, KlSettings, Norm, NormAxis};
+pub use params::{ParamStore, Vb};
+pub use wav2vec2::{EncoderOutput, Wav2Vec2Model};
+
+use crate::error::{Error, Result};
+use crate::features::FeatureExtractor;
+use crate::rng::Rng;
+
+/// Where KL-Norm replaces the normalization layers (`../shared/KLNORM.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KlSites {
+    /// Plain LayerNorm/GroupNorm everywhere (the baseline).
+    None,
+    /// Every transformer LayerNorm, the encoder's LayerNorm and `feature_projection.layer_norm`.
+    Encoder,
+    /// `Encoder` plus the feature encoder's GroupNorm/LayerNorm sites.
+    All,
+    /// The norms of the last K transformer layers plus the encoder's LayerNorm.
+    Last(usize),
+}
+
+impl Default for KlSites {
+    fn default() -> Self {
+        KlSites::Encoder
+    }
+}
+
+impl FromStr for KlSites {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(KlSites::None),
+            "encoder" => Ok(KlSites::Encoder),
+            "all" => Ok(KlSites::All),
+            _ => match s.strip_prefix("last:").map(|k| k.parse::<usize>()) {
+                Some(Ok(k)) if k > 0 => Ok(KlSites::Last(k)),
+                _ => Err(Error::InvalidInput(format!("KL-Norm sites `{s}`: expected none, encoder, all or last:K (K >= 1)"))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for KlSites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KlSites::None => write!(f, "none"),
+            KlSites::Encoder => write!(f, "encoder"),
+            KlSites::All => write!(f, "all"),
+            KlSites::Last(k) => write!(f, "last:{k}"),
+        }
+    }
+}
+
+impl KlSites {
+    /// Whether a site is KL-Norm: `layer` = Some(i) for the two norms of transformer layer i,
+    /// `None` for the encoder's and the projection's norms; `in_conv` for feature-encoder norms.
+    pub fn applies(&self, layer: Option<usize>, in_conv: bool, n_layers: usize) -> bool {
+        match self {
+            KlSites::None => false,
+            KlSites::Encoder => !in_conv,
+            KlSites::All => true,
+            KlSites::Last(k) => !in_conv && layer.is_none_or(|i| i + k >= n_layers),
+        }
+    }
+
+    /// Whether `feature_projection.layer_norm` is a site.
+    pub fn includes_projection(&self) -> bool {
+        matches!(self, KlSites::Encoder | KlSites::All)
+    }
+}
+
+/// Per-call state of a forward pass: train/eval, randomness, padding mode, collected KL terms.
+pub struct ForwardCtx {
+    /// Training mode: dropout, layerdrop and KL-Norm sampling are active.
+    pub train: bool,
+    /// Padding-aware mode (beyond transformers): GroupNorm statistics ignore padded frames, so
+    /// a clip's output does not depend on the batch it is in.
+    pub padding_aware: bool,
+    /// The seeded generator every random draw comes from.
+    pub rng: Rng,
+    /// KL of each KL-Norm site visited in this pass (site name, scalar).
+    pub kl_terms: Vec<(String, Tensor)>,
+    pub hidden_dropout: f64,
+    pub activation_dropout: f64,
+    pub attention_dropout: f64,
+    pub feat_proj_dropout: f64,
+    pub layerdrop: f64,
+}
+
+impl ForwardCtx {
+    /// Evaluation: deterministic, no dropout, KL-Norm returns its mean.
+    pub fn eval() -> Self {
+        ForwardCtx {
+            train: false,
+            padding_aware: false,
+            rng: Rng::new(0),
+            kl_terms: Vec::new(),
+            hidden_dropout: 0.0,
+            activation_dropout: 0.0,
+            attention_dropout: 0.0,
+            feat_proj_dropout: 0.0,
+            layerdrop: 0.0,
+        }
+    }
+
+    /// Training with the config's dropout and layerdrop rates.
+    pub fn train(cfg: &Wav2Vec2Config, rng: Rng) -> Self {
+        ForwardCtx {
+            train: true,
+            padding_aware: true,
+            rng,
+            kl_terms: Vec::new(),
+            hidden_dropout: cfg.hidden_dropout,
+            activation_dropout: cfg.activation_dropout,
+            attention_dropout: cfg.attention_dropout,
+            feat_proj_dropout: cfg.feat_proj_dropout,
+            layerdrop: cfg.layerdrop,
+        }
+    }
+
+    /// Training without dropout or layerdrop (KL-Norm sampling only): for tests and ablations.
+    pub fn train_no_dropout(rng: Rng) -> Self {
+        ForwardCtx { train: true, padding_aware: true, rng, ..ForwardCtx::eval() }
+    }
+
+    /// Sets the padding-aware mode.
+    pub fn with_padding_aware(mut self, on: bool) -> Self {
+        self.padding_aware = on;
+        self
+    }
+
+    /// Standard normal noise shaped like `x`, from the seeded generator.
+    pub fn normal_like(&mut self, x: &Tensor) -> Result<Tensor> {
+        let v = self.rng.normal_vec(x.elem_count());
+        Ok(Tensor::from_vec(v, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?)
+    }
+
+    /// Inverted dropout with rate `p` (identity in evaluation or for p = 0).
+    pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - p);
+        let m: Vec<f32> = (0..x.elem_count()).map(|_| if self.rng.uniform() >= p { keep as f32 } else { 0.0 }).collect();
+        let m = Tensor::from_vec(m, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
+        Ok(x.mul(&m)?)
+    }
+
+    /// LayerDrop: whether transformer layer `i` is skipped in this training pass.
+    pub fn skip_layer(&mut self, _i: usize) -> bool {
+        self.train && self.layerdrop > 0.0 && self.rng.uniform() < self.layerdrop
+    }
+
+    /// Sum of the KL terms collected so far (`None` without KL-Norm sites or in evaluation).
+    pub fn kl_total(&self) -> Result<Option<Tensor>> {
+        let mut acc: Option<Tensor> = None;
+        for (_, t) in &self.kl_terms {
+            acc = Some(match acc {
+                None => t.clone(),
+                Some(a) => (a + t)?,
+            });
+        }
+        Ok(acc)
+    }
+}
+
+/// The task head on top of the encoder.
+pub enum Head {
+    /// No head (`Wav2Vec2Model`, `Wav2Vec2ForPreTraining`): embeddings only.
+    None,
+    /// `Wav2Vec2ForCTC`.
+    Ctc(CtcHead),
+    /// `Wav2Vec2ForSequenceClassification`.
+    Classification(ClassificationHead),
+}
+
+/// Which head to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    None,
+    Ctc,
+    Classification,
+}
+
+impl HeadKind {
+    /// The head a config's `architectures` names.
+    pub fn from_config(cfg: &Wav2Vec2Config) -> HeadKind {
+        match cfg.architecture() {
+            Some(a) if a.ends_with("ForCTC") => HeadKind::Ctc,
+            Some(a) if a.ends_with("ForSequenceClassification") => HeadKind::Classification,
+            _ => HeadKind::None,
+        }
+    }
+
+    /// The transformers class name for this head.
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            HeadKind::None => "Wav2Vec2Model",
+            HeadKind::Ctc => "Wav2Vec2ForCTC",
+            HeadKind::Classification => "Wav2Vec2ForSequenceClassification",
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Parameter dtype (F32 by default; F64 for gradient checks).
+    pub dtype: DType,
+    /// Device.
+    pub device: Device,
+    /// KL-Norm sites (`None` = plain normalization).
+    pub kl_sites: KlSites,
+    /// KL-Norm initialization and prior.
+    pub kl: KlSettings,
+    /// Head to build instead of the config's `architectures`.
+    pub head: Option<HeadKind>,
+    /// Seed for every parameter the checkpoint lacks.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            kl_sites: KlSites::None,
+            kl: KlSettings::default(),
+            head: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Everything one forward pass computes.
+pub struct ModelOutput {
+    /// The encoder's outputs.
+    pub encoder: EncoderOutput,
+    /// [B, T, vocab] for CTC, [B, labels] for classification.
+    pub logits: Option<Tensor>,
+}
+
+/// A Wav2Vec2 encoder with its head, parameters and preprocessing.
+pub struct SpeechModel {
+    pub config: Wav2Vec2Config,
+    pub encoder: Wav2Vec2Model,
+    pub head: Head,
+    pub head_kind: HeadKind,
+    pub store: Arc<ParamStore>,
+    pub feature_extractor: FeatureExtractor,
+    /// `vocab.json` (token -> id) for CTC models.
+    pub vocab: Option<BTreeMap<String, i64>>,
+    pub kl_sites: KlSites,
+}
+
+impl SpeechModel {
+    /// Loads a model folder in the Hugging Face layout: `config.json`, `model.safetensors`,
+    /// `preprocessor_config.json` (optional), `vocab.json` (optional).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Open {
+                path: dir.into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a model folder (expected config.json and model.safetensors in it)"),
+            });
+        }
+        let config = Wav2Vec2Config::from_file(&dir.join("config.json"))?;
+        let store = ParamStore::from_safetensors(&dir.join("model.safetensors"), opts.dtype, &opts.device, opts.seed)?;
+        let feature_extractor = FeatureExtractor::from_model_dir(dir)?;
+        let vocab = read_vocab(&dir.join("vocab.json"))?;
+        let m = Self::build(config, store, feature_extractor, vocab, opts)?;
+        // Anything left over from a known head means the head kind was overridden; anything
+        // else is a tensor this implementation would silently ignore: refuse it.
+        let unused: Vec<String> = m
+            .store
+            .unused_checkpoint_keys()
+            .into_iter()
+            .filter(|k| !params::HEAD_KEYS.iter().any(|h| k.starts_with(h)) && !k.starts_with("masked_spec_embed"))
+            .collect();
+        if let Some(k) = unused.first() {
+            return Err(Error::Unsupported {
+                what: format!("{}: tensor `{k}`", dir.join("model.safetensors").display()),
+                detail: format!("{} checkpoint tensor(s) are not part of the Wav2Vec2 architecture klspeech runs (adapter or another model?)", unused.len()),
+            });
+        }
+        Ok(m)
+    }
+
+    /// A freshly initialized model for `config` (no checkpoint).
+    pub fn fresh(config: Wav2Vec2Config, opts: &LoadOptions) -> Result<Self> {
+        config.validate().map_err(|d| Error::Unsupported { what: "this config".into(), detail: d })?;
+        let store = ParamStore::fresh(opts.dtype, &opts.device, opts.seed);
+        Self::build(config, store, FeatureExtractor::default(), None, opts)
+    }
+
+    fn build(
+        config: Wav2Vec2Config,
+        store: Arc<ParamStore>,
+        feature_extractor: FeatureExtractor,
+        vocab: Option<BTreeMap<String, i64>>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let vb = store.root();
+        let encoder = Wav2Vec2Model::load(&config, &vb, &opts.kl_sites, opts.kl)?;
+        let head_kind = opts.head.unwrap_or_else(|| HeadKind::from_config(&config));
+        let head = match head_kind {
+            HeadKind::None => Head::None,
+            HeadKind::Ctc => Head::Ctc(CtcHead::load(&config, &vb)?),
+            HeadKind::Classification => Head::Classification(ClassificationHead::load(&config, &vb)?),
+        };
+        Ok(SpeechModel { config, encoder, head, head_kind, store, feature_extractor, vocab, kl_sites: opts.kl_sites })
+    }
+
+    /// input_values [B, L] with optional per-clip sample counts -> encoder outputs and logits.
+    pub fn forward(&self, input_values: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<ModelOutput> {
+        let encoder = self.encoder.forward(input_values, lengths, ctx)?;
+        let logits = match &self.head {
+            Head::None => None,
+            Head::Ctc(h) => Some(h.forward(&encoder, self.config.final_dropout, ctx)?),
+            Head::Classification(h) => Some(h.forward(&encoder)?),
+        };
+        Ok(ModelOutput { encoder, logits })
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.store.count(|_| true)
+    }
+
+    /// Number of KL-Norm parameters (the `kl_*` vectors).
+    pub fn num_kl_parameters(&self) -> usize {
+        self.store.count(|k| k.rsplit('.').next().is_some_and(|n| n.starts_with("kl_")))
+    }
+}
+
+/// Reads `vocab.json` (token -> id) if present.
+pub fn read_vocab(path: &Path) -> Result<Option<BTreeMap<String, i64>>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Open { path: path.into(), source })?;
+    let v: BTreeMap<String, i64> =
+        serde_json::from_str(&text).map_err(|e| Error::config(path, format!("invalid vocab.json (expected {{\"token\": id, ...}}): {e}")))?;
+    Ok(Some(v))
+}

@@ -1,0 +1,215 @@
+//! Normalization layers: LayerNorm, per-channel GroupNorm and KL-Norm (`../shared/KLNORM.md`).
+//!
+//! Every operation is a differentiable candle composition (candle's fused `layer_norm` passes no
+//! gradient). KL-Norm shares the statistics code with the layer it replaces, and in evaluation
+//! it returns `gamma * x_hat + beta` through the very same operations, so it equals the replaced
+//! layer bit for bit.
+
+use candle_core::{DType, Tensor, D};
+
+use super::params::{Init, Vb};
+use super::ForwardCtx;
+use crate::error::{Error, Result};
+
+/// Which statistics a normalization computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormAxis {
+    /// LayerNorm over the last dimension: x [..., D], per position over features.
+    LastDim,
+    /// GroupNorm with one group per channel: x [B, C, T], per channel over time
+    /// (wav2vec2-base's first feature-encoder layer).
+    Time,
+}
+
+/// Prior of the KL term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlPrior {
+    /// N(0, 1).
+    Standard,
+    /// N(m_p, s_p^2) with learned per-feature m_p and s_p = softplus(raw).
+    Learned,
+}
+
+impl std::str::FromStr for KlPrior {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "standard" => Ok(KlPrior::Standard),
+            "learned" => Ok(KlPrior::Learned),
+            _ => Err(Error::InvalidInput(format!("KL prior `{s}`: expected `standard` or `learned`"))),
+        }
+    }
+}
+
+/// KL-Norm settings of one site.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KlSettings {
+    /// Initial noise scale: `b = softplus^-1(sigma0)`, `a = 0`.
+    pub sigma0: f64,
+    /// Prior of the KL term.
+    pub prior: KlPrior,
+}
+
+impl Default for KlSettings {
+    fn default() -> Self {
+        KlSettings { sigma0: 1e-2, prior: KlPrior::Standard }
+    }
+}
+
+/// `softplus^-1(y) = ln(e^y - 1)`, stable for small y.
+pub fn inv_softplus(y: f64) -> f64 {
+    if y > 20.0 {
+        y
+    } else {
+        y.exp_m1().ln()
+    }
+}
+
+/// Numerically stable softplus `max(z, 0) + ln(1 + e^-|z|)`, differentiable.
+pub fn softplus(z: &Tensor) -> Result<Tensor> {
+    Ok((z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}
+
+struct KlParams {
+    a: Tensor,
+    b: Tensor,
+    prior_mean: Option<Tensor>,
+    prior_std_raw: Option<Tensor>,
+}
+
+/// A normalization layer, optionally KL-regularized.
+pub struct Norm {
+    axis: NormAxis,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    kl: Option<KlParams>,
+    /// Checkpoint key prefix of this layer (its site name).
+    pub site: String,
+}
+
+impl Norm {
+    /// Loads `weight`/`bias` of width `dim` under `vb`, and the KL-Norm vectors `kl_a`, `kl_b`
+    /// (and `kl_prior_mean`, `kl_prior_std` for a learned prior) when `kl` is given.
+    pub fn load(vb: &Vb, dim: usize, axis: NormAxis, eps: f64, kl: Option<KlSettings>) -> Result<Self> {
+        let weight = vb.get(&[dim], "weight", Init::Const(1.0))?;
+        let bias = vb.get(&[dim], "bias", Init::Const(0.0))?;
+        let kl = match kl {
+            None => None,
+            Some(s) => {
+                if !(s.sigma0 > 0.0 && s.sigma0.is_finite()) {
+                    return Err(Error::InvalidInput(format!("KL-Norm sigma0 must be positive, got {}", s.sigma0)));
+                }
+                let a = vb.get_or_init(&[dim], "kl_a", Init::Const(0.0))?;
+                let b = vb.get_or_init(&[dim], "kl_b", Init::Const(inv_softplus(s.sigma0)))?;
+                let (prior_mean, prior_std_raw) = match s.prior {
+                    KlPrior::Standard => (None, None),
+                    KlPrior::Learned => (
+                        Some(vb.get_or_init(&[dim], "kl_prior_mean", Init::Const(0.0))?),
+                        Some(vb.get_or_init(&[dim], "kl_prior_std", Init::Const(inv_softplus(1.0)))?),
+                    ),
+                };
+                Some(KlParams { a, b, prior_mean, prior_std_raw })
+            }
+        };
+        Ok(Norm { axis, weight, bias, eps, kl, site: vb.full_key("").trim_end_matches('.').to_string() })
+    }
+
+    /// The statistics this layer computes.
+    pub fn axis(&self) -> NormAxis {
+        self.axis
+    }
+
+    /// Whether this site is KL-Norm.
+    pub fn is_kl(&self) -> bool {
+        self.kl.is_some()
+    }
+
+    /// Broadcast shape of a per-feature vector for this axis.
+    fn per_feature(&self, v: &Tensor, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.axis {
+            NormAxis::LastDim => v.clone(),
+            NormAxis::Time => v.reshape((1, x.dim(1)?, 1))?,
+        })
+    }
+
+    /// `(x - mean) / sqrt(var + eps)` with the replaced layer's statistics.
+    ///
+    /// `time_mask` ([B, T], 1 for valid frames) only matters for [`NormAxis::Time`] in
+    /// padding-aware mode: statistics then cover each clip's valid frames only.
+    fn normalize(&self, x: &Tensor, time_mask: Option<&Tensor>) -> Result<Tensor> {
+        match (self.axis, time_mask) {
+            (NormAxis::LastDim, _) => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
+            }
+            (NormAxis::Time, None) => {
+                let mean = x.mean_keepdim(2)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(2)?;
+                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
+            }
+            (NormAxis::Time, Some(m)) => {
+                let m = m.unsqueeze(1)?; // [B, 1, T]
+                let n = m.sum_keepdim(2)?; // [B, 1, 1]
+                let mean = x.broadcast_mul(&m)?.sum_keepdim(2)?.broadcast_div(&n)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.broadcast_mul(&m)?.sqr()?.sum_keepdim(2)?.broadcast_div(&n)?;
+                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
+            }
+        }
+    }
+
+    /// Normalizes `x` ([B, T, D] for LayerNorm sites, [B, C, T] for GroupNorm sites).
+    ///
+    /// `time_mask` is [B, T] (1 = valid frame) at this site's time resolution, or `None` when
+    /// every frame is valid. In training, a KL-Norm site samples `mu + sigma * noise` and pushes
+    /// its KL (summed over features, averaged over valid positions) into `ctx`.
+    pub fn forward(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let stats_mask = if ctx.padding_aware { time_mask } else { None };
+        let x_hat = self.normalize(x, stats_mask)?;
+        let mu = x_hat.broadcast_mul(&self.per_feature(&self.weight, x)?)?.broadcast_add(&self.per_feature(&self.bias, x)?)?;
+        let kl = match (&self.kl, ctx.train) {
+            (Some(kl), true) => kl,
+            _ => return Ok(mu),
+        };
+        let z = x_hat.broadcast_mul(&self.per_feature(&kl.a, x)?)?.broadcast_add(&self.per_feature(&kl.b, x)?)?;
+        let sigma = softplus(&z)?;
+        let noise = ctx.normal_like(&mu)?;
+        let y = (&mu + sigma.mul(&noise)?)?;
+
+        // Per-element KL against the prior.
+        let ln_sigma = sigma.log()?;
+        let per_elem = match (&kl.prior_mean, &kl.prior_std_raw) {
+            (Some(m), Some(s_raw)) => {
+                let s = softplus(s_raw)?;
+                let s = self.per_feature(&s, x)?;
+                let m = self.per_feature(m, x)?;
+                let inv_var = s.sqr()?.recip()?;
+                let t1 = sigma.sqr()?.broadcast_mul(&inv_var)?;
+                let t2 = mu.broadcast_sub(&m)?.sqr()?.broadcast_mul(&inv_var)?;
+                let t3 = s.log()?.affine(2.0, -1.0)?; // 2 ln s_p - 1
+                ((t1 + t2)?.broadcast_add(&t3)? - ln_sigma.affine(2.0, 0.0)?)?.affine(0.5, 0.0)?
+            }
+            _ => ((mu.sqr()? + sigma.sqr()?)? - ln_sigma.affine(2.0, 1.0)?)?.affine(0.5, 0.0)?,
+        };
+        // Sum over features -> [B, T].
+        let per_pos = match self.axis {
+            NormAxis::LastDim => per_elem.sum(D::Minus1)?,
+            NormAxis::Time => per_elem.sum(1)?,
+        };
+        let per_pos = per_pos.reshape((per_pos.dim(0)?, ()))?;
+        let site_kl = match time_mask {
+            Some(m) => {
+                let m = m.to_dtype(per_pos.dtype())?;
+                (per_pos.mul(&m)?.sum_all()? / m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0))?
+            }
+            None => per_pos.mean_all()?,
+        };
+        ctx.kl_terms.push((self.site.clone(), site_kl));
+        Ok(y)
+    }
+}

@@ -1,0 +1,412 @@
+//! The Wav2Vec2 encoder, mirroring `transformers/models/wav2vec2/modeling_wav2vec2.py`
+//! (transformers 5.x): feature encoder, feature projection, positional conv embedding,
+//! post-norm (`Wav2Vec2Encoder`) and pre-norm (`Wav2Vec2EncoderStableLayerNorm`) stacks.
+//!
+//! The struct tree is the checkpoint tree: `FeatureEncoder` loads
+//! `feature_extractor.conv_layers.{i}.*`, `Encoder` loads `encoder.*`, and so on.
+
+use candle_core::{DType, Tensor};
+
+use super::config::Wav2Vec2Config;
+use super::layers::{softmax_last, Activation, Linear};
+use super::norm::{KlSettings, Norm, NormAxis};
+use super::params::{Init, Vb};
+use super::{ForwardCtx, KlSites};
+use crate::error::Result;
+
+/// Per-sample frame counts after each conv layer: `floor((L - k) / s) + 1`.
+pub fn conv_lengths(cfg: &Wav2Vec2Config, samples: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(cfg.conv_kernel.len());
+    let mut l = samples;
+    for (&k, &s) in cfg.conv_kernel.iter().zip(&cfg.conv_stride) {
+        l = if l < k { 0 } else { (l - k) / s + 1 };
+        out.push(l);
+    }
+    out
+}
+
+/// A [B, T] 0/1 mask of `dtype` with `lengths[b]` leading ones.
+pub fn length_mask(lengths: &[usize], t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let mut m = vec![0f32; lengths.len() * t];
+    for (b, &l) in lengths.iter().enumerate() {
+        m[b * t..b * t + l.min(t)].fill(1.0);
+    }
+    Ok(Tensor::from_vec(m, (lengths.len(), t), device)?.to_dtype(dtype)?)
+}
+
+struct ConvLayer {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    /// GroupNorm (axis Time) or LayerNorm over channels (axis LastDim, applied transposed).
+    norm: Option<Norm>,
+    act: Activation,
+}
+
+impl ConvLayer {
+    /// x [B, C_in, L] -> [B, C_out, L'].
+    fn forward(&self, x: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let mut y = x.conv1d(&self.weight, 0, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.reshape((1, (), 1))?)?;
+        }
+        if let Some(norm) = &self.norm {
+            let t = y.dim(2)?;
+            let mask = match lengths {
+                Some(l) => Some(length_mask(l, t, y.dtype(), y.device())?),
+                None => None,
+            };
+            y = match norm_axis(norm) {
+                NormAxis::Time => norm.forward(&y, mask.as_ref(), ctx)?,
+                NormAxis::LastDim => norm.forward(&y.transpose(1, 2)?, mask.as_ref(), ctx)?.transpose(1, 2)?,
+            };
+        }
+        self.act.forward(&y)
+    }
+}
+
+fn norm_axis(n: &Norm) -> NormAxis {
+    n.axis()
+}
+
+/// The convolutional feature encoder (`feature_extractor`).
+pub struct FeatureEncoder {
+    layers: Vec<ConvLayer>,
+    kernels: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl FeatureEncoder {
+    fn load(cfg: &Wav2Vec2Config, vb: &Vb, kl: Option<KlSettings>) -> Result<Self> {
+        let act = Activation::from_hf(&cfg.feat_extract_activation)?;
+        let mut layers = Vec::new();
+        let mut c_in = 1;
+        for i in 0..cfg.conv_dim.len() {
+            let lvb = vb.pp("conv_layers").pp(i);
+            let (c_out, k) = (cfg.conv_dim[i], cfg.conv_kernel[i]);
+            // PyTorch's default conv init (kaiming uniform, a = sqrt(5)): U(-1/sqrt(fan_in), ..).
+            let bound = 1.0 / ((c_in * k) as f64).sqrt();
+            let weight = lvb.pp("conv").get(&[c_out, c_in, k], "weight", Init::Uniform(bound))?;
+            let bias = if cfg.conv_bias { Some(lvb.pp("conv").get(&[c_out], "bias", Init::Uniform(bound))?) } else { None };
+            // nn.GroupNorm / nn.LayerNorm inside the conv layers use PyTorch's default eps 1e-5.
+            let norm = match (cfg.feat_extract_norm.as_str(), i) {
+                ("group", 0) => Some(Norm::load(&lvb.pp("layer_norm"), c_out, NormAxis::Time, 1e-5, kl)?),
+                ("layer", _) => Some(Norm::load(&lvb.pp("layer_norm"), c_out, NormAxis::LastDim, 1e-5, kl)?),
+                _ => None,
+            };
+            layers.push(ConvLayer { weight, bias, stride: cfg.conv_stride[i], norm, act });
+            c_in = c_out;
+        }
+        Ok(FeatureEncoder { layers, kernels: cfg.conv_kernel.clone(), strides: cfg.conv_stride.clone() })
+    }
+
+    /// input_values [B, L] -> features [B, C, T]; `lengths` (samples per clip) drive the
+    /// padding-aware statistics.
+    pub fn forward(&self, input: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let mut x = input.unsqueeze(1)?;
+        let mut lens: Option<Vec<usize>> = lengths.map(|l| l.to_vec());
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(l) = lens.as_mut() {
+                for v in l.iter_mut() {
+                    *v = if *v < self.kernels[i] { 0 } else { (*v - self.kernels[i]) / self.strides[i] + 1 };
+                }
+            }
+            x = layer.forward(&x, lens.as_deref(), ctx)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `feature_projection`: LayerNorm over conv channels, then a linear map to `hidden_size`.
+struct FeatureProjection {
+    layer_norm: Norm,
+    projection: Linear,
+}
+
+/// The positional convolution (`encoder.pos_conv_embed`) with its weight norm over `dim=2`.
+struct PositionalConvEmbedding {
+    weight_g: Tensor,
+    weight_v: Tensor,
+    bias: Tensor,
+    kernel: usize,
+    groups: usize,
+    act: Activation,
+}
+
+impl PositionalConvEmbedding {
+    fn load(cfg: &Wav2Vec2Config, vb: &Vb) -> Result<Self> {
+        let (h, k, g) = (cfg.hidden_size, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups);
+        let vb = vb.pp("conv");
+        let std = (2.0 / (k * h / g) as f64).sqrt();
+        let weight_v = vb.get(&[h, h / g, k], "weight_v", Init::Normal(std))?;
+        // A fresh weight norm starts at g = ||v|| per tap (as torch's weight_norm does); an
+        // all-ones g is close enough for a fresh model and is overwritten by any checkpoint.
+        let weight_g = vb.get(&[1, 1, k], "weight_g", Init::Const((std * std * (h * h / g) as f64).sqrt()))?;
+        let bias = vb.get(&[h], "bias", Init::Const(0.0))?;
+        Ok(PositionalConvEmbedding { weight_g, weight_v, bias, kernel: k, groups: g, act: Activation::from_hf(&cfg.feat_extract_activation)? })
+    }
+
+    /// h [B, T, H] -> [B, T, H]. The weight is recomputed from g and v on every call (both train).
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        // ||v|| over every dim except 2: [1, 1, K].
+        let norm = self.weight_v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
+        let w = self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?;
+        let x = h.transpose(1, 2)?.contiguous()?;
+        let mut y = x.conv1d(&w, self.kernel / 2, 1, 1, self.groups)?;
+        y = y.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
+        if self.kernel % 2 == 0 {
+            // Wav2Vec2SamePadLayer: an even kernel with padding k/2 yields one extra frame.
+            let t = y.dim(2)? - 1;
+            y = y.narrow(2, 0, t)?;
+        }
+        self.act.forward(&y)?.transpose(1, 2).map_err(Into::into)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(cfg: &Wav2Vec2Config, vb: &Vb) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Attention {
+            q_proj: Linear::load(&vb.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(&vb.pp("out_proj"), h, h, true)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// x [B, T, H]; `bias` [B, 1, 1, T] additive key mask (0 or a huge negative).
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let hd = h / self.heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = split(self.q_proj.forward(x)?)?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let mut scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?; // [B, nh, T, T]
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let p = ctx.dropout(&softmax_last(&scores)?, ctx.attention_dropout)?;
+        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        self.out_proj.forward(&o)
+    }
+}
+
+struct FeedForward {
+    intermediate_dense: Linear,
+    output_dense: Linear,
+    act: Activation,
+}
+
+impl FeedForward {
+    fn load(cfg: &Wav2Vec2Config, vb: &Vb) -> Result<Self> {
+        Ok(FeedForward {
+            intermediate_dense: Linear::load(&vb.pp("intermediate_dense"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            output_dense: Linear::load(&vb.pp("output_dense"), cfg.intermediate_size, cfg.hidden_size, true)?,
+            act: Activation::from_hf(&cfg.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let y = self.act.forward(&self.intermediate_dense.forward(x)?)?;
+        let y = ctx.dropout(&y, ctx.activation_dropout)?;
+        let y = self.output_dense.forward(&y)?;
+        ctx.dropout(&y, ctx.hidden_dropout)
+    }
+}
+
+/// One transformer layer (post-norm, or pre-norm when `stable`).
+struct EncoderLayer {
+    attention: Attention,
+    layer_norm: Norm,
+    feed_forward: FeedForward,
+    final_layer_norm: Norm,
+    stable: bool,
+}
+
+impl EncoderLayer {
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        if self.stable {
+            // Wav2Vec2EncoderLayerStableLayerNorm
+            let h = self.layer_norm.forward(x, mask, ctx)?;
+            let h = self.attention.forward(&h, bias, ctx)?;
+            let x = (x + ctx.dropout(&h, ctx.hidden_dropout)?)?;
+            let f = self.feed_forward.forward(&self.final_layer_norm.forward(&x, mask, ctx)?, ctx)?;
+            Ok((x + f)?)
+        } else {
+            // Wav2Vec2EncoderLayer
+            let h = self.attention.forward(x, bias, ctx)?;
+            let x = (x + ctx.dropout(&h, ctx.hidden_dropout)?)?;
+            let x = self.layer_norm.forward(&x, mask, ctx)?;
+            let x = (&x + self.feed_forward.forward(&x, ctx)?)?;
+            self.final_layer_norm.forward(&x, mask, ctx)
+        }
+    }
+}
+
+/// The transformer encoder with its positional conv.
+struct Encoder {
+    pos_conv_embed: PositionalConvEmbedding,
+    layer_norm: Norm,
+    layers: Vec<EncoderLayer>,
+    stable: bool,
+}
+
+/// Everything the encoder computes for one batch.
+pub struct EncoderOutput {
+    /// [B, T, H] final hidden states (after the encoder's LayerNorm in the stable variant).
+    pub last_hidden_state: Tensor,
+    /// L + 1 tensors [B, T, H]: the input of each layer, then the last layer's raw output
+    /// (transformers 5.x semantics).
+    pub hidden_states: Vec<Tensor>,
+    /// [B, T, C] layer-normed conv features (transformers' `extract_features`).
+    pub extract_features: Tensor,
+    /// Valid frames per clip (all `T` without lengths).
+    pub frame_lengths: Vec<usize>,
+    /// [B, T] 0/1 frame mask when lengths were given.
+    pub frame_mask: Option<Tensor>,
+}
+
+/// The Wav2Vec2 encoder (`Wav2Vec2Model`).
+pub struct Wav2Vec2Model {
+    pub config: Wav2Vec2Config,
+    pub feature_extractor: FeatureEncoder,
+    feature_projection: FeatureProjection,
+    /// Learned vector that replaces masked frames in SpecAugment (`masked_spec_embed`).
+    pub masked_spec_embed: Option<Tensor>,
+    encoder: Encoder,
+}
+
+impl Wav2Vec2Model {
+    /// Builds the encoder under `vb` (encoder keys without the `wav2vec2.` prefix).
+    pub fn load(cfg: &Wav2Vec2Config, vb: &Vb, sites: &KlSites, kl: KlSettings) -> Result<Self> {
+        cfg.validate().map_err(|d| crate::Error::Unsupported { what: "this config".into(), detail: d })?;
+        let n_layers = cfg.num_hidden_layers;
+        let site = |layer: Option<usize>, in_conv: bool| sites.applies(layer, in_conv, n_layers).then_some(kl);
+        let feature_extractor = FeatureEncoder::load(cfg, &vb.pp("feature_extractor"), site(None, true))?;
+        let c = cfg.conv_out_dim();
+        let fp = vb.pp("feature_projection");
+        let feature_projection = FeatureProjection {
+            layer_norm: Norm::load(&fp.pp("layer_norm"), c, NormAxis::LastDim, cfg.layer_norm_eps, site(None, false).filter(|_| sites.includes_projection()))?,
+            projection: Linear::load(&fp.pp("projection"), c, cfg.hidden_size, true)?,
+        };
+        let masked_spec_embed = if vb.contains("masked_spec_embed") || vb.store().source.is_none() {
+            Some(vb.get_or_init(&[cfg.hidden_size], "masked_spec_embed", Init::Uniform(1.0))?)
+        } else {
+            None
+        };
+        let evb = vb.pp("encoder");
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let mut layers = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let lvb = evb.pp("layers").pp(i);
+            layers.push(EncoderLayer {
+                attention: Attention::load(cfg, &lvb.pp("attention"))?,
+                layer_norm: Norm::load(&lvb.pp("layer_norm"), h, NormAxis::LastDim, eps, site(Some(i), false))?,
+                feed_forward: FeedForward::load(cfg, &lvb.pp("feed_forward"))?,
+                final_layer_norm: Norm::load(&lvb.pp("final_layer_norm"), h, NormAxis::LastDim, eps, site(Some(i), false))?,
+                stable: cfg.do_stable_layer_norm,
+            });
+        }
+        let encoder = Encoder {
+            pos_conv_embed: PositionalConvEmbedding::load(cfg, &evb.pp("pos_conv_embed"))?,
+            layer_norm: Norm::load(&evb.pp("layer_norm"), h, NormAxis::LastDim, eps, site(None, false))?,
+            layers,
+            stable: cfg.do_stable_layer_norm,
+        };
+        Ok(Wav2Vec2Model { config: cfg.clone(), feature_extractor, feature_projection, masked_spec_embed, encoder })
+    }
+
+    /// Every normalization site, in forward order (name, is KL-Norm).
+    pub fn norm_sites(&self) -> Vec<(String, bool)> {
+        let mut v: Vec<(String, bool)> = Vec::new();
+        for l in &self.feature_extractor.layers {
+            if let Some(n) = &l.norm {
+                v.push((n.site.clone(), n.is_kl()));
+            }
+        }
+        v.push((self.feature_projection.layer_norm.site.clone(), self.feature_projection.layer_norm.is_kl()));
+        for l in &self.encoder.layers {
+            v.push((l.layer_norm.site.clone(), l.layer_norm.is_kl()));
+            v.push((l.final_layer_norm.site.clone(), l.final_layer_norm.is_kl()));
+        }
+        v.push((self.encoder.layer_norm.site.clone(), self.encoder.layer_norm.is_kl()));
+        v
+    }
+
+    /// Conv features [B, T, C] (before projection) and frame lengths.
+    pub fn extract(&self, input_values: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        Ok(self.feature_extractor.forward(input_values, lengths, ctx)?.transpose(1, 2)?)
+    }
+
+    /// input_values [B, L] (and per-clip sample counts for a padded batch) -> encoder output.
+    ///
+    /// With `lengths`, frames past each clip's end are masked exactly as transformers masks
+    /// them from an `attention_mask`; without, every frame is valid.
+    pub fn forward(&self, input_values: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<EncoderOutput> {
+        let feats = self.extract(input_values, lengths, ctx)?; // [B, T, C]
+        self.forward_features(&feats, lengths, ctx)
+    }
+
+    /// Everything after the feature encoder, from conv features [B, T, C].
+    pub fn forward_features(&self, feats: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<EncoderOutput> {
+        let (b, t, _) = feats.dims3()?;
+        let dtype = feats.dtype();
+        let dev = feats.device().clone();
+        let frame_lengths: Vec<usize> = match lengths {
+            Some(l) => l.iter().map(|&n| self.config.frames_for_samples(n).min(t)).collect(),
+            None => vec![t; b],
+        };
+        let frame_mask = match lengths {
+            Some(_) => Some(length_mask(&frame_lengths, t, dtype, &dev)?),
+            None => None,
+        };
+        let extract_features = self.feature_projection.layer_norm.forward(feats, frame_mask.as_ref(), ctx)?;
+        let mut h = self.feature_projection.projection.forward(&extract_features)?;
+        h = ctx.dropout(&h, ctx.feat_proj_dropout)?;
+
+        // Encoder: zero padded frames, add positional conv, (post-norm) LayerNorm.
+        let bias = match &frame_mask {
+            Some(m) => {
+                h = h.broadcast_mul(&m.unsqueeze(2)?)?;
+                // (1 - mask) * dtype_min, as transformers' _prepare_4d_attention_mask.
+                let min = match dtype {
+                    DType::F64 => f64::MIN,
+                    DType::F16 => -65504.0,
+                    _ => f64::from(f32::MIN),
+                };
+                Some(m.affine(-min, min)?.reshape((b, 1, 1, t))?)
+            }
+            None => None,
+        };
+        let pos = self.encoder.pos_conv_embed.forward(&h)?;
+        h = (h + pos)?;
+        if !self.encoder.stable {
+            h = self.encoder.layer_norm.forward(&h, frame_mask.as_ref(), ctx)?;
+        }
+        h = ctx.dropout(&h, ctx.hidden_dropout)?;
+        let mut hidden_states = Vec::with_capacity(self.encoder.layers.len() + 1);
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            hidden_states.push(h.clone());
+            if ctx.skip_layer(i) {
+                continue;
+            }
+            h = layer.forward(&h, bias.as_ref(), frame_mask.as_ref(), ctx)?;
+        }
+        hidden_states.push(h.clone());
+        let last_hidden_state =
+            if self.encoder.stable { self.encoder.layer_norm.forward(&h, frame_mask.as_ref(), ctx)? } else { h };
+        Ok(EncoderOutput { last_hidden_state, hidden_states, extract_features, frame_lengths, frame_mask })
+    }
+}

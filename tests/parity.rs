@@ -1,0 +1,117 @@
+//! Parity with transformers: tiny random checkpoints written by transformers
+//! (tools/gen_wav2vec2_fixtures.py) give the same hidden states and logits in klspeech.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use klspeech::model::{ForwardCtx, HeadKind, LoadOptions, ModelOutput, SpeechModel};
+
+const TOL: f32 = 1e-4;
+
+fn dir(variant: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/w2v2").join(variant)
+}
+
+fn reference(variant: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn lengths_of(mask: &Tensor) -> Vec<usize> {
+    mask.to_dtype(DType::F32).unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as usize).collect()
+}
+
+fn run(model: &SpeechModel, input: &Tensor, lengths: Option<&[usize]>, padding_aware: bool) -> ModelOutput {
+    let mut ctx = ForwardCtx::eval().with_padding_aware(padding_aware);
+    model.forward(input, lengths, &mut ctx).unwrap()
+}
+
+/// Compares every output of one case; returns the worst difference.
+fn compare(variant: &str, case: &str, r: &HashMap<String, Tensor>, out: &ModelOutput) -> f32 {
+    let mut worst = 0f32;
+    let mut check = |name: &str, t: &Tensor| {
+        let key = format!("{case}.{name}");
+        let d = max_abs_diff(t, &r[&key]);
+        assert!(d <= TOL, "{variant} {key}: max abs diff {d:e}");
+        worst = worst.max(d);
+    };
+    check("last_hidden_state", &out.encoder.last_hidden_state);
+    check("extract_features", &out.encoder.extract_features);
+    let n = out.encoder.hidden_states.len();
+    assert!(r.contains_key(&format!("{case}.hidden_states.{}", n - 1)) && !r.contains_key(&format!("{case}.hidden_states.{n}")));
+    for (i, h) in out.encoder.hidden_states.iter().enumerate() {
+        check(&format!("hidden_states.{i}"), h);
+    }
+    match (&out.logits, r.get(&format!("{case}.logits"))) {
+        (Some(l), Some(_)) => check("logits", l),
+        (None, None) => {}
+        (a, b) => panic!("{variant} {case}: logits present in klspeech {} / reference {}", a.is_some(), b.is_some()),
+    }
+    worst
+}
+
+fn check_variant(variant: &str, head: HeadKind) {
+    let model = SpeechModel::load(&dir(variant), &LoadOptions::default()).unwrap();
+    assert_eq!(model.head_kind, head, "{variant}");
+    let r = reference(variant);
+    let single = run(&model, &r["single.input_values"], None, false);
+    let w1 = compare(variant, "single", &r, &single);
+    let lengths = lengths_of(&r["padded.attention_mask"]);
+    let padded = run(&model, &r["padded.input_values"], Some(&lengths), false);
+    let w2 = compare(variant, "padded", &r, &padded);
+    println!("{variant}: max abs diff single {w1:e}, padded batch {w2:e}");
+}
+
+#[test]
+fn base_group_norm_post_norm_with_old_weight_norm_names() {
+    check_variant("base-group-oldwn", HeadKind::None);
+}
+
+#[test]
+fn stable_layer_norm_ctc_from_f16_weights() {
+    check_variant("stable-ctc-f16", HeadKind::Ctc);
+}
+
+#[test]
+fn classification_with_weighted_layer_sum() {
+    check_variant("cls-weighted", HeadKind::Classification);
+}
+
+#[test]
+fn pretraining_checkpoint_in_bf16_loads_as_an_encoder() {
+    check_variant("pretraining-bf16", HeadKind::None);
+}
+
+#[test]
+fn padding_aware_mode_gives_each_clip_its_solo_output() {
+    let model = SpeechModel::load(&dir("cls-weighted"), &LoadOptions::default()).unwrap();
+    let r = reference("cls-weighted");
+    let lengths = lengths_of(&r["padded.attention_mask"]);
+    let out = run(&model, &r["padded.input_values"], Some(&lengths), true);
+    let logits = out.logits.unwrap();
+    let mut worst = 0f32;
+    for k in 0..3 {
+        // transformers' own output for the clip run alone, unpadded.
+        let d = max_abs_diff(&logits.narrow(0, k, 1).unwrap(), &r[&format!("unpadded.{k}.logits")]);
+        worst = worst.max(d);
+        // And klspeech's own solo run, frame by frame.
+        let solo_in = r["padded.input_values"].narrow(0, k, 1).unwrap().narrow(1, 0, lengths[k]).unwrap();
+        let solo = run(&model, &solo_in, None, true);
+        let t = solo.encoder.last_hidden_state.dim(1).unwrap();
+        let batch_frames = out.encoder.last_hidden_state.narrow(0, k, 1).unwrap().narrow(1, 0, t).unwrap();
+        let d2 = max_abs_diff(&batch_frames, &solo.encoder.last_hidden_state);
+        assert!(d2 <= 1e-5, "clip {k}: hidden states in batch vs alone differ by {d2:e}");
+    }
+    println!("padding-aware: max abs diff of batch logits vs transformers solo runs {worst:e}");
+    assert!(worst <= 1e-5, "{worst:e}");
+    // Without the mode, group-norm statistics include padding (transformers' behaviour).
+    let plain = run(&model, &r["padded.input_values"], Some(&lengths), false).logits.unwrap();
+    assert!(max_abs_diff(&plain.narrow(0, 2, 1).unwrap(), &r["unpadded.2.logits"]) > 1e-5);
+}
