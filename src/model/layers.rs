@@ -92,3 +92,43 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let s = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&s)?)
 }
+
+/// 1-D convolution x [B, C_in, L] * w [C_out, C_in / groups, K] -> [B, C_out, T] with
+/// `T = (L + 2 padding - K) / stride + 1`, built from differentiable ops (im2col by strided
+/// narrows, then one batched gemm per group).
+///
+/// candle 0.11's own `conv1d` computes correct outputs but wrong gradients (the kernel gradient
+/// always, the input gradient for stride 1; `tests/conv.rs` checks ours against finite
+/// differences), so every trained convolution goes through this function.
+pub fn conv1d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
+    let (b, c_in, l) = x.dims3()?;
+    let (c_out, c_g, k) = w.dims3()?;
+    if c_in != c_g * groups || c_out % groups != 0 || stride == 0 {
+        return Err(Error::InvalidInput(format!(
+            "conv1d: input [{b}, {c_in}, {l}] and kernel [{c_out}, {c_g}, {k}] with {groups} groups, stride {stride}"
+        )));
+    }
+    let lp = l + 2 * padding;
+    if lp < k {
+        return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
+    }
+    let t = (lp - k) / stride + 1;
+    // Pad so that the input reshapes to [B, C, Tq, stride] with Tq >= T + (K - 1) / stride.
+    let tq = t + (k - 1) / stride + 1;
+    let right = tq * stride - l - padding;
+    let xp = if padding > 0 || right > 0 { x.pad_with_zeros(2, padding, right)? } else { x.clone() };
+    let xq = xp.reshape((b, c_in, tq, stride))?;
+    // Column j reads x[t * stride + j] = xq[t + j / stride, j % stride].
+    let mut cols = Vec::with_capacity(k);
+    for j in 0..k {
+        cols.push(xq.narrow(2, j / stride, t)?.narrow(3, j % stride, 1)?);
+    }
+    let cols = Tensor::cat(&cols, 3)?; // [B, C_in, T, K]
+    let co_g = c_out / groups;
+    // [B, G, C_g, T, K] -> [B, G, T, C_g * K]
+    let cols = cols.reshape((b, groups, c_g, t, k))?.permute((0, 1, 3, 2, 4))?.reshape((b, groups, t, c_g * k))?;
+    // [C_out, C_g, K] -> [G, C_g * K, C_out / G]
+    let wg = w.reshape((groups, co_g, c_g * k))?.transpose(1, 2)?;
+    let y = cols.broadcast_matmul(&wg.unsqueeze(0)?)?; // [B, G, T, co_g]
+    Ok(y.permute((0, 1, 3, 2))?.reshape((b, c_out, t))?)
+}

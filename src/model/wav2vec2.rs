@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::Wav2Vec2Config;
-use super::layers::{softmax_last, Activation, Linear};
+use super::layers::{conv1d, softmax_last, Activation, Linear};
 use super::norm::{KlSettings, Norm, NormAxis};
 use super::params::{Init, Vb};
 use super::{ForwardCtx, KlSites};
@@ -46,7 +46,7 @@ struct ConvLayer {
 impl ConvLayer {
     /// x [B, C_in, L] -> [B, C_out, L'].
     fn forward(&self, x: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let mut y = x.conv1d(&self.weight, 0, self.stride, 1, 1)?;
+        let mut y = conv1d(x, &self.weight, self.stride, 0, 1)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1))?)?;
         }
@@ -152,7 +152,7 @@ impl PositionalConvEmbedding {
         let norm = self.weight_v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
         let w = self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?;
         let x = h.transpose(1, 2)?.contiguous()?;
-        let mut y = x.conv1d(&w, self.kernel / 2, 1, 1, self.groups)?;
+        let mut y = conv1d(&x, &w, 1, self.kernel / 2, self.groups)?;
         y = y.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
         if self.kernel % 2 == 0 {
             // Wav2Vec2SamePadLayer: an even kernel with padding k/2 yields one extra frame.

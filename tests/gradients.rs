@@ -1,0 +1,68 @@
+//! Every trainable variable receives a finite, non-zero gradient through the whole model, for
+//! each head and each normalization kind (candle silently drops gradients through some fused
+//! ops; this test fails if any of them creeps in).
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use klspeech::model::{ForwardCtx, HeadKind, KlSites, LoadOptions, SpeechModel};
+use klspeech::rng::Rng;
+
+fn check(stable: bool, head: HeadKind, sites: KlSites) {
+    let dev = common::device();
+    let mut cfg = common::tiny_config(stable);
+    // With the weighted layer sum, a stable (pre-norm) model never uses `encoder.layer_norm`
+    // (transformers 5.x hands the un-normed last layer to the sum), so only post-norm uses it.
+    cfg.use_weighted_layer_sum = !stable;
+    let opts = LoadOptions { device: dev.clone(), kl_sites: sites, head: Some(head), seed: 3, ..Default::default() };
+    let model = SpeechModel::fresh(cfg, &opts).unwrap();
+    let lengths = [1200usize, 900];
+    let x = common::waves(&lengths, DType::F32, &dev);
+    let mut ctx = ForwardCtx::train_no_dropout(Rng::new(5));
+    let out = model.forward(&x, Some(&lengths), &mut ctx).unwrap();
+    let target = match head {
+        HeadKind::None => out.encoder.last_hidden_state.clone(),
+        _ => out.logits.clone().unwrap(),
+    };
+    // A loss that depends on every output element with distinct weights.
+    let w = Tensor::from_vec(Rng::new(9).normal_vec(target.elem_count()), target.shape(), &dev).unwrap();
+    let mut loss = (target * w).unwrap().sum_all().unwrap();
+    if let Some(kl) = ctx.kl_total().unwrap() {
+        loss = (loss + kl).unwrap();
+    }
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for (name, var) in model.store.vars() {
+        // masked_spec_embed only enters the graph when SpecAugment masks frames.
+        if name == "masked_spec_embed" {
+            continue;
+        }
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (stable={stable}, {head:?}, {sites})"));
+        let v: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(norm > 0.0, "{name}: zero gradient (stable={stable}, {head:?}, {sites})");
+        checked += 1;
+    }
+    assert!(checked > 30, "only {checked} variables");
+}
+
+#[test]
+fn every_variable_gets_a_gradient_ctc_layer_norm() {
+    check(false, HeadKind::Ctc, KlSites::None);
+    check(true, HeadKind::Ctc, KlSites::None);
+}
+
+#[test]
+fn every_variable_gets_a_gradient_ctc_kl_norm() {
+    check(false, HeadKind::Ctc, KlSites::All);
+    check(true, HeadKind::Ctc, KlSites::All);
+}
+
+#[test]
+fn every_variable_gets_a_gradient_classification() {
+    for sites in [KlSites::None, KlSites::Encoder, KlSites::All, KlSites::Last(1)] {
+        check(false, HeadKind::Classification, sites);
+        check(true, HeadKind::Classification, sites);
+    }
+}
