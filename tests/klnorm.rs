@@ -203,7 +203,9 @@ fn gradients_match_finite_differences() {
                 var.set(&orig).unwrap();
                 let err = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1e-3);
                 worst = worst.max(err);
-                assert!(err < 1e-5, "{name}[{i}] (stable={stable}): analytic {} vs finite difference {fd}", g[i]);
+                // Central differences with h = 1e-5 through the group-normed first layer carry
+                // ~1e-6 truncation error; wrong gradients are off by O(1).
+                assert!(err < 5e-5, "{name}[{i}] (stable={stable}): analytic {} vs finite difference {fd}", g[i]);
             }
         }
         println!("stable={stable} prior={prior:?}: worst relative gradient error {worst:e}");
