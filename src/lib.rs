@@ -3,10 +3,13 @@
 //! Dependencies flow one way: [`audio`] -> [`features`] -> model -> heads/loss -> train -> CLI.
 
 pub mod audio;
+pub mod device;
 pub mod error;
 pub mod features;
+pub mod infer;
 pub mod model;
 pub mod plot;
 pub mod rng;
+pub mod vocab;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Subcommands of the `klspeech` binary: thin wrappers over the library.
 
 mod inspect;
+mod model_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -17,10 +18,19 @@ pub enum Command {
     /// Describe audio files: format, codec, rate, channels, duration, levels; optionally draw a
     /// log-mel spectrogram.
     Inspect(inspect::InspectArgs),
+    /// Hidden states of a Wav2Vec2 model for audio files, saved as safetensors.
+    Embed(model_cmds::EmbedArgs),
+    /// Classify (classification head) or transcribe (CTC head) audio files.
+    Predict(model_cmds::PredictArgs),
+    /// Describe a model: variant, sizes, parameter counts, normalization sites.
+    InspectModel(model_cmds::InspectModelArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Embed(a) => model_cmds::embed(a),
+        Command::Predict(a) => model_cmds::predict(a),
+        Command::InspectModel(a) => model_cmds::inspect_model(a),
     }
 }

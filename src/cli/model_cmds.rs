@@ -1,0 +1,159 @@
+//! `klspeech embed`, `klspeech predict`, `klspeech inspect-model`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use klspeech::device::parse_device;
+use klspeech::infer::{self, LayerChoice, Prediction};
+use klspeech::model::{HeadKind, KlSites, LoadOptions, SpeechModel, Wav2Vec2Config};
+use klspeech::vocab::CharVocab;
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Model folder (Hugging Face layout: config.json, model.safetensors, ...).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Which hidden state: `last` (the encoder output), a number N (hidden_states[N], 0 = input
+    /// of the first transformer layer), or `all` (stacked as [layers+1, frames, hidden]).
+    #[arg(long, default_value = "last")]
+    pub layer: String,
+    /// Output safetensors file: one tensor per input, keyed by the path exactly as given.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Audio files.
+    #[arg(required = true)]
+    pub audio: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Model folder with a classification or CTC head.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// One JSON object per line: {"path", "label", "scores"} or {"path", "text"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Audio files.
+    #[arg(required = true)]
+    pub audio: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectModelArgs {
+    /// Model folder; config.json is enough (without model.safetensors, parameters are counted
+    /// on a randomly initialized model of that config).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// KL-Norm sites to count the added parameters for: none, encoder, all, last:K.
+    #[arg(long, default_value = "encoder")]
+    pub kl_sites: String,
+}
+
+fn load(dir: &std::path::Path, device: &str) -> anyhow::Result<SpeechModel> {
+    let opts = LoadOptions { device: parse_device(device)?, ..Default::default() };
+    SpeechModel::load(dir, &opts).with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
+    let layer: LayerChoice = a.layer.parse()?;
+    let model = load(&a.model, &a.device)?;
+    let mut out = HashMap::new();
+    for p in &a.audio {
+        let key = p.to_string_lossy().to_string();
+        if out.contains_key(&key) {
+            bail!("{key} is given twice");
+        }
+        let t = infer::embed_file(&model, p, layer)?.to_device(&candle_core::Device::Cpu)?;
+        eprintln!("{key}: {:?}", t.dims());
+        out.insert(key, t);
+    }
+    let tmp = a.out.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&out, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {} embedding(s) to {}", out.len(), a.out.display());
+    Ok(())
+}
+
+pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    let model = load(&a.model, &a.device)?;
+    let vocab = match &model.vocab {
+        Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),
+        None => None,
+    };
+    let mut failures = 0;
+    for p in &a.audio {
+        let pred = match infer::predict_file(&model, p, vocab.as_ref()) {
+            Ok(x) => x,
+            Err(e @ klspeech::Error::Unsupported { .. }) => return Err(e.into()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failures += 1;
+                continue;
+            }
+        };
+        let path = p.to_string_lossy();
+        match (&pred, a.json) {
+            (Prediction::Label { label, scores, .. }, true) => {
+                let scores: serde_json::Map<String, serde_json::Value> =
+                    scores.iter().map(|(l, v)| (l.clone(), serde_json::json!(v))).collect();
+                println!("{}", serde_json::json!({ "path": path, "label": label, "scores": scores }));
+            }
+            (Prediction::Label { label, probability, .. }, false) => println!("{path}\t{label}\t{probability:.4}"),
+            (Prediction::Text(text), true) => println!("{}", serde_json::json!({ "path": path, "text": text })),
+            (Prediction::Text(text), false) => println!("{path}\t{text}"),
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {} file(s) failed", a.audio.len());
+    }
+    Ok(())
+}
+
+pub fn inspect_model(a: InspectModelArgs) -> anyhow::Result<()> {
+    let sites: KlSites = a.kl_sites.parse()?;
+    let cfg_path = a.model.join("config.json");
+    let cfg = Wav2Vec2Config::from_file(&cfg_path)?;
+    let has_weights = a.model.join("model.safetensors").exists();
+    let opts = LoadOptions { kl_sites: sites, ..Default::default() };
+    let model = if has_weights {
+        SpeechModel::load(&a.model, &opts)?
+    } else {
+        SpeechModel::fresh(cfg.clone(), &LoadOptions { head: Some(HeadKind::from_config(&cfg)), ..opts })?
+    };
+    let variant = if cfg.do_stable_layer_norm { "pre-norm (stable layer norm; large-lv60 / XLS-R style)" } else { "post-norm (wav2vec2-base style)" };
+    let rf = cfg.conv_kernel.iter().zip(&cfg.conv_stride).rev().fold(1usize, |acc, (&k, &s)| (acc - 1) * s + k);
+    let hop: usize = cfg.conv_stride.iter().product();
+    let rate = model.feature_extractor.config.sampling_rate;
+    println!("{}", a.model.display());
+    println!("  variant          {variant}");
+    println!("  head             {} ({})", model.head_kind.architecture(), match model.head_kind {
+        HeadKind::Ctc => format!("vocabulary {}", cfg.vocab_size),
+        HeadKind::Classification => format!("{} labels: {}", cfg.num_labels(), cfg.labels().join(", ")),
+        HeadKind::None => "no head".into(),
+    });
+    println!("  weights          {}", if has_weights { "model.safetensors" } else { "none (counted on a random initialization)" });
+    println!("  transformer      {} layers, hidden {}, {} heads, feed-forward {}, {}", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act);
+    println!("  feature encoder  {} conv layers {:?} kernels {:?} strides {:?}, {} norm", cfg.conv_dim.len(), cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride, cfg.feat_extract_norm);
+    println!("  frames           one per {hop} samples ({:.1} ms at {rate} Hz), receptive field {rf} samples", 1000.0 * hop as f64 / rate as f64);
+    println!("  positional conv  kernel {}, {} groups", cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups);
+    let total = model.num_parameters();
+    let kl = model.num_kl_parameters();
+    let fe = model.store.count(|k| k.starts_with("feature_extractor."));
+    let head = model.store.count(|k| klspeech::model::params::HEAD_KEYS.iter().any(|h| k.starts_with(h)));
+    println!("  parameters       {} total: feature encoder {}, transformer {}, head {}", total - kl, fe, total - kl - fe - head, head);
+    let sites_list = model.encoder.norm_sites();
+    println!("  norm sites       {} ({} KL-Norm with --kl-sites {sites})", sites_list.len(), sites_list.iter().filter(|(_, k)| *k).count());
+    for (name, is_kl) in &sites_list {
+        println!("    {:<48} {}", name, if *is_kl { "KL-Norm" } else { "plain" });
+    }
+    println!("  KL-Norm adds     {kl} parameters = {:.4}% of the model", 100.0 * kl as f64 / (total - kl) as f64);
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! The model commands end to end: embed, predict, inspect-model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn klspeech(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_klspeech")).current_dir(root()).args(args).output().unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+const A: &str = "audio_fixtures/speech-16k-mono-s16.flac";
+const B: &str = "audio_fixtures/speech-44k1-stereo-vorbis.ogg";
+
+#[test]
+fn embed_writes_one_tensor_per_input_keyed_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("emb.safetensors");
+    let o = out.to_str().unwrap();
+    ok(&klspeech(&["embed", "--model", "tests/fixtures/w2v2/base-group-oldwn", "--out", o, A, B]));
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t.len(), 2);
+    // 1.2 s at 16 kHz -> frames of the tiny conv stack (kernels 10,3,2 / strides 5,2,2).
+    let cfg = klspeech::model::Wav2Vec2Config::from_file(Path::new("tests/fixtures/w2v2/base-group-oldwn/config.json")).unwrap();
+    let n = klspeech::audio::load(&root().join(A)).unwrap().samples.len();
+    assert_eq!(t[A].dims(), &[cfg.frames_for_samples(n), 32]);
+    assert_eq!(t[B].dim(1).unwrap(), 32);
+
+    ok(&klspeech(&["embed", "--model", "tests/fixtures/w2v2/base-group-oldwn", "--layer", "all", "--out", o, A]));
+    let all = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(all[A].dims()[0], 3);
+    // The last stacked state of a post-norm model is the last hidden state.
+    let diff = (all[A].get(2).unwrap() - &t[A]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+
+    let bad = klspeech(&["embed", "--model", "tests/fixtures/w2v2/base-group-oldwn", "--layer", "7", "--out", o, A]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("hidden states 0..=2"));
+}
+
+#[test]
+fn predict_classification_and_ctc() {
+    let s = ok(&klspeech(&["predict", "--json", "--model", "tests/fixtures/w2v2/cls-weighted", A, B]));
+    let lines: Vec<serde_json::Value> = s.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["path"], A);
+    let scores = lines[0]["scores"].as_object().unwrap();
+    assert_eq!(scores.len(), 4);
+    let sum: f64 = scores.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-5);
+    let label = lines[0]["label"].as_str().unwrap();
+    let best = scores.iter().max_by(|a, b| a.1.as_f64().partial_cmp(&b.1.as_f64()).unwrap()).unwrap().0;
+    assert_eq!(label, best);
+
+    let s = ok(&klspeech(&["predict", "--json", "--model", "tests/fixtures/w2v2/stable-ctc-f16", A]));
+    let v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(text.replace("<unk>", "").chars().all(|c| "ABCDEFG ".contains(c)), "{text}");
+
+    let bad = klspeech(&["predict", "--model", "tests/fixtures/w2v2/base-group-oldwn", A]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bare encoder"));
+}
+
+#[test]
+fn inspect_model_reports_the_kl_norm_share() {
+    let s = ok(&klspeech(&["inspect-model", "--model", "docs/configs/wav2vec2-base"]));
+    assert!(s.contains("parameters       94371712 total"), "{s}");
+    assert!(s.contains("KL-Norm adds     39424 parameters = 0.0418% of the model"), "{s}");
+    let s = ok(&klspeech(&["inspect-model", "--model", "tests/fixtures/w2v2/stable-ctc-f16", "--kl-sites", "all"]));
+    assert!(s.contains("pre-norm") && s.contains("Wav2Vec2ForCTC"), "{s}");
+}
