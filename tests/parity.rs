@@ -115,3 +115,16 @@ fn padding_aware_mode_gives_each_clip_its_solo_output() {
     let plain = run(&model, &r["padded.input_values"], Some(&lengths), false).logits.unwrap();
     assert!(max_abs_diff(&plain.narrow(0, 2, 1).unwrap(), &r["unpadded.2.logits"]) > 1e-5);
 }
+
+#[test]
+fn the_differentiable_path_matches_transformers_too() {
+    // Training builds the graph through klspeech's im2col convolutions; same numbers required.
+    for variant in ["base-group-oldwn", "stable-ctc-f16"] {
+        let model = SpeechModel::load(&dir(variant), &LoadOptions::default()).unwrap();
+        let r = reference(variant);
+        let lengths = lengths_of(&r["padded.attention_mask"]);
+        let out = model.forward(&r["padded.input_values"], Some(&lengths), &mut ForwardCtx::eval_with_grad().with_padding_aware(false)).unwrap();
+        let w = compare(variant, "padded", &r, &out);
+        println!("{variant} (differentiable path): max abs diff {w:e}");
+    }
+}

@@ -98,6 +98,9 @@ impl KlSites {
 pub struct ForwardCtx {
     /// Training mode: dropout, layerdrop and KL-Norm sampling are active.
     pub train: bool,
+    /// Whether gradients will be taken: convolutions then use klspeech's differentiable
+    /// im2col path (candle's conv1d backward is wrong), otherwise candle's faster forward.
+    pub grad: bool,
     /// Padding-aware mode (beyond transformers): GroupNorm statistics ignore padded frames, so
     /// a clip's output does not depend on the batch it is in.
     pub padding_aware: bool,
@@ -117,6 +120,7 @@ impl ForwardCtx {
     pub fn eval() -> Self {
         ForwardCtx {
             train: false,
+            grad: false,
             padding_aware: false,
             rng: Rng::new(0),
             kl_terms: Vec::new(),
@@ -132,6 +136,7 @@ impl ForwardCtx {
     pub fn train(cfg: &Wav2Vec2Config, rng: Rng) -> Self {
         ForwardCtx {
             train: true,
+            grad: true,
             padding_aware: true,
             rng,
             kl_terms: Vec::new(),
@@ -145,7 +150,13 @@ impl ForwardCtx {
 
     /// Training without dropout or layerdrop (KL-Norm sampling only): for tests and ablations.
     pub fn train_no_dropout(rng: Rng) -> Self {
-        ForwardCtx { train: true, padding_aware: true, rng, ..ForwardCtx::eval() }
+        ForwardCtx { train: true, grad: true, padding_aware: true, rng, ..ForwardCtx::eval() }
+    }
+
+    /// Evaluation-mode forward that still builds a differentiable graph (for gradient checks
+    /// and frozen-statistics training).
+    pub fn eval_with_grad() -> Self {
+        ForwardCtx { grad: true, ..ForwardCtx::eval() }
     }
 
     /// Sets the padding-aware mode.

@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::Wav2Vec2Config;
-use super::layers::{conv1d, softmax_last, Activation, Linear};
+use super::layers::{conv1d, conv1d_no_grad, softmax_last, Activation, Linear};
 use super::norm::{KlSettings, Norm, NormAxis};
 use super::params::{Init, Vb};
 use super::{ForwardCtx, KlSites};
@@ -46,7 +46,7 @@ struct ConvLayer {
 impl ConvLayer {
     /// x [B, C_in, L] -> [B, C_out, L'].
     fn forward(&self, x: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let mut y = conv1d(x, &self.weight, self.stride, 0, 1)?;
+        let mut y = if ctx.grad { conv1d(x, &self.weight, self.stride, 0, 1)? } else { conv1d_no_grad(x, &self.weight, self.stride, 0, 1)? };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1))?)?;
         }
@@ -147,12 +147,12 @@ impl PositionalConvEmbedding {
     }
 
     /// h [B, T, H] -> [B, T, H]. The weight is recomputed from g and v on every call (both train).
-    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+    fn forward(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
         // ||v|| over every dim except 2: [1, 1, K].
         let norm = self.weight_v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
         let w = self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?;
         let x = h.transpose(1, 2)?.contiguous()?;
-        let mut y = conv1d(&x, &w, 1, self.kernel / 2, self.groups)?;
+        let mut y = if grad { conv1d(&x, &w, 1, self.kernel / 2, self.groups)? } else { conv1d_no_grad(&x, &w, 1, self.kernel / 2, self.groups)? };
         y = y.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
         if self.kernel % 2 == 0 {
             // Wav2Vec2SamePadLayer: an even kernel with padding k/2 yields one extra frame.
@@ -390,7 +390,7 @@ impl Wav2Vec2Model {
             }
             None => None,
         };
-        let pos = self.encoder.pos_conv_embed.forward(&h)?;
+        let pos = self.encoder.pos_conv_embed.forward(&h, ctx.grad)?;
         h = (h + pos)?;
         if !self.encoder.stable {
             h = self.encoder.layer_norm.forward(&h, frame_mask.as_ref(), ctx)?;
