@@ -1,15 +1,20 @@
 //! klspeech: fine-tune pretrained Wav2Vec2 speech models on small data sets, with KL-Norm.
 //!
-//! Dependencies flow one way: [`audio`] -> [`features`] -> model -> heads/loss -> train -> CLI.
+//! Dependencies flow one way: [`audio`] -> [`features`] -> [`model`] -> [`loss`] / [`metrics`] ->
+//! [`data`] -> [`train`] -> CLI.
 
 pub mod audio;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod features;
 pub mod infer;
+pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod rng;
+pub mod train;
 pub mod vocab;
 
 pub use error::{Error, Result};
