@@ -27,6 +27,7 @@ pub use norm::{KlPrior, KlSettings, Norm, NormAxis};
 pub use params::{ParamStore, Vb};
 pub use wav2vec2::{EncoderOutput, Wav2Vec2Model};
 
+
 use crate::error::{Error, Result};
 use crate::features::FeatureExtractor;
 use crate::rng::Rng;
@@ -113,6 +114,50 @@ pub struct ForwardCtx {
     pub attention_dropout: f64,
     pub feat_proj_dropout: f64,
     pub layerdrop: f64,
+    /// SpecAugment-style masking of the projected features (training only).
+    pub spec_augment: Option<SpecAugment>,
+}
+
+/// SpecAugment as Wav2Vec2 fine-tuning does it (`_compute_mask_indices`): spans of frames are
+/// replaced by the learned `masked_spec_embed`, spans of channels are zeroed.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpecAugment {
+    pub mask_time_prob: f64,
+    pub mask_time_length: usize,
+    pub mask_time_min_masks: usize,
+    pub mask_feature_prob: f64,
+    pub mask_feature_length: usize,
+    pub mask_feature_min_masks: usize,
+}
+
+impl SpecAugment {
+    /// The checkpoint's `mask_*` settings, or `None` when `apply_spec_augment` is off.
+    pub fn from_config(cfg: &Wav2Vec2Config) -> Option<Self> {
+        cfg.apply_spec_augment.then_some(SpecAugment {
+            mask_time_prob: cfg.mask_time_prob,
+            mask_time_length: cfg.mask_time_length,
+            mask_time_min_masks: cfg.mask_time_min_masks,
+            mask_feature_prob: cfg.mask_feature_prob,
+            mask_feature_length: cfg.mask_feature_length,
+            mask_feature_min_masks: cfg.mask_feature_min_masks,
+        })
+    }
+
+    /// Span starts over `len` positions: `floor(prob * len / span + u)` spans (u uniform, as
+    /// transformers' epsilon), at least `min_masks`, at most what fits; distinct starts.
+    pub fn spans(rng: &mut Rng, len: usize, prob: f64, span: usize, min_masks: usize) -> Vec<bool> {
+        let mut mask = vec![false; len];
+        if prob <= 0.0 || span == 0 || len < span {
+            return mask;
+        }
+        let n = ((prob * len as f64 / span as f64 + rng.uniform()) as usize).max(min_masks).min(len / span);
+        let mut starts: Vec<usize> = (0..=len - span).collect();
+        rng.shuffle(&mut starts);
+        for &s in starts.iter().take(n) {
+            mask[s..s + span].fill(true);
+        }
+        mask
+    }
 }
 
 impl ForwardCtx {
@@ -129,6 +174,7 @@ impl ForwardCtx {
             attention_dropout: 0.0,
             feat_proj_dropout: 0.0,
             layerdrop: 0.0,
+            spec_augment: None,
         }
     }
 
@@ -145,6 +191,7 @@ impl ForwardCtx {
             attention_dropout: cfg.attention_dropout,
             feat_proj_dropout: cfg.feat_proj_dropout,
             layerdrop: cfg.layerdrop,
+            spec_augment: SpecAugment::from_config(cfg),
         }
     }
 

@@ -345,6 +345,43 @@ impl Wav2Vec2Model {
         v
     }
 
+    /// Masks spans of valid frames with `masked_spec_embed` and spans of channels with 0.
+    fn spec_augment(&self, h: &Tensor, frame_lengths: &[usize], sa: &super::SpecAugment, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let mut time = vec![0f32; b * t];
+        let mut feat = vec![1f32; b * d];
+        let mut any = false;
+        for (i, &len) in frame_lengths.iter().enumerate() {
+            let m = super::SpecAugment::spans(&mut ctx.rng, len.min(t), sa.mask_time_prob, sa.mask_time_length, sa.mask_time_min_masks);
+            for (j, &on) in m.iter().enumerate() {
+                if on {
+                    time[i * t + j] = 1.0;
+                    any = true;
+                }
+            }
+            let f = super::SpecAugment::spans(&mut ctx.rng, d, sa.mask_feature_prob, sa.mask_feature_length, sa.mask_feature_min_masks);
+            for (j, &on) in f.iter().enumerate() {
+                if on {
+                    feat[i * d + j] = 0.0;
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return Ok(h.clone());
+        }
+        let dev = h.device();
+        let tm = Tensor::from_vec(time, (b, t, 1), &candle_core::Device::Cpu)?.to_dtype(h.dtype())?.to_device(dev)?;
+        let fm = Tensor::from_vec(feat, (b, 1, d), &candle_core::Device::Cpu)?.to_dtype(h.dtype())?.to_device(dev)?;
+        let mut out = h.clone();
+        if let Some(embed) = &self.masked_spec_embed {
+            // h * (1 - m) + m * embed
+            let keep = tm.affine(-1.0, 1.0)?;
+            out = (out.broadcast_mul(&keep)? + tm.broadcast_mul(&embed.reshape((1, 1, d))?)?)?;
+        }
+        Ok(out.broadcast_mul(&fm)?)
+    }
+
     /// Conv features [B, T, C] (before projection) and frame lengths.
     pub fn extract(&self, input_values: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
         Ok(self.feature_extractor.forward(input_values, lengths, ctx)?.transpose(1, 2)?)
@@ -375,6 +412,11 @@ impl Wav2Vec2Model {
         let extract_features = self.feature_projection.layer_norm.forward(feats, frame_mask.as_ref(), ctx)?;
         let mut h = self.feature_projection.projection.forward(&extract_features)?;
         h = ctx.dropout(&h, ctx.feat_proj_dropout)?;
+        if ctx.train {
+            if let Some(sa) = ctx.spec_augment {
+                h = self.spec_augment(&h, &frame_lengths, &sa, ctx)?;
+            }
+        }
 
         // Encoder: zero padded frames, add positional conv, (post-norm) LayerNorm.
         let bias = match &frame_mask {
