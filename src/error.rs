@@ -90,6 +90,14 @@ pub enum Error {
     #[error("{path}: cannot write PNG: {detail}")]
     Png { path: PathBuf, detail: String },
 
+    /// Training cannot go on (non-finite losses, bad data); the message says what to change.
+    #[error("training stopped: {0}")]
+    Training(String),
+
+    /// The data set has problems; the report lists every one (see `data::validate`).
+    #[error("{0}")]
+    Data(String),
+
     /// An error from candle (tensor shapes, devices, kernels).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

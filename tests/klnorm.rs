@@ -148,7 +148,7 @@ fn loss(model: &SpeechModel, x: &Tensor, lengths: &[usize], w: &Tensor) -> (Tens
 
 #[test]
 fn gradients_match_finite_differences() {
-    let dev = Device::Cpu;
+    let dev = common::device();
     for (stable, prior) in [(false, KlPrior::Standard), (true, KlPrior::Learned)] {
         let cfg = common::tiny_config(stable);
         let opts = LoadOptions {
@@ -157,7 +157,7 @@ fn gradients_match_finite_differences() {
             kl: KlSettings { sigma0: 0.2, prior },
             head: Some(HeadKind::Ctc),
             seed: 1,
-            ..Default::default()
+            device: dev.clone(),
         };
         let model = SpeechModel::fresh(cfg, &opts).unwrap();
         let lengths = [700usize, 520];

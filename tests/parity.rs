@@ -1,6 +1,8 @@
 //! Parity with transformers: tiny random checkpoints written by transformers
 //! (tools/gen_wav2vec2_fixtures.py) give the same hidden states and logits in klspeech.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -13,14 +15,19 @@ fn dir(variant: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/w2v2").join(variant)
 }
 
+/// Reference tensors, on the test device (`KLSPEECH_TEST_DEVICE`).
 fn reference(variant: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(dir(variant).join("reference.safetensors"), &common::device()).unwrap()
+}
+
+fn opts() -> LoadOptions {
+    LoadOptions { device: common::device(), ..Default::default() }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
@@ -58,7 +65,7 @@ fn compare(variant: &str, case: &str, r: &HashMap<String, Tensor>, out: &ModelOu
 }
 
 fn check_variant(variant: &str, head: HeadKind) {
-    let model = SpeechModel::load(&dir(variant), &LoadOptions::default()).unwrap();
+    let model = SpeechModel::load(&dir(variant), &opts()).unwrap();
     assert_eq!(model.head_kind, head, "{variant}");
     let r = reference(variant);
     let single = run(&model, &r["single.input_values"], None, false);
@@ -91,7 +98,7 @@ fn pretraining_checkpoint_in_bf16_loads_as_an_encoder() {
 
 #[test]
 fn padding_aware_mode_gives_each_clip_its_solo_output() {
-    let model = SpeechModel::load(&dir("cls-weighted"), &LoadOptions::default()).unwrap();
+    let model = SpeechModel::load(&dir("cls-weighted"), &opts()).unwrap();
     let r = reference("cls-weighted");
     let lengths = lengths_of(&r["padded.attention_mask"]);
     let out = run(&model, &r["padded.input_values"], Some(&lengths), true);
@@ -120,7 +127,7 @@ fn padding_aware_mode_gives_each_clip_its_solo_output() {
 fn the_differentiable_path_matches_transformers_too() {
     // Training builds the graph through klspeech's im2col convolutions; same numbers required.
     for variant in ["base-group-oldwn", "stable-ctc-f16"] {
-        let model = SpeechModel::load(&dir(variant), &LoadOptions::default()).unwrap();
+        let model = SpeechModel::load(&dir(variant), &opts()).unwrap();
         let r = reference(variant);
         let lengths = lengths_of(&r["padded.attention_mask"]);
         let out = model.forward(&r["padded.input_values"], Some(&lengths), &mut ForwardCtx::eval_with_grad().with_padding_aware(false)).unwrap();

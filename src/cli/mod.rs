@@ -2,6 +2,7 @@
 
 mod inspect;
 mod model_cmds;
+mod train_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,10 @@ pub enum Command {
     Predict(model_cmds::PredictArgs),
     /// Describe a model: variant, sizes, parameter counts, normalization sites.
     InspectModel(model_cmds::InspectModelArgs),
+    /// Fine-tune a pretrained Wav2Vec2 (keyword spotting, ASR with CTC, or classification).
+    Train(Box<train_cmds::TrainArgs>),
+    /// Evaluate a fine-tuned model: accuracy / macro-F1 / confusion, or CER / WER.
+    Eval(train_cmds::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -32,5 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(a) => model_cmds::embed(a),
         Command::Predict(a) => model_cmds::predict(a),
         Command::InspectModel(a) => model_cmds::inspect_model(a),
+        Command::Train(a) => train_cmds::train(*a),
+        Command::Eval(a) => train_cmds::eval(a),
     }
 }

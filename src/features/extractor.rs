@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 /// The fields of `preprocessor_config.json` that change the output.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct FeatureExtractorConfig {
     /// Zero-mean unit-variance normalization per clip.
     #[serde(default = "default_true")]
@@ -31,6 +31,9 @@ pub struct FeatureExtractorConfig {
     /// Always 1 for raw-waveform models.
     #[serde(default = "default_one")]
     pub feature_size: usize,
+    /// Every other key (`feature_extractor_type`, `processor_class`, ...), kept verbatim.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_true() -> bool {
@@ -51,6 +54,10 @@ impl Default for FeatureExtractorConfig {
             padding_value: 0.0,
             return_attention_mask: false,
             feature_size: 1,
+            extra: serde_json::Map::from_iter([(
+                "feature_extractor_type".to_string(),
+                serde_json::Value::from("Wav2Vec2FeatureExtractor"),
+            )]),
         }
     }
 }

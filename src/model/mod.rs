@@ -368,6 +368,82 @@ impl SpeechModel {
         Ok(m)
     }
 
+    /// Loads a checkpoint to fine-tune it with `head`: the config gets the head's
+    /// `architectures`, the labels (`id2label`, `label2id`) or the CTC vocabulary size and pad
+    /// id; head tensors whose shape no longer fits are dropped and re-initialized (as
+    /// transformers' `ignore_mismatched_sizes`), and returned so the caller can report them.
+    pub fn load_for_finetuning(
+        dir: &Path,
+        opts: &LoadOptions,
+        head: HeadKind,
+        labels: Option<&[String]>,
+        vocab: Option<&BTreeMap<String, i64>>,
+    ) -> Result<(Self, Vec<String>)> {
+        let mut config = Wav2Vec2Config::from_file(&dir.join("config.json"))?;
+        config.architectures = Some(vec![head.architecture().to_string()]);
+        if let Some(labels) = labels {
+            config.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
+            config.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i as i64)).collect());
+            config.num_labels = Some(labels.len());
+        }
+        if let Some(v) = vocab {
+            config.vocab_size = v.len();
+            let pad = v.iter().find(|(t, _)| t.as_str() == "[PAD]" || t.as_str() == "<pad>").map(|(_, &id)| id);
+            config.pad_token_id = pad;
+        }
+        config.validate().map_err(|d| Error::config(dir.join("config.json"), d))?;
+        let store = ParamStore::from_safetensors(&dir.join("model.safetensors"), opts.dtype, &opts.device, opts.seed)?;
+        // Expected head shapes for the new config.
+        let h = config.hidden_size;
+        let expect: Vec<(&str, Vec<usize>)> = match head {
+            HeadKind::Ctc => vec![("lm_head.weight", vec![config.vocab_size, h]), ("lm_head.bias", vec![config.vocab_size])],
+            HeadKind::Classification => vec![
+                ("projector.weight", vec![config.classifier_proj_size, h]),
+                ("projector.bias", vec![config.classifier_proj_size]),
+                ("classifier.weight", vec![config.num_labels(), config.classifier_proj_size]),
+                ("classifier.bias", vec![config.num_labels()]),
+                ("layer_weights", vec![config.num_hidden_layers + 1]),
+            ],
+            HeadKind::None => vec![],
+        };
+        let mismatched: Vec<String> =
+            expect.iter().filter(|(k, shape)| store.checkpoint_dims(k).is_some_and(|d| &d != shape)).map(|(k, _)| k.to_string()).collect();
+        let mut dropped = store.drop_checkpoint_keys(|k| mismatched.iter().any(|m| m == k));
+        // A head of the other kind is not used: drop it so it is not saved again.
+        let other: &[&str] = match head {
+            HeadKind::Ctc => &["projector.", "classifier.", "layer_weights"],
+            HeadKind::Classification => &["lm_head."],
+            HeadKind::None => &[],
+        };
+        dropped.extend(store.drop_checkpoint_keys(|k| other.iter().any(|o| k.starts_with(o))));
+        let fe = FeatureExtractor::from_model_dir(dir)?;
+        let m = Self::build(config, store, fe, vocab.cloned(), &LoadOptions { head: Some(head), ..opts.clone() })?;
+        Ok((m, dropped))
+    }
+
+    /// Writes the model in the Hugging Face layout: `config.json`, `model.safetensors` (with
+    /// KL-Norm vectors as extra keys transformers ignores), `preprocessor_config.json` and, for
+    /// CTC, `vocab.json`. Each file is written to a temporary name and renamed.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create the model folder", e))?;
+        let mut config = self.config.clone();
+        config.architectures = Some(vec![self.head_kind.architecture().to_string()]);
+        config.model_type = Some("wav2vec2".into());
+        let mut cv = serde_json::to_value(&config).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        if let serde_json::Value::Object(m) = &mut cv {
+            // transformers derives num_labels from id2label and rejects explicit nulls.
+            m.retain(|_, v| !v.is_null());
+        }
+        write_json_atomic(&dir.join("config.json"), &cv)?;
+        self.store.save_safetensors(&dir.join("model.safetensors"), self.head_kind != HeadKind::None)?;
+        let fe = serde_json::to_value(&self.feature_extractor.config).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        write_json_atomic(&dir.join("preprocessor_config.json"), &fe)?;
+        if let Some(v) = &self.vocab {
+            write_json_atomic(&dir.join("vocab.json"), &serde_json::to_value(v).map_err(|e| Error::InvalidInput(e.to_string()))?)?;
+        }
+        Ok(())
+    }
+
     /// A freshly initialized model for `config` (no checkpoint).
     pub fn fresh(config: Wav2Vec2Config, opts: &LoadOptions) -> Result<Self> {
         config.validate().map_err(|d| Error::Unsupported { what: "this config".into(), detail: d })?;
@@ -413,6 +489,14 @@ impl SpeechModel {
     pub fn num_kl_parameters(&self) -> usize {
         self.store.count(|k| k.rsplit('.').next().is_some_and(|n| n.starts_with("kl_")))
     }
+}
+
+/// Writes pretty JSON to `path` through a temporary file and a rename.
+pub fn write_json_atomic(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::InvalidInput(e.to_string()))? + "\n";
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "cannot write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "cannot move into place", e))
 }
 
 /// Reads `vocab.json` (token -> id) if present.

@@ -105,6 +105,23 @@ impl ParamStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Forgets checkpoint tensors whose key satisfies `pred` (a head being re-initialized);
+    /// returns the keys dropped.
+    pub fn drop_checkpoint_keys(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut inner = self.lock();
+        let mut dropped: Vec<String> = inner.checkpoint.keys().filter(|k| pred(k)).cloned().collect();
+        dropped.sort();
+        for k in &dropped {
+            inner.checkpoint.remove(k);
+        }
+        dropped
+    }
+
+    /// Shape of a checkpoint tensor.
+    pub fn checkpoint_dims(&self, key: &str) -> Option<Vec<usize>> {
+        self.lock().checkpoint.get(key).map(|t| t.dims().to_vec())
+    }
+
     /// Whether the checkpoint holds `key` (canonical naming).
     pub fn has_checkpoint_key(&self, key: &str) -> bool {
         self.lock().checkpoint.contains_key(key)

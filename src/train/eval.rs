@@ -1,0 +1,118 @@
+//! Evaluation of a model on a data set: accuracy, macro-F1 and confusion for classification;
+//! CER and WER with greedy CTC decoding for ASR.
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::features::FeatureExtractor;
+use crate::metrics;
+use crate::model::{ForwardCtx, HeadKind, SpeechModel};
+use crate::vocab::{ctc_greedy, CharVocab};
+
+/// Metrics of one evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct EvalResult {
+    /// Clips evaluated.
+    pub n: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<Vec<Vec<usize>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cer: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wer: Option<f64>,
+    /// Predicted transcripts / labels, in data order.
+    #[serde(skip)]
+    pub predictions: Vec<String>,
+}
+
+impl EvalResult {
+    /// The early-stopping metric, oriented so that larger is better (accuracy, or -CER).
+    pub fn score(&self) -> f64 {
+        match (self.accuracy, self.cer) {
+            (Some(a), _) => a,
+            (None, Some(c)) => -c,
+            _ => f64::NEG_INFINITY,
+        }
+    }
+}
+
+/// Padded input batch [B, L] and lengths from clips, normalized padding-aware.
+pub fn batch_tensor(fe: &FeatureExtractor, clips: &[&[f32]], model: &SpeechModel) -> Result<(Tensor, Vec<usize>)> {
+    let b = fe.clone().with_padding_aware(true).batch(clips)?;
+    let t = b.input_tensor(&model.store.device)?.to_dtype(model.store.dtype)?;
+    Ok((t, b.lengths))
+}
+
+/// Evaluates `model` on clips (16 kHz) with labels (classification) or transcripts (ASR).
+pub fn evaluate(
+    model: &SpeechModel,
+    clips: &[Vec<f32>],
+    labels: Option<&[usize]>,
+    texts: Option<&[String]>,
+    vocab: Option<&CharVocab>,
+    batch_size: usize,
+) -> Result<EvalResult> {
+    let mut preds_cls = Vec::with_capacity(clips.len());
+    let mut preds_txt = Vec::with_capacity(clips.len());
+    // Sort by length so batches pad little; restore order afterwards.
+    let mut order: Vec<usize> = (0..clips.len()).collect();
+    order.sort_by_key(|&i| clips[i].len());
+    let mut out_cls = vec![0usize; clips.len()];
+    let mut out_txt = vec![String::new(); clips.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let refs: Vec<&[f32]> = chunk.iter().map(|&i| clips[i].as_slice()).collect();
+        let (x, lengths) = batch_tensor(&model.feature_extractor, &refs, model)?;
+        let mut ctx = ForwardCtx::eval().with_padding_aware(true);
+        let out = model.forward(&x, Some(&lengths), &mut ctx)?;
+        let logits = out.logits.ok_or_else(|| Error::InvalidInput("evaluation needs a model with a head".into()))?;
+        match model.head_kind {
+            HeadKind::Classification => {
+                let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                for (&i, id) in chunk.iter().zip(ids) {
+                    out_cls[i] = id as usize;
+                }
+            }
+            HeadKind::Ctc => {
+                let vocab = vocab.ok_or_else(|| Error::InvalidInput("CTC evaluation needs a vocabulary".into()))?;
+                let ids: Vec<Vec<u32>> = logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_vec2()?;
+                for (k, &i) in chunk.iter().enumerate() {
+                    let n = out.encoder.frame_lengths[k];
+                    let frame_ids: Vec<usize> = ids[k][..n].iter().map(|&v| v as usize).collect();
+                    out_txt[i] = vocab.decode(&ctc_greedy(&frame_ids, vocab.pad_id));
+                }
+            }
+            HeadKind::None => return Err(Error::InvalidInput("evaluation needs a model with a head".into())),
+        }
+    }
+    preds_cls.extend(out_cls);
+    preds_txt.extend(out_txt);
+    let mut r = EvalResult { n: clips.len(), ..Default::default() };
+    match model.head_kind {
+        HeadKind::Classification => {
+            let truth = labels.ok_or_else(|| Error::InvalidInput("classification evaluation needs labels".into()))?;
+            let m = metrics::classification_metrics(model.config.num_labels(), truth, &preds_cls);
+            let names = model.config.labels();
+            r.accuracy = Some(m.accuracy);
+            r.macro_f1 = Some(m.macro_f1);
+            r.confusion = Some(m.confusion);
+            r.predictions = preds_cls.iter().map(|&i| names.get(i).cloned().unwrap_or_default()).collect();
+            r.labels = Some(names);
+        }
+        _ => {
+            let texts = texts.ok_or_else(|| Error::InvalidInput("ASR evaluation needs transcripts".into()))?;
+            let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+            let hyps: Vec<&str> = preds_txt.iter().map(|s| s.as_str()).collect();
+            r.cer = Some(metrics::char_error_rate(&refs, &hyps));
+            r.wer = Some(metrics::word_error_rate(&refs, &hyps));
+            r.predictions = preds_txt;
+        }
+    }
+    Ok(r)
+}

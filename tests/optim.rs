@@ -1,0 +1,378 @@
+//! AdamW, learning-rate schedules and gradient clipping against PyTorch / transformers
+//! (fixtures from tools/gen_optim_fixtures.py), plus state round trips and accumulation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use klspeech::train::optim::{
+    clip_grad_norm, grads_finite, lr_factor, no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule,
+};
+
+const NAMES: [&str; 3] =
+    ["encoder.layers.0.attention.q_proj.weight", "encoder.layers.0.layer_norm.weight", "lm_head.weight"];
+const STEPS: usize = 5;
+const WARMUP: usize = 2;
+
+fn fixtures(dev: &Device) -> HashMap<String, Tensor> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim/optim.safetensors");
+    candle_core::safetensors::load(path, dev).unwrap()
+}
+
+fn vec1(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    vec1(a).iter().zip(vec1(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+fn config(f: &HashMap<String, Tensor>) -> AdamWConfig {
+    let c = vec1(&f["config"]);
+    AdamWConfig { lr: c[0], beta1: c[1], beta2: c[2], eps: c[3], weight_decay: c[4] }
+}
+
+fn params(f: &HashMap<String, Tensor>) -> Vec<(String, Var)> {
+    NAMES.iter().map(|n| (n.to_string(), Var::from_tensor(&f[&format!("init.{n}")]).unwrap())).collect()
+}
+
+fn grads_at(f: &HashMap<String, Tensor>, vars: &[(String, Var)], k: usize) -> GradStore {
+    let mut g = GradStore::default();
+    for (n, v) in vars {
+        g.insert(v.as_tensor(), f[&format!("grad.{k}.{n}")].clone());
+    }
+    g
+}
+
+fn schedule_of(run: &str) -> Schedule {
+    run.parse().unwrap()
+}
+
+#[test]
+fn adamw_matches_torch() {
+    let dev = common::device();
+    let f = fixtures(&dev);
+    let cfg = config(&f);
+    assert_eq!(AdamWConfig { lr: cfg.lr, ..AdamWConfig::default() }, cfg, "fixture uses the default betas/eps/decay");
+    for run in ["linear", "cosine", "constant"] {
+        let vars = params(&f);
+        let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+        let expect_factors = vec1(&f[&format!("{run}.factors")]);
+        // "constant" is a run without scheduler: constant with no warmup
+        let warmup = if run == "constant" { 0 } else { WARMUP };
+        let mut worst = 0.0f64;
+        for k in 0..STEPS {
+            assert_eq!(opt.steps(), k);
+            let factor = lr_factor(schedule_of(run), opt.steps(), warmup, STEPS);
+            assert_eq!(factor, expect_factors[k], "{run}: factor of update {k}");
+            opt.step(&grads_at(&f, &vars, k), factor).unwrap();
+            for (n, v) in &vars {
+                let d = max_abs_diff(v.as_tensor(), &f[&format!("{run}.after.{k}.{n}")]);
+                worst = worst.max(d);
+                assert!(d <= 1e-12, "{run}: {n} after update {k}: max abs diff {d:e}");
+            }
+        }
+        for (n, v) in &vars {
+            let d = max_abs_diff(v.as_tensor(), &f[&format!("{run}.final.{n}")]);
+            assert!(d <= 1e-12, "{run}: final {n}: max abs diff {d:e}");
+        }
+        println!("{run}: worst max abs diff vs torch over {STEPS} updates: {worst:e}");
+    }
+}
+
+#[test]
+fn schedules_match_transformers() {
+    let f = fixtures(&Device::Cpu);
+    let mut checked = 0;
+    for (key, t) in &f {
+        let Some(rest) = key.strip_prefix("schedule.") else { continue };
+        let parts: Vec<&str> = rest.split('.').collect();
+        let schedule: Schedule = parts[0].parse().unwrap();
+        let warmup: usize = parts[1][1..].parse().unwrap();
+        let total: usize = parts[2][1..].parse().unwrap();
+        for (step, expect) in vec1(t).into_iter().enumerate() {
+            let got = lr_factor(schedule, step, warmup, total);
+            assert_eq!(got, expect, "{key} at step {step}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 15);
+    // after the end: 0, and the cosine does not come back up
+    assert_eq!(lr_factor(Schedule::Linear, 12, 2, 10), 0.0);
+    assert_eq!(lr_factor(Schedule::Cosine, 15, 2, 10), 0.0);
+    assert_eq!(lr_factor(Schedule::Constant, 15, 2, 10), 1.0);
+}
+
+#[test]
+fn schedule_parses() {
+    assert_eq!("linear".parse::<Schedule>().unwrap(), Schedule::Linear);
+    assert_eq!("Cosine".parse::<Schedule>().unwrap(), Schedule::Cosine);
+    assert_eq!("constant".parse::<Schedule>().unwrap(), Schedule::Constant);
+    let e = "step".parse::<Schedule>().unwrap_err().to_string();
+    assert!(e.contains("step") && e.contains("cosine"), "{e}");
+    assert_eq!(Schedule::Cosine.to_string(), "cosine");
+}
+
+#[test]
+fn clip_matches_torch() {
+    let dev = common::device();
+    let f = fixtures(&dev);
+    for (case, max_norm) in [("small", 1.0), ("big", 100.0)] {
+        let vars: Vec<(String, Var)> = (0..3)
+            .map(|i| (format!("p{i}"), Var::from_tensor(&f[&format!("clip.in.{i}")].zeros_like().unwrap()).unwrap()))
+            .collect();
+        let mut grads = GradStore::default();
+        for (i, (_, v)) in vars.iter().enumerate() {
+            grads.insert(v.as_tensor(), f[&format!("clip.in.{i}")].clone());
+        }
+        let norm = clip_grad_norm(&mut grads, &vars, max_norm).unwrap();
+        let expect = vec1(&f[&format!("clip.{case}.norm")])[0];
+        assert!((norm - expect).abs() <= 1e-12, "{case}: norm {norm} vs {expect}");
+        for (i, (_, v)) in vars.iter().enumerate() {
+            let d = max_abs_diff(grads.get(v.as_tensor()).unwrap(), &f[&format!("clip.{case}.out.{i}")]);
+            assert!(d <= 1e-12, "{case}: grad {i}: max abs diff {d:e}");
+        }
+    }
+}
+
+#[test]
+fn clip_f32_and_missing_grads() {
+    let dev = common::device();
+    let a = Var::from_tensor(&Tensor::zeros(2, DType::F32, &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
+    let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+    let mut grads = GradStore::default();
+    grads.insert(a.as_tensor(), Tensor::new(&[3f32, 4.], &dev).unwrap());
+    let norm = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-6);
+    let g: Vec<f32> = grads.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+    assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+    assert!(grads.get(b.as_tensor()).is_none());
+    // nothing at all: norm 0
+    let mut empty = GradStore::default();
+    assert_eq!(clip_grad_norm(&mut empty, &vars, 1.0).unwrap(), 0.0);
+}
+
+#[test]
+fn grads_finite_detects_nan_and_inf() {
+    let dev = common::device();
+    let a = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
+    let vars = vec![("a".to_string(), a.clone())];
+    for (vals, ok) in [([1f32, -2., 3e38], true), ([1., f32::NAN, 0.], false), ([f32::INFINITY, 0., 0.], false), ([0., 0., f32::NEG_INFINITY], false)] {
+        let mut g = GradStore::default();
+        g.insert(a.as_tensor(), Tensor::new(&vals, &dev).unwrap());
+        assert_eq!(grads_finite(&g, &vars).unwrap(), ok, "{vals:?}");
+    }
+    assert!(grads_finite(&GradStore::default(), &vars).unwrap());
+}
+
+/// Runs updates `from..to` of the linear run.
+fn run_steps(opt: &mut AdamW, f: &HashMap<String, Tensor>, vars: &[(String, Var)], from: usize, to: usize) {
+    for k in from..to {
+        assert_eq!(opt.steps(), k);
+        opt.step(&grads_at(f, vars, k), lr_factor(Schedule::Linear, k, WARMUP, STEPS)).unwrap();
+    }
+}
+
+#[test]
+fn state_round_trip_resumes_exactly() {
+    let dev = common::device();
+    let f = fixtures(&dev);
+    let cfg = config(&f);
+
+    // uninterrupted
+    let full_vars = params(&f);
+    let mut full = AdamW::new(full_vars.clone(), cfg).unwrap();
+    run_steps(&mut full, &f, &full_vars, 0, STEPS);
+
+    // 2 updates, checkpoint (parameters + optimizer state through a safetensors file), resume
+    let vars = params(&f);
+    let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+    run_steps(&mut opt, &f, &vars, 0, 2);
+    let mut ckpt: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+    assert_eq!(ckpt.len(), 1 + 3 * NAMES.len());
+    assert_eq!(vec1(&ckpt["step"]), vec![2.0]);
+    for (n, v) in &vars {
+        ckpt.insert(format!("param.{n}"), v.as_tensor().clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    candle_core::safetensors::save(&ckpt, &path).unwrap();
+    let loaded = candle_core::safetensors::load(&path, &dev).unwrap();
+
+    let vars2: Vec<(String, Var)> =
+        NAMES.iter().map(|n| (n.to_string(), Var::from_tensor(&loaded[&format!("param.{n}")]).unwrap())).collect();
+    let mut opt2 = AdamW::new(vars2.clone(), cfg).unwrap();
+    opt2.load_state(&loaded).unwrap();
+    assert_eq!(opt2.steps(), 2);
+    run_steps(&mut opt2, &f, &vars2, 2, STEPS);
+
+    for ((n, a), (_, b)) in full_vars.iter().zip(&vars2) {
+        assert_eq!(vec1(a.as_tensor()), vec1(b.as_tensor()), "{n}: resumed run differs");
+        let d = max_abs_diff(b.as_tensor(), &f[&format!("linear.final.{n}")]);
+        assert!(d <= 1e-12, "{n}: {d:e}");
+    }
+    let s1: HashMap<String, Tensor> = full.state().unwrap().into_iter().collect();
+    let s2: HashMap<String, Tensor> = opt2.state().unwrap().into_iter().collect();
+    assert_eq!(s1.len(), s2.len());
+    for (k, t) in &s1 {
+        assert_eq!(vec1(t), vec1(&s2[k]), "state {k}");
+    }
+}
+
+#[test]
+fn load_state_names_missing_key() {
+    let dev = common::device();
+    let f = fixtures(&dev);
+    let vars = params(&f);
+    let mut opt = AdamW::new(vars.clone(), config(&f)).unwrap();
+    run_steps(&mut opt, &f, &vars, 0, 1);
+    let state: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+    for key in ["step", "step.lm_head.weight", "v.lm_head.weight", "m.encoder.layers.0.layer_norm.weight"] {
+        let mut s = state.clone();
+        s.remove(key);
+        let mut fresh = AdamW::new(params(&f), config(&f)).unwrap();
+        let e = fresh.load_state(&s).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        assert_eq!(fresh.steps(), 0, "failed load changes nothing");
+    }
+    // wrong shape
+    let mut s = state.clone();
+    s.insert("m.lm_head.weight".into(), Tensor::zeros(3, DType::F64, &dev).unwrap());
+    let e = AdamW::new(params(&f), config(&f)).unwrap().load_state(&s).unwrap_err().to_string();
+    assert!(e.contains("m.lm_head.weight"), "{e}");
+}
+
+#[test]
+fn params_without_grad_are_frozen() {
+    let dev = common::device();
+    let f = fixtures(&dev);
+    let vars = params(&f);
+    let mut opt = AdamW::new(vars.clone(), config(&f)).unwrap();
+    let frozen = "encoder.layers.0.layer_norm.weight";
+    for k in 0..3 {
+        let mut g = grads_at(&f, &vars, k);
+        g.remove(vars[1].1.as_tensor());
+        opt.step(&g, 1.0).unwrap();
+    }
+    assert_eq!(vec1(vars[1].1.as_tensor()), vec1(&f[&format!("init.{frozen}")]));
+    assert!(max_abs_diff(vars[0].1.as_tensor(), &f[&format!("init.{}", NAMES[0])]) > 1e-3);
+    let state: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+    assert_eq!(vec1(&state[&format!("step.{frozen}")]), vec![0.0]);
+    assert_eq!(vec1(&state[&format!("step.{}", NAMES[0])]), vec![3.0]);
+    assert!(!state.contains_key(&format!("m.{frozen}")) && !state.contains_key(&format!("v.{frozen}")));
+    assert_eq!(opt.steps(), 3);
+    // and a round trip of a partially frozen state works
+    let mut opt2 = AdamW::new(params(&f), config(&f)).unwrap();
+    opt2.load_state(&state).unwrap();
+    assert_eq!(opt2.steps(), 3);
+}
+
+#[test]
+fn adamw_rejects_duplicates() {
+    let v = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let w = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    assert!(AdamW::new(vec![("a".into(), v.clone()), ("a".into(), w.clone())], AdamWConfig::default()).is_err());
+    assert!(AdamW::new(vec![("a".into(), v.clone()), ("b".into(), v.clone())], AdamWConfig::default()).is_err());
+    assert!(AdamW::new(vec![("a".into(), v), ("b".into(), w)], AdamWConfig::default()).is_ok());
+}
+
+#[test]
+fn adamw_f32_step_on_device() {
+    // a quick f32 check that decay / no-decay groups are applied: zero gradient, lr 1
+    let dev = common::device();
+    let w = Var::from_tensor(&Tensor::new(&[1f32, -2.], &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::new(&[1f32, -2.], &dev).unwrap()).unwrap();
+    let vars = vec![("lm_head.weight".to_string(), w.clone()), ("lm_head.bias".to_string(), b.clone())];
+    let cfg = AdamWConfig { lr: 1.0, weight_decay: 0.5, ..AdamWConfig::default() };
+    let mut opt = AdamW::new(vars, cfg).unwrap();
+    let mut g = GradStore::default();
+    g.insert(w.as_tensor(), Tensor::zeros(2, DType::F32, &dev).unwrap());
+    g.insert(b.as_tensor(), Tensor::zeros(2, DType::F32, &dev).unwrap());
+    opt.step(&g, 1.0).unwrap();
+    assert_eq!(w.as_tensor().to_vec1::<f32>().unwrap(), vec![0.5, -1.0]);
+    assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, -2.0]);
+}
+
+#[test]
+fn grad_accumulator_averages_micro_batches() {
+    let dev = common::device();
+    let w = Var::from_tensor(&Tensor::new(&[1f64, 2., 3.], &dev).unwrap()).unwrap();
+    let frozen = Var::from_tensor(&Tensor::new(&[1f64], &dev).unwrap()).unwrap();
+    let vars = vec![("w".to_string(), w.clone())];
+    let xs = [[1f64, 0., 2.], [3., 4., -2.], [0.5, 0.5, 0.5]];
+    let mut acc = GradAccumulator::new();
+    for x in &xs {
+        let x = Tensor::new(x, &dev).unwrap();
+        // loss = sum((w * x)^2 / 2) * frozen ; d/dw = w x² * frozen
+        let loss = (w.as_tensor().mul(&x).unwrap().sqr().unwrap().sum_all().unwrap() * 0.5)
+            .unwrap()
+            .broadcast_mul(frozen.as_tensor())
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        acc.add(grads, &vars, 1.0 / xs.len() as f64).unwrap();
+    }
+    assert_eq!(acc.micro_batches(), 3);
+    // only the vars' gradients are kept, not the intermediates' (nor `frozen`'s, not in vars)
+    assert_eq!(acc.grads().get_ids().count(), 1);
+    let g = acc.take();
+    assert_eq!(acc.micro_batches(), 0);
+    let got = vec1(g.get(w.as_tensor()).unwrap());
+    let wv = [1f64, 2., 3.];
+    for i in 0..3 {
+        let expect = xs.iter().map(|x| wv[i] * x[i] * x[i]).sum::<f64>() / 3.0;
+        assert!((got[i] - expect).abs() < 1e-12, "{i}: {} vs {expect}", got[i]);
+    }
+    // the result feeds clip + step like any GradStore
+    let mut g = g;
+    assert!(grads_finite(&g, &vars).unwrap());
+    clip_grad_norm(&mut g, &vars, 1.0).unwrap();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+    opt.step(&g, 1.0).unwrap();
+    assert_eq!(opt.steps(), 1);
+}
+
+#[test]
+fn no_decay_classification() {
+    for n in [
+        "lm_head.bias",
+        "encoder.layers.0.attention.q_proj.bias",
+        "encoder.layers.0.layer_norm.weight",
+        "encoder.layers.0.layer_norm.bias",
+        "encoder.layers.0.layer_norm.kl_a",
+        "encoder.layers.0.layer_norm.kl_b",
+        "encoder.layers.11.final_layer_norm.weight",
+        "encoder.layer_norm.weight",
+        "feature_projection.layer_norm.weight",
+        "feature_extractor.conv_layers.0.layer_norm.weight", // GroupNorm, named layer_norm
+        "feature_extractor.conv_layers.0.layer_norm.bias",
+        "encoder.pos_conv_embed.conv.weight_g",
+        "encoder.pos_conv_embed.conv.bias",
+        "layer_weights",
+        "masked_spec_embed",
+        "wav2vec2.masked_spec_embed",
+        "encoder.layers.0.kl_norm.kl_a",
+        "classifier.bias",
+        "projector.bias",
+    ] {
+        assert!(no_decay(n), "{n} should not decay");
+    }
+    for n in [
+        "encoder.layers.0.attention.q_proj.weight",
+        "encoder.layers.0.attention.out_proj.weight",
+        "encoder.layers.0.feed_forward.intermediate_dense.weight",
+        "encoder.layers.0.feed_forward.output_dense.weight",
+        "feature_extractor.conv_layers.3.conv.weight",
+        "feature_projection.projection.weight",
+        "encoder.pos_conv_embed.conv.weight_v",
+        "lm_head.weight",
+        "classifier.weight",
+        "projector.weight",
+    ] {
+        assert!(!no_decay(n), "{n} should decay");
+    }
+}
