@@ -3,16 +3,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use klspeech::train::{train, Task, TrainConfig};
 
-fn base_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/w2v2/base-group-oldwn")
-}
 
 fn kws_config(data: &Path, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::new(Task::Kws, base_model(), data.to_path_buf(), out.to_path_buf());
+    let model = common::tiny_pretrained(out.parent().unwrap());
+    let mut c = TrainConfig::new(Task::Kws, model, data.to_path_buf(), out.to_path_buf());
     c.words = vec!["yes".into(), "no".into()];
     c.batch_size = 8;
     c.lr = 3e-3;
@@ -55,11 +53,11 @@ fn ctc_loss_falls_and_cer_drops() {
     let d = tempfile::tempdir().unwrap();
     let manifest = common::synthetic_asr(d.path(), 48, 5);
     let out = d.path().join("run");
-    let mut c = TrainConfig::new(Task::Asr, base_model(), manifest, out.clone());
+    let mut c = TrainConfig::new(Task::Asr, common::tiny_pretrained(d.path()), manifest, out.clone());
     c.batch_size = 8;
     c.lr = 3e-3;
-    c.steps = Some(80);
-    c.eval_every = 20;
+    c.steps = Some(150);
+    c.eval_every = 25;
     c.quiet = true;
     c.spec_augment = false;
     c.log_every = 1;
@@ -139,7 +137,7 @@ fn bad_data_is_reported_all_at_once_before_training() {
     let mut text = std::fs::read_to_string(&manifest).unwrap();
     text.push_str("clips/missing.wav,ab\nclips/000.wav,\n");
     std::fs::write(&manifest, text).unwrap();
-    let mut c = TrainConfig::new(Task::Asr, base_model(), manifest.clone(), d.path().join("run"));
+    let mut c = TrainConfig::new(Task::Asr, common::tiny_pretrained(d.path()), manifest.clone(), d.path().join("run"));
     c.quiet = true;
     c.steps = Some(2);
     let e = train(&c, false).unwrap_err().to_string();

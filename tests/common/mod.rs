@@ -158,3 +158,24 @@ pub fn synthetic_asr(root: &std::path::Path, n: usize, seed: u64) -> std::path::
     std::fs::write(&p, csv).unwrap();
     p
 }
+
+/// A small randomly initialized "pretrained" model with wav2vec2's 320x downsampling (50 frames
+/// per second), written by klspeech in the Hugging Face layout: fast to fine-tune in tests.
+pub fn tiny_pretrained(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut c = tiny_config(false);
+    c.hidden_size = 32;
+    c.num_attention_heads = 4;
+    c.intermediate_size = 64;
+    c.conv_dim = vec![32, 32, 32, 32];
+    c.conv_kernel = vec![10, 8, 4, 4];
+    c.conv_stride = vec![5, 4, 4, 4];
+    c.num_conv_pos_embeddings = 8;
+    c.num_conv_pos_embedding_groups = 4;
+    c.mask_time_length = 2;
+    c.architectures = Some(vec!["Wav2Vec2Model".into()]);
+    let opts = klspeech::model::LoadOptions { head: Some(klspeech::model::HeadKind::None), seed: 17, ..Default::default() };
+    let m = klspeech::model::SpeechModel::fresh(c, &opts).unwrap();
+    let out = dir.join("tiny-pretrained");
+    m.save_pretrained(&out).unwrap();
+    out
+}
