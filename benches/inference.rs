@@ -1,17 +1,21 @@
-//! Inference throughput of the Wav2Vec2 encoder against PyTorch + transformers, same
-//! configuration, same thread count, same run.
+//! Throughput of the Wav2Vec2 encoder against PyTorch + transformers: same configuration,
+//! same thread count (CPU) or the same GPU, same run.
 //!
-//!     cargo bench --bench inference                      # klspeech + PyTorch (if found)
+//!     cargo bench --bench inference                       # CPU rows
 //!     KLSPEECH_PYTHON=.venv/bin/python cargo bench --bench inference
+//!     KLSPEECH_BENCH_DEVICE=cuda target/cuda-dist/inference-*   # GPU rows (cuda build)
 //!
-//! Rows: wav2vec2-base (random weights) 1 x 5 s; the tiny configuration of shared/PERF.md,
-//! 8 x 1 s. Reports audio-seconds per wall-second and the ratio klspeech / PyTorch.
+//! CPU rows: wav2vec2-base (random weights) inference 1 x 5 s; the tiny configuration of
+//! shared/PERF.md, inference 8 x 1 s. GPU rows: wav2vec2-base inference 16 x 10 s (f32 and
+//! bf16) and a training step 8 x 4 s (classification head, cross-entropy, backward, AdamW;
+//! dropout and SpecAugment off, everything trained, as the PyTorch side).
+//! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows.
 
 use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use klspeech::model::{ForwardCtx, HeadKind, LoadOptions, SpeechModel, Wav2Vec2Config};
+use klspeech::model::{ForwardCtx, Head, HeadKind, LoadOptions, SpeechModel, Wav2Vec2Config};
 use klspeech::rng::Rng;
 
 fn tiny() -> Wav2Vec2Config {
@@ -26,59 +30,138 @@ fn tiny() -> Wav2Vec2Config {
     c
 }
 
-fn bench_klspeech(cfg: &Wav2Vec2Config, batch: usize, seconds: f64, iters: usize) -> f64 {
-    let model = SpeechModel::fresh(cfg.clone(), &LoadOptions { head: Some(HeadKind::None), ..Default::default() }).unwrap();
-    let n = (seconds * 16000.0) as usize;
-    let x = Tensor::from_vec(Rng::new(1).normal_vec(batch * n), (batch, n), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+struct Row {
+    name: &'static str,
+    config: &'static str,
+    batch: usize,
+    seconds: f64,
+    dtype: DType,
+    train: bool,
+    iters: usize,
+}
+
+fn sync(dev: &Device) {
+    let _ = dev.synchronize();
+}
+
+fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<f64> {
+    let mut cfg = if row.config == "tiny" { tiny() } else { Wav2Vec2Config::default() };
+    cfg.num_labels = Some(12);
+    cfg.layerdrop = 0.0;
+    let head = if row.train { HeadKind::Classification } else { HeadKind::None };
+    let model = SpeechModel::fresh(cfg, &LoadOptions { head: Some(head), device: dev.clone(), dtype: row.dtype, ..Default::default() })?;
+    let n = (row.seconds * 16000.0) as usize;
+    let x = Tensor::from_vec(Rng::new(1).normal_vec(row.batch * n), (row.batch, n), &Device::Cpu)?.to_dtype(row.dtype)?.to_device(dev)?;
+    let vars = model.store.vars();
+    let mut opt = klspeech::train::optim::AdamW::new(vars.clone(), Default::default())?;
+    let y: Vec<usize> = (0..row.batch).map(|i| i % 12).collect();
     let mut times = Vec::new();
-    for i in 0..iters + 2 {
+    for i in 0..row.iters + 2 {
+        sync(dev);
         let t = Instant::now();
-        let out = model.forward(&x, None, &mut ForwardCtx::eval()).unwrap();
-        let _ = out.encoder.last_hidden_state.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        if row.train {
+            let mut ctx = ForwardCtx::train_no_dropout(Rng::new(i as u64));
+            let out = model.encoder.forward(&x, None, &mut ctx)?;
+            let Head::Classification(h) = &model.head else { unreachable!() };
+            let loss = klspeech::loss::cross_entropy(&h.forward(&out)?.to_dtype(DType::F32)?, &y, 0.0)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, 1.0)?;
+        } else {
+            let out = model.forward(&x, None, &mut ForwardCtx::eval())?;
+            let _ = out.encoder.last_hidden_state.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        }
+        sync(dev);
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    times[times.len() / 2]
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
 }
 
 fn python() -> Option<String> {
     if let Ok(p) = std::env::var("KLSPEECH_PYTHON") {
         return Some(p);
     }
-    [".venv/bin/python", "../venv/bin/python", "python3"].iter().find(|p| {
-        Command::new(p).args(["-c", "import torch, transformers"]).output().map(|o| o.status.success()).unwrap_or(false)
-    }).map(|s| s.to_string())
+    [".venv/bin/python", "../venv/bin/python", "python3"]
+        .iter()
+        .find(|p| Command::new(p).args(["-c", "import torch, transformers"]).output().map(|o| o.status.success()).unwrap_or(false))
+        .map(|s| s.to_string())
 }
 
-fn bench_pytorch(py: &str, name: &str, batch: usize, seconds: f64, threads: usize, iters: usize) -> Option<f64> {
-    let out = Command::new(py)
-        .args(["tools/bench_pytorch.py", "--config", name, "--batch", &batch.to_string(), "--seconds", &seconds.to_string(), "--threads", &threads.to_string(), "--iters", &iters.to_string()])
-        .output()
-        .ok()?;
+fn bench_pytorch(py: &str, row: &Row, threads: usize, device: &str) -> Option<(f64, Option<f64>)> {
+    let dtype = match row.dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    };
+    let mut args = vec![
+        "tools/bench_pytorch.py".to_string(),
+        "--config".into(), row.config.into(),
+        "--batch".into(), row.batch.to_string(),
+        "--seconds".into(), row.seconds.to_string(),
+        "--threads".into(), threads.to_string(),
+        "--iters".into(), row.iters.to_string(),
+        "--device".into(), device.into(),
+        "--dtype".into(), dtype.into(),
+    ];
+    if row.train {
+        args.push("--train".into());
+    }
+    let out = Command::new(py).args(&args).output().ok()?;
     if !out.status.success() {
         eprintln!("pytorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["median_ms"].as_f64().map(|ms| ms / 1000.0)
+    Some((v["median_ms"].as_f64()? / 1000.0, v["peak_gpu_mb"].as_f64()))
 }
 
 fn main() {
-    let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let device_name = std::env::var("KLSPEECH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = klspeech::device::parse_device(&device_name).expect("device");
+    let gpu = !dev.is_cpu();
+    let rows: Vec<Row> = if gpu {
+        vec![
+            Row { name: "base-infer-16x10-f32", config: "base", batch: 16, seconds: 10.0, dtype: DType::F32, train: false, iters: 5 },
+            Row { name: "base-infer-16x10-bf16", config: "base", batch: 16, seconds: 10.0, dtype: DType::BF16, train: false, iters: 5 },
+            Row { name: "base-train-8x4-f32", config: "base", batch: 8, seconds: 4.0, dtype: DType::F32, train: true, iters: 5 },
+        ]
+    } else {
+        vec![
+            Row { name: "tiny-infer-8x1", config: "tiny", batch: 8, seconds: 1.0, dtype: DType::F32, train: false, iters: 10 },
+            Row { name: "base-infer-1x5", config: "base", batch: 1, seconds: 5.0, dtype: DType::F32, train: false, iters: 5 },
+        ]
+    };
+    let wanted: Option<Vec<String>> = std::env::var("KLSPEECH_BENCH_ROWS").ok().map(|s| s.split(',').map(String::from).collect());
+    let threads = klspeech_threads();
     let py = python();
-    println!("threads: {threads}; PyTorch: {}", py.as_deref().unwrap_or("not found (set KLSPEECH_PYTHON)"));
-    println!("| workload | klspeech ms | klspeech audio-s/s | PyTorch ms | PyTorch audio-s/s | klspeech / PyTorch throughput |");
-    println!("|---|---|---|---|---|---|");
-    for (name, cfg, batch, secs, iters) in [("tiny", tiny(), 8usize, 1.0f64, 10usize), ("base", Wav2Vec2Config::default(), 1, 5.0, 5)] {
-        let k = bench_klspeech(&cfg, batch, secs, iters);
-        let p = py.as_deref().and_then(|py| bench_pytorch(py, name, batch, secs, threads, iters));
-        let audio = batch as f64 * secs;
-        let (pms, pthr, ratio) = match p {
-            Some(p) => (format!("{:.1}", p * 1000.0), format!("{:.1}", audio / p), format!("{:.2}", p / k)),
-            None => ("-".into(), "-".into(), "-".into()),
+    println!("device: {device_name}; threads: {threads}; PyTorch: {}", py.as_deref().unwrap_or("not found (set KLSPEECH_PYTHON)"));
+    println!("| workload | klspeech ms | klspeech audio-s/s | PyTorch ms | PyTorch audio-s/s | PyTorch peak GPU MiB | klspeech / PyTorch throughput |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in rows.iter().filter(|r| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == r.name))) {
+        let audio = row.batch as f64 * row.seconds;
+        let k = match bench_klspeech(row, &dev) {
+            Ok(k) => k,
+            Err(e) => {
+                println!("| {} | failed: {e} | | | | | |", row.name);
+                continue;
+            }
         };
-        println!("| {name} inference, {batch} x {secs} s | {:.1} | {:.1} | {pms} | {pthr} | {ratio} |", k * 1000.0, audio / k);
+        let p = py.as_deref().and_then(|py| bench_pytorch(py, row, threads, if gpu { "cuda" } else { "cpu" }));
+        let (pms, pthr, pmem, ratio) = match p {
+            Some((p, mem)) => (
+                format!("{:.1}", p * 1000.0),
+                format!("{:.1}", audio / p),
+                mem.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into()),
+                format!("{:.2}", p / k),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!("| {} | {:.1} | {:.1} | {pms} | {pthr} | {pmem} | {ratio} |", row.name, k * 1000.0, audio / k);
     }
+}
+
+fn klspeech_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }

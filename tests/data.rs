@@ -154,6 +154,8 @@ fn silence_segments_count_length_regions_and_determinism() {
     // Fraction of the split's other clips: 6 train clips * 0.5 = 3.
     let f = data::speech_commands(tmp.path(), &KwsOptions { silence_clips: SilenceCount::Fraction(0.5), ..opts.clone() }).unwrap();
     assert_eq!(segments(&f.train).len(), 3);
+    let e = data::speech_commands(tmp.path(), &KwsOptions { silence_clips: SilenceCount::Fraction(f64::NAN), ..opts.clone() });
+    assert!(e.unwrap_err().to_string().contains("silence fraction must be between 0 and 10"));
 
     // All silence of a data set decodes, each noise file once.
     let clips = a.dev.load_all_16k().unwrap();

@@ -20,6 +20,7 @@ fn kws_config(data: &Path, out: &Path) -> TrainConfig {
     c.quiet = true;
     c.spec_augment = false;
     c.log_every = 1;
+    c.device = std::env::var("KLSPEECH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
     c
 }
 
@@ -36,6 +37,12 @@ fn keyword_spotting_learns_well_above_chance() {
     let dev = o.best.clone().unwrap();
     let test = o.test.clone().unwrap();
     println!("kws: dev accuracy {:?}, test accuracy {:?}, macro-F1 {:?}", dev.accuracy, test.accuracy, test.macro_f1);
+    let curve: Vec<String> = metric_lines(&out)
+        .iter()
+        .filter_map(|l| l.get("task_loss").and_then(|v| v.as_f64()).map(|v| format!("{}:{v:.3}", l["step"])))
+        .step_by(5)
+        .collect();
+    println!("kws loss curve ({}): {}", std::env::var("KLSPEECH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()), curve.join(" "));
     // 4 classes (yes, no, _unknown_, _silence_): chance is 0.25.
     assert!(test.accuracy.unwrap() >= 0.8, "{test:?}");
     for f in ["config.json", "model.safetensors", "preprocessor_config.json", "metrics.jsonl", "curves.png", "run_config.json", "checkpoint-last/optimizer.safetensors"] {

@@ -1,7 +1,9 @@
 """PyTorch + transformers side of klspeech's benchmarks (benches/inference.rs runs it).
 
-Measures Wav2Vec2 inference (Wav2Vec2Model forward, eval, no grad) on random weights and prints one
-JSON line: {"config", "batch", "seconds", "threads", "median_ms", "audio_s_per_s", "peak_rss_mb"}.
+Measures Wav2Vec2 inference (Wav2Vec2Model forward, eval, no grad) or, with --train, one training
+step of Wav2Vec2ForSequenceClassification (forward, cross-entropy, backward, AdamW; dropout and
+SpecAugment off, every parameter trained) on random weights, and prints one JSON line:
+{"config", "batch", "seconds", "threads", "median_ms", "audio_s_per_s", "peak_rss_mb", "peak_gpu_mb"}.
 
     .venv/bin/python tools/bench_pytorch.py --config tiny --batch 8 --seconds 1 --threads 2
 """
@@ -12,7 +14,7 @@ import statistics
 import time
 
 import torch
-from transformers import Wav2Vec2Config, Wav2Vec2Model
+from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification, Wav2Vec2Model
 
 TINY = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
             conv_dim=[128] * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16)
@@ -26,28 +28,53 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--train", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = Wav2Vec2Config(**(TINY if a.config == "tiny" else {}))
-    model = Wav2Vec2Model(cfg).eval().to(a.device)
-    x = torch.randn(a.batch, int(a.seconds * 16000), device=a.device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+    extra = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                 final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, num_labels=12)
+    cfg = Wav2Vec2Config(**(TINY if a.config == "tiny" else {}), **extra)
+    x = torch.randn(a.batch, int(a.seconds * 16000), device=a.device, dtype=dtype)
     times = []
-    with torch.inference_mode():
+
+    def sync():
+        if a.device != "cpu":
+            torch.cuda.synchronize()
+
+    if a.train:
+        model = Wav2Vec2ForSequenceClassification(cfg).to(a.device, dtype).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        y = torch.randint(0, 12, (a.batch,), device=a.device)
         for i in range(a.iters + 2):
-            if a.device != "cpu":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
-            model(x)
-            if a.device != "cpu":
-                torch.cuda.synchronize()
-            if i >= 2:  # warm-up
+            loss = model(x, labels=y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= 2:
                 times.append(time.perf_counter() - t)
+    else:
+        model = Wav2Vec2Model(cfg).eval().to(a.device, dtype)
+        with torch.inference_mode():
+            for i in range(a.iters + 2):
+                sync()
+                t = time.perf_counter()
+                model(x)
+                sync()
+                if i >= 2:  # warm-up
+                    times.append(time.perf_counter() - t)
     med = statistics.median(times)
     print(json.dumps({
         "config": a.config, "batch": a.batch, "seconds": a.seconds, "threads": a.threads,
         "median_ms": med * 1000, "audio_s_per_s": a.batch * a.seconds / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if a.device != "cpu" else None,
+        "dtype": a.dtype, "train": a.train,
     }))
 
 
