@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU proof, run on a GPU machine from the repo root with target/cuda-dist.tar.xz present
+# (built here by tools/cuda_build.sh; the GPU machines have no Rust toolchain):
+#   - parity, gradient, KL-Norm, optimizer and loss tests with KLSPEECH_TEST_DEVICE=cuda;
+#   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side);
+#   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch).
+# Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
+set -u
+LOG=${OUT:-/tmp}/gpu_check.log
+exec > >(tee "$LOG") 2>&1
+# Tests have CARGO_MANIFEST_DIR=/work/main compiled in.
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+mkdir -p target
+tar -xJf target/cuda-dist.tar.xz -C target 2>/dev/null || python3 -c "import tarfile; tarfile.open('target/cuda-dist.tar.xz').extractall('target')"
+mkdir -p target/cuda/release && cp target/cuda-dist/klspeech target/cuda/release/klspeech
+CU13=$(python3 -c 'import nvidia,os;print(next(p for d in nvidia.__path__ for p in [os.path.join(d,"cu13","lib")] if os.path.isdir(p)))' 2>/dev/null \
+  || dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH="$CU13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
+ldd target/cuda-dist/klspeech | grep 'not found' && echo "MISSING LIBRARIES"
+D=target/cuda-dist
+t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; echo "($name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - s )) s)"; }
+export KLSPEECH_TEST_DEVICE=cuda
+for name in parity gradients klnorm optim loss; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
+TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
+KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
+KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
