@@ -49,7 +49,7 @@ fn closed_form_case(axis: NormAxis, prior: KlPrior) {
     let settings = KlSettings { sigma0: 0.3, prior };
     let norm = Norm::load(&store.root().pp("site"), d, axis, 1e-5, Some(settings)).unwrap();
     let mut r = Rng::new(42);
-    let mut set = |name: &str, f: &mut dyn FnMut() -> f64| {
+    let set = |name: &str, f: &mut dyn FnMut() -> f64| {
         let (_, var) = store.vars().into_iter().find(|(k, _)| k == name).unwrap();
         let v: Vec<f64> = (0..d).map(|_| f()).collect();
         var.set(&Tensor::from_vec(v, d, &dev).unwrap()).unwrap();
@@ -193,7 +193,7 @@ fn gradients_match_finite_differences() {
             let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
             for &i in &[0usize, flat.len() / 2, flat.len() - 1] {
                 let h = 1e-5;
-                let mut eval_at = |delta: f64| {
+                let eval_at = |delta: f64| {
                     let mut v = flat.clone();
                     v[i] += delta;
                     var.set(&Tensor::from_vec(v, orig.shape(), &dev).unwrap()).unwrap();

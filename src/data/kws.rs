@@ -30,29 +30,28 @@ pub const VALIDATION_LIST: &str = "validation_list.txt";
 /// The list of test clips in the training layout.
 pub const TESTING_LIST: &str = "testing_list.txt";
 
+/// Bounds of [`SilenceCount`] (guards against absurd values exhausting memory).
+const MAX_SILENCE_FRACTION: f64 = 10.0;
+const MAX_SILENCE_CLIPS: usize = 10_000_000;
+
 /// Length of a `_silence_` clip: 1 s, like every Speech Commands clip.
 const SILENCE_LEN: usize = SAMPLE_RATE as usize;
 
 /// How many 1 s `_silence_` clips each split gets.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum SilenceCount {
     /// No `_silence_` class at all (it is left out of the labels).
     None,
     /// Per split, as many as the average keyword class of that split has clips (rounded):
     /// silence is then as frequent as a typical keyword. `_unknown_` is not part of the
-    /// average (it is several times larger than any word).
+    /// average (it is several times larger than any word). The default.
+    #[default]
     AverageClass,
-    /// Per split, this fraction of the split's other clips (rounded; TensorFlow's
+    /// Per split, this fraction (0 to 10) of the split's other clips, rounded (TensorFlow's
     /// `silence_percentage` = 10 % is `Fraction(0.1)`).
     Fraction(f64),
-    /// Fixed counts per split.
+    /// Fixed counts per split (at most 10 million each).
     Counts { train: usize, dev: usize, test: usize },
-}
-
-impl Default for SilenceCount {
-    fn default() -> Self {
-        SilenceCount::AverageClass
-    }
 }
 
 /// What [`speech_commands`] builds.
@@ -106,10 +105,16 @@ impl KwsOptions {
                 return Err(Error::InvalidInput(format!("keyword `{w}` is listed twice")));
             }
         }
-        if let SilenceCount::Fraction(f) = self.silence_clips {
-            if !(f.is_finite() && f >= 0.0) {
-                return Err(Error::InvalidInput(format!("silence fraction must be a number >= 0, not {f}")));
+        match self.silence_clips {
+            SilenceCount::Fraction(f) if !(0.0..=MAX_SILENCE_FRACTION).contains(&f) => {
+                return Err(Error::InvalidInput(format!(
+                    "the silence fraction must be between 0 and {MAX_SILENCE_FRACTION}, not {f}"
+                )));
             }
+            SilenceCount::Counts { train, dev, test } if train.max(dev).max(test) > MAX_SILENCE_CLIPS => {
+                return Err(Error::InvalidInput(format!("at most {MAX_SILENCE_CLIPS} silence clips per split")));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -121,10 +126,10 @@ fn speaker_of(file_name: &str) -> Option<String> {
 }
 
 fn is_wav(name: &str) -> bool {
-    name.len() > 4 && name[name.len() - 4..].eq_ignore_ascii_case(".wav")
+    name.len() > 4 && name.get(name.len() - 4..).is_some_and(|ext| ext.eq_ignore_ascii_case(".wav"))
 }
 
-/// Sorted names of the entries of `dir` that pass `keep(name, is_dir)`; hidden entries skipped.
+/// Sorted names of the sub-folders (`want_dirs`) or `.wav` files of `dir`; hidden entries skipped.
 fn list_dir(dir: &Path, want_dirs: bool) -> Result<Vec<String>> {
     let entries = std::fs::read_dir(dir).map_err(|source| Error::Open { path: dir.into(), source })?;
     let mut names = Vec::new();
