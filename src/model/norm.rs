@@ -169,6 +169,12 @@ impl Norm {
     /// every frame is valid. In training, a KL-Norm site samples `mu + sigma * noise` and pushes
     /// its KL (summed over features, averaged over valid positions) into `ctx`.
     pub fn forward(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        if !ctx.grad && self.axis == NormAxis::LastDim && x.dtype() != DType::F64 && (self.kl.is_none() || !ctx.train) {
+            // No gradient will be taken: candle's fused kernel (it has no backward, which is
+            // why training never comes here).
+            let x = x.contiguous()?;
+            return Ok(candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)?);
+        }
         let stats_mask = if ctx.padding_aware { time_mask } else { None };
         let x_hat = self.normalize(x, stats_mask)?;
         let mu = x_hat.broadcast_mul(&self.per_feature(&self.weight, x)?)?.broadcast_add(&self.per_feature(&self.bias, x)?)?;

@@ -196,7 +196,9 @@ impl Attention {
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
-        let p = ctx.dropout(&softmax_last(&scores)?, ctx.attention_dropout)?;
+        // candle's fused softmax has no backward: only when no gradient is taken.
+        let probs = if ctx.grad { softmax_last(&scores)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+        let p = ctx.dropout(&probs, ctx.attention_dropout)?;
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         self.out_proj.forward(&o)
     }
