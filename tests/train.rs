@@ -53,6 +53,32 @@ fn keyword_spotting_learns_well_above_chance() {
     assert_eq!(m.config.labels(), vec!["yes", "no", "_unknown_", "_silence_"]);
     let lines = metric_lines(&out);
     assert!(lines.iter().any(|l| l.get("kl").is_some_and(|k| k.as_f64().unwrap() > 0.0)), "KL logged separately");
+
+    // `klspeech eval --json` on the same test split gives the same figures.
+    let o2 = std::process::Command::new(env!("CARGO_BIN_EXE_klspeech"))
+        .args(["eval", "--json", "--model"])
+        .arg(&out)
+        .arg("--data")
+        .arg(d.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(o2.status.success(), "{}", String::from_utf8_lossy(&o2.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o2.stdout).unwrap();
+    assert_eq!(v["accuracy"].as_f64(), test.accuracy);
+    assert_eq!(v["macro_f1"].as_f64(), test.macro_f1);
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn train_help_documents_every_flag_with_its_default() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_klspeech")).args(["train", "--help"]).output().unwrap();
+    let h = String::from_utf8(o.stdout).unwrap();
+    for flag in ["--task", "--model", "--data", "--out", "--norm", "--kl-sites", "--kl-beta", "--epochs", "--steps", "--device", "--resume", "--skip-bad"] {
+        assert!(h.contains(flag), "{flag} missing from --help");
+    }
+    for default in ["[default: kl]", "[default: encoder]", "[default: 0.001]", "[default: cpu]", "[default: 8]", "[default: linear]"] {
+        assert!(h.contains(default), "{default} missing from --help");
+    }
 }
 
 #[test]
