@@ -19,6 +19,9 @@ pub struct TrainArgs {
     /// Pretrained model folder (Hugging Face layout: config.json, model.safetensors, ...).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
+    /// Train from a random initialization of the folder's config.json (pre-training), not from weights.
+    #[arg(long)]
+    pub from_scratch: bool,
     /// Training data: a Speech Commands folder (kws), a CSV/TSV manifest or LibriSpeech folder (asr), a manifest (classify).
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
@@ -164,6 +167,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let task: Task = a.task.parse()?;
     let mut cfg = TrainConfig::new(task, a.model, a.data, a.out);
     cfg.dev = a.dev;
+    cfg.from_scratch = a.from_scratch;
     cfg.norm = a.norm;
     cfg.kl_sites = a.kl_sites;
     cfg.kl_beta = a.kl_beta;

@@ -38,6 +38,9 @@ pub struct TrainConfig {
     pub task: Task,
     /// Pretrained model folder (Hugging Face layout).
     pub model: PathBuf,
+    /// Initialize every weight randomly from `model/config.json` (pre-training from scratch).
+    #[serde(default)]
+    pub from_scratch: bool,
     /// Training data (a Speech Commands folder, a manifest, or a LibriSpeech folder).
     pub data: PathBuf,
     /// Development data (manifests); for Speech Commands the list files define it.
@@ -126,6 +129,7 @@ impl TrainConfig {
         TrainConfig {
             task,
             model,
+            from_scratch: false,
             data,
             dev: None,
             out,
