@@ -14,7 +14,7 @@ use crate::vocab::{ctc_greedy, CharVocab};
 pub fn prepare(model: &SpeechModel, path: &Path) -> Result<Tensor> {
     let rate = model.feature_extractor.config.sampling_rate;
     let a = audio::load_resampled(path, rate)?;
-    let min = model.config.conv_kernel.iter().zip(&model.config.conv_stride).rev().fold(1usize, |acc, (&k, &s)| (acc - 1) * s + k);
+    let min = model.config.receptive_field();
     if a.samples.len() < min {
         return Err(Error::InvalidInput(format!(
             "{}: {} samples at {rate} Hz is shorter than one model frame ({min} samples)",

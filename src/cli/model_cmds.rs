@@ -129,7 +129,7 @@ pub fn inspect_model(a: InspectModelArgs) -> anyhow::Result<()> {
         SpeechModel::fresh(cfg.clone(), &LoadOptions { head: Some(HeadKind::from_config(&cfg)), ..opts })?
     };
     let variant = if cfg.do_stable_layer_norm { "pre-norm (stable layer norm; large-lv60 / XLS-R style)" } else { "post-norm (wav2vec2-base style)" };
-    let rf = cfg.conv_kernel.iter().zip(&cfg.conv_stride).rev().fold(1usize, |acc, (&k, &s)| (acc - 1) * s + k);
+    let rf = cfg.receptive_field();
     let hop: usize = cfg.conv_stride.iter().product();
     let rate = model.feature_extractor.config.sampling_rate;
     println!("{}", a.model.display());

@@ -258,6 +258,24 @@ impl Wav2Vec2Config {
             .collect()
     }
 
+    /// Sets the classification labels (`id2label`, `label2id`, `num_labels`) in id order.
+    pub fn set_labels(&mut self, labels: &[String]) {
+        self.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
+        self.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i as i64)).collect());
+        self.num_labels = Some(labels.len());
+    }
+
+    /// Sets `vocab_size` and `pad_token_id` (the CTC blank) from a `vocab.json` map.
+    pub fn set_vocab(&mut self, vocab: &BTreeMap<String, i64>) {
+        self.vocab_size = vocab.len();
+        self.pad_token_id = vocab.iter().find(|(t, _)| t.as_str() == "[PAD]" || t.as_str() == "<pad>").map(|(_, &id)| id);
+    }
+
+    /// Samples in the receptive field of one output frame.
+    pub fn receptive_field(&self) -> usize {
+        self.conv_kernel.iter().zip(&self.conv_stride).rev().fold(1usize, |acc, (&k, &s)| (acc - 1) * s + k)
+    }
+
     /// Channels out of the feature encoder.
     pub fn conv_out_dim(&self) -> usize {
         *self.conv_dim.last().unwrap_or(&512)

@@ -385,14 +385,10 @@ impl SpeechModel {
         let mut config = Wav2Vec2Config::from_file(&dir.join("config.json"))?;
         config.architectures = Some(vec![head.architecture().to_string()]);
         if let Some(labels) = labels {
-            config.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
-            config.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i as i64)).collect());
-            config.num_labels = Some(labels.len());
+            config.set_labels(labels);
         }
         if let Some(v) = vocab {
-            config.vocab_size = v.len();
-            let pad = v.iter().find(|(t, _)| t.as_str() == "[PAD]" || t.as_str() == "<pad>").map(|(_, &id)| id);
-            config.pad_token_id = pad;
+            config.set_vocab(v);
         }
         config.validate().map_err(|d| Error::config(dir.join("config.json"), d))?;
         let store = ParamStore::from_safetensors(&dir.join("model.safetensors"), opts.dtype, &opts.device, opts.seed)?;

@@ -163,13 +163,10 @@ fn load_model(cfg: &TrainConfig, labels: Option<&[String]>, vocab: Option<&BTree
         // Pre-training from nothing: only config.json (and optionally preprocessor_config.json).
         let mut config = crate::model::Wav2Vec2Config::from_file(&cfg.model.join("config.json"))?;
         if let Some(v) = vocab {
-            config.vocab_size = v.len();
-            config.pad_token_id = v.iter().find(|(t, _)| t.as_str() == "[PAD]" || t.as_str() == "<pad>").map(|(_, &id)| id);
+            config.set_vocab(v);
         }
         if let Some(l) = labels {
-            config.id2label = Some(l.iter().enumerate().map(|(i, x)| (i.to_string(), x.clone())).collect());
-            config.label2id = Some(l.iter().enumerate().map(|(i, x)| (x.clone(), i as i64)).collect());
-            config.num_labels = Some(l.len());
+            config.set_labels(l);
         }
         let mut m = SpeechModel::fresh(config, &LoadOptions { head: Some(head), ..opts })?;
         m.feature_extractor = crate::features::FeatureExtractor::from_model_dir(&cfg.model)?;
