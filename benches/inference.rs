@@ -32,6 +32,9 @@ fn tiny() -> Wav2Vec2Config {
 
 struct Row {
     name: &'static str,
+    /// Inference through the differentiable path (im2col conv, composed norms) instead of
+    /// candle's conv1d and fused kernels: shows which is faster on a device.
+    unfold: bool,
     config: &'static str,
     batch: usize,
     seconds: f64,
@@ -66,8 +69,19 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<f64> {
             let loss = klspeech::loss::cross_entropy(&h.forward(&out)?.to_dtype(DType::F32)?, &y, 0.0)?;
             let grads = loss.backward()?;
             opt.step(&grads, 1.0)?;
+        } else if std::env::var("KLSPEECH_BENCH_STAGES").is_ok() {
+            let mut ctx = if row.unfold { ForwardCtx::eval_with_grad() } else { ForwardCtx::eval() };
+            let feats = model.encoder.extract(&x, None, &mut ctx)?;
+            sync(dev);
+            let t_fe = t.elapsed().as_secs_f64();
+            let out = model.encoder.forward_features(&feats, None, &mut ctx)?;
+            let _ = out.last_hidden_state.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if i >= 2 {
+                eprintln!("{}: feature encoder {:.1} ms, rest {:.1} ms", row.name, t_fe * 1e3, (t.elapsed().as_secs_f64() - t_fe) * 1e3);
+            }
         } else {
-            let out = model.forward(&x, None, &mut ForwardCtx::eval())?;
+            let mut ctx = if row.unfold { ForwardCtx::eval_with_grad() } else { ForwardCtx::eval() };
+            let out = model.forward(&x, None, &mut ctx)?;
             let _ = out.encoder.last_hidden_state.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         }
         sync(dev);
@@ -123,14 +137,15 @@ fn main() {
     let gpu = !dev.is_cpu();
     let rows: Vec<Row> = if gpu {
         vec![
-            Row { name: "base-infer-16x10-f32", config: "base", batch: 16, seconds: 10.0, dtype: DType::F32, train: false, iters: 5 },
-            Row { name: "base-infer-16x10-bf16", config: "base", batch: 16, seconds: 10.0, dtype: DType::BF16, train: false, iters: 5 },
-            Row { name: "base-train-8x4-f32", config: "base", batch: 8, seconds: 4.0, dtype: DType::F32, train: true, iters: 5 },
+            Row { name: "base-infer-16x10-f32-unfold", unfold: true, config: "base", batch: 16, seconds: 10.0, dtype: DType::F32, train: false, iters: 5 },
+            Row { name: "base-infer-16x10-f32", unfold: false, config: "base", batch: 16, seconds: 10.0, dtype: DType::F32, train: false, iters: 5 },
+            Row { name: "base-infer-16x10-bf16", unfold: false, config: "base", batch: 16, seconds: 10.0, dtype: DType::BF16, train: false, iters: 5 },
+            Row { name: "base-train-8x4-f32", unfold: true, config: "base", batch: 8, seconds: 4.0, dtype: DType::F32, train: true, iters: 5 },
         ]
     } else {
         vec![
-            Row { name: "tiny-infer-8x1", config: "tiny", batch: 8, seconds: 1.0, dtype: DType::F32, train: false, iters: 10 },
-            Row { name: "base-infer-1x5", config: "base", batch: 1, seconds: 5.0, dtype: DType::F32, train: false, iters: 5 },
+            Row { name: "tiny-infer-8x1", unfold: false, config: "tiny", batch: 8, seconds: 1.0, dtype: DType::F32, train: false, iters: 10 },
+            Row { name: "base-infer-1x5", unfold: false, config: "base", batch: 1, seconds: 5.0, dtype: DType::F32, train: false, iters: 5 },
         ]
     };
     let wanted: Option<Vec<String>> = std::env::var("KLSPEECH_BENCH_ROWS").ok().map(|s| s.split(',').map(String::from).collect());
