@@ -6,18 +6,25 @@
 //!
 //! One optimizer step, as the trainer does it:
 //!
-//! ```ignore
+//! ```no_run
+//! # use klspeech::model::{LoadOptions, SpeechModel, Wav2Vec2Config};
+//! # use klspeech::train::optim::*;
+//! # fn micro_batch_losses() -> Vec<candle_core::Tensor> { vec![] }
+//! # let model = SpeechModel::fresh(Wav2Vec2Config::default(), &LoadOptions::default())?;
+//! let params = model.store.vars();
+//! let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
 //! let mut acc = GradAccumulator::new();
-//! for batch in micro_batches {                       // k micro-batches
-//!     let loss = model.loss(&batch)?;
-//!     acc.add(loss.backward()?, &params, 1.0 / k as f64)?;   // keeps only the params' grads
+//! let losses = micro_batch_losses(); // k micro-batches
+//! let k = losses.len() as f64;
+//! for loss in losses {
+//!     acc.add(loss.backward()?, &params, 1.0 / k)?; // keeps only the params' grads
 //! }
 //! let mut grads = acc.into_grads();
 //! if grads_finite(&grads, &params)? {
-//!     let norm = clip_grad_norm(&mut grads, &params, 1.0)?;  // pre-clip norm, for logging
-//!     let f = lr_factor(schedule, opt.steps(), warmup, total);
-//!     opt.step(&grads, f)?;
-//! } // else: skip the update (and count it), as fp16 loss scaling would
+//!     let _norm = clip_grad_norm(&mut grads, &params, 1.0)?; // pre-clip norm, for logging
+//!     opt.step(&grads, lr_factor(Schedule::Linear, opt.steps(), 10, 100))?;
+//! } // else: skip the update (and count it)
+//! # Ok::<(), klspeech::Error>(())
 //! ```
 
 use std::borrow::Borrow;
