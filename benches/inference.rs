@@ -11,6 +11,10 @@
 //! dropout and SpecAugment off, everything trained, as the PyTorch side).
 //! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows.
 
+// The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::Command;
 use std::time::Instant;
 

@@ -7,6 +7,10 @@
 //!
 //! Metrics, curves and both fine-tuned models go to `--out` (default runs/keyword_spotting).
 
+// The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -6,6 +6,10 @@
 //!
 //! Metrics, curves and both fine-tuned models go to `--out` (default runs/low_resource_asr).
 
+// The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

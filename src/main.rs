@@ -2,6 +2,11 @@
 
 mod cli;
 
+// A caching allocator: candle allocates a fresh buffer for every op, and glibc malloc returns
+// big ones to the OS each time, paying page faults on every step (shared/PERF.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
