@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
+
+// Tests allocate like the binary does (src/main.rs): mimalloc keeps candle's per-op buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use klspeech::model::Wav2Vec2Config;
 
 /// The device tests run on: `KLSPEECH_TEST_DEVICE=cuda` selects the first GPU (in a `cuda`
