@@ -109,7 +109,7 @@ fn speech_commands_list_errors_name_the_list() {
     let opts = KwsOptions { words: words(&["yes", "no"]), silence_clips: SilenceCount::None, ..Default::default() };
     write(&tmp.path().join("testing_list.txt"), "yes/cc_nohash_0.wav\nyes/zz_nohash_0.wav\n");
     let e = data::speech_commands(tmp.path(), &opts).unwrap_err().to_string();
-    assert!(e.contains("testing_list.txt: line 2: `yes/zz_nohash_0.wav` is not a .wav file"), "{e}");
+    assert!(e.contains("testing_list.txt: line 2: `yes/zz_nohash_0.wav` is not an audio file in a word folder"), "{e}");
     write(&tmp.path().join("testing_list.txt"), "no/bb_nohash_0.wav\n");
     let e = data::speech_commands(tmp.path(), &opts).unwrap_err().to_string();
     assert!(e.contains("testing_list.txt: line 1: `no/bb_nohash_0.wav` is also in validation_list.txt (line 2)"), "{e}");

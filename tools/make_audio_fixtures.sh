@@ -34,7 +34,10 @@ BROKEN=$OUT/broken
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-rm -rf "$OUT"
+# Only this script's own files: audio_fixtures/kws and audio_fixtures/asr belong to
+# tools/make_demo_data.py.
+find "$OUT" -maxdepth 1 -type f -delete 2>/dev/null || true
+rm -rf "$OUT/broken"
 mkdir -p "$OUT" "$BROKEN"
 
 SOX=(sox -D -R -V1)                     # no dither, repeatable, errors only

@@ -9,6 +9,9 @@
 //! SUPERB's KS task has 12 classes: the 10 words `yes no up down left right on off stop go`, then
 //! `_unknown_` (every other word) and `_silence_` (1 s of background noise).
 
+/// File extensions taken as clips.
+pub const AUDIO_EXTENSIONS: &[&str] = &["wav", "flac", "mp3", "ogg"];
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -125,8 +128,12 @@ fn speaker_of(file_name: &str) -> Option<String> {
     file_name.find("_nohash_").map(|i| file_name[..i].to_string()).filter(|s| !s.is_empty())
 }
 
-fn is_wav(name: &str) -> bool {
-    name.len() > 4 && name.get(name.len() - 4..).is_some_and(|ext| ext.eq_ignore_ascii_case(".wav"))
+fn is_audio(name: &str) -> bool {
+    // Any container `audio::load` reads: Speech Commands ships WAV, klspeech's demo set FLAC.
+    std::path::Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| AUDIO_EXTENSIONS.iter().any(|a| e.eq_ignore_ascii_case(a)))
 }
 
 /// Sorted names of the sub-folders (`want_dirs`) or `.wav` files of `dir`; hidden entries skipped.
@@ -140,7 +147,7 @@ fn list_dir(dir: &Path, want_dirs: bool) -> Result<Vec<String>> {
             continue;
         }
         let is_dir = entry.path().is_dir();
-        if is_dir == want_dirs && (want_dirs || is_wav(&name)) {
+        if is_dir == want_dirs && (want_dirs || is_audio(&name)) {
             names.push(name);
         }
     }
@@ -247,7 +254,7 @@ pub fn speech_commands(root: &Path, opts: &KwsOptions) -> Result<Splits> {
             let Some(&clip) = known.get(entry.as_str()) else {
                 return Err(Error::config(
                     &list_path,
-                    format!("line {line}: `{entry}` is not a .wav file in a word folder under {}", root.display()),
+                    format!("line {line}: `{entry}` is not an audio file in a word folder under {}", root.display()),
                 ));
             };
             match split_of.get(&clip) {
@@ -278,7 +285,7 @@ pub fn speech_commands(root: &Path, opts: &KwsOptions) -> Result<Splits> {
         sets[split].push(clip_example(root, clip, label));
     }
     if sets.iter().all(Vec::is_empty) {
-        return Err(Error::config(root, "no .wav clips found in the word folders"));
+        return Err(Error::config(root, "no audio clips (.wav, .flac, .mp3, .ogg) found in the word folders"));
     }
     add_silence(root, opts, &labels, &mut sets)?;
     let [train, dev, test] = sets;
@@ -313,7 +320,7 @@ fn add_silence(root: &Path, opts: &KwsOptions, labels: &[String], sets: &mut [Ve
     let no_noise = || {
         Error::config(
             &noise_dir,
-            format!("no noise recordings (*.wav) to cut {SILENCE_LABEL} clips from; add them, or build the data set without a silence class (SilenceCount::None)"),
+            format!("no noise recordings (.wav, .flac, .mp3, .ogg) to cut {SILENCE_LABEL} clips from; add them, or build the data set without a silence class (SilenceCount::None)"),
         )
     };
     if !noise_dir.is_dir() {
@@ -406,7 +413,7 @@ pub fn speech_commands_test(root: &Path, labels: &[String]) -> Result<Dataset> {
         examples.push(clip_example(root, clip, label));
     }
     if examples.is_empty() {
-        return Err(Error::config(root, "no .wav clips found in the label folders"));
+        return Err(Error::config(root, "no audio clips (.wav, .flac, .mp3, .ogg) found in the label folders"));
     }
     Ok(Dataset { examples, labels: labels.to_vec() })
 }
