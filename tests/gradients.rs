@@ -9,12 +9,16 @@ use klspeech::model::{ForwardCtx, HeadKind, KlSites, LoadOptions, SpecAugment, S
 use klspeech::rng::Rng;
 
 fn check(stable: bool, head: HeadKind, sites: KlSites) {
+    check_vib(stable, head, sites, None)
+}
+
+fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f64>) {
     let dev = common::device();
     let mut cfg = common::tiny_config(stable);
     // With the weighted layer sum, a stable (pre-norm) model never uses `encoder.layer_norm`
     // (transformers 5.x hands the un-normed last layer to the sum), so only post-norm uses it.
     cfg.use_weighted_layer_sum = !stable;
-    let opts = LoadOptions { device: dev.clone(), kl_sites: sites, head: Some(head), seed: 3, ..Default::default() };
+    let opts = LoadOptions { device: dev.clone(), kl_sites: sites, head: Some(head), seed: 3, vib_sigma0, ..Default::default() };
     let model = SpeechModel::fresh(cfg, &opts).unwrap();
     let lengths = [1200usize, 900];
     let x = common::waves(&lengths, DType::F32, &dev);
@@ -70,4 +74,11 @@ fn every_variable_gets_a_gradient_classification() {
         check(false, HeadKind::Classification, sites);
         check(true, HeadKind::Classification, sites);
     }
+}
+
+#[test]
+fn every_variable_gets_a_gradient_with_vib() {
+    // VIB alone (the baseline) and VIB over KL-Norm: the VIB vectors included.
+    check_vib(false, HeadKind::Classification, KlSites::None, Some(0.1));
+    check_vib(true, HeadKind::Classification, KlSites::Encoder, Some(0.1));
 }

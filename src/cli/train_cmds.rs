@@ -49,6 +49,9 @@ pub struct TrainArgs {
     /// Initial KL-Norm noise scale sigma0.
     #[arg(long, default_value_t = 1e-2)]
     pub kl_sigma0: f64,
+    /// VIB on the pooled representation (kws/classify; the baseline of Mahabadi et al. 2021): its KL is weighted by --kl-beta, its initial noise scale is --kl-sigma0. Combine with --norm layer for the plain VIB baseline
+    #[arg(long)]
+    pub vib: bool,
     /// Passes over the training data.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
@@ -173,6 +176,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     cfg.kl_beta = a.kl_beta;
     cfg.kl_warmup_steps = a.kl_warmup_steps;
     cfg.kl_prior = a.kl_prior;
+    cfg.vib = a.vib;
     cfg.kl_sigma0 = a.kl_sigma0;
     cfg.epochs = a.epochs;
     cfg.steps = a.steps;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 pub use config::Wav2Vec2Config;
-pub use heads::{ClassificationHead, CtcHead};
+pub use heads::{ClassificationHead, CtcHead, Vib};
 pub use norm::{KlPrior, KlSettings, Norm, NormAxis};
 pub use params::{ParamStore, Vb};
 pub use wav2vec2::{EncoderOutput, Wav2Vec2Model};
@@ -300,6 +300,9 @@ pub struct LoadOptions {
     pub head: Option<HeadKind>,
     /// Seed for every parameter the checkpoint lacks.
     pub seed: u64,
+    /// VIB on the pooled representation of a classification head, with this initial noise
+    /// scale (`None` = off; see [`heads::Vib`]).
+    pub vib_sigma0: Option<f64>,
 }
 
 impl Default for LoadOptions {
@@ -311,6 +314,7 @@ impl Default for LoadOptions {
             kl: KlSettings::default(),
             head: None,
             seed: 0,
+            vib_sigma0: None,
         }
     }
 }
@@ -463,7 +467,7 @@ impl SpeechModel {
         let head = match head_kind {
             HeadKind::None => Head::None,
             HeadKind::Ctc => Head::Ctc(CtcHead::load(&config, &vb)?),
-            HeadKind::Classification => Head::Classification(ClassificationHead::load(&config, &vb)?),
+            HeadKind::Classification => Head::Classification(ClassificationHead::load(&config, &vb, opts.vib_sigma0)?),
         };
         Ok(SpeechModel { config, encoder, head, head_kind, store, feature_extractor, vocab, kl_sites: opts.kl_sites })
     }
@@ -474,7 +478,7 @@ impl SpeechModel {
         let logits = match &self.head {
             Head::None => None,
             Head::Ctc(h) => Some(h.forward(&encoder, self.config.final_dropout, ctx)?),
-            Head::Classification(h) => Some(h.forward(&encoder)?),
+            Head::Classification(h) => Some(h.forward(&encoder, ctx)?),
         };
         Ok(ModelOutput { encoder, logits })
     }

@@ -57,6 +57,10 @@ pub struct TrainConfig {
     pub kl_warmup_steps: usize,
     /// KL prior: standard or learned.
     pub kl_prior: String,
+    /// VIB on the pooled representation (classification only); its KL joins the KL term,
+    /// weighted by `kl_beta`, and its initial noise scale is `kl_sigma0`.
+    #[serde(default)]
+    pub vib: bool,
     /// Initial noise scale of KL-Norm.
     pub kl_sigma0: f64,
     /// Optimizer steps (overrides epochs when set).
@@ -152,6 +156,7 @@ impl TrainConfig {
             freeze_encoder: false,
             layerdrop: None,
             hidden_dropout: None,
+            vib: false,
             spec_augment: true,
             mask_time_prob: None,
             label_smoothing: 0.0,

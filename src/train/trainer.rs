@@ -150,6 +150,9 @@ fn load_model(cfg: &TrainConfig, labels: Option<&[String]>, vocab: Option<&BTree
         "kl" => KlSites::from_str(&cfg.kl_sites)?,
         other => return Err(Error::InvalidInput(format!("--norm `{other}`: expected layer or kl"))),
     };
+    if cfg.vib && cfg.task == Task::Asr {
+        return Err(Error::InvalidInput("--vib regularizes the pooled representation of a classification head: use it with --task kws or classify, not asr".into()));
+    }
     let opts = LoadOptions {
         dtype: DType::F32,
         device: parse_device(&cfg.device)?,
@@ -157,6 +160,7 @@ fn load_model(cfg: &TrainConfig, labels: Option<&[String]>, vocab: Option<&BTree
         kl: KlSettings { sigma0: cfg.kl_sigma0, prior: KlPrior::from_str(&cfg.kl_prior)? },
         head: None,
         seed: cfg.seed,
+        vib_sigma0: if cfg.vib { Some(cfg.kl_sigma0) } else { None },
     };
     let head = if cfg.task == Task::Asr { HeadKind::Ctc } else { HeadKind::Classification };
     let (mut model, dropped) = if cfg.from_scratch {
@@ -305,7 +309,7 @@ impl Run<'_> {
         };
         let task_loss = match &model.head {
             crate::model::Head::Classification(h) => {
-                let logits = h.forward(&out)?;
+                let logits = h.forward(&out, &mut ctx)?;
                 let y: Vec<usize> = idx.iter().map(|&i| self.train.labels[i]).collect();
                 loss::cross_entropy(&logits, &y, cfg.label_smoothing)?
             }
@@ -324,7 +328,8 @@ impl Run<'_> {
         let beta = if cfg.kl_warmup_steps == 0 { cfg.kl_beta } else { cfg.kl_beta * (step as f64 / cfg.kl_warmup_steps as f64).min(1.0) };
         let _ = total_steps;
         let (loss, kl_v) = match ctx.kl_total()? {
-            Some(kl) if !cfg.freeze_encoder => {
+            // A frozen encoder runs in evaluation mode and adds no KL-Norm terms; VIB's may be here.
+            Some(kl) => {
                 let kl_v = kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 ((task_loss + (kl * beta)?)?, kl_v)
             }
