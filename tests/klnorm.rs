@@ -158,6 +158,7 @@ fn gradients_match_finite_differences() {
             head: Some(HeadKind::Ctc),
             seed: 1,
             device: dev.clone(),
+            vib_sigma0: None,
         };
         let model = SpeechModel::fresh(cfg, &opts).unwrap();
         let lengths = [700usize, 520];

@@ -1,6 +1,6 @@
 //! Small building blocks: linear layers, activations, 1-D convolutions with weight norm.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::params::{Init, Vb};
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ impl Linear {
         let x2 = x.reshape((rows, d_in))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = crate::ops::add_bias(&y, b)?;
         }
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
@@ -75,7 +75,7 @@ impl Activation {
     /// Applies the activation elementwise (all have candle backward passes).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluErf => crate::ops::gelu_erf(x)?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
             Activation::Silu => x.silu()?,
@@ -85,12 +85,9 @@ impl Activation {
 }
 
 /// Numerically safe softmax over the last dimension, differentiable (candle's fused
-/// `softmax_last_dim` has no backward).
+/// `softmax_last_dim` has no backward): the fused op on CPU, the composite elsewhere.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    crate::ops::softmax_last(x)
 }
 
 /// 1-D convolution x [B, C_in, L] * w [C_out, C_in / groups, K] -> [B, C_out, T] with
@@ -122,20 +119,10 @@ fn conv1d_unfold(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
     }
     let t = (lp - k) / stride + 1;
-    // Pad so that the input reshapes to [B, C, Tq, stride] with Tq >= T + (K - 1) / stride.
-    let tq = t + (k - 1) / stride + 1;
-    let right = tq * stride - l - padding;
-    let xp = if padding > 0 || right > 0 { x.pad_with_zeros(2, padding, right)? } else { x.clone() };
-    let xq = xp.reshape((b, c_in, tq, stride))?;
-    // Column j reads x[t * stride + j] = xq[t + j / stride, j % stride].
-    let mut cols = Vec::with_capacity(k);
-    for j in 0..k {
-        cols.push(xq.narrow(2, j / stride, t)?.narrow(3, j % stride, 1)?);
-    }
-    let cols = Tensor::cat(&cols, 3)?; // [B, C_in, T, K]
+    // Columns [B, G, T, C_g * K]: one parallel pass on CPU (backward: a parallel col2im).
+    let cols = crate::ops::im2col1d(x, k, stride, padding, groups)?;
     let co_g = c_out / groups;
-    // [B, G, C_g, T, K] -> [B, G, T, C_g * K]
-    let cols = cols.reshape((b, groups, c_g, t, k))?.permute((0, 1, 3, 2, 4))?.reshape((b, groups, t, c_g * k))?;
+    debug_assert_eq!(cols.dims(), &[b, groups, t, c_g * k]);
     // [C_out, C_g, K] -> [G, C_g * K, C_out / G]
     let wg = w.reshape((groups, co_g, c_g * k))?.transpose(1, 2)?;
     let y = cols.broadcast_matmul(&wg.unsqueeze(0)?)?; // [B, G, T, co_g]

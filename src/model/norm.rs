@@ -140,12 +140,8 @@ impl Norm {
     /// padding-aware mode: statistics then cover each clip's valid frames only.
     fn normalize(&self, x: &Tensor, time_mask: Option<&Tensor>) -> Result<Tensor> {
         match (self.axis, time_mask) {
-            (NormAxis::LastDim, _) => {
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let xc = x.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
-            }
+            // One fused pass forward and backward on CPU (crate::ops).
+            (NormAxis::LastDim, _) => crate::ops::standardize_last(x, self.eps),
             (NormAxis::Time, None) => {
                 let mean = x.mean_keepdim(2)?;
                 let xc = x.broadcast_sub(&mean)?;
@@ -174,6 +170,10 @@ impl Norm {
             // why training never comes here).
             let x = x.contiguous()?;
             return Ok(candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)?);
+        }
+        if self.axis == NormAxis::LastDim && (self.kl.is_none() || !ctx.train) {
+            // Plain LayerNorm with a gradient: fused forward and backward on CPU (crate::ops).
+            return crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         let stats_mask = if ctx.padding_aware { time_mask } else { None };
         let x_hat = self.normalize(x, stats_mask)?;

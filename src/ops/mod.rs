@@ -1,0 +1,667 @@
+//! Fused CPU ops with a backward pass, for the hot spots of `../shared/PERF.md`.
+//!
+//! candle composes GELU, softmax, normalization, im2col and bias addition from many small,
+//! allocating, mostly single-threaded ops, and their backward passes from more of them. Each
+//! function here runs one parallel pass forward and one backward (a candle `CustomOp` whose
+//! `bwd` is another custom op), on the CPU in f32 and f64. On any other device or dtype it
+//! falls back to the plain composite, which `tests/ops.rs` also uses as the reference: values
+//! and gradients agree to 1e-5 relative (max-norm) on odd shapes.
+//!
+//! Every kernel is deterministic: parallel work is split into fixed chunks that do not depend
+//! on the thread count, and partial sums are combined in chunk order, so a seeded training run
+//! gives the same weights with any number of threads.
+//!
+//! `KLSPEECH_NO_CUSTOM_OPS=1` (or [`set_enabled`]) switches back to the composites, for
+//! before/after benchmarks.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::backend::BackendStorage;
+use num_traits::{Float, One, Zero};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Rows (or elements / ROW_GRAIN) handled by one parallel task: small enough to spread a
+/// [B*T, D] activation over the cores, large enough that rayon's overhead stays negligible.
+const ROW_GRAIN: usize = 64;
+const ELEM_GRAIN: usize = 1 << 14;
+
+// 0 = not read yet, 1 = on, 2 = off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the fused ops are used (default: yes, unless `KLSPEECH_NO_CUSTOM_OPS` is set).
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var_os("KLSPEECH_NO_CUSTOM_OPS").is_none_or(|v| v.is_empty() || v == "0");
+            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turns the fused ops on or off for the whole process.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// The fused path applies: CPU, f32/f64, switched on.
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && enabled()
+}
+
+/// The contiguous data of a CPU storage.
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let d = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => bail!("klspeech op: non-contiguous input (call .contiguous() first)"),
+    }
+}
+
+/// Runs `$body` with `$t` bound to f32 or f64 after the storage's dtype.
+macro_rules! by_dtype {
+    ($s:expr, $t:ident => $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
+        }
+    };
+}
+
+fn c<T: Float>(v: f64) -> T {
+    T::from(v).expect("constant fits")
+}
+
+/// Deterministic column sums of a [rows, d] matrix: fixed row chunks summed in parallel, the
+/// partial sums added in chunk order.
+fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
+    let rows = g.len() / d.max(1);
+    let chunk = (ROW_GRAIN * 4).max(1);
+    let partial: Vec<Vec<T>> = g
+        .par_chunks(chunk * d)
+        .map(|block| {
+            let mut acc = vec![T::zero(); d];
+            for row in block.chunks_exact(d) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a = *a + v;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![T::zero(); d];
+    for p in partial {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
+    let _ = rows;
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (erf)
+// ---------------------------------------------------------------------------------------------
+
+/// Standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2.
+///
+/// f32: the Abramowitz-Stegun 7.1.26 erf (absolute error <= 1.5e-7) that PyTorch's vectorized
+/// CPU erf uses, written as erfc on |z| so that the left tail does not cancel (1 + erf(z) in
+/// f32 loses every digit below x = -5): GELU's relative error stays under 6e-4 down to x = -4
+/// and its absolute error under 2e-7 max(1, |x|) everywhere (tests/ops.rs);
+/// f64: candle's double-precision erf.
+trait Phi: Float {
+    fn phi(x: Self) -> Self;
+}
+
+impl Phi for f32 {
+    #[inline(always)]
+    fn phi(x: f32) -> f32 {
+        let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+        let t = 1.0 / (1.0 + 0.327_591_1 * z);
+        let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+        let half_erfc = 0.5 * poly * (-z * z).exp(); // (1 - erf(|z|)) / 2
+        if x >= 0.0 {
+            1.0 - half_erfc
+        } else {
+            half_erfc
+        }
+    }
+}
+
+impl Phi for f64 {
+    #[inline(always)]
+    fn phi(x: f64) -> f64 {
+        0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+    }
+}
+
+struct GeluErf;
+struct GeluErfBwd;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "klspeech-gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        by_dtype!(s, T => {
+            let x = data::<T>(s, l)?;
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * T::phi(x);
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfBwd)?))
+    }
+}
+
+impl CustomOp2 for GeluErfBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-gelu-erf-bwd"
+    }
+    /// d/dx x Phi(x) = Phi(x) + x phi(x).
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let g = data::<T>(s2, l2)?;
+            let inv_sqrt_2pi: T = c(0.398_942_280_401_432_7);
+            let mut dx = vec![T::zero(); x.len()];
+            dx.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN))).for_each(|(dx, (x, g))| {
+                for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    let pdf = inv_sqrt_2pi * (-(x * x) * c::<T>(0.5)).exp();
+                    *d = g * (T::phi(x) + x * pdf);
+                }
+            });
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+}
+
+/// The exact (erf) GELU, Hugging Face's `"gelu"`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return Ok(x.gelu_erf()?);
+    }
+    Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension
+// ---------------------------------------------------------------------------------------------
+
+struct Softmax;
+struct SoftmaxBwd;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "klspeech-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s, T => {
+            let x = data::<T>(s, l)?;
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN)).for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let m = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                    let mut sum = T::zero();
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - m).exp();
+                        sum = sum + *y;
+                    }
+                    let inv = T::one() / sum;
+                    y.iter_mut().for_each(|y| *y = *y * inv);
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-softmax-bwd"
+    }
+    /// dx = y (g - sum(g y)) per row.
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let y = data::<T>(s1, l1)?;
+            let g = data::<T>(s2, l2)?;
+            let mut dx = vec![T::zero(); y.len()];
+            dx.par_chunks_mut(d * ROW_GRAIN).zip(y.par_chunks(d * ROW_GRAIN).zip(g.par_chunks(d * ROW_GRAIN))).for_each(|(dx, (y, g))| {
+                for (dx, (y, g)) in dx.chunks_exact_mut(d).zip(y.chunks_exact(d).zip(g.chunks_exact(d))) {
+                    let dot = y.iter().zip(g).fold(T::zero(), |a, (&y, &g)| a + y * g);
+                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                        *dx = y * (g - dot);
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+}
+
+/// Softmax over the last dimension (max-subtracted), differentiable.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return softmax_last_composite(x);
+    }
+    Ok(x.contiguous()?.apply_op1(Softmax)?)
+}
+
+/// The composite softmax (candle's fused `softmax_last_dim` has no backward).
+pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Standardization and LayerNorm over the last dimension
+// ---------------------------------------------------------------------------------------------
+
+/// Mean and 1/sqrt(var + eps) of one row, accumulated in f64.
+#[inline]
+fn row_stats<T: WithDType + Float>(x: &[T], eps: f64) -> (T, T) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|v| v.to_f64().unwrap_or(0.0)).sum::<f64>() / n;
+    let var = x.iter().map(|v| (v.to_f64().unwrap_or(0.0) - mean).powi(2)).sum::<f64>() / n;
+    (c(mean), c(1.0 / (var + eps).sqrt()))
+}
+
+struct Standardize {
+    eps: f64,
+}
+struct StandardizeBwd {
+    eps: f64,
+}
+
+impl CustomOp1 for Standardize {
+    fn name(&self) -> &'static str {
+        "klspeech-standardize"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s, T => {
+            let x = data::<T>(s, l)?;
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN)).for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let (m, r) = row_stats(x, self.eps);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - m) * r;
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &StandardizeBwd { eps: self.eps })?))
+    }
+}
+
+/// dx = r (g - mean(g) - x_hat mean(g x_hat)) for one row; `g` may already include gamma.
+#[inline]
+fn standardize_row_bwd<T: WithDType + Float>(x: &[T], g: impl Fn(usize) -> T, dx: &mut [T], eps: f64) {
+    let (m, r) = row_stats(x, eps);
+    let n: T = c(x.len() as f64);
+    let (mut sg, mut sgx) = (T::zero(), T::zero());
+    for (i, &x) in x.iter().enumerate() {
+        let gi = g(i);
+        sg = sg + gi;
+        sgx = sgx + gi * (x - m) * r;
+    }
+    let (mg, mgx) = (sg / n, sgx / n);
+    for (i, (d, &x)) in dx.iter_mut().zip(x).enumerate() {
+        *d = r * (g(i) - mg - (x - m) * r * mgx);
+    }
+}
+
+impl CustomOp2 for StandardizeBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-standardize-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let g = data::<T>(s2, l2)?;
+            let mut dx = vec![T::zero(); x.len()];
+            dx.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN).zip(g.par_chunks(d * ROW_GRAIN))).for_each(|(dx, (x, g))| {
+                for (dx, (x, g)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d).zip(g.chunks_exact(d))) {
+                    standardize_row_bwd(x, |i| g[i], dx, self.eps);
+                }
+            });
+            Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+        })
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance), differentiable.
+pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(x) {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        return Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(Standardize { eps })?)
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+struct LayerNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "klspeech-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN)).for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let (m, r) = row_stats(x, self.eps);
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - m) * r * w + b;
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One pass computes dx [rows, D] and the column sums for dw, db: packed as
+        // [rows + 2, D] and split here.
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-layer-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let w = data::<T>(s2, l2)?;
+            let g = data::<T>(s3, l3)?;
+            let rows = x.len() / d;
+            let mut out = vec![T::zero(); (rows + 2) * d];
+            let (dx, tail) = out.split_at_mut(rows * d);
+            let chunk = d * ROW_GRAIN;
+            // dx per row; per chunk the partial sums of g * x_hat (dw) and g (db).
+            let partial: Vec<(Vec<T>, Vec<T>)> = dx
+                .par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                .map(|(dx, (x, g))| {
+                    let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+                    for (dx, (x, g)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d).zip(g.chunks_exact(d))) {
+                        let (m, r) = row_stats(x, self.eps);
+                        for i in 0..d {
+                            dw[i] = dw[i] + g[i] * (x[i] - m) * r;
+                            db[i] = db[i] + g[i];
+                        }
+                        standardize_row_bwd(x, |i| g[i] * w[i], dx, self.eps);
+                    }
+                    (dw, db)
+                })
+                .collect();
+            let (dw, db) = tail.split_at_mut(d);
+            for (pw, pb) in partial {
+                for i in 0..d {
+                    dw[i] = dw[i] + pw[i];
+                    db[i] = db[i] + pb[i];
+                }
+            }
+            Ok((T::to_cpu_storage_owned(out), Shape::from((rows + 2, d))))
+        })
+    }
+}
+
+/// LayerNorm over the last dimension with weight and bias, differentiable in all three
+/// (candle's fused `layer_norm` passes no gradient).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(x) {
+        return Ok(standardize_last(x, eps)?.broadcast_mul(w)?.broadcast_add(b)?);
+    }
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias addition over the last dimension
+// ---------------------------------------------------------------------------------------------
+
+struct AddBias;
+struct ColumnSums;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "klspeech-add-bias"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let b = data::<T>(s2, l2)?;
+            let mut y = x.to_vec();
+            y.par_chunks_mut(d * ROW_GRAIN).for_each(|y| {
+                for row in y.chunks_exact_mut(d) {
+                    row.iter_mut().zip(b).for_each(|(y, &b)| *y = *y + b);
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(&self, _x: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSums)?;
+        Ok((Some(g.clone()), Some(db)))
+    }
+}
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "klspeech-column-sums"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s, T => {
+            let g = data::<T>(s, l)?;
+            Ok((T::to_cpu_storage_owned(column_sums(g, d)), Shape::from(d)))
+        })
+    }
+}
+
+/// `x + b` with b [D] broadcast over the leading dimensions of x [..., D]; its backward sums
+/// the bias gradient in parallel (candle reduces over leading dimensions one element at a time).
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return Ok(x.broadcast_add(b)?);
+    }
+    Ok(x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col for 1-D convolutions
+// ---------------------------------------------------------------------------------------------
+
+/// Geometry of a grouped 1-D convolution's columns.
+#[derive(Debug, Clone, Copy)]
+struct Im2col {
+    b: usize,
+    c: usize,
+    l: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    t: usize,
+}
+
+impl Im2col {
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+}
+
+struct Col2im(Im2col);
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "klspeech-im2col"
+    }
+    /// x [B, C, L] -> cols [B, G, T, C_g * K], cols[b, g, t, ci K + j] = x[b, g C_g + ci, t s + j - p].
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = *self;
+        let (cg, k) = (g.cg(), g.k);
+        let row = cg * k;
+        by_dtype!(s, T => {
+            let x = data::<T>(s, l)?;
+            let mut cols = vec![T::zero(); g.b * g.groups * g.t * row];
+            // One task per (b, group, block of frames).
+            let block = ROW_GRAIN.max(1);
+            cols.par_chunks_mut(row * block).enumerate().for_each(|(ci_, out)| {
+                let first = ci_ * block; // global row index over (b, g, t)
+                for (r, out) in out.chunks_exact_mut(row).enumerate() {
+                    let idx = first + r;
+                    let t = idx % g.t;
+                    let bg = idx / g.t;
+                    let (bi, gi) = (bg / g.groups, bg % g.groups);
+                    for ci in 0..cg {
+                        let src = &x[(bi * g.c + gi * cg + ci) * g.l..][..g.l];
+                        let dst = &mut out[ci * k..(ci + 1) * k];
+                        let start = (t * g.stride) as isize - g.padding as isize;
+                        if start >= 0 && start as usize + k <= g.l {
+                            dst.copy_from_slice(&src[start as usize..start as usize + k]);
+                        } else {
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                let pos = start + j as isize;
+                                *d = if pos >= 0 && (pos as usize) < g.l { src[pos as usize] } else { T::zero() };
+                            }
+                        }
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(cols), Shape::from((g.b, g.groups, g.t, row))))
+        })
+    }
+    fn bwd(&self, _x: &Tensor, _cols: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&Col2im(*self))?))
+    }
+}
+
+impl CustomOp1 for Col2im {
+    fn name(&self) -> &'static str {
+        "klspeech-col2im"
+    }
+    /// grad cols [B, G, T, C_g K] -> dx [B, C, L]: each input sample gathers every column entry
+    /// that read it (one task per input channel row, so no two tasks write the same memory).
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (cg, k) = (g.cg(), g.k);
+        let row = cg * k;
+        by_dtype!(s, T => {
+            let gc = data::<T>(s, l)?;
+            let mut dx = vec![T::zero(); g.b * g.c * g.l];
+            dx.par_chunks_mut(g.l).enumerate().for_each(|(bc, dst)| {
+                let (bi, ch) = (bc / g.c, bc % g.c);
+                let (gi, ci) = (ch / cg, ch % cg);
+                let base = (bi * g.groups + gi) * g.t;
+                for t in 0..g.t {
+                    let src = &gc[(base + t) * row + ci * k..][..k];
+                    let start = (t * g.stride) as isize - g.padding as isize;
+                    for (j, &v) in src.iter().enumerate() {
+                        let pos = start + j as isize;
+                        if pos >= 0 && (pos as usize) < g.l {
+                            dst[pos as usize] = dst[pos as usize] + v;
+                        }
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(dx), Shape::from((g.b, g.c, g.l))))
+        })
+    }
+}
+
+/// The columns of a grouped 1-D convolution: x [B, C, L] -> [B, G, T, (C / G) K] with
+/// `T = (L + 2 padding - K) / stride + 1`; differentiable (its backward is a parallel col2im).
+pub fn im2col1d(x: &Tensor, k: usize, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
+    let (b, c, l) = x.dims3()?;
+    let t = (l + 2 * padding - k) / stride + 1;
+    if !fused(x) {
+        return im2col1d_composite(x, k, stride, padding, groups);
+    }
+    Ok(x.contiguous()?.apply_op1(Im2col { b, c, l, k, stride, padding, groups, t })?)
+}
+
+/// [`im2col1d`] from strided narrows (the reference and the non-CPU path).
+pub fn im2col1d_composite(x: &Tensor, k: usize, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
+    let (b, c, l) = x.dims3()?;
+    let t = (l + 2 * padding - k) / stride + 1;
+    // Pad so that the input reshapes to [B, C, Tq, stride] with Tq >= T + (K - 1) / stride.
+    let tq = t + (k - 1) / stride + 1;
+    let right = tq * stride - l - padding;
+    let xp = if padding > 0 || right > 0 { x.pad_with_zeros(2, padding, right)? } else { x.clone() };
+    let xq = xp.reshape((b, c, tq, stride))?;
+    // Column j reads x[t * stride + j] = xq[t + j / stride, j % stride].
+    let mut cols = Vec::with_capacity(k);
+    for j in 0..k {
+        cols.push(xq.narrow(2, j / stride, t)?.narrow(3, j % stride, 1)?);
+    }
+    let cols = Tensor::cat(&cols, 3)?; // [B, C, T, K]
+    let cg = c / groups;
+    // [B, G, C_g, T, K] -> [B, G, T, C_g * K]
+    Ok(cols.reshape((b, groups, cg, t, k))?.permute((0, 1, 3, 2, 4))?.reshape((b, groups, t, cg * k))?)
+}

@@ -1,0 +1,181 @@
+//! The fused CPU ops (src/ops) against the plain composites they replace: values and every
+//! input's gradient, in f32 and f64, on odd shapes (batch 1 and > 1, lengths that are
+//! multiples of nothing, more rows than one parallel chunk, convolution padding and groups).
+//! Tolerance: max |fused - composite| / max |composite| <= 1e-5 in f32 (1e-10 in f64).
+
+use candle_core::{DType, Device, Tensor, Var};
+use klspeech::ops;
+use klspeech::rng::Rng;
+
+fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_vec(Rng::new(seed).normal_vec(n), shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let num = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let den = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    num / den.max(1e-30)
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-10
+    } else {
+        1e-5
+    }
+}
+
+/// Runs `fused` and `composite` on fresh variables made from `inputs`, with the loss
+/// sum(out * w) for a fixed random w, and compares outputs and gradients.
+fn compare(what: &str, inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, composite: impl Fn(&[Tensor]) -> Tensor) {
+    let dtype = inputs[0].dtype();
+    let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts);
+        let w = rand(out.dims(), 99, dtype);
+        let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient")).clone()).collect();
+        (out, g)
+    };
+    let (yf, gf) = run(&fused);
+    let (yc, gc) = run(&composite);
+    let r = rel(&yf, &yc);
+    assert!(r <= tol(dtype), "{what} {dtype:?}: value rel. error {r:e}");
+    for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+        let r = rel(a, b);
+        assert!(r <= tol(dtype), "{what} {dtype:?}: gradient of input {i}: rel. error {r:e}");
+    }
+}
+
+const SHAPES: &[&[usize]] = &[&[1, 7, 13], &[3, 5, 131], &[2, 77, 33], &[1, 1, 1]];
+
+#[test]
+fn gelu_matches_the_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in SHAPES.iter().enumerate() {
+            let x = (rand(s, i as u64, dtype) * 3.0).unwrap();
+            // x Phi(x) from candle's erf (whose backward is exact; candle's own gelu_erf backward
+            // rounds 1/sqrt(2 pi) to 0.398942, a 1.4e-7 relative error).
+            let composite = |t: &[Tensor]| {
+                let phi = ((&t[0] * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
+                (&t[0] * phi.unwrap()).unwrap()
+            };
+            compare("gelu", &[x], |t| ops::gelu_erf(&t[0]).unwrap(), composite);
+        }
+    }
+}
+
+#[test]
+fn gelu_f32_is_accurate_in_both_tails() {
+    // Against the f64 GELU: |error| <= 2e-7 max(1, |x|) everywhere, and relative error under
+    // 6e-4 down to x = -4 where the output is tiny (Phi comes from erfc(|z|), not 1 + erf(z),
+    // which would cancel to nothing in f32).
+    let xs: Vec<f64> = (0..4001).map(|i| -10.0 + i as f64 * 0.005).collect();
+    let x64 = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+    let y64: Vec<f64> = ops::gelu_erf(&x64).unwrap().to_vec1().unwrap();
+    let y32: Vec<f32> = ops::gelu_erf(&x64.to_dtype(DType::F32).unwrap()).unwrap().to_vec1().unwrap();
+    for ((x, a), b) in xs.iter().zip(&y32).zip(&y64) {
+        let x32 = *x as f32 as f64;
+        let err = (*a as f64 - b).abs();
+        assert!(err <= 2e-7 * x32.abs().max(1.0), "gelu({x}): {a} vs {b}");
+        if (-4.0..0.0).contains(x) {
+            assert!(err / b.abs() < 6e-4, "gelu({x}): relative error {} in the left tail", err / b.abs());
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_the_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in SHAPES.iter().enumerate() {
+            let x = (rand(s, 10 + i as u64, dtype) * 4.0).unwrap();
+            compare("softmax", &[x], |t| ops::softmax_last(&t[0]).unwrap(), |t| ops::softmax_last_composite(&t[0]).unwrap());
+        }
+    }
+}
+
+#[test]
+fn standardize_and_layer_norm_match_the_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in SHAPES.iter().enumerate() {
+            if s[2] == 1 {
+                continue; // a single feature has zero variance: nothing to compare
+            }
+            // Offset and scale so the statistics matter.
+            let x = ((rand(s, 20 + i as u64, dtype) * 2.5).unwrap() + 0.7).unwrap();
+            let d = s[2];
+            let w = (rand(&[d], 30, dtype) + 1.0).unwrap();
+            let b = rand(&[d], 31, dtype);
+            let composite_std = |x: &Tensor| {
+                let mean = x.mean_keepdim(2).unwrap();
+                let xc = x.broadcast_sub(&mean).unwrap();
+                let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+                xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap()
+            };
+            compare("standardize", &[x.clone()], |t| ops::standardize_last(&t[0], 1e-5).unwrap(), |t| composite_std(&t[0]));
+            compare(
+                "layer_norm",
+                &[x, w, b],
+                |t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+                |t| composite_std(&t[0]).broadcast_mul(&t[1]).unwrap().broadcast_add(&t[2]).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn add_bias_matches_the_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in [&[1usize, 3][..], &[301, 17], &[2, 129, 5]].iter().enumerate() {
+            let x = rand(s, 40 + i as u64, dtype);
+            let b = rand(&[*s.last().unwrap()], 41, dtype);
+            compare("add_bias", &[x, b], |t| ops::add_bias(&t[0], &t[1]).unwrap(), |t| t[0].broadcast_add(&t[1]).unwrap());
+        }
+    }
+}
+
+#[test]
+fn im2col_matches_the_composite() {
+    // (batch, channels, length, kernel, stride, padding, groups): the feature encoder's first
+    // and later layers, kernel == stride, the positional conv (even kernel, padding K/2, groups).
+    let cases = [
+        (1, 1, 977, 10, 5, 0, 1),
+        (3, 6, 203, 3, 2, 0, 1),
+        (2, 5, 64, 2, 2, 0, 1),
+        (2, 8, 71, 16, 1, 8, 4),
+        (1, 6, 9, 5, 1, 2, 2),
+        (3, 4, 130, 4, 3, 1, 2),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &(b, c, l, k, s, p, g)) in cases.iter().enumerate() {
+            let x = rand(&[b, c, l], 50 + i as u64, dtype);
+            compare(
+                &format!("im2col {:?}", (b, c, l, k, s, p, g)),
+                &[x],
+                |t| ops::im2col1d(&t[0], k, s, p, g).unwrap(),
+                |t| ops::im2col1d_composite(&t[0], k, s, p, g).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // The column sums of the bias / LayerNorm gradients are combined in chunk order.
+    let x = rand(&[3, 200, 40], 60, DType::F32);
+    let b = rand(&[40], 61, DType::F32);
+    let go = || {
+        let v = Var::from_tensor(&b).unwrap();
+        let y = ops::add_bias(&x, v.as_tensor()).unwrap();
+        let g = (y.sqr().unwrap()).sum_all().unwrap().backward().unwrap();
+        g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(go);
+    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(go);
+    assert_eq!(one, three);
+}
