@@ -376,3 +376,25 @@ fn no_decay_classification() {
         assert!(!no_decay(n), "{n} should decay");
     }
 }
+
+#[test]
+fn fused_in_place_adamw_is_bit_for_bit_the_composite() {
+    // f64 (the fixtures) and f32, decay and no-decay parameters, 5 updates.
+    for dtype in [DType::F64, DType::F32] {
+        let f: HashMap<String, Tensor> = fixtures(&Device::Cpu).into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+        let cfg = config(&f);
+        let mut finals = Vec::new();
+        for fused in [true, false] {
+            let vars = params(&f);
+            let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+            opt.set_fused(fused);
+            run_steps(&mut opt, &f, &vars, 0, STEPS);
+            let state: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+            finals.push((vars.iter().map(|(_, v)| vec1(v.as_tensor())).collect::<Vec<_>>(), state));
+        }
+        assert_eq!(finals[0].0, finals[1].0, "{dtype:?}: parameters differ");
+        for (k, t) in &finals[0].1 {
+            assert_eq!(vec1(t), vec1(&finals[1].1[k]), "{dtype:?}: state {k}");
+        }
+    }
+}

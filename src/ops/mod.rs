@@ -665,3 +665,109 @@ pub fn im2col1d_composite(x: &Tensor, k: usize, stride: usize, padding: usize, g
     // [B, G, C_g, T, K] -> [B, G, T, C_g * K]
     Ok(cols.reshape((b, groups, cg, t, k))?.permute((0, 1, 3, 2, 4))?.reshape((b, groups, t, cg * k))?)
 }
+
+// ---------------------------------------------------------------------------------------------
+// AdamW, in place
+// ---------------------------------------------------------------------------------------------
+
+/// The scalars of one AdamW update of one parameter (see `train::optim::AdamW::step`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWScalars {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// `1 - lr * weight_decay`, or `None` for parameters without decay.
+    pub decay: Option<f64>,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f64,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f64,
+}
+
+/// Updates the moments `mv` = [m; v] ([2, n]) in place from the gradient.
+struct AdamMoments(AdamWScalars);
+/// Updates the parameter in place from the new moments.
+struct AdamApply(AdamWScalars);
+
+fn range(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("klspeech op: non-contiguous in-place target".into()))
+}
+
+impl candle_core::InplaceOp2 for AdamMoments {
+    fn name(&self) -> &'static str {
+        "klspeech-adamw-moments"
+    }
+    /// The composite's exact float operations (candle's `x * c` is `x * c + 0`):
+    /// m' = ((g - m) (1 - b1) + 0) + m; v' = (v b2 + 0) + (g g (1 - b2) + 0).
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let p = self.0;
+        let (a, b) = range(l1)?;
+        match s1 {
+            CpuStorage::F32(d) => moments::<f32>(&mut d[a..b], data(s2, l2)?, p),
+            CpuStorage::F64(d) => moments::<f64>(&mut d[a..b], data(s2, l2)?, p),
+            other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
+        }
+        Ok(())
+    }
+}
+
+fn moments<T: WithDType + Float>(mv: &mut [T], g: &[T], p: AdamWScalars) {
+    let n = g.len();
+    let (m, v) = mv.split_at_mut(n);
+    let (c1, b2, c2, zero) = (T::from_f64(1.0 - p.beta1), T::from_f64(p.beta2), T::from_f64(1.0 - p.beta2), T::zero());
+    m.par_chunks_mut(ELEM_GRAIN).zip(v.par_chunks_mut(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN))).for_each(|(m, (v, g))| {
+        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            *m = ((g - *m) * c1 + zero) + *m;
+            *v = (*v * b2 + zero) + (g * g * c2 + zero);
+        }
+    });
+}
+
+impl candle_core::InplaceOp2 for AdamApply {
+    fn name(&self) -> &'static str {
+        "klspeech-adamw-apply"
+    }
+    /// theta' = (theta (1 - lr wd) + 0) - ((m / ((sqrt(v) (1 / bc2) + 0) 1 + eps)) step + 0).
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let p = self.0;
+        let (a, b) = range(l1)?;
+        match s1 {
+            CpuStorage::F32(d) => apply::<f32>(&mut d[a..b], data(s2, l2)?, p),
+            CpuStorage::F64(d) => apply::<f64>(&mut d[a..b], data(s2, l2)?, p),
+            other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
+        }
+        Ok(())
+    }
+}
+
+fn apply<T: WithDType + Float>(theta: &mut [T], mv: &[T], p: AdamWScalars) {
+    let n = theta.len();
+    let (m, v) = mv.split_at(n);
+    let zero = T::zero();
+    let decay = p.decay.map(T::from_f64);
+    let (inv_bc2, eps, step) = (T::from_f64(1.0 / p.bias_correction2_sqrt), T::from_f64(p.eps), T::from_f64(p.step_size));
+    theta.par_chunks_mut(ELEM_GRAIN).zip(m.par_chunks(ELEM_GRAIN).zip(v.par_chunks(ELEM_GRAIN))).for_each(|(th, (m, v))| {
+        for ((th, &m), &v) in th.iter_mut().zip(m).zip(v) {
+            let t = match decay {
+                Some(d) => *th * d + zero,
+                None => *th,
+            };
+            let denom = (v.sqrt() * inv_bc2 + zero) * T::one() + eps;
+            *th = t - ((m / denom) * step + zero);
+        }
+    });
+}
+
+/// One fused AdamW update in place: `mv` ([2, n], m then v) and `theta` ([n] elements,
+/// contiguous). Bit-for-bit the composite update in `train::optim` (same float operations in
+/// the same order), one parallel pass over the moments and one over the parameter.
+/// Returns `false` (and changes nothing) where the fused path does not apply.
+pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalars) -> Result<bool> {
+    if !fused(theta) || grad.dtype() != theta.dtype() || mv.dtype() != theta.dtype() || !theta.is_contiguous() || !mv.is_contiguous() {
+        return Ok(false);
+    }
+    let g = grad.contiguous()?;
+    mv.inplace_op2(&g, &AdamMoments(p))?;
+    theta.inplace_op2(mv, &AdamApply(p))?;
+    Ok(true)
+}

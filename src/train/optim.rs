@@ -153,6 +153,9 @@ struct ParamState {
     t: u64,
     m: Option<Tensor>,
     v: Option<Tensor>,
+    /// Fused CPU path: the moments as one [2, n] buffer updated in place; `m` and `v` are then
+    /// views of its two rows.
+    mv: Option<Tensor>,
 }
 
 /// AdamW (decoupled weight decay) over named parameters, equal to `torch.optim.AdamW` with two
@@ -166,6 +169,8 @@ pub struct AdamW {
     params: Vec<ParamState>,
     cfg: AdamWConfig,
     steps: usize,
+    /// Use the fused in-place update (`crate::ops`) where it applies (CPU, f32/f64).
+    fused: bool,
 }
 
 impl AdamW {
@@ -185,9 +190,15 @@ impl AdamW {
                 return Err(Error::InvalidInput(format!("AdamW: parameter `{name}` has non-float dtype {:?}", var.dtype())));
             }
             let decay = !no_decay(&name);
-            out.push(ParamState { name, var, decay, t: 0, m: None, v: None });
+            out.push(ParamState { name, var, decay, t: 0, m: None, v: None, mv: None });
         }
-        Ok(Self { params: out, cfg, steps: 0 })
+        Ok(Self { params: out, cfg, steps: 0, fused: crate::ops::enabled() })
+    }
+
+    /// Chooses the fused in-place update (the default on CPU) or the composite one; both give
+    /// the same bits.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
     }
 
     /// The configuration.
@@ -232,6 +243,32 @@ impl AdamW {
             }
             let g = g.to_dtype(p.var.dtype())?;
             p.t += 1;
+            if self.fused && p.var.device().is_cpu() && matches!(p.var.dtype(), DType::F32 | DType::F64) {
+                let t = p.t as i32;
+                let scalars = crate::ops::AdamWScalars {
+                    beta1,
+                    beta2,
+                    eps,
+                    decay: (p.decay && weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
+                    bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+                    step_size: lr / (1.0 - beta1.powi(t)),
+                };
+                let n = p.var.elem_count();
+                let mv = match (p.mv.take(), &p.m, &p.v) {
+                    (Some(mv), _, _) => mv,
+                    // Resumed moments: packed once.
+                    (None, Some(m), Some(v)) => Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?,
+                    // First update: zero moments give exactly the composite's first step.
+                    _ => Tensor::zeros((2, n), p.var.dtype(), p.var.device())?,
+                };
+                if crate::ops::adamw_in_place(p.var.as_tensor(), &g, &mv, scalars)? {
+                    p.m = Some(mv.get(0)?.reshape(p.var.shape())?);
+                    p.v = Some(mv.get(1)?.reshape(p.var.shape())?);
+                    p.mv = Some(mv);
+                    continue;
+                }
+            }
+            p.mv = None;
             // Detached view of the parameter, so no autograd graph is built.
             let mut theta = p.var.as_tensor().detach();
             if p.decay && weight_decay != 0.0 {
@@ -273,8 +310,9 @@ impl AdamW {
         for p in &self.params {
             out.push((format!("step.{}", p.name), scalar(p.t as f64)?));
             if let (Some(m), Some(v)) = (&p.m, &p.v) {
-                out.push((format!("m.{}", p.name), m.clone()));
-                out.push((format!("v.{}", p.name), v.clone()));
+                // Copies: the fused path updates the moments in place.
+                out.push((format!("m.{}", p.name), m.copy()?));
+                out.push((format!("v.{}", p.name), v.copy()?));
             }
         }
         Ok(out)
@@ -325,6 +363,7 @@ impl AdamW {
             p.t = t;
             p.m = m;
             p.v = v;
+            p.mv = None;
         }
         self.steps = steps as usize;
         Ok(())
