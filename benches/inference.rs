@@ -1,14 +1,21 @@
-//! Throughput of the Wav2Vec2 encoder against PyTorch + transformers: same configuration,
-//! same thread count (CPU) or the same GPU, same run.
+//! Throughput of Wav2Vec2 inference and training steps against PyTorch + transformers: same
+//! configuration, same thread count (CPU) or the same GPU, same run.
 //!
-//!     cargo bench --bench inference                       # CPU rows
-//!     KLSPEECH_PYTHON=.venv/bin/python cargo bench --bench inference
+//!     cargo bench --bench inference                       # CPU rows (issue 6's table)
+//!     KLSPEECH_PYTHON=/work/venv/bin/python cargo bench --bench inference
 //!     KLSPEECH_BENCH_DEVICE=cuda target/cuda-dist/inference-*   # GPU rows (cuda build)
 //!
-//! CPU rows: wav2vec2-base (random weights) inference 1 x 5 s; the tiny configuration of
-//! shared/PERF.md, inference 8 x 1 s. GPU rows: wav2vec2-base inference 16 x 10 s (f32 and
-//! bf16) and a training step 8 x 4 s (classification head, cross-entropy, backward, AdamW;
-//! dropout and SpecAugment off, everything trained, as the PyTorch side).
+//! CPU rows: the tiny configuration of shared/PERF.md (inference 8 x 1 s, training step
+//! 8 x 1 s) and wav2vec2-base (inference 1 x 5 s, training step 4 x 1 s), random weights.
+//! Training steps are forward, cross-entropy (+ beta * KL), backward and AdamW over every
+//! parameter, dropout and SpecAugment off, as the PyTorch side; they run with KL-Norm at its
+//! default sites (what users train) and, in an extra row, plain LayerNorm. In evaluation mode
+//! KL-Norm is exactly LayerNorm (the same code path), so inference has one row.
+//!
+//! Each klspeech row runs twice in a fresh child process: with the fused ops of `src/ops`
+//! ("after") and with `KLSPEECH_NO_CUSTOM_OPS=1`, candle's composites ("before"); the child
+//! reports the median time, the per-stage medians and its peak RSS. For the base training
+//! step the achieved GFLOP/s are printed beside the machine's gemm throughput.
 //! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows.
 
 // The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU.
@@ -19,7 +26,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use klspeech::model::{ForwardCtx, Head, HeadKind, LoadOptions, SpeechModel, Wav2Vec2Config};
+use klspeech::model::{ForwardCtx, Head, HeadKind, KlSites, LoadOptions, SpeechModel, Wav2Vec2Config};
 use klspeech::rng::Rng;
 
 fn tiny() -> Wav2Vec2Config {
@@ -34,6 +41,7 @@ fn tiny() -> Wav2Vec2Config {
     c
 }
 
+#[derive(Clone, Copy)]
 struct Row {
     name: &'static str,
     /// Inference through the differentiable path (im2col conv, composed norms) instead of
@@ -44,6 +52,8 @@ struct Row {
     seconds: f64,
     dtype: DType,
     train: bool,
+    /// KL-Norm at its default sites (training rows).
+    kl: bool,
     iters: usize,
 }
 
@@ -51,63 +61,121 @@ fn sync(dev: &Device) {
     let _ = dev.synchronize();
 }
 
-fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<f64> {
+fn config_of(row: &Row) -> Wav2Vec2Config {
     let mut cfg = if row.config == "tiny" { tiny() } else { Wav2Vec2Config::default() };
     cfg.num_labels = Some(12);
     cfg.layerdrop = 0.0;
+    cfg
+}
+
+/// Median seconds of one step and the per-stage medians (name, seconds).
+fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'static str, f64)>)> {
+    let cfg = config_of(row);
     let head = if row.train { HeadKind::Classification } else { HeadKind::None };
-    let model = SpeechModel::fresh(cfg, &LoadOptions { head: Some(head), device: dev.clone(), dtype: row.dtype, ..Default::default() })?;
+    let sites = if row.kl { KlSites::Encoder } else { KlSites::None };
+    let model =
+        SpeechModel::fresh(cfg, &LoadOptions { head: Some(head), device: dev.clone(), dtype: row.dtype, kl_sites: sites, ..Default::default() })?;
     let n = (row.seconds * 16000.0) as usize;
     let x = Tensor::from_vec(Rng::new(1).normal_vec(row.batch * n), (row.batch, n), &Device::Cpu)?.to_dtype(row.dtype)?.to_device(dev)?;
     let vars = model.store.vars();
     let mut opt = klspeech::train::optim::AdamW::new(vars.clone(), Default::default())?;
     let y: Vec<usize> = (0..row.batch).map(|i| i % 12).collect();
     let mut times = Vec::new();
+    let mut stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
     for i in 0..row.iters + 2 {
         sync(dev);
         let t = Instant::now();
+        let mut marks: Vec<(&'static str, f64)> = Vec::new();
+        let mark = |name: &'static str, marks: &mut Vec<(&'static str, f64)>| {
+            sync(dev);
+            let now = t.elapsed().as_secs_f64();
+            let before: f64 = marks.iter().map(|m| m.1).sum();
+            marks.push((name, now - before));
+        };
         if row.train {
             let mut ctx = ForwardCtx::train_no_dropout(Rng::new(i as u64));
-            let out = model.encoder.forward(&x, None, &mut ctx)?;
-            let Head::Classification(h) = &model.head else { unreachable!() };
-            let loss = klspeech::loss::cross_entropy(&h.forward(&out)?.to_dtype(DType::F32)?, &y, 0.0)?;
-            let grads = loss.backward()?;
-            opt.step(&grads, 1.0)?;
-        } else if std::env::var("KLSPEECH_BENCH_STAGES").is_ok() {
-            let mut ctx = if row.unfold { ForwardCtx::eval_with_grad() } else { ForwardCtx::eval() };
             let feats = model.encoder.extract(&x, None, &mut ctx)?;
-            sync(dev);
-            let t_fe = t.elapsed().as_secs_f64();
+            mark("feature encoder fwd", &mut marks);
             let out = model.encoder.forward_features(&feats, None, &mut ctx)?;
-            let _ = out.last_hidden_state.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            if i >= 2 {
-                eprintln!("{}: feature encoder {:.1} ms, rest {:.1} ms", row.name, t_fe * 1e3, (t.elapsed().as_secs_f64() - t_fe) * 1e3);
+            mark("transformer fwd", &mut marks);
+            let Head::Classification(h) = &model.head else { unreachable!() };
+            let mut loss = klspeech::loss::cross_entropy(&h.forward(&out, &mut ctx)?.to_dtype(DType::F32)?, &y, 0.0)?;
+            if let Some(kl) = ctx.kl_total()? {
+                loss = (loss + (kl.to_dtype(DType::F32)? * 1e-3)?)?;
             }
+            mark("head + loss", &mut marks);
+            let grads = loss.backward()?;
+            mark("backward", &mut marks);
+            opt.step(&grads, 1.0)?;
+            mark("AdamW", &mut marks);
         } else {
             let mut ctx = if row.unfold { ForwardCtx::eval_with_grad() } else { ForwardCtx::eval() };
-            let out = model.forward(&x, None, &mut ctx)?;
-            let _ = out.encoder.last_hidden_state.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let feats = model.encoder.extract(&x, None, &mut ctx)?;
+            mark("feature encoder", &mut marks);
+            let out = model.encoder.forward_features(&feats, None, &mut ctx)?;
+            let _ = out.last_hidden_state.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            mark("transformer", &mut marks);
         }
         sync(dev);
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
+            stages.push(marks);
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let names: Vec<&'static str> = stages[0].iter().map(|s| s.0).collect();
+    let per_stage = names.iter().enumerate().map(|(k, n)| (*n, median(stages.iter().map(|s| s[k].1).collect()))).collect();
+    Ok((median(times), per_stage))
+}
+
+/// Multiply-adds x 2 of one forward pass (convolutions, linear layers, attention), from the
+/// config: the count PyTorch's profilers use. A training step is counted as 3 forward passes.
+fn forward_flops(cfg: &Wav2Vec2Config, batch: usize, samples: usize) -> f64 {
+    let b = batch as f64;
+    let mut len = samples;
+    let mut c_in = 1usize;
+    let mut flops = 0.0;
+    for ((&c, &k), &s) in cfg.conv_dim.iter().zip(&cfg.conv_kernel).zip(&cfg.conv_stride) {
+        len = (len - k) / s + 1;
+        flops += 2.0 * b * len as f64 * c as f64 * (c_in * k) as f64;
+        c_in = c;
+    }
+    let (t, h, i) = (len as f64, cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    flops += 2.0 * b * t * c_in as f64 * h; // feature projection
+    let g = cfg.num_conv_pos_embedding_groups as f64;
+    flops += 2.0 * b * t * h * (h / g) * cfg.num_conv_pos_embeddings as f64; // positional conv
+    let per_layer = 2.0 * b * t * h * h * 4.0 + 2.0 * b * t * t * h * 2.0 + 2.0 * b * t * h * i * 2.0;
+    flops + per_layer * cfg.num_hidden_layers as f64
+}
+
+/// The machine's f32 gemm throughput (candle's gemm = MKL's on this CPU, PERF.md), GFLOP/s.
+fn gemm_gflops() -> f64 {
+    let n = 1536;
+    let a = Tensor::from_vec(Rng::new(2).normal_vec(n * n), (n, n), &Device::Cpu).unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let _ = a.matmul(&a).unwrap();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n as f64).powi(3) / best / 1e9
 }
 
 fn python() -> Option<String> {
     if let Ok(p) = std::env::var("KLSPEECH_PYTHON") {
         return Some(p);
     }
-    [".venv/bin/python", "../venv/bin/python", "python3"]
+    [".venv/bin/python", "../venv/bin/python", "/work/venv/bin/python", "python3"]
         .iter()
         .find(|p| Command::new(p).args(["-c", "import torch, transformers"]).output().map(|o| o.status.success()).unwrap_or(false))
         .map(|s| s.to_string())
 }
 
-fn bench_pytorch(py: &str, row: &Row, threads: usize, device: &str) -> Option<(f64, Option<f64>)> {
+/// (median seconds, peak GPU MiB, peak RSS MiB) of the PyTorch side.
+fn bench_pytorch(py: &str, row: &Row, threads: usize, device: &str) -> Option<(f64, Option<f64>, Option<f64>)> {
     let dtype = match row.dtype {
         DType::BF16 => "bf16",
         DType::F16 => "f16",
@@ -132,44 +200,150 @@ fn bench_pytorch(py: &str, row: &Row, threads: usize, device: &str) -> Option<(f
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some((v["median_ms"].as_f64()? / 1000.0, v["peak_gpu_mb"].as_f64()))
+    Some((v["median_ms"].as_f64()? / 1000.0, v["peak_gpu_mb"].as_f64(), v["peak_rss_mb"].as_f64()))
+}
+
+/// Peak resident memory of this process (VmHWM), MiB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn rows(gpu: bool) -> Vec<Row> {
+    let r = |name, config, batch, seconds, train, kl, iters| Row { name, unfold: false, config, batch, seconds, dtype: DType::F32, train, kl, iters };
+    if gpu {
+        vec![
+            Row { unfold: true, ..r("base-infer-16x10-f32-unfold", "base", 16, 10.0, false, false, 5) },
+            r("base-infer-16x10-f32", "base", 16, 10.0, false, false, 5),
+            Row { dtype: DType::BF16, ..r("base-infer-16x10-bf16", "base", 16, 10.0, false, false, 5) },
+            Row { unfold: true, ..r("base-train-8x4-f32", "base", 8, 4.0, true, false, 5) },
+        ]
+    } else {
+        vec![
+            r("tiny-infer-8x1", "tiny", 8, 1.0, false, false, 10),
+            r("tiny-train-8x1", "tiny", 8, 1.0, true, true, 6),
+            r("tiny-train-8x1-layernorm", "tiny", 8, 1.0, true, false, 6),
+            r("base-infer-1x5", "base", 1, 5.0, false, false, 5),
+            r("base-train-4x1", "base", 4, 1.0, true, true, 4),
+            r("base-train-4x1-layernorm", "base", 4, 1.0, true, false, 4),
+        ]
+    }
+}
+
+/// Child mode: one row, one setting, JSON on stdout.
+fn child(name: &str, dev: &Device) {
+    let row = rows(!dev.is_cpu()).into_iter().find(|r| r.name == name).expect("known row");
+    let (t, stages) = Device::Cpu.with_context(|| bench_klspeech(&row, dev)).expect("bench");
+    let stages: serde_json::Map<String, serde_json::Value> = stages.into_iter().map(|(k, v)| (k.to_string(), (v * 1e3).into())).collect();
+    println!("{}", serde_json::json!({"median_ms": t * 1e3, "stages_ms": stages, "peak_rss_mb": peak_rss_mb()}));
+}
+
+/// Runs one row in a fresh process (so that its peak RSS is its own).
+fn run_child(name: &str, fused: bool) -> Option<serde_json::Value> {
+    let exe = std::env::current_exe().ok()?;
+    let mut cmd = Command::new(exe);
+    cmd.env("KLSPEECH_BENCH_CHILD", name);
+    if fused {
+        cmd.env_remove("KLSPEECH_NO_CUSTOM_OPS");
+    } else {
+        cmd.env("KLSPEECH_NO_CUSTOM_OPS", "1");
+    }
+    let out = cmd.output().ok()?;
+    if !out.status.success() {
+        eprintln!("{name}: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn main() {
     let device_name = std::env::var("KLSPEECH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dev = klspeech::device::parse_device(&device_name).expect("device");
+    if let Ok(name) = std::env::var("KLSPEECH_BENCH_CHILD") {
+        child(&name, &dev);
+        return;
+    }
     let gpu = !dev.is_cpu();
-    let rows: Vec<Row> = if gpu {
-        vec![
-            Row { name: "base-infer-16x10-f32-unfold", unfold: true, config: "base", batch: 16, seconds: 10.0, dtype: DType::F32, train: false, iters: 5 },
-            Row { name: "base-infer-16x10-f32", unfold: false, config: "base", batch: 16, seconds: 10.0, dtype: DType::F32, train: false, iters: 5 },
-            Row { name: "base-infer-16x10-bf16", unfold: false, config: "base", batch: 16, seconds: 10.0, dtype: DType::BF16, train: false, iters: 5 },
-            Row { name: "base-train-8x4-f32", unfold: true, config: "base", batch: 8, seconds: 4.0, dtype: DType::F32, train: true, iters: 5 },
-        ]
-    } else {
-        vec![
-            Row { name: "tiny-infer-8x1", unfold: false, config: "tiny", batch: 8, seconds: 1.0, dtype: DType::F32, train: false, iters: 10 },
-            Row { name: "base-infer-1x5", unfold: false, config: "base", batch: 1, seconds: 5.0, dtype: DType::F32, train: false, iters: 5 },
-        ]
-    };
     let wanted: Option<Vec<String>> = std::env::var("KLSPEECH_BENCH_ROWS").ok().map(|s| s.split(',').map(String::from).collect());
     let threads = klspeech_threads();
     let py = python();
     println!("device: {device_name}; threads: {threads}; PyTorch: {}", py.as_deref().unwrap_or("not found (set KLSPEECH_PYTHON)"));
+    if gpu {
+        gpu_table(&dev, &wanted, threads, py.as_deref());
+        return;
+    }
+    let peak = gemm_gflops();
+    println!("gemm throughput (f32, 1536^3, best of 5): {peak:.1} GFLOP/s");
+    println!();
+    println!("| workload | klspeech before (composites) ms | klspeech after (fused ops) ms | PyTorch ms | after / PyTorch throughput | klspeech peak RSS MiB | PyTorch peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut stage_rows = Vec::new();
+    for row in rows(false).iter().filter(|r| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == r.name))) {
+        let before = run_child(row.name, false);
+        let after = run_child(row.name, true);
+        let p = py.as_deref().and_then(|py| bench_pytorch(py, row, threads, "cpu"));
+        let ms = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v["median_ms"].as_f64());
+        let f = |x: Option<f64>, d: usize| x.map(|x| format!("{x:.d$}")).unwrap_or_else(|| "-".into());
+        let ratio = match (ms(&after), p) {
+            (Some(a), Some((pt, _, _))) => Some(pt * 1e3 / a),
+            _ => None,
+        };
+        println!(
+            "| {} | {} | {} | {} | **{}** | {} | {} |",
+            row.name,
+            f(ms(&before), 1),
+            f(ms(&after), 1),
+            f(p.map(|p| p.0 * 1e3), 1),
+            f(ratio, 2),
+            f(after.as_ref().and_then(|v| v["peak_rss_mb"].as_f64()), 0),
+            f(p.and_then(|p| p.2), 0),
+        );
+        if row.name == "base-train-4x1" {
+            let flops = 3.0 * forward_flops(&config_of(row), row.batch, (row.seconds * 16000.0) as usize);
+            let g = |ms: Option<f64>| ms.map(|m| format!("{:.1}", flops / (m / 1e3) / 1e9)).unwrap_or_else(|| "-".into());
+            eprintln!(
+                "base training step: {:.1} GFLOP; klspeech {} GFLOP/s, PyTorch {} GFLOP/s, gemm {peak:.1} GFLOP/s",
+                flops / 1e9,
+                g(ms(&after)),
+                g(p.map(|p| p.0 * 1e3))
+            );
+        }
+        stage_rows.push((row.name, before, after));
+    }
+    println!();
+    println!("| workload | stage | before ms | after ms |");
+    println!("|---|---|---|---|");
+    for (name, before, after) in stage_rows {
+        let (Some(b), Some(a)) = (before, after) else { continue };
+        if let Some(stages) = a["stages_ms"].as_object() {
+            for (stage, v) in stages {
+                println!("| {name} | {stage} | {:.1} | {:.1} |", b["stages_ms"][stage].as_f64().unwrap_or(f64::NAN), v.as_f64().unwrap_or(f64::NAN));
+            }
+        }
+    }
+}
+
+fn gpu_table(dev: &Device, wanted: &Option<Vec<String>>, threads: usize, py: Option<&str>) {
     println!("| workload | klspeech ms | klspeech audio-s/s | PyTorch ms | PyTorch audio-s/s | PyTorch peak GPU MiB | klspeech / PyTorch throughput |");
     println!("|---|---|---|---|---|---|---|");
-    for row in rows.iter().filter(|r| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == r.name))) {
+    for row in rows(true).iter().filter(|r| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == r.name))) {
         let audio = row.batch as f64 * row.seconds;
-        let k = match bench_klspeech(row, &dev) {
-            Ok(k) => k,
+        let k = match bench_klspeech(row, dev) {
+            Ok((k, stages)) => {
+                eprintln!("{}: {stages:?}", row.name);
+                k
+            }
             Err(e) => {
                 println!("| {} | failed: {e} | | | | | |", row.name);
                 continue;
             }
         };
-        let p = py.as_deref().and_then(|py| bench_pytorch(py, row, threads, if gpu { "cuda" } else { "cpu" }));
+        let p = py.and_then(|py| bench_pytorch(py, row, threads, "cuda"));
         let (pms, pthr, pmem, ratio) = match p {
-            Some((p, mem)) => (
+            Some((p, mem, _)) => (
                 format!("{:.1}", p * 1000.0),
                 format!("{:.1}", audio / p),
                 mem.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into()),

@@ -4,6 +4,21 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 
+/// Sets the number of CPU threads for everything that follows (candle's thread pools, gemm and
+/// klspeech's fused ops all read `RAYON_NUM_THREADS` when they first start, which this sets).
+/// `None` keeps the environment's choice (`RAYON_NUM_THREADS`, else the physical core count).
+/// Call it before any tensor work; a pool that already runs keeps its size.
+pub fn set_threads(n: Option<usize>) -> Result<()> {
+    match n {
+        None => Ok(()),
+        Some(0) => Err(Error::InvalidInput("--threads must be at least 1".into())),
+        Some(n) => {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            Ok(())
+        }
+    }
+}
+
 /// Parses a device name: `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU when this build has
 /// CUDA and one is present, else the CPU).
 pub fn parse_device(s: &str) -> Result<Device> {

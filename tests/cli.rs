@@ -77,3 +77,29 @@ fn inspect_model_reports_the_kl_norm_share() {
     let s = ok(&klspeech(&["inspect-model", "--model", "tests/fixtures/w2v2/stable-ctc-f16", "--kl-sites", "all"]));
     assert!(s.contains("pre-norm") && s.contains("Wav2Vec2ForCTC"), "{s}");
 }
+
+#[test]
+fn threads_flag_is_global_and_checked() {
+    // --threads works before or after the subcommand; 0 is refused with the flag named.
+    let a = ok(&klspeech(&["--threads", "1", "predict", "--json", "--model", "tests/fixtures/w2v2/cls-weighted", A]));
+    let b = ok(&klspeech(&["predict", "--json", "--threads", "2", "--model", "tests/fixtures/w2v2/cls-weighted", A]));
+    assert_eq!(a, b, "the thread count must not change results");
+    let o = klspeech(&["--threads", "0", "predict", "--model", "tests/fixtures/w2v2/cls-weighted", A]);
+    assert!(!o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "error: invalid input: --threads must be at least 1");
+}
+
+#[test]
+fn vib_is_refused_for_asr_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = klspeech(&[
+        "train", "--task", "asr", "--vib", "--model", "tests/fixtures/w2v2/base-group-oldwn",
+        "--data", "audio_fixtures/asr/train.csv", "--out", dir.path().to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--vib regularizes the pooled representation of a classification head: use it with --task kws or classify, not asr"),
+        "{err}"
+    );
+}

@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "klspeech", version, about, long_about = None)]
 pub struct Cli {
+    /// CPU threads (default: RAYON_NUM_THREADS, else the number of physical cores)
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,6 +35,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    klspeech::device::set_threads(cli.threads)?;
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => model_cmds::embed(a),

@@ -391,6 +391,12 @@ fn load_checkpoint(dir: &Path, model: &SpeechModel, opt: &mut AdamW) -> Result<T
 /// Trains as `cfg` says; writes the best model (Hugging Face layout), `metrics.jsonl`,
 /// `curves.png`, `run_config.json` and `checkpoint-last/` into `cfg.out`.
 pub fn train(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
+    // On the CPU, candle's own thread pool stays installed for the whole run: its workers stay
+    // warm across the many short parallel sections of each step (shared/PERF.md: about -11 %).
+    candle_core::Device::Cpu.with_context(|| train_in_context(cfg, resume))
+}
+
+fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, "cannot create the output folder", e))?;
     let (train_ds, dev_ds, test_ds) = load_data(cfg)?;
     if train_ds.is_empty() {
