@@ -103,3 +103,22 @@ fn vib_is_refused_for_asr_with_the_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn kl_norm_where_it_would_silently_do_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let base = ["train", "--task", "kws", "--model", "tests/fixtures/w2v2/base-group-oldwn", "--data", "audio_fixtures/kws/train", "--out", out];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = klspeech(&args);
+        assert!(!o.status.success(), "{extra:?} must be refused");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run(&["--kl-sites", "all"]);
+    assert!(e.contains("--kl-sites all puts KL-Norm into the feature encoder, which is frozen (the default)"), "{e}");
+    assert!(e.contains("add --train-feature-encoder, or use --kl-sites encoder"), "{e}");
+    let e = run(&["--freeze-encoder"]);
+    assert!(e.contains("--norm kl with --freeze-encoder"), "{e}");
+    assert!(e.contains("use --norm layer (optionally with --vib), or drop --freeze-encoder"), "{e}");
+}

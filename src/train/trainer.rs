@@ -150,6 +150,18 @@ fn load_model(cfg: &TrainConfig, labels: Option<&[String]>, vocab: Option<&BTree
         "kl" => KlSites::from_str(&cfg.kl_sites)?,
         other => return Err(Error::InvalidInput(format!("--norm `{other}`: expected layer or kl"))),
     };
+    if sites != KlSites::None && cfg.freeze_encoder {
+        return Err(Error::InvalidInput(
+            "--norm kl with --freeze-encoder: the frozen encoder runs in evaluation mode, where KL-Norm is exactly LayerNorm, so nothing would be regularized: use --norm layer (optionally with --vib), or drop --freeze-encoder".into(),
+        ));
+    }
+    if sites == KlSites::All && cfg.freeze_feature_encoder {
+        // A frozen feature encoder runs in evaluation mode, where KL-Norm is its plain norm:
+        // `all` would silently train exactly what `encoder` trains.
+        return Err(Error::InvalidInput(
+            "--kl-sites all puts KL-Norm into the feature encoder, which is frozen (the default), so those sites would stay deterministic and the run would equal --kl-sites encoder: add --train-feature-encoder, or use --kl-sites encoder".into(),
+        ));
+    }
     if cfg.vib && cfg.task == Task::Asr {
         return Err(Error::InvalidInput("--vib regularizes the pooled representation of a classification head: use it with --task kws or classify, not asr".into()));
     }
