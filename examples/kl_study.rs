@@ -308,7 +308,39 @@ fn report(a: &Args, chosen: &[&Variant]) -> anyhow::Result<()> {
             dev_series.push((v.name, mean_curve(&devs)));
         }
         md += "\n";
+        // Paired by seed against the LayerNorm baseline: same seed = same head initialization,
+        // batch order and SpecAugment draws, so the seed-to-seed spread largely cancels.
+        let base = if task == Task::Asr { "asr-layer" } else { "layer" };
+        let load = |name: &str, seed: u64| -> Option<serde_json::Value> {
+            let text = std::fs::read_to_string(a.out.join(name).join(format!("seed{seed}")).join("result.json")).ok()?;
+            serde_json::from_str(&text).ok()
+        };
+        md += &format!("Difference to `{base}`, paired by seed (percentage points, mean ± sd):\n\n| variant | pairs |");
+        for (_, h) in cols {
+            md += &format!(" Δ {h} |");
+        }
+        md += "\n|---|---|";
+        md += &"---|".repeat(cols.len());
+        md += "\n";
+        for v in chosen.iter().filter(|v| v.task == task && v.name != base) {
+            let pairs: Vec<(serde_json::Value, serde_json::Value)> =
+                (0..a.seeds).filter_map(|s| Some((load(v.name, s)?, load(base, s)?))).collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            md += &format!("| `{}` | {} |", v.name, pairs.len());
+            for (k, _) in cols {
+                let d: Vec<f64> = pairs.iter().filter_map(|(x, y)| Some(100.0 * (x[*k].as_f64()? - y[*k].as_f64()?))).collect();
+                let (m, sd) = mean_sd(&d);
+                md += &format!(" {m:+.1} ± {sd:.1} |");
+            }
+            md += "\n";
+        }
+        md += "\n";
         let tag = if task == Task::Asr { "asr" } else { "kws" };
+        if loss_series.is_empty() {
+            continue;
+        }
         let s: Vec<Series> = loss_series.iter().map(|(n, p)| Series { name: n, points: p }).collect();
         line_chart_png(&a.out.join(format!("{tag}_train_loss.png")), &s, "step", "task loss", &format!("{tag}: training task loss, mean over seeds"))?;
         let s: Vec<Series> = dev_series.iter().map(|(n, p)| Series { name: n, points: p }).collect();

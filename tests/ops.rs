@@ -179,3 +179,59 @@ fn results_do_not_depend_on_the_thread_count() {
     let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(go);
     assert_eq!(one, three);
 }
+
+fn softplus(z: &Tensor) -> Tensor {
+    (z.relu().unwrap() + (z.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap()
+}
+
+#[test]
+fn kl_norm_matches_the_composite() {
+    // Output and per-position KL together (so the loss weights both), both priors.
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in [&[1usize, 7, 13][..], &[3, 5, 131], &[2, 77, 33]].iter().enumerate() {
+            let d = s[2];
+            let x = ((rand(s, 70 + i as u64, dtype) * 2.0).unwrap() + 0.3).unwrap();
+            let noise = rand(s, 71, dtype);
+            let w = (rand(&[d], 72, dtype) * 0.3).unwrap().affine(1.0, 1.0).unwrap();
+            let b = (rand(&[d], 73, dtype) * 0.2).unwrap();
+            let a = (rand(&[d], 74, dtype) * 0.5).unwrap();
+            let b2 = (rand(&[d], 75, dtype) * 0.5).unwrap().affine(1.0, -2.0).unwrap();
+            let m = (rand(&[d], 76, dtype) * 0.2).unwrap();
+            let sr = (rand(&[d], 77, dtype) * 0.3).unwrap();
+            for learned in [false, true] {
+                let mut inputs = vec![x.clone(), w.clone(), b.clone(), a.clone(), b2.clone()];
+                if learned {
+                    inputs.push(m.clone());
+                    inputs.push(sr.clone());
+                }
+                let nz = noise.clone();
+                let fused = |t: &[Tensor]| {
+                    let prior = if learned { Some((&t[5], &t[6])) } else { None };
+                    let (y, kl) = ops::kl_norm_last(&t[0], &t[1], &t[2], &t[3], &t[4], prior, &nz, 1e-5).unwrap().expect("fused on CPU");
+                    Tensor::cat(&[y.flatten_all().unwrap(), kl.flatten_all().unwrap()], 0).unwrap()
+                };
+                let nz2 = noise.clone();
+                let composite = |t: &[Tensor]| {
+                    let xh = ops::standardize_last(&t[0], 1e-5).unwrap();
+                    let mu = xh.broadcast_mul(&t[1]).unwrap().broadcast_add(&t[2]).unwrap();
+                    let sigma = softplus(&xh.broadcast_mul(&t[3]).unwrap().broadcast_add(&t[4]).unwrap());
+                    let y = (&mu + (&sigma * &nz2).unwrap()).unwrap();
+                    let ln_s = sigma.log().unwrap();
+                    let per = if learned {
+                        let sp = softplus(&t[6]);
+                        let iv = sp.sqr().unwrap().recip().unwrap();
+                        let t1 = sigma.sqr().unwrap().broadcast_mul(&iv).unwrap();
+                        let t2 = mu.broadcast_sub(&t[5]).unwrap().sqr().unwrap().broadcast_mul(&iv).unwrap();
+                        let t3 = sp.log().unwrap().affine(2.0, -1.0).unwrap();
+                        ((t1 + t2).unwrap().broadcast_add(&t3).unwrap() - ln_s.affine(2.0, 0.0).unwrap()).unwrap().affine(0.5, 0.0).unwrap()
+                    } else {
+                        ((mu.sqr().unwrap() + sigma.sqr().unwrap()).unwrap() - ln_s.affine(2.0, 1.0).unwrap()).unwrap().affine(0.5, 0.0).unwrap()
+                    };
+                    let kl = per.sum(2).unwrap();
+                    Tensor::cat(&[y.flatten_all().unwrap(), kl.flatten_all().unwrap()], 0).unwrap()
+                };
+                compare(&format!("kl_norm {s:?} learned={learned}"), &inputs, fused, composite);
+            }
+        }
+    }
+}

@@ -142,12 +142,9 @@ impl Norm {
         match (self.axis, time_mask) {
             // One fused pass forward and backward on CPU (crate::ops).
             (NormAxis::LastDim, _) => crate::ops::standardize_last(x, self.eps),
-            (NormAxis::Time, None) => {
-                let mean = x.mean_keepdim(2)?;
-                let xc = x.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(2)?;
-                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
-            }
+            // Per-channel GroupNorm on [B, C, T]: each (b, c) row over time is the last
+            // dimension, so it is the same fused op.
+            (NormAxis::Time, None) => crate::ops::standardize_last(x, self.eps),
             (NormAxis::Time, Some(m)) => {
                 let m = m.unsqueeze(1)?; // [B, 1, T]
                 let n = m.sum_keepdim(2)?; // [B, 1, 1]
@@ -176,16 +173,45 @@ impl Norm {
             return crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         let stats_mask = if ctx.padding_aware { time_mask } else { None };
-        let x_hat = self.normalize(x, stats_mask)?;
-        let mu = x_hat.broadcast_mul(&self.per_feature(&self.weight, x)?)?.broadcast_add(&self.per_feature(&self.bias, x)?)?;
         let kl = match (&self.kl, ctx.train) {
             (Some(kl), true) => kl,
-            _ => return Ok(mu),
+            _ => {
+                let x_hat = self.normalize(x, stats_mask)?;
+                return Ok(x_hat.broadcast_mul(&self.per_feature(&self.weight, x)?)?.broadcast_add(&self.per_feature(&self.bias, x)?)?);
+            }
         };
+        // Drawn first, so that the fused and the composite paths see the same noise.
+        let noise = ctx.normal_like(x)?;
+        let prior = kl.prior_mean.as_ref().zip(kl.prior_std_raw.as_ref());
+        let fused = match self.axis {
+            // One fused pass forward and one backward on CPU (crate::ops), else the composite.
+            NormAxis::LastDim => crate::ops::kl_norm_last(x, &self.weight, &self.bias, &kl.a, &kl.b, prior, &noise, self.eps)?,
+            NormAxis::Time => None,
+        };
+        let (y, per_pos) = match fused {
+            Some(r) => r,
+            None => self.kl_composite(x, stats_mask, kl, &noise)?,
+        };
+        let per_pos = per_pos.reshape((per_pos.dim(0)?, ()))?;
+        let site_kl = match time_mask {
+            Some(m) => {
+                let m = m.to_dtype(per_pos.dtype())?;
+                (per_pos.mul(&m)?.sum_all()? / m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0))?
+            }
+            None => per_pos.mean_all()?,
+        };
+        ctx.kl_terms.push((self.site.clone(), site_kl));
+        Ok(y)
+    }
+
+    /// The KL-Norm training-mode composite: the sample y and the KL summed over features per
+    /// position ([B, T]).
+    fn kl_composite(&self, x: &Tensor, stats_mask: Option<&Tensor>, kl: &KlParams, noise: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x_hat = self.normalize(x, stats_mask)?;
+        let mu = x_hat.broadcast_mul(&self.per_feature(&self.weight, x)?)?.broadcast_add(&self.per_feature(&self.bias, x)?)?;
         let z = x_hat.broadcast_mul(&self.per_feature(&kl.a, x)?)?.broadcast_add(&self.per_feature(&kl.b, x)?)?;
         let sigma = softplus(&z)?;
-        let noise = ctx.normal_like(&mu)?;
-        let y = (&mu + sigma.mul(&noise)?)?;
+        let y = (&mu + sigma.mul(noise)?)?;
 
         // Per-element KL against the prior.
         let ln_sigma = sigma.log()?;
@@ -207,15 +233,7 @@ impl Norm {
             NormAxis::LastDim => per_elem.sum(D::Minus1)?,
             NormAxis::Time => per_elem.sum(1)?,
         };
-        let per_pos = per_pos.reshape((per_pos.dim(0)?, ()))?;
-        let site_kl = match time_mask {
-            Some(m) => {
-                let m = m.to_dtype(per_pos.dtype())?;
-                (per_pos.mul(&m)?.sum_all()? / m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0))?
-            }
-            None => per_pos.mean_all()?,
-        };
-        ctx.kl_terms.push((self.site.clone(), site_kl));
-        Ok(y)
+        Ok((y, per_pos))
     }
+
 }

@@ -771,3 +771,235 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
     theta.inplace_op2(mv, &AdamApply(p))?;
     Ok(true)
 }
+
+// ---------------------------------------------------------------------------------------------
+// KL-Norm over the last dimension (training mode)
+// ---------------------------------------------------------------------------------------------
+
+/// One KL-Norm site in training mode, fused (`../shared/KLNORM.md`): for x [rows, D], the
+/// parameters `p` = [w; b; a; b2] ([4, D], standard prior) or [w; b; a; b2; m_p; s_raw]
+/// ([6, D], learned prior) and the noise [rows, D] (held by the op, no gradient):
+///
+///   x_hat = standardize(x); mu = w x_hat + b; sigma = softplus(a x_hat + b2);
+///   y = mu + sigma noise; kl_row = sum_i KL(N(mu_i, sigma_i^2) || prior_i)
+///
+/// Output: one flat buffer [rows D + rows]: y (row-major) then the per-row KL, so both are
+/// contiguous views.
+struct KlNormOp {
+    eps: f64,
+    learned: bool,
+    noise: Tensor,
+}
+
+struct KlNormBwd {
+    eps: f64,
+    learned: bool,
+    noise: Tensor,
+}
+
+#[inline]
+fn softplus_t<T: Float>(z: T) -> T {
+    z.max(T::zero()) + (-z.abs()).exp().ln_1p()
+}
+
+#[inline]
+fn sigmoid_t<T: Float>(z: T) -> T {
+    T::one() / (T::one() + (-z).exp())
+}
+
+/// Runs `f` on the CPU data of the op's noise tensor.
+fn with_noise<T: WithDType, R>(noise: &Tensor, f: impl FnOnce(&[T]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let (guard, layout) = noise.storage_and_layout();
+    match &*guard {
+        candle_core::Storage::Cpu(s) => f(data::<T>(s, layout)?),
+        _ => bail!("klspeech op: KL-Norm noise must be on the CPU"),
+    }
+}
+
+impl CustomOp2 for KlNormOp {
+    fn name(&self) -> &'static str {
+        "klspeech-kl-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let p = data::<T>(s2, l2)?;
+            let rows = x.len() / d;
+            with_noise::<T, _>(&self.noise, |noise| {
+                let mut out = vec![T::zero(); rows * d + rows];
+                let (y, kl) = out.split_at_mut(rows * d);
+                let (w, b, a, b2) = (&p[..d], &p[d..2 * d], &p[2 * d..3 * d], &p[3 * d..4 * d]);
+                let prior = self.learned.then(|| (&p[4 * d..5 * d], &p[5 * d..6 * d]));
+                let (half, one, two): (T, T, T) = (c(0.5), T::one(), c(2.0));
+                y.par_chunks_mut(d * ROW_GRAIN)
+                    .zip(kl.par_chunks_mut(ROW_GRAIN))
+                    .zip(x.par_chunks(d * ROW_GRAIN).zip(noise.par_chunks(d * ROW_GRAIN)))
+                    .for_each(|((y, kl), (x, nz))| {
+                        for (((y, kl), x), nz) in y.chunks_exact_mut(d).zip(kl.iter_mut()).zip(x.chunks_exact(d)).zip(nz.chunks_exact(d)) {
+                            let (m, r) = row_stats(x, self.eps);
+                            let mut acc = T::zero();
+                            for i in 0..d {
+                                let xh = (x[i] - m) * r;
+                                let mu = xh * w[i] + b[i];
+                                let sigma = softplus_t(xh * a[i] + b2[i]);
+                                y[i] = mu + sigma * nz[i];
+                                acc = acc
+                                    + match prior {
+                                        None => half * (mu * mu + sigma * sigma - one - two * sigma.ln()),
+                                        Some((mp, sr)) => {
+                                            let s = softplus_t(sr[i]);
+                                            let iv = one / (s * s);
+                                            let dm = mu - mp[i];
+                                            half * (sigma * sigma * iv + dm * dm * iv - one + two * s.ln() - two * sigma.ln())
+                                        }
+                                    };
+                            }
+                            *kl = acc;
+                        }
+                    });
+                Ok((T::to_cpu_storage_owned(out), Shape::from(rows * d + rows)))
+            })
+        })
+    }
+    fn bwd(&self, x: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(p, &g.contiguous()?, &KlNormBwd { eps: self.eps, learned: self.learned, noise: self.noise.clone() })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dp = packed.narrow(0, n, p.elem_count())?.reshape((p.elem_count() / d, d))?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl CustomOp3 for KlNormBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-kl-norm-bwd"
+    }
+    /// From the output gradient [rows D + rows] (g_y then g_kl): dx [rows, D] then dp [P, D],
+    /// flat. Per element, with s = prior scale, m_p = prior mean (standard: 1, 0):
+    /// dmu = g_y + g_kl (mu - m_p) / s^2; dsigma = g_y noise + g_kl (sigma / s^2 - 1 / sigma);
+    /// dz = dsigma sigmoid(z); dx_hat = dmu w + dz a; dx = standardize backward of dx_hat.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let p = data::<T>(s2, l2)?;
+            let g = data::<T>(s3, l3)?;
+            let rows = x.len() / d;
+            let np = p.len();
+            let (gy, gk) = g.split_at(rows * d);
+            with_noise::<T, _>(&self.noise, |noise| {
+                let mut out = vec![T::zero(); rows * d + np];
+                let (dx, dp_out) = out.split_at_mut(rows * d);
+                let (w, b, a, b2) = (&p[..d], &p[d..2 * d], &p[2 * d..3 * d], &p[3 * d..4 * d]);
+                let prior = self.learned.then(|| (&p[4 * d..5 * d], &p[5 * d..6 * d]));
+                let one = T::one();
+                let partial: Vec<Vec<T>> = dx
+                    .par_chunks_mut(d * ROW_GRAIN)
+                    .zip(gk.par_chunks(ROW_GRAIN))
+                    .zip(x.par_chunks(d * ROW_GRAIN).zip(gy.par_chunks(d * ROW_GRAIN).zip(noise.par_chunks(d * ROW_GRAIN))))
+                    .map(|((dx, gk), (x, (gy, nz)))| {
+                        let mut dp = vec![T::zero(); np];
+                        let mut dxh = vec![T::zero(); d];
+                        let mut xh_row = vec![T::zero(); d];
+                        for ((((dx, &gk), x), gy), nz) in
+                            dx.chunks_exact_mut(d).zip(gk).zip(x.chunks_exact(d)).zip(gy.chunks_exact(d)).zip(nz.chunks_exact(d))
+                        {
+                            let (m, r) = row_stats(x, self.eps);
+                            for i in 0..d {
+                                let xh = (x[i] - m) * r;
+                                xh_row[i] = xh;
+                                let mu = xh * w[i] + b[i];
+                                let z = xh * a[i] + b2[i];
+                                let sigma = softplus_t(z);
+                                let (dmu, dsigma) = match prior {
+                                    None => (gy[i] + gk * mu, gy[i] * nz[i] + gk * (sigma - one / sigma)),
+                                    Some((mp, sr)) => {
+                                        let s = softplus_t(sr[i]);
+                                        let iv = one / (s * s);
+                                        let dm = mu - mp[i];
+                                        // d/dm_p and d/ds of the KL, into the prior rows.
+                                        dp[4 * d + i] = dp[4 * d + i] - gk * dm * iv;
+                                        let ds = gk * (one / s - (sigma * sigma + dm * dm) * iv / s);
+                                        dp[5 * d + i] = dp[5 * d + i] + ds * sigmoid_t(sr[i]);
+                                        (gy[i] + gk * dm * iv, gy[i] * nz[i] + gk * (sigma * iv - one / sigma))
+                                    }
+                                };
+                                let dz = dsigma * sigmoid_t(z);
+                                dp[i] = dp[i] + dmu * xh; // w
+                                dp[d + i] = dp[d + i] + dmu; // b
+                                dp[2 * d + i] = dp[2 * d + i] + dz * xh; // a
+                                dp[3 * d + i] = dp[3 * d + i] + dz; // b2
+                                dxh[i] = dmu * w[i] + dz * a[i];
+                            }
+                            // Standardization backward: r (dxh - mean(dxh) - x_hat mean(dxh x_hat)).
+                            let n: T = c(d as f64);
+                            let (mut s1, mut s2) = (T::zero(), T::zero());
+                            for i in 0..d {
+                                s1 = s1 + dxh[i];
+                                s2 = s2 + dxh[i] * xh_row[i];
+                            }
+                            let (m1, m2) = (s1 / n, s2 / n);
+                            for i in 0..d {
+                                dx[i] = r * (dxh[i] - m1 - xh_row[i] * m2);
+                            }
+                        }
+                        dp
+                    })
+                    .collect();
+                for part in partial {
+                    for (o, v) in dp_out.iter_mut().zip(part) {
+                        *o = *o + v;
+                    }
+                }
+                Ok((T::to_cpu_storage_owned(out), Shape::from(rows * d + np)))
+            })
+        })
+    }
+}
+
+/// A KL-Norm site over the last dimension in training mode, fused on the CPU: returns the
+/// sample `y` (shaped like x) and the per-position KL summed over features (x's shape without
+/// its last dimension). `prior` = (m_p, s_raw) for the learned prior. `None` where the fused
+/// path does not apply (the caller then runs the composite).
+#[allow(clippy::too_many_arguments)]
+pub fn kl_norm_last(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    a: &Tensor,
+    b2: &Tensor,
+    prior: Option<(&Tensor, &Tensor)>,
+    noise: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !fused(x) || noise.dtype() != x.dtype() || !noise.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut parts = vec![w.clone(), b.clone(), a.clone(), b2.clone()];
+    if let Some((m, s)) = prior {
+        parts.push(m.clone());
+        parts.push(s.clone());
+    }
+    let d = x.dim(D::Minus1)?;
+    let p = Tensor::cat(&parts, 0)?.reshape((parts.len(), d))?;
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let rows = n / d.max(1);
+    let op = KlNormOp { eps, learned: prior.is_some(), noise: noise.contiguous()? };
+    let packed = x.apply_op2(&p, op)?;
+    let y = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let mut kl_shape = x.dims().to_vec();
+    kl_shape.pop();
+    let kl = packed.narrow(0, n, rows)?.reshape(kl_shape)?;
+    Ok(Some((y, kl)))
+}
