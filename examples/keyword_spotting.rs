@@ -16,9 +16,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use klspeech::data::{self, KwsOptions};
 use klspeech::model::{LoadOptions, SpeechModel};
-use klspeech::train::{evaluate, train, Task, TrainConfig};
+use klspeech::train::{evaluate_kws_folder, train, Task, TrainConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -63,14 +62,9 @@ fn main() -> anyhow::Result<()> {
         eprintln!("== fine-tuning with {}", if norm == "kl" { "KL-Norm" } else { "LayerNorm" });
         let o = train(&c, false).with_context(|| format!("training into {}", out.display()))?;
         let model = SpeechModel::load(&out, &LoadOptions { device: klspeech::device::parse_device(&a.device)?, ..Default::default() })?;
-        let labels = model.config.labels();
-        let words: Vec<String> = labels.iter().filter(|l| !l.starts_with('_')).cloned().collect();
         let mut accs = vec![o.test.as_ref().and_then(|t| t.accuracy).unwrap_or(f64::NAN)];
         for set in ["test-ood", "test-noisy"] {
-            let ds = data::open_kws(&a.data.join(set), &KwsOptions { words: words.clone(), ..Default::default() })?.test;
-            let clips = ds.load_all_16k()?;
-            let y: Vec<usize> = ds.examples.iter().map(|e| e.label.unwrap_or(0)).collect();
-            accs.push(evaluate(&model, &clips, Some(&y), None, None, 32)?.accuracy.unwrap_or(f64::NAN));
+            accs.push(evaluate_kws_folder(&model, &a.data.join(set), 32)?.accuracy.unwrap_or(f64::NAN));
         }
         rows.push((norm, accs));
     }

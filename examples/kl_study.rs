@@ -23,11 +23,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use klspeech::data::{self, KwsOptions};
 use klspeech::model::{LoadOptions, SpeechModel};
 use klspeech::plot::{line_chart_png, Series};
-use klspeech::train::{evaluate, train, Task, TrainConfig};
-use klspeech::vocab::CharVocab;
+use klspeech::train::{evaluate_asr_manifest, evaluate_kws_folder, train, Task, TrainConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -145,28 +143,17 @@ fn run_one(a: &Args, v: &Variant, seed: u64, out: &Path) -> anyhow::Result<serde
     m.insert("train_s".into(), train_s.into());
     match v.task {
         Task::Asr => {
-            let vocab = CharVocab::from_map(model.vocab.as_ref().context("no vocab.json")?, &out.join("vocab.json"))?;
             for (set, key) in [("test.csv", ""), ("test-ood.csv", "ood_")] {
-                let ds = data::asr_manifest(&a.asr.join(set))?;
-                let clips = ds.load_all_16k()?;
-                let texts: Vec<String> = ds
-                    .examples
-                    .iter()
-                    .map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &c.chars_to_ignore, false))
-                    .collect();
-                let e = evaluate(&model, &clips, None, Some(&texts), Some(&vocab), 16)?;
+                let e = evaluate_asr_manifest(&model, &a.asr.join(set), &c.chars_to_ignore, 16)?;
                 m.insert(format!("{key}cer"), e.cer.unwrap_or(f64::NAN).into());
                 m.insert(format!("{key}wer"), e.wer.unwrap_or(f64::NAN).into());
             }
         }
         _ => {
             m.insert("in_domain".into(), o.test.as_ref().and_then(|t| t.accuracy).unwrap_or(f64::NAN).into());
-            let words: Vec<String> = model.config.labels().into_iter().filter(|l| !l.starts_with('_')).collect();
             for (set, key) in [("test-ood", "out_of_domain"), ("test-noisy", "noisy")] {
-                let ds = data::open_kws(&a.kws.join(set), &KwsOptions { words: words.clone(), ..Default::default() })?.test;
-                let clips = ds.load_all_16k()?;
-                let y: Vec<usize> = ds.examples.iter().map(|e| e.label.unwrap_or(0)).collect();
-                m.insert(key.into(), evaluate(&model, &clips, Some(&y), None, None, 32)?.accuracy.unwrap_or(f64::NAN).into());
+                let acc = evaluate_kws_folder(&model, &a.kws.join(set), 32)?.accuracy.unwrap_or(f64::NAN);
+                m.insert(key.into(), acc.into());
             }
         }
     }

@@ -14,10 +14,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use klspeech::data;
 use klspeech::model::{LoadOptions, SpeechModel};
-use klspeech::train::{evaluate, train, Task, TrainConfig};
-use klspeech::vocab::CharVocab;
+use klspeech::train::{evaluate_asr_manifest, train, Task, TrainConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -39,10 +37,14 @@ struct Args {
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// CPU threads (default: RAYON_NUM_THREADS, else the physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    klspeech::device::set_threads(a.threads)?;
     let mut rows = Vec::new();
     for norm in ["layer", "kl"] {
         let out = a.out.join(norm);
@@ -60,14 +62,9 @@ fn main() -> anyhow::Result<()> {
         eprintln!("== fine-tuning with {}", if norm == "kl" { "KL-Norm" } else { "LayerNorm" });
         train(&c, false).with_context(|| format!("training into {}", out.display()))?;
         let model = SpeechModel::load(&out, &LoadOptions { device: klspeech::device::parse_device(&a.device)?, ..Default::default() })?;
-        let vocab = CharVocab::from_map(model.vocab.as_ref().context("no vocab.json")?, &out.join("vocab.json"))?;
         let mut r = Vec::new();
         for set in ["test.csv", "test-ood.csv"] {
-            let ds = data::asr_manifest(&a.data.join(set))?;
-            let clips = ds.load_all_16k()?;
-            let texts: Vec<String> =
-                ds.examples.iter().map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &c.chars_to_ignore, false)).collect();
-            let e = evaluate(&model, &clips, None, Some(&texts), Some(&vocab), 16)?;
+            let e = evaluate_asr_manifest(&model, &a.data.join(set), &c.chars_to_ignore, 16)?;
             r.push((e.cer.unwrap_or(f64::NAN), e.wer.unwrap_or(f64::NAN)));
         }
         rows.push((norm, r));

@@ -116,3 +116,26 @@ pub fn evaluate(
     }
     Ok(r)
 }
+
+/// Evaluates a keyword-spotting model on a folder in the Speech Commands test layout (one
+/// sub-folder per label), with the model's own labels: the words are its labels that do not
+/// start with `_`, other folders count as `_unknown_`.
+pub fn evaluate_kws_folder(model: &SpeechModel, dir: &std::path::Path, batch: usize) -> Result<EvalResult> {
+    let words: Vec<String> = model.config.labels().into_iter().filter(|l| !l.starts_with('_')).collect();
+    let ds = crate::data::open_kws(dir, &crate::data::KwsOptions { words, ..Default::default() })?.test;
+    let clips = ds.load_all_16k()?;
+    let y: Vec<usize> = ds.examples.iter().map(|e| e.label.unwrap_or(0)).collect();
+    evaluate(model, &clips, Some(&y), None, None, batch)
+}
+
+/// Evaluates a CTC model on an ASR manifest: transcripts normalized as for training (lower
+/// case, `chars_to_ignore` removed), greedy decoding with the model's `vocab.json`.
+pub fn evaluate_asr_manifest(model: &SpeechModel, manifest: &std::path::Path, chars_to_ignore: &str, batch: usize) -> Result<EvalResult> {
+    let map = model.vocab.as_ref().ok_or_else(|| Error::InvalidInput("evaluating ASR needs a model with vocab.json".into()))?;
+    let vocab = CharVocab::from_map(map, std::path::Path::new("vocab.json"))?;
+    let ds = crate::data::asr_manifest(manifest)?;
+    let clips = ds.load_all_16k()?;
+    let texts: Vec<String> =
+        ds.examples.iter().map(|e| crate::data::normalize_transcript(e.text.as_deref().unwrap_or(""), chars_to_ignore, false)).collect();
+    evaluate(model, &clips, None, Some(&texts), Some(&vocab), batch)
+}

@@ -7,5 +7,5 @@ pub mod eval;
 pub mod trainer;
 
 pub use config::{Task, TrainConfig};
-pub use eval::{evaluate, EvalResult};
+pub use eval::{evaluate, evaluate_asr_manifest, evaluate_kws_folder, EvalResult};
 pub use trainer::{train, TrainOutcome};
