@@ -235,3 +235,37 @@ fn kl_norm_matches_the_composite() {
         }
     }
 }
+
+#[test]
+fn fast_f32_exp_is_within_two_ulp() {
+    use klspeech::ops::FastExp;
+    let mut worst = 0.0f64;
+    // [-80, 87.9]: below about -87.3 the true result is subnormal; above 88 the input is clamped.
+    for i in 0..=167_900 {
+        let x = -80.0f32 + i as f32 * 0.001;
+        let got = x.fexp() as f64;
+        let want = (x as f64).exp();
+        let rel = ((got - want) / want).abs();
+        worst = worst.max(rel);
+    }
+    // 2 ulp of f32 = 2.4e-7 relative.
+    assert!(worst < 2.4e-7, "worst relative error {worst:e}");
+    assert_eq!(0.0f32.fexp(), 1.0);
+}
+
+#[test]
+fn channel_affine_matches_the_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &(b, c, t)) in [(1usize, 3usize, 17usize), (3, 5, 131), (2, 7, 1)].iter().enumerate() {
+            let x = rand(&[b, c, t], 80 + i as u64, dtype);
+            let w = rand(&[c], 81, dtype);
+            let bias = rand(&[c], 82, dtype);
+            compare(
+                "channel_affine",
+                &[x, w, bias],
+                |v| ops::channel_affine(&v[0], &v[1], &v[2]).unwrap(),
+                |v| v[0].broadcast_mul(&v[1].reshape((1, c, 1)).unwrap()).unwrap().broadcast_add(&v[2].reshape((1, c, 1)).unwrap()).unwrap(),
+            );
+        }
+    }
+}

@@ -177,7 +177,8 @@ impl Norm {
             (Some(kl), true) => kl,
             _ => {
                 let x_hat = self.normalize(x, stats_mask)?;
-                return Ok(x_hat.broadcast_mul(&self.per_feature(&self.weight, x)?)?.broadcast_add(&self.per_feature(&self.bias, x)?)?);
+                // (LastDim sites returned above through the fused LayerNorm.)
+                return crate::ops::channel_affine(&x_hat, &self.weight, &self.bias);
             }
         };
         // Drawn first, so that the fused and the composite paths see the same noise.

@@ -84,6 +84,40 @@ fn c<T: Float>(v: f64) -> T {
     T::from(v).expect("constant fits")
 }
 
+/// `exp` for the kernels: f32 gets an inlined, branch-free version the compiler can vectorize
+/// (libm's `expf` is an opaque call per element); f64 keeps `f64::exp`.
+pub trait FastExp: Float {
+    fn fexp(self) -> Self;
+}
+
+impl FastExp for f32 {
+    /// Cody-Waite reduction x = n ln 2 + r (|r| <= ln 2 / 2), exp(r) by its degree-7 Taylor
+    /// polynomial (truncation < 5e-9 relative), 2^n by building the exponent bits. Relative
+    /// error within 2 ulp on [-80, 88] (tests/ops.rs); clamped to [-87, 88] (results near the
+    /// bottom are subnormal, where f32 itself has no relative precision).
+    #[inline(always)]
+    fn fexp(self) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, so n * LN2_HI is exact
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+        let x = self.clamp(-87.0, 88.0);
+        let n = (x * LOG2E + ROUND) - ROUND;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = 1.0
+            + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        p * scale
+    }
+}
+
+impl FastExp for f64 {
+    #[inline(always)]
+    fn fexp(self) -> f64 {
+        self.exp()
+    }
+}
+
 /// Deterministic column sums of a [rows, d] matrix: fixed row chunks summed in parallel, the
 /// partial sums added in chunk order.
 fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
@@ -122,7 +156,7 @@ fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
 /// f32 loses every digit below x = -5): GELU's relative error stays under 6e-4 down to x = -4
 /// and its absolute error under 2e-7 max(1, |x|) everywhere (tests/ops.rs);
 /// f64: candle's double-precision erf.
-trait Phi: Float {
+trait Phi: FastExp {
     fn phi(x: Self) -> Self;
 }
 
@@ -132,7 +166,7 @@ impl Phi for f32 {
         let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
         let t = 1.0 / (1.0 + 0.327_591_1 * z);
         let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-        let half_erfc = 0.5 * poly * (-z * z).exp(); // (1 - erf(|z|)) / 2
+        let half_erfc = 0.5 * poly * (-z * z).fexp(); // (1 - erf(|z|)) / 2
         if x >= 0.0 {
             1.0 - half_erfc
         } else {
@@ -185,7 +219,7 @@ impl CustomOp2 for GeluErfBwd {
             let mut dx = vec![T::zero(); x.len()];
             dx.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN))).for_each(|(dx, (x, g))| {
                 for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    let pdf = inv_sqrt_2pi * (-(x * x) * c::<T>(0.5)).exp();
+                    let pdf = inv_sqrt_2pi * (-(x * x) * c::<T>(0.5)).fexp();
                     *d = g * (T::phi(x) + x * pdf);
                 }
             });
@@ -223,7 +257,7 @@ impl CustomOp1 for Softmax {
                     let m = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
                     let mut sum = T::zero();
                     for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - m).exp();
+                        *y = (x - m).fexp();
                         sum = sum + *y;
                     }
                     let inv = T::one() / sum;
@@ -798,13 +832,13 @@ struct KlNormBwd {
 }
 
 #[inline]
-fn softplus_t<T: Float>(z: T) -> T {
-    z.max(T::zero()) + (-z.abs()).exp().ln_1p()
+fn softplus_t<T: FastExp>(z: T) -> T {
+    z.max(T::zero()) + (-z.abs()).fexp().ln_1p()
 }
 
 #[inline]
-fn sigmoid_t<T: Float>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+fn sigmoid_t<T: FastExp>(z: T) -> T {
+    T::one() / (T::one() + (-z).fexp())
 }
 
 /// Runs `f` on the CPU data of the op's noise tensor.
@@ -1002,4 +1036,117 @@ pub fn kl_norm_last(
     kl_shape.pop();
     let kl = packed.narrow(0, n, rows)?.reshape(kl_shape)?;
     Ok(Some((y, kl)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel affine on [B, C, T] (GroupNorm's weight and bias)
+// ---------------------------------------------------------------------------------------------
+
+struct ChannelAffine;
+struct ChannelAffineBwd;
+
+/// (B, C, T) of a [B, C, T] layout.
+fn bct(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    match l.dims() {
+        &[b, c, t] => Ok((b, c, t)),
+        d => bail!("klspeech op: expected [B, C, T], got {d:?}"),
+    }
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "klspeech-channel-affine"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, t) = bct(l1)?;
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(t.max(1)).zip(x.par_chunks(t.max(1))).enumerate().for_each(|(row, (y, x))| {
+                let (w, b) = (w[row % c], b[row % c]);
+                y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * w + b);
+            });
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, c, _) = x.dims3()?;
+        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &ChannelAffineBwd)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, c)?;
+        let db = packed.narrow(0, n + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for ChannelAffineBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-channel-affine-bwd"
+    }
+    /// dx = g w[c]; dw[c] = sum over b, t of g x; db[c] = sum of g: per-(b, c) row sums in
+    /// parallel, then added over b in order. Output [B C T + 2 C], flat.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bsz, c, t) = bct(l1)?;
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let w = data::<T>(s2, l2)?;
+            let g = data::<T>(s3, l3)?;
+            let n = x.len();
+            let mut out = vec![T::zero(); n + 2 * c];
+            let (dx, tail) = out.split_at_mut(n);
+            let sums: Vec<(T, T)> = dx
+                .par_chunks_mut(t.max(1))
+                .zip(x.par_chunks(t.max(1)).zip(g.par_chunks(t.max(1))))
+                .enumerate()
+                .map(|(row, (dx, (x, g)))| {
+                    let w = w[row % c];
+                    let (mut sw, mut sb) = (T::zero(), T::zero());
+                    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                        *d = g * w;
+                        sw = sw + g * x;
+                        sb = sb + g;
+                    }
+                    (sw, sb)
+                })
+                .collect();
+            let (dw, db) = tail.split_at_mut(c);
+            for bi in 0..bsz {
+                for ci in 0..c {
+                    let (sw, sb) = sums[bi * c + ci];
+                    dw[ci] = dw[ci] + sw;
+                    db[ci] = db[ci] + sb;
+                }
+            }
+            Ok((T::to_cpu_storage_owned(out), Shape::from(n + 2 * c)))
+        })
+    }
+}
+
+/// `x * w[c] + b[c]` for x [B, C, T] and per-channel w, b [C], differentiable in all three (the
+/// composite's weight and bias gradients are candle reductions over two non-adjacent dims).
+pub fn channel_affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, c, _) = x.dims3()?;
+    if !fused(x) {
+        let (w, b) = (w.reshape((1, c, 1))?, b.reshape((1, c, 1))?);
+        return Ok(x.broadcast_mul(&w)?.broadcast_add(&b)?);
+    }
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, ChannelAffine)?)
 }
