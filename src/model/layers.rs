@@ -119,12 +119,14 @@ fn conv1d_unfold(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
     }
     let t = (lp - k) / stride + 1;
-    // Columns [B, G, T, C_g * K]: one parallel pass on CPU (backward: a parallel col2im).
+    // Columns [G, B, T, C_g * K]: one parallel pass on CPU (backward: a parallel col2im).
     let cols = crate::ops::im2col1d(x, k, stride, padding, groups)?;
     let co_g = c_out / groups;
-    debug_assert_eq!(cols.dims(), &[b, groups, t, c_g * k]);
-    // [C_out, C_g, K] -> [G, C_g * K, C_out / G]
+    debug_assert_eq!(cols.dims(), &[groups, b, t, c_g * k]);
+    // [C_out, C_g, K] -> [G, C_g * K, C_out / G]: one gemm per group over all B * T frames, so
+    // the weight gradient is one gemm too (no broadcast, no reduction over the batch).
     let wg = w.reshape((groups, co_g, c_g * k))?.transpose(1, 2)?;
-    let y = cols.broadcast_matmul(&wg.unsqueeze(0)?)?; // [B, G, T, co_g]
-    Ok(y.permute((0, 1, 3, 2))?.reshape((b, c_out, t))?)
+    let y = cols.reshape((groups, b * t, c_g * k))?.matmul(&wg)?; // [G, B T, co_g]
+    // -> [B, G, co_g, T] -> [B, C_out, T]
+    Ok(y.reshape((groups, b, t, co_g))?.permute((1, 0, 3, 2))?.reshape((b, c_out, t))?)
 }

@@ -596,7 +596,8 @@ impl CustomOp1 for Im2col {
     fn name(&self) -> &'static str {
         "klspeech-im2col"
     }
-    /// x [B, C, L] -> cols [B, G, T, C_g * K], cols[b, g, t, ci K + j] = x[b, g C_g + ci, t s + j - p].
+    /// x [B, C, L] -> cols [G, B, T, C_g * K], cols[g, b, t, ci K + j] = x[b, g C_g + ci, t s + j - p]
+    /// (group-major, so that the convolution is one gemm per group with no broadcast).
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = *self;
         let (cg, k) = (g.cg(), g.k);
@@ -611,8 +612,8 @@ impl CustomOp1 for Im2col {
                 for (r, out) in out.chunks_exact_mut(row).enumerate() {
                     let idx = first + r;
                     let t = idx % g.t;
-                    let bg = idx / g.t;
-                    let (bi, gi) = (bg / g.groups, bg % g.groups);
+                    let gb = idx / g.t;
+                    let (gi, bi) = (gb / g.b, gb % g.b);
                     for ci in 0..cg {
                         let src = &x[(bi * g.c + gi * cg + ci) * g.l..][..g.l];
                         let dst = &mut out[ci * k..(ci + 1) * k];
@@ -628,7 +629,7 @@ impl CustomOp1 for Im2col {
                     }
                 }
             });
-            Ok((T::to_cpu_storage_owned(cols), Shape::from((g.b, g.groups, g.t, row))))
+            Ok((T::to_cpu_storage_owned(cols), Shape::from((g.groups, g.b, g.t, row))))
         })
     }
     fn bwd(&self, _x: &Tensor, _cols: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -640,7 +641,7 @@ impl CustomOp1 for Col2im {
     fn name(&self) -> &'static str {
         "klspeech-col2im"
     }
-    /// grad cols [B, G, T, C_g K] -> dx [B, C, L]: each input sample gathers every column entry
+    /// grad cols [G, B, T, C_g K] -> dx [B, C, L]: each input sample gathers every column entry
     /// that read it (one task per input channel row, so no two tasks write the same memory).
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
@@ -652,7 +653,7 @@ impl CustomOp1 for Col2im {
             dx.par_chunks_mut(g.l).enumerate().for_each(|(bc, dst)| {
                 let (bi, ch) = (bc / g.c, bc % g.c);
                 let (gi, ci) = (ch / cg, ch % cg);
-                let base = (bi * g.groups + gi) * g.t;
+                let base = (gi * g.b + bi) * g.t;
                 for t in 0..g.t {
                     let src = &gc[(base + t) * row + ci * k..][..k];
                     let start = (t * g.stride) as isize - g.padding as isize;
@@ -669,7 +670,7 @@ impl CustomOp1 for Col2im {
     }
 }
 
-/// The columns of a grouped 1-D convolution: x [B, C, L] -> [B, G, T, (C / G) K] with
+/// The columns of a grouped 1-D convolution: x [B, C, L] -> [G, B, T, (C / G) K] with
 /// `T = (L + 2 padding - K) / stride + 1`; differentiable (its backward is a parallel col2im).
 pub fn im2col1d(x: &Tensor, k: usize, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
     let (b, c, l) = x.dims3()?;
@@ -696,8 +697,8 @@ pub fn im2col1d_composite(x: &Tensor, k: usize, stride: usize, padding: usize, g
     }
     let cols = Tensor::cat(&cols, 3)?; // [B, C, T, K]
     let cg = c / groups;
-    // [B, G, C_g, T, K] -> [B, G, T, C_g * K]
-    Ok(cols.reshape((b, groups, cg, t, k))?.permute((0, 1, 3, 2, 4))?.reshape((b, groups, t, cg * k))?)
+    // [B, G, C_g, T, K] -> [G, B, T, C_g * K]
+    Ok(cols.reshape((b, groups, cg, t, k))?.permute((1, 0, 3, 2, 4))?.reshape((groups, b, t, cg * k))?)
 }
 
 // ---------------------------------------------------------------------------------------------
