@@ -29,7 +29,7 @@ struct Args {
     data: PathBuf,
     #[arg(long, default_value = "runs/keyword_spotting")]
     out: PathBuf,
-    /// 8 epochs (144 steps): dev accuracy has levelled off by then; the study in
+    /// 8 epochs (160 steps): dev accuracy has levelled off by then; the study in
     /// docs/RESULTS.md uses the same settings.
     #[arg(long, default_value_t = 8)]
     epochs: usize,

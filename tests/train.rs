@@ -17,6 +17,10 @@ fn kws_config(data: &Path, out: &Path) -> TrainConfig {
     c.steps = Some(40);
     c.eval_every = 20;
     c.kl_warmup_steps = 10;
+    // This test is about the trainer learning at all (40 steps, a tiny random "pretrained"
+    // model); it keeps the KL weight it was written with. The default (1e-2, chosen on the
+    // real pretrained model in docs/RESULTS.md) slows this toy down to 0.79 at step 40.
+    c.kl_beta = 1e-3;
     c.quiet = true;
     c.spec_augment = false;
     c.log_every = 1;
@@ -76,7 +80,7 @@ fn train_help_documents_every_flag_with_its_default() {
     for flag in ["--task", "--model", "--data", "--out", "--norm", "--kl-sites", "--kl-beta", "--epochs", "--steps", "--device", "--resume", "--skip-bad"] {
         assert!(h.contains(flag), "{flag} missing from --help");
     }
-    for default in ["[default: kl]", "[default: encoder]", "[default: 0.001]", "[default: cpu]", "[default: 8]", "[default: linear]"] {
+    for default in ["[default: kl]", "[default: encoder]", "[default: 0.01]", "[default: cpu]", "[default: 8]", "[default: linear]"] {
         assert!(h.contains(default), "{default} missing from --help");
     }
 }

@@ -51,7 +51,7 @@ pub struct TrainConfig {
     pub norm: String,
     /// KL-Norm sites: encoder, all, last:K.
     pub kl_sites: String,
-    /// Final weight of the KL term.
+    /// Final weight of the KL term (default 1e-2, chosen by the study in docs/RESULTS.md).
     pub kl_beta: f64,
     /// Steps over which the KL weight ramps linearly from 0.
     pub kl_warmup_steps: usize,
@@ -139,7 +139,7 @@ impl TrainConfig {
             out,
             norm: "kl".into(),
             kl_sites: "encoder".into(),
-            kl_beta: 1e-3,
+            kl_beta: 1e-2,
             kl_warmup_steps: 100,
             kl_prior: "standard".into(),
             kl_sigma0: 1e-2,
