@@ -121,7 +121,6 @@ impl FastExp for f64 {
 /// Deterministic column sums of a [rows, d] matrix: fixed row chunks summed in parallel, the
 /// partial sums added in chunk order.
 fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
-    let rows = g.len() / d.max(1);
     let chunk = (ROW_GRAIN * 4).max(1);
     let partial: Vec<Vec<T>> = g
         .par_chunks(chunk * d)
@@ -141,7 +140,6 @@ fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
             *o = *o + v;
         }
     }
-    let _ = rows;
     out
 }
 
@@ -662,8 +660,8 @@ impl CustomOp1 for Im2col {
             let mut cols = vec![T::zero(); g.b * g.groups * g.t * row];
             // One task per (b, group, block of frames).
             let block = ROW_GRAIN.max(1);
-            cols.par_chunks_mut(row * block).enumerate().for_each(|(ci_, out)| {
-                let first = ci_ * block; // global row index over (b, g, t)
+            cols.par_chunks_mut(row * block).enumerate().for_each(|(task, out)| {
+                let first = task * block; // global row index over (g, b, t)
                 for (r, out) in out.chunks_exact_mut(row).enumerate() {
                     let idx = first + r;
                     let t = idx % g.t;
@@ -779,8 +777,22 @@ struct AdamMoments(AdamWScalars);
 /// Updates the parameter in place from the new moments.
 struct AdamApply(AdamWScalars);
 
-fn range(l: &Layout) -> candle_core::Result<(usize, usize)> {
-    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("klspeech op: non-contiguous in-place target".into()))
+/// Runs an in-place kernel on the contiguous f32 or f64 data of `s1`, reading `s2`.
+fn in_place(
+    s1: &mut CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    f32_kernel: impl Fn(&mut [f32], &[f32]),
+    f64_kernel: impl Fn(&mut [f64], &[f64]),
+) -> candle_core::Result<()> {
+    let (a, b) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("klspeech op: non-contiguous in-place target".into()))?;
+    match s1 {
+        CpuStorage::F32(d) => f32_kernel(&mut d[a..b], data(s2, l2)?),
+        CpuStorage::F64(d) => f64_kernel(&mut d[a..b], data(s2, l2)?),
+        other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
+    }
+    Ok(())
 }
 
 impl candle_core::InplaceOp2 for AdamMoments {
@@ -791,13 +803,7 @@ impl candle_core::InplaceOp2 for AdamMoments {
     /// m' = ((g - m) (1 - b1) + 0) + m; v' = (v b2 + 0) + (g g (1 - b2) + 0).
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let p = self.0;
-        let (a, b) = range(l1)?;
-        match s1 {
-            CpuStorage::F32(d) => moments::<f32>(&mut d[a..b], data(s2, l2)?, p),
-            CpuStorage::F64(d) => moments::<f64>(&mut d[a..b], data(s2, l2)?, p),
-            other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
-        }
-        Ok(())
+        in_place(s1, l1, s2, l2, |d: &mut [f32], g: &[f32]| moments(d, g, p), |d: &mut [f64], g: &[f64]| moments(d, g, p))
     }
 }
 
@@ -820,13 +826,7 @@ impl candle_core::InplaceOp2 for AdamApply {
     /// theta' = (theta (1 - lr wd) + 0) - ((m / ((sqrt(v) (1 / bc2) + 0) 1 + eps)) step + 0).
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let p = self.0;
-        let (a, b) = range(l1)?;
-        match s1 {
-            CpuStorage::F32(d) => apply::<f32>(&mut d[a..b], data(s2, l2)?, p),
-            CpuStorage::F64(d) => apply::<f64>(&mut d[a..b], data(s2, l2)?, p),
-            other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
-        }
-        Ok(())
+        in_place(s1, l1, s2, l2, |d: &mut [f32], mv: &[f32]| apply(d, mv, p), |d: &mut [f64], mv: &[f64]| apply(d, mv, p))
     }
 }
 
