@@ -140,25 +140,54 @@ fn add_bias_matches_the_composite() {
 }
 
 #[test]
-fn im2col_matches_the_composite() {
-    // (batch, channels, length, kernel, stride, padding, groups): the feature encoder's first
-    // and later layers, kernel == stride, the positional conv (even kernel, padding K/2, groups).
+fn channels_last_conv_matches_the_composite() {
+    // (batch, length, c_in, c_out, kernel, stride, padding, groups, max frames): the feature
+    // encoder's first layer (one input channel, K = 2 s), K = 3 / s = 2, kernel == stride, the
+    // positional conv (even kernel, padding K/2, groups, last frame dropped; K > 4 s takes the
+    // column scatter), a padded grouped kernel of exactly four strides, and enough clips that
+    // the (group, clip) tasks run in parallel instead of gemm.
     let cases = [
-        (1, 1, 977, 10, 5, 0, 1),
-        (3, 6, 203, 3, 2, 0, 1),
-        (2, 5, 64, 2, 2, 0, 1),
-        (2, 8, 71, 16, 1, 8, 4),
-        (1, 6, 9, 5, 1, 2, 2),
-        (3, 4, 130, 4, 3, 1, 2),
+        (1, 977, 1, 8, 10, 5, 0, 1, None),
+        (3, 203, 6, 10, 3, 2, 0, 1, None),
+        (2, 64, 5, 7, 2, 2, 0, 1, None),
+        (2, 71, 8, 8, 16, 1, 8, 4, Some(71)),
+        (1, 9, 6, 4, 4, 1, 2, 2, None),
+        (3, 130, 4, 6, 5, 3, 1, 2, None),
+        (9, 33, 3, 5, 3, 2, 0, 1, None),
     ];
     for dtype in [DType::F32, DType::F64] {
-        for (i, &(b, c, l, k, s, p, g)) in cases.iter().enumerate() {
-            let x = rand(&[b, c, l], 50 + i as u64, dtype);
+        for (i, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
+            let x = rand(&[b, l, ci], 90 + i as u64, dtype);
+            let w = rand(&[co, ci / g, k], 95 + i as u64, dtype);
             compare(
-                &format!("im2col {:?}", (b, c, l, k, s, p, g)),
-                &[x],
-                |t| ops::im2col1d(&t[0], k, s, p, g).unwrap(),
-                |t| ops::im2col1d_composite(&t[0], k, s, p, g).unwrap(),
+                &format!("conv1d_cl {:?}", (b, l, ci, co, k, s, p, g, max_t)),
+                &[x, w],
+                |t| ops::conv1d_cl(&t[0], &t[1], s, p, g, max_t).unwrap(),
+                |t| {
+                    let y = ops::conv1d_cl_composite(&t[0], &t[1], s, p, g).unwrap();
+                    match max_t {
+                        Some(m) => y.narrow(1, 0, m).unwrap(),
+                        None => y,
+                    }
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn channels_last_group_norm_matches_the_composite() {
+    // [B, T, C] with C below, at and above one 64-channel block, T = 1 (zero variance).
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &(b, t, c)) in [(1usize, 7usize, 13usize), (3, 131, 5), (2, 33, 77), (2, 50, 64), (1, 1, 3)].iter().enumerate() {
+            let x = rand(&[b, t, c], 100 + i as u64, dtype).affine(3.0, 1.0).unwrap();
+            let w = rand(&[c], 101, dtype);
+            let bias = rand(&[c], 102, dtype);
+            compare(
+                &format!("group_norm_cl {:?}", (b, t, c)),
+                &[x, w, bias],
+                |v| ops::group_norm_cl(&v[0], &v[1], &v[2], 1e-5).unwrap(),
+                |v| ops::group_norm_cl_composite(&v[0], &v[1], &v[2], 1e-5).unwrap(),
             );
         }
     }
@@ -177,6 +206,20 @@ fn results_do_not_depend_on_the_thread_count() {
     };
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(go);
     let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(go);
+    assert_eq!(one, three);
+
+    // The convolution: (group, clip) tasks in parallel or gemm in parallel, by thread count.
+    let x = rand(&[3, 101, 8], 62, DType::F32);
+    let w = rand(&[8, 2, 6], 63, DType::F32);
+    let conv = || {
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let y = ops::conv1d_cl(xv.as_tensor(), wv.as_tensor(), 1, 3, 4, None).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (flat(&y), flat(g.get(xv.as_tensor()).unwrap()), flat(g.get(wv.as_tensor()).unwrap()))
+    };
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(conv);
+    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(conv);
     assert_eq!(one, three);
 }
 

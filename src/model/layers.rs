@@ -91,47 +91,23 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// 1-D convolution x [B, C_in, L] * w [C_out, C_in / groups, K] -> [B, C_out, T] with
-/// `T = (L + 2 padding - K) / stride + 1`, built from differentiable ops (im2col by strided
-/// narrows, then one batched gemm per group).
+/// `T = (L + 2 padding - K) / stride + 1`, differentiable: [`crate::ops::conv1d_cl`] on the
+/// transposed input (the model itself keeps activations channels-last and calls that directly).
 ///
 /// candle 0.11's own `conv1d` computes correct outputs but wrong gradients (the kernel gradient
 /// always, the input gradient for stride 1; `tests/conv.rs` checks ours against finite
-/// differences), so every trained convolution goes through this function.
+/// differences), so every trained convolution goes through `crate::ops::conv1d_cl`.
 pub fn conv1d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
-    conv1d_unfold(x, w, stride, padding, groups)
+    Ok(crate::ops::conv1d_cl(&x.transpose(1, 2)?, w, stride, padding, groups, None)?.transpose(1, 2)?)
 }
 
-/// [`conv1d`] when no gradient will flow through it. On the CPU, the fused im2col and one gemm
-/// per group (faster than candle's conv1d, whose im2col runs on one thread); elsewhere
-/// candle's own forward (correct; only its backward is wrong).
-pub fn conv1d_no_grad(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && crate::ops::enabled() {
-        return conv1d_unfold(&x.detach(), &w.detach(), stride, padding, groups);
+/// Channels-last convolution x [B, L, C_in] -> [B, T, C_out] (at most `max_t` frames); with
+/// `grad == false` nothing is recorded for a backward pass, so off the CPU candle's faster
+/// `conv1d` kernel runs.
+pub fn conv1d_channels_last(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>, grad: bool) -> Result<Tensor> {
+    if grad {
+        crate::ops::conv1d_cl(x, w, stride, padding, groups, max_t)
+    } else {
+        crate::ops::conv1d_cl(&x.detach(), &w.detach(), stride, padding, groups, max_t)
     }
-    Ok(x.conv1d(w, padding, stride, 1, groups)?)
-}
-
-fn conv1d_unfold(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
-    let (b, c_in, l) = x.dims3()?;
-    let (c_out, c_g, k) = w.dims3()?;
-    if c_in != c_g * groups || c_out % groups != 0 || stride == 0 {
-        return Err(Error::InvalidInput(format!(
-            "conv1d: input [{b}, {c_in}, {l}] and kernel [{c_out}, {c_g}, {k}] with {groups} groups, stride {stride}"
-        )));
-    }
-    let lp = l + 2 * padding;
-    if lp < k {
-        return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
-    }
-    let t = (lp - k) / stride + 1;
-    // Columns [G, B, T, C_g * K]: one parallel pass on CPU (backward: a parallel col2im).
-    let cols = crate::ops::im2col1d(x, k, stride, padding, groups)?;
-    let co_g = c_out / groups;
-    debug_assert_eq!(cols.dims(), &[groups, b, t, c_g * k]);
-    // [C_out, C_g, K] -> [G, C_g * K, C_out / G]: one gemm per group over all B * T frames, so
-    // the weight gradient is one gemm too (no broadcast, no reduction over the batch).
-    let wg = w.reshape((groups, co_g, c_g * k))?.transpose(1, 2)?;
-    let y = cols.reshape((groups, b * t, c_g * k))?.matmul(&wg)?; // [G, B T, co_g]
-    // -> [B, G, co_g, T] -> [B, C_out, T]
-    Ok(y.reshape((groups, b, t, co_g))?.permute((1, 0, 3, 2))?.reshape((b, c_out, t))?)
 }

@@ -99,8 +99,9 @@ impl KlSites {
 pub struct ForwardCtx {
     /// Training mode: dropout, layerdrop and KL-Norm sampling are active.
     pub train: bool,
-    /// Whether gradients will be taken: convolutions then use klspeech's differentiable
-    /// im2col path (candle's conv1d backward is wrong), otherwise candle's faster forward.
+    /// Whether gradients will be taken. Without, convolutions record nothing for a backward
+    /// pass (off the CPU that selects candle's conv1d kernel, whose backward is wrong) and
+    /// LayerNorm / softmax may use candle's gradient-less fused kernels.
     pub grad: bool,
     /// Padding-aware mode (beyond transformers): GroupNorm statistics ignore padded frames, so
     /// a clip's output does not depend on the batch it is in.

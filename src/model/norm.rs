@@ -205,6 +205,17 @@ impl Norm {
         Ok(y)
     }
 
+    /// A [`NormAxis::Time`] site (per-channel GroupNorm) on channels-last x [B, T, C]: the fused
+    /// channels-last op where it applies (plain GroupNorm, or KL-Norm in evaluation, with
+    /// statistics over every frame), else [`Norm::forward`] on the transposed input.
+    pub fn forward_time_channels_last(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let stats_mask = if ctx.padding_aware { time_mask } else { None };
+        if stats_mask.is_none() && (self.kl.is_none() || !ctx.train) {
+            return crate::ops::group_norm_cl(x, &self.weight, &self.bias, self.eps);
+        }
+        Ok(self.forward(&x.transpose(1, 2)?, time_mask, ctx)?.transpose(1, 2)?)
+    }
+
     /// The KL-Norm training-mode composite: the sample y and the KL summed over features per
     /// position ([B, T]).
     fn kl_composite(&self, x: &Tensor, stats_mask: Option<&Tensor>, kl: &KlParams, noise: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::Wav2Vec2Config;
-use super::layers::{conv1d, conv1d_no_grad, softmax_last, Activation, Linear};
+use super::layers::{conv1d_channels_last, softmax_last, Activation, Linear};
 use super::norm::{KlSettings, Norm, NormAxis};
 use super::params::{Init, Vb};
 use super::{ForwardCtx, KlSites};
@@ -44,21 +44,22 @@ struct ConvLayer {
 }
 
 impl ConvLayer {
-    /// x [B, C_in, L] -> [B, C_out, L'].
+    /// x [B, L, C_in] -> [B, L', C_out], channels last (each conv is then gemm on the input
+    /// in place, and LayerNorm over channels is over the last dimension).
     fn forward(&self, x: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let mut y = if ctx.grad { conv1d(x, &self.weight, self.stride, 0, 1)? } else { conv1d_no_grad(x, &self.weight, self.stride, 0, 1)? };
+        let mut y = conv1d_channels_last(x, &self.weight, self.stride, 0, 1, None, ctx.grad)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, (), 1))?)?;
+            y = crate::ops::add_bias(&y, b)?;
         }
         if let Some(norm) = &self.norm {
-            let t = y.dim(2)?;
+            let t = y.dim(1)?;
             let mask = match lengths {
                 Some(l) => Some(length_mask(l, t, y.dtype(), y.device())?),
                 None => None,
             };
             y = match norm_axis(norm) {
-                NormAxis::Time => norm.forward(&y, mask.as_ref(), ctx)?,
-                NormAxis::LastDim => norm.forward(&y.transpose(1, 2)?, mask.as_ref(), ctx)?.transpose(1, 2)?,
+                NormAxis::Time => norm.forward_time_channels_last(&y, mask.as_ref(), ctx)?,
+                NormAxis::LastDim => norm.forward(&y, mask.as_ref(), ctx)?,
             };
         }
         self.act.forward(&y)
@@ -100,10 +101,10 @@ impl FeatureEncoder {
         Ok(FeatureEncoder { layers, kernels: cfg.conv_kernel.clone(), strides: cfg.conv_stride.clone() })
     }
 
-    /// input_values [B, L] -> features [B, C, T]; `lengths` (samples per clip) drive the
-    /// padding-aware statistics.
+    /// input_values [B, L] -> features [B, T, C] (channels last); `lengths` (samples per clip)
+    /// drive the padding-aware statistics.
     pub fn forward(&self, input: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let mut x = input.unsqueeze(1)?;
+        let mut x = input.unsqueeze(2)?; // [B, L, 1]
         let mut lens: Option<Vec<usize>> = lengths.map(|l| l.to_vec());
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(l) = lens.as_mut() {
@@ -151,15 +152,11 @@ impl PositionalConvEmbedding {
         // ||v|| over every dim except 2: [1, 1, K].
         let norm = self.weight_v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
         let w = self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?;
-        let x = h.transpose(1, 2)?.contiguous()?;
-        let mut y = if grad { conv1d(&x, &w, 1, self.kernel / 2, self.groups)? } else { conv1d_no_grad(&x, &w, 1, self.kernel / 2, self.groups)? };
-        y = y.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
-        if self.kernel % 2 == 0 {
-            // Wav2Vec2SamePadLayer: an even kernel with padding k/2 yields one extra frame.
-            let t = y.dim(2)? - 1;
-            y = y.narrow(2, 0, t)?;
-        }
-        self.act.forward(&y)?.transpose(1, 2).map_err(Into::into)
+        // Channels last, padding K/2; an even kernel yields one extra frame, which
+        // Wav2Vec2SamePadLayer drops: keep the first T.
+        let t = h.dim(1)?;
+        let y = conv1d_channels_last(h, &w, 1, self.kernel / 2, self.groups, Some(t), grad)?;
+        self.act.forward(&crate::ops::add_bias(&y, &self.bias)?)
     }
 }
 
@@ -393,7 +390,7 @@ impl Wav2Vec2Model {
 
     /// Conv features [B, T, C] (before projection) and frame lengths.
     pub fn extract(&self, input_values: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        Ok(self.feature_extractor.forward(input_values, lengths, ctx)?.transpose(1, 2)?)
+        self.feature_extractor.forward(input_values, lengths, ctx)
     }
 
     /// input_values [B, L] (and per-clip sample counts for a padded batch) -> encoder output.

@@ -84,6 +84,11 @@ fn c<T: Float>(v: f64) -> T {
     T::from(v).expect("constant fits")
 }
 
+mod conv;
+mod group_norm;
+pub use conv::{conv1d_cl, conv1d_cl_composite};
+pub use group_norm::{group_norm_cl, group_norm_cl_composite};
+
 /// `exp` for the kernels: f32 gets an inlined, branch-free version the compiler can vectorize
 /// (libm's `expf` is an opaque call per element); f64 keeps `f64::exp`.
 pub trait FastExp: Float {
@@ -624,117 +629,9 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 // im2col for 1-D convolutions
 // ---------------------------------------------------------------------------------------------
 
-/// Geometry of a grouped 1-D convolution's columns.
-#[derive(Debug, Clone, Copy)]
-struct Im2col {
-    b: usize,
-    c: usize,
-    l: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    groups: usize,
-    t: usize,
-}
-
-impl Im2col {
-    fn cg(&self) -> usize {
-        self.c / self.groups
-    }
-}
-
-struct Col2im(Im2col);
-
-impl CustomOp1 for Im2col {
-    fn name(&self) -> &'static str {
-        "klspeech-im2col"
-    }
-    /// x [B, C, L] -> cols [G, B, T, C_g * K], cols[g, b, t, ci K + j] = x[b, g C_g + ci, t s + j - p]
-    /// (group-major, so that the convolution is one gemm per group with no broadcast).
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = *self;
-        let (cg, k) = (g.cg(), g.k);
-        let row = cg * k;
-        by_dtype!(s, T => {
-            let x = data::<T>(s, l)?;
-            let mut cols = vec![T::zero(); g.b * g.groups * g.t * row];
-            // One task per (b, group, block of frames).
-            let block = ROW_GRAIN.max(1);
-            cols.par_chunks_mut(row * block).enumerate().for_each(|(task, out)| {
-                let first = task * block; // global row index over (g, b, t)
-                for (r, out) in out.chunks_exact_mut(row).enumerate() {
-                    let idx = first + r;
-                    let t = idx % g.t;
-                    let gb = idx / g.t;
-                    let (gi, bi) = (gb / g.b, gb % g.b);
-                    for ci in 0..cg {
-                        let src = &x[(bi * g.c + gi * cg + ci) * g.l..][..g.l];
-                        let dst = &mut out[ci * k..(ci + 1) * k];
-                        let start = (t * g.stride) as isize - g.padding as isize;
-                        if start >= 0 && start as usize + k <= g.l {
-                            dst.copy_from_slice(&src[start as usize..start as usize + k]);
-                        } else {
-                            for (j, d) in dst.iter_mut().enumerate() {
-                                let pos = start + j as isize;
-                                *d = if pos >= 0 && (pos as usize) < g.l { src[pos as usize] } else { T::zero() };
-                            }
-                        }
-                    }
-                }
-            });
-            Ok((T::to_cpu_storage_owned(cols), Shape::from((g.groups, g.b, g.t, row))))
-        })
-    }
-    fn bwd(&self, _x: &Tensor, _cols: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&Col2im(*self))?))
-    }
-}
-
-impl CustomOp1 for Col2im {
-    fn name(&self) -> &'static str {
-        "klspeech-col2im"
-    }
-    /// grad cols [G, B, T, C_g K] -> dx [B, C, L]: each input sample gathers every column entry
-    /// that read it (one task per input channel row, so no two tasks write the same memory).
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let (cg, k) = (g.cg(), g.k);
-        let row = cg * k;
-        by_dtype!(s, T => {
-            let gc = data::<T>(s, l)?;
-            let mut dx = vec![T::zero(); g.b * g.c * g.l];
-            dx.par_chunks_mut(g.l).enumerate().for_each(|(bc, dst)| {
-                let (bi, ch) = (bc / g.c, bc % g.c);
-                let (gi, ci) = (ch / cg, ch % cg);
-                let base = (gi * g.b + bi) * g.t;
-                for t in 0..g.t {
-                    let src = &gc[(base + t) * row + ci * k..][..k];
-                    let start = (t * g.stride) as isize - g.padding as isize;
-                    for (j, &v) in src.iter().enumerate() {
-                        let pos = start + j as isize;
-                        if pos >= 0 && (pos as usize) < g.l {
-                            dst[pos as usize] = dst[pos as usize] + v;
-                        }
-                    }
-                }
-            });
-            Ok((T::to_cpu_storage_owned(dx), Shape::from((g.b, g.c, g.l))))
-        })
-    }
-}
-
-/// The columns of a grouped 1-D convolution: x [B, C, L] -> [G, B, T, (C / G) K] with
-/// `T = (L + 2 padding - K) / stride + 1`; differentiable (its backward is a parallel col2im).
-pub fn im2col1d(x: &Tensor, k: usize, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
-    let (b, c, l) = x.dims3()?;
-    let t = (l + 2 * padding - k) / stride + 1;
-    if !fused(x) {
-        return im2col1d_composite(x, k, stride, padding, groups);
-    }
-    Ok(x.contiguous()?.apply_op1(Im2col { b, c, l, k, stride, padding, groups, t })?)
-}
-
-/// [`im2col1d`] from strided narrows (the reference and the non-CPU path).
+/// The columns of a grouped 1-D convolution, x [B, C, L] -> [G, B, T, (C / G) K] with
+/// `T = (L + 2 padding - K) / stride + 1`, from strided narrows: the differentiable path of
+/// [`conv1d_cl`] off the CPU and its reference in the tests.
 pub fn im2col1d_composite(x: &Tensor, k: usize, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
     let (b, c, l) = x.dims3()?;
     let t = (l + 2 * padding - k) / stride + 1;

@@ -1,0 +1,408 @@
+//! Channels-last grouped 1-D convolution on gemm, with no column matrix.
+//!
+//! With activations laid out [B, L, C], the receptive field of output frame t in group g is the
+//! contiguous run `x[b, t s .. t s + K, g]` of K * C_g values, and the run of frame t + 1 starts
+//! s * C_g values later. So the column matrix of an im2col is a *strided view* of the input
+//! (rows s C_g apart, overlapping when K > s), and gemm reads it in place: the forward pass is
+//! one gemm per (group, clip) straight from the input, and so is the weight gradient. Only a
+//! padded or grouped input is first copied once into a group-major [G, B, L + 2p, C_g] buffer
+//! (the positional conv: that copy is the size of the input, where im2col's columns were K
+//! times it). The input gradient writes each kernel tap block `q` (taps q s .. q s + s) with
+//! one gemm into the rows it touches (disjoint within the block, so gemm accumulates in place);
+//! kernels much longer than their stride (the positional conv) go through a per-task column
+//! buffer and a scatter-add instead.
+//!
+//! Weights stay in PyTorch's [C_out, C_g, K] layout outside; inside, each call reorders them to
+//! [G, K C_g, C_out / G] (tap-major rows, matching the input runs).
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use num_traits::Float;
+use candle_core::backend::BackendStorage;
+use rayon::prelude::*;
+
+use super::{data, fused};
+use crate::error::{Error, Result};
+
+/// Geometry of one convolution: x [B, L, C_in] -> y [B, T, C_out].
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    l: usize,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    /// Output frames (possibly fewer than the convolution yields, see `max_t`).
+    t: usize,
+}
+
+impl Geom {
+    fn cg(&self) -> usize {
+        self.c_in / self.groups
+    }
+    fn og(&self) -> usize {
+        self.c_out / self.groups
+    }
+    fn lp(&self) -> usize {
+        self.l + 2 * self.padding
+    }
+    /// K * C_g: one output frame's receptive field.
+    fn kc(&self) -> usize {
+        self.k * self.cg()
+    }
+    /// The input is read in place (no padding, one group); else through the packed copy.
+    fn direct(&self) -> bool {
+        self.padding == 0 && self.groups == 1
+    }
+    /// Offset of (group, clip) in the input as gemm reads it (x itself or the packed copy).
+    fn base(&self, gi: usize, bi: usize) -> usize {
+        (gi * self.b + bi) * self.lp() * self.cg()
+    }
+}
+
+/// A raw pointer that parallel tasks share; each task writes a region no other task touches.
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// (A method, so that closures capture the Sync wrapper, not the raw field.)
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Runs `f(task, parallelism)` for every task: in parallel over tasks when there are enough of
+/// them to keep every thread busy, else one after the other with gemm itself parallel. Each
+/// task's result does not depend on the choice (gemm splits its output, never its sum).
+fn run_tasks(tasks: usize, f: impl Fn(usize, Parallelism) + Sync) {
+    let n = rayon::current_num_threads();
+    if n > 1 && tasks >= 2 * n {
+        (0..tasks).into_par_iter().for_each(|i| f(i, Parallelism::None));
+    } else {
+        let par = if n > 1 { Parallelism::Rayon(n) } else { Parallelism::None };
+        (0..tasks).for_each(|i| f(i, par));
+    }
+}
+
+/// dst [m, n] (row stride `dst_rs`) = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n], every
+/// operand addressed by (row stride, column stride).
+///
+/// Safety: every address the strides reach must lie inside the operand's allocation.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<T: 'static + Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// x [B, L, C_in] -> group-major, zero-padded [G, B, L + 2p, C_g].
+fn pack<T: WithDType + Float>(x: &[T], g: &Geom) -> Vec<T> {
+    let (cg, lp) = (g.cg(), g.lp());
+    let mut xp = vec![T::zero(); g.groups * g.b * lp * cg];
+    xp.par_chunks_mut(lp * cg).enumerate().for_each(|(gb, dst)| {
+        let (gi, bi) = (gb / g.b, gb % g.b);
+        for l in 0..g.l {
+            let src = &x[(bi * g.l + l) * g.c_in + gi * cg..][..cg];
+            dst[(l + g.padding) * cg..][..cg].copy_from_slice(src);
+        }
+    });
+    xp
+}
+
+/// The inverse of [`pack`] for gradients: [G, B, L + 2p, C_g] -> [B, L, C_in] (padding dropped).
+fn unpack<T: WithDType + Float>(xp: &[T], g: &Geom) -> Vec<T> {
+    let (cg, lp) = (g.cg(), g.lp());
+    let mut x = vec![T::zero(); g.b * g.l * g.c_in];
+    x.par_chunks_mut(g.l * g.c_in).enumerate().for_each(|(bi, dst)| {
+        for gi in 0..g.groups {
+            let src = &xp[(gi * g.b + bi) * lp * cg..][..lp * cg];
+            for l in 0..g.l {
+                dst[l * g.c_in + gi * cg..][..cg].copy_from_slice(&src[(l + g.padding) * cg..][..cg]);
+            }
+        }
+    });
+    x
+}
+
+/// w [C_out, C_g, K] -> wr [G, K C_g, C_out / G] with wr[g, k C_g + c, o] = w[g og + o, c, k].
+fn reorder_weight<T: WithDType + Float>(w: &[T], g: &Geom) -> Vec<T> {
+    let (cg, og, k) = (g.cg(), g.og(), g.k);
+    let mut wr = vec![T::zero(); g.c_out * cg * k];
+    wr.par_chunks_mut(k * cg * og).enumerate().for_each(|(gi, dst)| {
+        for o in 0..og {
+            let src = &w[(gi * og + o) * cg * k..][..cg * k];
+            for c in 0..cg {
+                for kk in 0..k {
+                    dst[(kk * cg + c) * og + o] = src[c * k + kk];
+                }
+            }
+        }
+    });
+    wr
+}
+
+/// The inverse of [`reorder_weight`] (for the weight gradient).
+fn restore_weight<T: WithDType + Float>(wr: &[T], g: &Geom) -> Vec<T> {
+    let (cg, og, k) = (g.cg(), g.og(), g.k);
+    let mut w = vec![T::zero(); g.c_out * cg * k];
+    w.par_chunks_mut(cg * k).enumerate().for_each(|(co, dst)| {
+        let (gi, o) = (co / og, co % og);
+        let src = &wr[gi * k * cg * og..][..k * cg * og];
+        for c in 0..cg {
+            for kk in 0..k {
+                dst[c * k + kk] = src[(kk * cg + c) * og + o];
+            }
+        }
+    });
+    w
+}
+
+/// y [B, T, C_out]: per (group, clip) y_gb [T, og] = X_gb (strided view [T, K C_g]) wr_g.
+fn forward<T: WithDType + Float>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let wr = reorder_weight(w, g);
+    let packed;
+    let src: &[T] = if g.direct() {
+        x
+    } else {
+        packed = pack(x, g);
+        &packed
+    };
+    let (og, kc, cg) = (g.og(), g.kc(), g.cg());
+    let mut y = vec![T::zero(); g.b * g.t * g.c_out];
+    let yp = Ptr(y.as_mut_ptr());
+    let (sp, wp) = (src.as_ptr() as usize, wr.as_ptr() as usize);
+    run_tasks(g.groups * g.b, |task, par| {
+        let (gi, bi) = (task / g.b, task % g.b);
+        // Safety: row t of the view ends at base + t s C_g + K C_g <= base + L_p C_g (T frames
+        // fit the padded input); the destination block (clip bi, group gi) is this task's alone.
+        unsafe {
+            mm(
+                (g.t, og, kc),
+                yp.get().add(bi * g.t * g.c_out + gi * og),
+                g.c_out,
+                false,
+                (sp as *const T).add(g.base(gi, bi)),
+                (g.stride * cg, 1),
+                (wp as *const T).add(gi * kc * og),
+                (og, 1),
+                par,
+            )
+        }
+    });
+    y
+}
+
+/// dw [C_out, C_g, K]: per group, sum over clips (in clip order) of X_gb^T dy_gb.
+fn weight_grad<T: WithDType + Float>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let packed;
+    let src: &[T] = if g.direct() {
+        x
+    } else {
+        packed = pack(x, g);
+        &packed
+    };
+    let (og, kc, cg) = (g.og(), g.kc(), g.cg());
+    let mut dwr = vec![T::zero(); g.groups * kc * og];
+    let dp = Ptr(dwr.as_mut_ptr());
+    let (sp, gp) = (src.as_ptr() as usize, dy.as_ptr() as usize);
+    run_tasks(g.groups, |gi, par| {
+        for bi in 0..g.b {
+            // Safety: as in `forward`; the destination (group gi) is this task's alone.
+            unsafe {
+                mm(
+                    (kc, og, g.t),
+                    dp.get().add(gi * kc * og),
+                    og,
+                    bi > 0,
+                    (sp as *const T).add(g.base(gi, bi)),
+                    (1, g.stride * cg),
+                    (gp as *const T).add(bi * g.t * g.c_out + gi * og),
+                    (g.c_out, 1),
+                    par,
+                )
+            }
+        }
+    });
+    restore_weight(&dwr, g)
+}
+
+/// dx [B, L, C_in] from dy [B, T, C_out] and the weight.
+fn input_grad<T: WithDType + Float>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let wr = reorder_weight(w, g);
+    let (og, kc, cg, s) = (g.og(), g.kc(), g.cg(), g.stride);
+    let lp = g.lp();
+    let mut dxp = vec![T::zero(); g.groups * g.b * lp * cg];
+    let dp = Ptr(dxp.as_mut_ptr());
+    let (gp, wp) = (dy.as_ptr() as usize, wr.as_ptr() as usize);
+    let blocks = g.k.div_ceil(s);
+    run_tasks(g.groups * g.b, |task, par| {
+        let (gi, bi) = (task / g.b, task % g.b);
+        let lhs = unsafe { (gp as *const T).add(bi * g.t * g.c_out + gi * og) };
+        let w_g = unsafe { (wp as *const T).add(gi * kc * og) };
+        let dst = unsafe { dp.get().add(g.base(gi, bi)) };
+        if blocks <= 4 {
+            // Taps q s .. q s + s of every frame land on disjoint rows s C_g apart: one gemm per
+            // block q writes them, accumulating onto the blocks before it.
+            for q in 0..blocks {
+                let k0 = q * s;
+                let width = s.min(g.k - k0) * cg;
+                // Safety: frame t's block ends at t s C_g + k0 C_g + width <= L_p C_g.
+                unsafe {
+                    mm((g.t, width, og), dst.add(k0 * cg), s * cg, q > 0, lhs, (g.c_out, 1), w_g.add(k0 * cg * og), (1, og), par)
+                }
+            }
+        } else {
+            // Long kernels: the gradient of this task's columns [T, K C_g], then a scatter-add.
+            let mut cols = vec![T::zero(); g.t * kc];
+            unsafe { mm((g.t, kc, og), cols.as_mut_ptr(), kc, false, lhs, (g.c_out, 1), w_g, (1, og), par) };
+            // Safety: this task owns dst[0 .. L_p C_g].
+            let out = unsafe { std::slice::from_raw_parts_mut(dst, lp * cg) };
+            for (t, row) in cols.chunks_exact(kc).enumerate() {
+                let o = &mut out[t * s * cg..][..kc];
+                o.iter_mut().zip(row).for_each(|(a, &v)| *a = *a + v);
+            }
+        }
+    });
+    if g.direct() {
+        dxp
+    } else {
+        unpack(&dxp, g)
+    }
+}
+
+struct ConvCl(Geom);
+struct ConvClDx(Geom);
+struct ConvClDw(Geom);
+
+impl CustomOp2 for ConvCl {
+    fn name(&self) -> &'static str {
+        "klspeech-conv1d-cl"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        by_dtype!(s1, T => {
+            let y = forward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g);
+            Ok((T::to_cpu_storage_owned(y), Shape::from((g.b, g.t, g.c_out))))
+        })
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        // The first layer's input (the waveform) needs no gradient: skip its gemms.
+        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &ConvClDx(self.0))?) } else { None };
+        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&dy, &ConvClDw(self.0))?) } else { None };
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for ConvClDx {
+    fn name(&self) -> &'static str {
+        "klspeech-conv1d-cl-dx"
+    }
+    /// (dy [B, T, C_out], w) -> dx [B, L, C_in].
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        by_dtype!(s1, T => {
+            let dx = input_grad(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g);
+            Ok((T::to_cpu_storage_owned(dx), Shape::from((g.b, g.l, g.c_in))))
+        })
+    }
+}
+
+impl CustomOp2 for ConvClDw {
+    fn name(&self) -> &'static str {
+        "klspeech-conv1d-cl-dw"
+    }
+    /// (x [B, L, C_in], dy [B, T, C_out]) -> dw [C_out, C_g, K].
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        by_dtype!(s1, T => {
+            let dw = weight_grad(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g);
+            Ok((T::to_cpu_storage_owned(dw), Shape::from((g.c_out, g.cg(), g.k))))
+        })
+    }
+}
+
+/// Output frames of a convolution over `l` samples: `(l + 2 padding - k) / stride + 1`.
+fn out_len(l: usize, k: usize, stride: usize, padding: usize) -> Option<usize> {
+    let lp = l + 2 * padding;
+    (stride > 0 && lp >= k).then(|| (lp - k) / stride + 1)
+}
+
+/// Grouped 1-D convolution on channels-last activations: x [B, L, C_in] with a PyTorch weight
+/// w [C_out, C_in / groups, K] -> y [B, T, C_out], `T = (L + 2 padding - K) / stride + 1`, or
+/// only its first `max_t` frames (the positional conv's "same" padding drops the last frame).
+///
+/// Differentiable in x and w. On the CPU in f32/f64 the gemm-direct op above; elsewhere (and
+/// with the fused ops off) the im2col composite, or candle's `conv1d` when no gradient is taken.
+pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
+    let (b, l, c_in) = x.dims3()?;
+    let (c_out, c_g, k) = w.dims3()?;
+    if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 {
+        return Err(Error::InvalidInput(format!(
+            "conv1d: input [{b}, {l}, {c_in}] (channels last) and kernel [{c_out}, {c_g}, {k}] with {groups} groups, stride {stride}"
+        )));
+    }
+    let Some(full_t) = out_len(l, k, stride, padding) else {
+        return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
+    };
+    let t = max_t.map_or(full_t, |m| m.min(full_t));
+    if fused(x) && x.dtype() == w.dtype() {
+        let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ConvCl(geom))?);
+    }
+    let y = if !x.track_op() && !w.track_op() {
+        // No gradient: candle's own kernel (its forward is right; its backward is not).
+        x.transpose(1, 2)?.conv1d(w, padding, stride, 1, groups)?.transpose(1, 2)?
+    } else {
+        conv1d_cl_composite(x, w, stride, padding, groups)?
+    };
+    Ok(if t < full_t { y.narrow(1, 0, t)? } else { y })
+}
+
+/// [`conv1d_cl`] from im2col columns and one batched gemm per group (the reference for the
+/// tests and the differentiable path off the CPU).
+pub fn conv1d_cl_composite(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> Result<Tensor> {
+    let (b, _l, _c_in) = x.dims3()?;
+    let (c_out, c_g, k) = w.dims3()?;
+    let cols = super::im2col1d_composite(&x.transpose(1, 2)?, k, stride, padding, groups)?; // [G, B, T, C_g K]
+    let t = cols.dim(2)?;
+    let og = c_out / groups;
+    // [C_out, C_g, K] -> [G, C_g K, og]
+    let wg = w.reshape((groups, og, c_g * k))?.transpose(1, 2)?;
+    let y = cols.reshape((groups, b * t, c_g * k))?.matmul(&wg)?; // [G, B T, og]
+    // [G, B, T, og] -> [B, T, G, og] -> [B, T, C_out]
+    Ok(y.reshape((groups, b, t, og))?.permute((1, 2, 0, 3))?.reshape((b, t, c_out))?)
+}
