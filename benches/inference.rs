@@ -260,6 +260,7 @@ fn run_child(name: &str, fused: bool) -> Option<serde_json::Value> {
 }
 
 fn main() {
+    klspeech::device::tune_cpu_runtime();
     let device_name = std::env::var("KLSPEECH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dev = klspeech::device::parse_device(&device_name).expect("device");
     if let Ok(name) = std::env::var("KLSPEECH_BENCH_CHILD") {

@@ -170,6 +170,7 @@ fn run_one(a: &Args, v: &Variant, seed: u64, out: &Path) -> anyhow::Result<serde
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    klspeech::device::tune_cpu_runtime();
     let all = variants();
     let chosen: Vec<&Variant> = match &a.variants {
         None => all.iter().collect(),

@@ -45,6 +45,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     klspeech::device::set_threads(a.threads)?;
+    klspeech::device::tune_cpu_runtime();
     let mut rows = Vec::new();
     for norm in ["layer", "kl"] {
         let out = a.out.join(norm);

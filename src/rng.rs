@@ -4,6 +4,55 @@
 //! from this generator so that the same seed gives the same run on every platform and device;
 //! candle's own `randn` uses an unseeded thread RNG on CPU.
 
+use rayon::prelude::*;
+
+/// Values per parallel task of the keyed (counter-based) draws; even, so no Box-Muller pair
+/// straddles two tasks.
+const CHUNK: usize = 1 << 14;
+
+/// Output `i` of the SplitMix64 stream that starts at `key`: random bits addressed by index, so
+/// any element of a large draw can be computed on any thread in any order.
+#[inline]
+pub fn keyed_u64(key: u64, i: u64) -> u64 {
+    let mut z = key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform in [0, 1) with 53 bits, element `i` of the stream at `key`.
+#[inline]
+pub fn keyed_uniform(key: u64, i: u64) -> f64 {
+    (keyed_u64(key, i) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Elements 2p and 2p + 1 of the keyed standard normal stream: one Box-Muller pair.
+#[inline]
+fn keyed_normal_pair(key: u64, p: u64) -> (f64, f64) {
+    let u1 = 1.0 - keyed_uniform(key, 2 * p); // (0, 1]
+    let u2 = keyed_uniform(key, 2 * p + 1);
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+    (r * c, r * s)
+}
+
+/// `n` standard normal f32 values of the stream at `key`, computed in parallel; value i
+/// depends only on the key and i (not on the thread count).
+pub fn keyed_normal_vec(key: u64, n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let first_pair = (c * CHUNK / 2) as u64;
+        for (j, pair) in out.chunks_mut(2).enumerate() {
+            let (a, b) = keyed_normal_pair(key, first_pair + j as u64);
+            pair[0] = a as f32;
+            if let Some(second) = pair.get_mut(1) {
+                *second = b as f32;
+            }
+        }
+    });
+    v
+}
+
 /// xoshiro256++.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
@@ -62,9 +111,10 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
-    /// `n` standard normal f32 values.
+    /// `n` standard normal f32 values: one draw from this generator keys a counter-based
+    /// stream ([`keyed_normal_vec`]), so large draws (KL-Norm noise) run in parallel.
     pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal() as f32).collect()
+        keyed_normal_vec(self.next_u64(), n)
     }
 
     /// Fisher-Yates shuffle.
@@ -94,5 +144,26 @@ mod tests {
         let mean = v.iter().sum::<f64>() / n as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
         assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn keyed_normals_are_standard_independent_and_thread_count_free() {
+        let n = 400_001; // odd: the last pair is cut in half
+        let v: Vec<f64> = keyed_normal_vec(3, n).into_iter().map(f64::from).collect();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 0.006 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+        // The two halves of a Box-Muller pair, and neighbouring pairs, are uncorrelated.
+        let lag1 = v.windows(2).map(|w| w[0] * w[1]).sum::<f64>() / (n - 1) as f64;
+        assert!(lag1.abs() < 0.006, "lag-1 correlation {lag1}");
+        // Tails: P(|x| > 3) = 0.0027.
+        let tail = v.iter().filter(|x| x.abs() > 3.0).count() as f64 / n as f64;
+        assert!((tail - 0.0027).abs() < 0.0005, "tail mass {tail}");
+        // Counter-based: a shorter draw is a prefix, any thread count gives the same values.
+        assert_eq!(keyed_normal_vec(3, 1001)[..], keyed_normal_vec(3, n)[..1001]);
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| keyed_normal_vec(3, 70_001));
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| keyed_normal_vec(3, 70_001));
+        assert_eq!(one, three);
+        assert_ne!(keyed_normal_vec(4, 10), keyed_normal_vec(3, 10));
     }
 }

@@ -194,6 +194,33 @@ fn channels_last_group_norm_matches_the_composite() {
 }
 
 #[test]
+fn seeded_dropout_matches_the_mask_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in SHAPES.iter().enumerate() {
+            let x = rand(s, 110 + i as u64, dtype);
+            compare(
+                "dropout",
+                &[x],
+                |t| ops::dropout(&t[0], 0.3, 42).unwrap(),
+                |t| t[0].mul(&ops::dropout_mask(&t[0], 0.3, 42).unwrap()).unwrap(),
+            );
+        }
+    }
+    // About p of 100 000 elements are dropped, the rest scaled by 1 / (1 - p); another key
+    // gives another mask; p = 0 is the identity.
+    let ones = Tensor::ones(100_000, DType::F32, &Device::Cpu).unwrap();
+    let y: Vec<f32> = ops::dropout(&ones, 0.3, 42).unwrap().to_vec1().unwrap();
+    let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+    assert!((dropped - 0.3).abs() < 0.005, "dropped fraction {dropped}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
+    let other: Vec<f32> = ops::dropout(&ones, 0.3, 43).unwrap().to_vec1().unwrap();
+    assert_ne!(y, other);
+    let same: Vec<f32> = ops::dropout(&ones, 0.0, 42).unwrap().to_vec1().unwrap();
+    assert!(same.iter().all(|&v| v == 1.0));
+    assert!(ops::dropout(&ones, 1.0, 42).is_err());
+}
+
+#[test]
 fn results_do_not_depend_on_the_thread_count() {
     // The column sums of the bias / LayerNorm gradients are combined in chunk order.
     let x = rand(&[3, 200, 40], 60, DType::F32);

@@ -36,6 +36,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     klspeech::device::set_threads(cli.threads)?;
+    klspeech::device::tune_cpu_runtime();
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => model_cmds::embed(a),

@@ -224,10 +224,8 @@ impl ForwardCtx {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 / (1.0 - p);
-        let m: Vec<f32> = (0..x.elem_count()).map(|_| if self.rng.uniform() >= p { keep as f32 } else { 0.0 }).collect();
-        let m = Tensor::from_vec(m, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
-        Ok(x.mul(&m)?)
+        // One draw keys the mask (crate::ops::dropout): parallel, nothing stored for backward.
+        crate::ops::dropout(x, p, self.rng.next_u64())
     }
 
     /// LayerDrop: whether transformer layer `i` is skipped in this training pass.

@@ -652,6 +652,72 @@ pub fn im2col1d_composite(x: &Tensor, k: usize, stride: usize, padding: usize, g
 }
 
 // ---------------------------------------------------------------------------------------------
+// Seeded dropout
+// ---------------------------------------------------------------------------------------------
+
+/// Inverted dropout whose mask is element i's draw of the keyed stream
+/// ([`crate::rng::keyed_uniform`]): nothing is stored, the backward recomputes it.
+#[derive(Debug, Clone, Copy)]
+struct Dropout {
+    p: f64,
+    key: u64,
+}
+
+impl Dropout {
+    /// The mask value of element i: 1 / (1 - p) when kept, else 0.
+    #[inline]
+    fn factor(&self, i: usize) -> f64 {
+        if crate::rng::keyed_uniform(self.key, i as u64) >= self.p {
+            1.0 / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "klspeech-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        by_dtype!(s, T => {
+            let x = data::<T>(s, l)?;
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).enumerate().for_each(|(ci, (y, x))| {
+                for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                    *y = x * c::<T>(self.factor(ci * ELEM_GRAIN + j));
+                }
+            });
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+    /// d(x m)/dx = m: the same op on the gradient.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// The dropout mask of [`dropout`] as a tensor of x's shape, dtype and device (built on the CPU).
+pub fn dropout_mask(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    let d = Dropout { p, key };
+    let m: Vec<f64> = (0..x.elem_count()).map(|i| d.factor(i)).collect();
+    Ok(Tensor::from_vec(m, x.shape(), &candle_core::Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?)
+}
+
+/// Inverted dropout with rate `p` (0 <= p < 1): element i is kept, scaled by 1 / (1 - p), when
+/// the i-th uniform of the stream keyed by `key` is >= p. On the CPU one parallel pass each way
+/// with no stored mask; elsewhere `x * dropout_mask(..)`, the same mask.
+pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(crate::Error::InvalidInput(format!("dropout rate {p} is outside [0, 1)")));
+    }
+    if !fused(x) {
+        return Ok(x.mul(&dropout_mask(x, p, key)?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(Dropout { p, key })?)
+}
+
+// ---------------------------------------------------------------------------------------------
 // AdamW, in place
 // ---------------------------------------------------------------------------------------------
 
