@@ -324,6 +324,35 @@ fn fast_f32_exp_is_within_two_ulp() {
 }
 
 #[test]
+fn fast_f32_logarithms_are_within_a_few_ulp() {
+    use klspeech::ops::FastExp;
+    // ln over positive normal floats from 1.2e-38 to 3e38 (geometric steps, every binade and
+    // both sides of the sqrt(2) split), ln_1p over [1e-30, 1] (the range softplus feeds it),
+    // both against f64. Relative error below 4 ulp of f32 (4.8e-7), and ln(1) = 0 exactly.
+    let mut worst = 0.0f64;
+    let mut x = 1.2e-38f64;
+    while x < 3e38 {
+        let got = (x as f32).fln() as f64;
+        let want = ((x as f32) as f64).ln();
+        let rel = if want == 0.0 { got.abs() } else { ((got - want) / want).abs() };
+        worst = worst.max(rel);
+        x *= 1.000_37;
+    }
+    assert!(worst < 4.8e-7, "ln: worst relative error {worst:e}");
+    assert_eq!(1.0f32.fln(), 0.0);
+    let mut worst = 0.0f64;
+    let mut u = 1e-30f64;
+    while u <= 1.0 {
+        let uf = u as f32;
+        let got = uf.fln_1p() as f64;
+        let want = (uf as f64).ln_1p();
+        worst = worst.max(((got - want) / want).abs());
+        u *= 1.000_37;
+    }
+    assert!(worst < 4.8e-7, "ln_1p: worst relative error {worst:e}");
+}
+
+#[test]
 fn channel_affine_matches_the_composite() {
     for dtype in [DType::F32, DType::F64] {
         for (i, &(b, c, t)) in [(1usize, 3usize, 17usize), (3, 5, 131), (2, 7, 1)].iter().enumerate() {

@@ -93,6 +93,10 @@ pub use group_norm::{group_norm_cl, group_norm_cl_composite};
 /// (libm's `expf` is an opaque call per element); f64 keeps `f64::exp`.
 pub trait FastExp: Float {
     fn fexp(self) -> Self;
+    /// Natural logarithm of a positive normal number.
+    fn fln(self) -> Self;
+    /// `ln(1 + u)` for u >= 0, accurate for tiny u.
+    fn fln_1p(self) -> Self;
 }
 
 impl FastExp for f32 {
@@ -114,12 +118,52 @@ impl FastExp for f32 {
         let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
         p * scale
     }
+
+    /// x = 2^e m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m - 1) / (m + 1),
+    /// |s| <= 0.172, by its series to s^9 (truncation < 3e-9 relative); branch-free, so the
+    /// loops that call it vectorize (libm's `logf` / `log1pf` are opaque calls). Within a few
+    /// ulp of the f64 logarithm (tests/ops.rs). For positive normal x only.
+    #[inline(always)]
+    fn fln(self) -> f32 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let bits = self.to_bits();
+        let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
+        let big = m > std::f32::consts::SQRT_2;
+        let m = if big { m * 0.5 } else { m };
+        let e = (((bits >> 23) & 0xff) as i32 - 127 + big as i32) as f32;
+        let s = (m - 1.0) / (m + 1.0);
+        let s2 = s * s;
+        let p = 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0)))));
+        e * LN2_HI + (e * LN2_LO + p)
+    }
+
+    /// ln(w) u / (w - 1) with w = 1 + u rounded: the quotient corrects the rounding of 1 + u
+    /// (Goldberg), so tiny u keep full relative precision.
+    #[inline(always)]
+    fn fln_1p(self) -> f32 {
+        let w = 1.0 + self;
+        let d = w - 1.0;
+        if d == 0.0 {
+            self
+        } else {
+            w.fln() * (self / d)
+        }
+    }
 }
 
 impl FastExp for f64 {
     #[inline(always)]
     fn fexp(self) -> f64 {
         self.exp()
+    }
+    #[inline(always)]
+    fn fln(self) -> f64 {
+        self.ln()
+    }
+    #[inline(always)]
+    fn fln_1p(self) -> f64 {
+        self.ln_1p()
     }
 }
 
@@ -195,20 +239,36 @@ unsafe fn gelu_slice_avx2(y: &mut [f32], x: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn gelu_grad_slice_avx2(dx: &mut [f32], x: &[f32], g: &[f32]) {
-    const INV_SQRT_2PI: f32 = 0.398_942_280_401_432_7_f64 as f32;
     for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-        let pdf = INV_SQRT_2PI * (-(x * x) * 0.5).fexp();
-        *d = g * (<f32 as Phi>::phi(x) + x * pdf);
+        let (phi, pdf) = phi_pdf_f32(x);
+        *d = g * (phi + x * pdf);
     }
+}
+
+/// Phi(x) and the normal density phi'(x) = exp(-x^2 / 2) / sqrt(2 pi) with one exponential:
+/// the erfc form of Phi already computes exp(-z^2) = exp(-x^2 / 2).
+#[inline(always)]
+fn phi_pdf_f32(x: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_280_401_432_7_f64 as f32;
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let e = (-z * z).fexp();
+    let half_erfc = 0.5 * erfc_poly_f32(z) * e; // (1 - erf(|z|)) / 2
+    let phi = if x >= 0.0 { 1.0 - half_erfc } else { half_erfc };
+    (phi, INV_SQRT_2PI * e)
+}
+
+/// The Abramowitz-Stegun 7.1.26 polynomial: erfc(z) = poly(z) exp(-z^2) for z >= 0.
+#[inline(always)]
+fn erfc_poly_f32(z: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))))
 }
 
 impl Phi for f32 {
     #[inline(always)]
     fn phi(x: f32) -> f32 {
         let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-        let t = 1.0 / (1.0 + 0.327_591_1 * z);
-        let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-        let half_erfc = 0.5 * poly * (-z * z).fexp(); // (1 - erf(|z|)) / 2
+        let half_erfc = 0.5 * erfc_poly_f32(z) * (-z * z).fexp(); // (1 - erf(|z|)) / 2
         if x >= 0.0 {
             1.0 - half_erfc
         } else {
@@ -233,10 +293,9 @@ impl Phi for f32 {
             // SAFETY: the CPU has AVX2 (checked above).
             return unsafe { gelu_grad_slice_avx2(dx, x, g) };
         }
-        const INV_SQRT_2PI: f32 = 0.398_942_280_401_432_7_f64 as f32;
         for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-            let pdf = INV_SQRT_2PI * (-(x * x) * 0.5).fexp();
-            *d = g * (f32::phi(x) + x * pdf);
+            let (phi, pdf) = phi_pdf_f32(x);
+            *d = g * (phi + x * pdf);
         }
     }
 }
@@ -852,7 +911,7 @@ struct KlNormBwd {
 
 #[inline]
 fn softplus_t<T: FastExp>(z: T) -> T {
-    z.max(T::zero()) + (-z.abs()).fexp().ln_1p()
+    z.max(T::zero()) + (-z.abs()).fexp().fln_1p()
 }
 
 #[inline]
@@ -866,6 +925,129 @@ fn with_noise<T: WithDType, R>(noise: &Tensor, f: impl FnOnce(&[T]) -> candle_co
     match &*guard {
         candle_core::Storage::Cpu(s) => f(data::<T>(s, layout)?),
         _ => bail!("klspeech op: KL-Norm noise must be on the CPU"),
+    }
+}
+
+/// One row of KL-Norm with the standard prior, forward: y = mu + sigma noise, returns the
+/// row's KL sum. Branch-free elementwise loops (the KL terms go through `tmp` and are summed
+/// after), so they vectorize; f32 additionally runs them compiled for AVX2 ([`KlRows`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn kl_fwd_row_std<T: FastExp>(x: &[T], p: [&[T]; 4], nz: &[T], y: &mut [T], tmp: &mut [T], m: T, r: T) -> T {
+    let [w, b, a, b2] = p;
+    let (half, one, two): (T, T, T) = (c(0.5), T::one(), c(2.0));
+    for (((((((yi, ki), &xi), &wi), &bi), &ai), &b2i), &ni) in
+        y.iter_mut().zip(tmp.iter_mut()).zip(x).zip(w).zip(b).zip(a).zip(b2).zip(nz)
+    {
+        let xh = (xi - m) * r;
+        let mu = xh * wi + bi;
+        let sigma = softplus_t(xh * ai + b2i);
+        *yi = mu + sigma * ni;
+        *ki = half * (mu * mu + sigma * sigma - one - two * sigma.fln());
+    }
+    tmp.iter().fold(T::zero(), |s, &v| s + v)
+}
+
+/// One row of KL-Norm with the standard prior, backward: accumulates the row's contribution to
+/// the gradients of w, b, a, b2 (`dp`) and writes dx. `dxh` and `xh` are scratch rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn kl_bwd_row_std<T: FastExp>(
+    x: &[T],
+    p: [&[T]; 4],
+    nz: &[T],
+    gy: &[T],
+    gk: T,
+    dp: [&mut [T]; 4],
+    dx: &mut [T],
+    dxh: &mut [T],
+    xh_row: &mut [T],
+    m: T,
+    r: T,
+) {
+    let [w, b, a, b2] = p;
+    let [dw, db, da, db2] = dp;
+    let one = T::one();
+    for ((((((((((&xi, &wi), &bi), &ai), &b2i), &ni), &gi), dwi), dbi), dai), (db2i, (dxhi, xhi))) in x
+        .iter()
+        .zip(w)
+        .zip(b)
+        .zip(a)
+        .zip(b2)
+        .zip(nz)
+        .zip(gy)
+        .zip(dw.iter_mut())
+        .zip(db.iter_mut())
+        .zip(da.iter_mut())
+        .zip(db2.iter_mut().zip(dxh.iter_mut().zip(xh_row.iter_mut())))
+    {
+        let xh = (xi - m) * r;
+        *xhi = xh;
+        let mu = xh * wi + bi;
+        let z = xh * ai + b2i;
+        let sigma = softplus_t(z);
+        let dmu = gi + gk * mu;
+        let dz = (gi * ni + gk * (sigma - one / sigma)) * sigmoid_t(z);
+        *dwi = *dwi + dmu * xh;
+        *dbi = *dbi + dmu;
+        *dai = *dai + dz * xh;
+        *db2i = *db2i + dz;
+        *dxhi = dmu * wi + dz * ai;
+    }
+    // Standardization backward: r (dxh - mean(dxh) - x_hat mean(dxh x_hat)).
+    let n: T = c(x.len() as f64);
+    let (s1, s2) = dxh.iter().zip(xh_row.iter()).fold((T::zero(), T::zero()), |(s1, s2), (&d, &h)| (s1 + d, s2 + d * h));
+    let (m1, m2) = (s1 / n, s2 / n);
+    for ((d, &g), &h) in dx.iter_mut().zip(dxh.iter()).zip(xh_row.iter()) {
+        *d = r * (g - m1 - h * m2);
+    }
+}
+
+/// The KL-Norm row kernels by dtype: f32 runs them compiled for AVX2 where the CPU has it
+/// (no FMA, so the same bits either way), f64 as they are.
+trait KlRows: FastExp {
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_row(x: &[Self], p: [&[Self]; 4], nz: &[Self], y: &mut [Self], tmp: &mut [Self], m: Self, r: Self) -> Self {
+        kl_fwd_row_std(x, p, nz, y, tmp, m, r)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_row(x: &[Self], p: [&[Self]; 4], nz: &[Self], gy: &[Self], gk: Self, dp: [&mut [Self]; 4], dx: &mut [Self], dxh: &mut [Self], xh: &mut [Self], m: Self, r: Self) {
+        kl_bwd_row_std(x, p, nz, gy, gk, dp, dx, dxh, xh, m, r)
+    }
+}
+
+impl KlRows for f64 {}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kl_fwd_row_avx2(x: &[f32], p: [&[f32]; 4], nz: &[f32], y: &mut [f32], tmp: &mut [f32], m: f32, r: f32) -> f32 {
+    kl_fwd_row_std(x, p, nz, y, tmp, m, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kl_bwd_row_avx2(x: &[f32], p: [&[f32]; 4], nz: &[f32], gy: &[f32], gk: f32, dp: [&mut [f32]; 4], dx: &mut [f32], dxh: &mut [f32], xh: &mut [f32], m: f32, r: f32) {
+    kl_bwd_row_std(x, p, nz, gy, gk, dp, dx, dxh, xh, m, r)
+}
+
+impl KlRows for f32 {
+    fn fwd_row(x: &[f32], p: [&[f32]; 4], nz: &[f32], y: &mut [f32], tmp: &mut [f32], m: f32, r: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { kl_fwd_row_avx2(x, p, nz, y, tmp, m, r) };
+        }
+        kl_fwd_row_std(x, p, nz, y, tmp, m, r)
+    }
+    fn bwd_row(x: &[f32], p: [&[f32]; 4], nz: &[f32], gy: &[f32], gk: f32, dp: [&mut [f32]; 4], dx: &mut [f32], dxh: &mut [f32], xh: &mut [f32], m: f32, r: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { kl_bwd_row_avx2(x, p, nz, gy, gk, dp, dx, dxh, xh, m, r) };
+        }
+        kl_bwd_row_std(x, p, nz, gy, gk, dp, dx, dxh, xh, m, r)
     }
 }
 
@@ -889,8 +1071,13 @@ impl CustomOp2 for KlNormOp {
                     .zip(kl.par_chunks_mut(ROW_GRAIN))
                     .zip(x.par_chunks(d * ROW_GRAIN).zip(noise.par_chunks(d * ROW_GRAIN)))
                     .for_each(|((y, kl), (x, nz))| {
+                        let mut tmp = vec![T::zero(); d];
                         for (((y, kl), x), nz) in y.chunks_exact_mut(d).zip(kl.iter_mut()).zip(x.chunks_exact(d)).zip(nz.chunks_exact(d)) {
                             let (m, r) = row_stats(x, self.eps);
+                            if prior.is_none() {
+                                *kl = T::fwd_row(x, [w, b, a, b2], nz, y, &mut tmp, m, r);
+                                continue;
+                            }
                             let mut acc = T::zero();
                             for i in 0..d {
                                 let xh = (x[i] - m) * r;
@@ -899,12 +1086,12 @@ impl CustomOp2 for KlNormOp {
                                 y[i] = mu + sigma * nz[i];
                                 acc = acc
                                     + match prior {
-                                        None => half * (mu * mu + sigma * sigma - one - two * sigma.ln()),
+                                        None => half * (mu * mu + sigma * sigma - one - two * sigma.fln()),
                                         Some((mp, sr)) => {
                                             let s = softplus_t(sr[i]);
                                             let iv = one / (s * s);
                                             let dm = mu - mp[i];
-                                            half * (sigma * sigma * iv + dm * dm * iv - one + two * s.ln() - two * sigma.ln())
+                                            half * (sigma * sigma * iv + dm * dm * iv - one + two * s.fln() - two * sigma.fln())
                                         }
                                     };
                             }
@@ -968,6 +1155,13 @@ impl CustomOp3 for KlNormBwd {
                             dx.chunks_exact_mut(d).zip(gk).zip(x.chunks_exact(d)).zip(gy.chunks_exact(d)).zip(nz.chunks_exact(d))
                         {
                             let (m, r) = row_stats(x, self.eps);
+                            if prior.is_none() {
+                                let (dw, rest) = dp.split_at_mut(d);
+                                let (db, rest) = rest.split_at_mut(d);
+                                let (da, rest) = rest.split_at_mut(d);
+                                T::bwd_row(x, [w, b, a, b2], nz, gy, gk, [dw, db, da, &mut rest[..d]], dx, &mut dxh, &mut xh_row, m, r);
+                                continue;
+                            }
                             for i in 0..d {
                                 let xh = (x[i] - m) * r;
                                 xh_row[i] = xh;
