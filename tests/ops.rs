@@ -221,6 +221,30 @@ fn seeded_dropout_matches_the_mask_composite() {
 }
 
 #[test]
+fn linear_matches_the_composite() {
+    // (rows, in, out): one row, odd sizes, more rows than columns and the reverse.
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &(rows, d_in, d_out)) in [(1usize, 7usize, 5usize), (131, 33, 13), (17, 64, 200), (392, 192, 576)].iter().enumerate() {
+            let x = rand(&[rows, d_in], 120 + i as u64, dtype);
+            let w = rand(&[d_out, d_in], 121 + i as u64, dtype);
+            let b = rand(&[d_out], 122 + i as u64, dtype);
+            compare(
+                &format!("linear {:?}", (rows, d_in, d_out)),
+                &[x.clone(), w.clone(), b],
+                |t| ops::linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+                |t| t[0].matmul(&t[1].t().unwrap()).unwrap().broadcast_add(&t[2]).unwrap(),
+            );
+            compare(
+                &format!("linear without bias {:?}", (rows, d_in, d_out)),
+                &[x, w],
+                |t| ops::linear(&t[0], &t[1], None).unwrap(),
+                |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
 fn results_do_not_depend_on_the_thread_count() {
     // The column sums of the bias / LayerNorm gradients are combined in chunk order.
     let x = rand(&[3, 200, 40], 60, DType::F32);

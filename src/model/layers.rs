@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use super::params::{Init, Vb};
 use crate::error::{Error, Result};
 
-/// `y = x W^T + b` over the last dimension, computed as one 2-D gemm.
+/// `y = x W^T + b` over the last dimension, computed as one 2-D gemm ([`crate::ops::linear`]).
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
@@ -35,10 +35,8 @@ impl Linear {
         let d_in = *dims.last().ok_or_else(|| Error::InvalidInput("linear on a scalar".into()))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = crate::ops::add_bias(&y, b)?;
-        }
+        // One gemm from the bias rows; the weight gradient comes out in [out, in] (crate::ops).
+        let y = crate::ops::linear(&x2, &self.weight, self.bias.as_ref())?;
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
         Ok(y.reshape(out)?)

@@ -86,8 +86,10 @@ fn c<T: Float>(v: f64) -> T {
 
 mod conv;
 mod group_norm;
+mod linear;
 pub use conv::{conv1d_cl, conv1d_cl_composite};
 pub use group_norm::{group_norm_cl, group_norm_cl_composite};
+pub use linear::linear;
 
 /// `exp` for the kernels: f32 gets an inlined, branch-free version the compiler can vectorize
 /// (libm's `expf` is an opaque call per element); f64 keeps `f64::exp`.

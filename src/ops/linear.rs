@@ -1,0 +1,148 @@
+//! `y = x W^T + b` as one gemm that starts from the bias, with a backward of two gemms and a
+//! column sum.
+//!
+//! candle composes a linear layer as `matmul(x, w.t())` plus a broadcast bias add: its backward
+//! hands the weight a *transposed* gradient view [in, out], which the gradient store then adds,
+//! strided, onto a fresh zero tensor; the bias gradient is a reduction over every leading
+//! dimension. Here the weight gradient comes out of gemm already in the weight's [out, in]
+//! layout (dW = g^T x, gemm reading g transposed in place), and the forward writes the bias
+//! rows first and lets gemm accumulate onto them (one pass over y instead of two).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use num_traits::Float;
+
+use super::{column_sums, data, fused};
+use crate::error::{Error, Result};
+
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// dst [m, n] (row stride n) = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n], operands given
+/// by (row stride, column stride).
+///
+/// Safety: every address the strides reach must lie inside the operand's allocation.
+unsafe fn mm<T: 'static + Float>((m, n, k): (usize, usize, usize), dst: *mut T, accumulate: bool, lhs: *const T, (lrs, lcs): (usize, usize), rhs: *const T, (rrs, rcs): (usize, usize)) {
+    gemm::gemm(m, n, k, dst, 1, n as isize, accumulate, lhs, lcs as isize, lrs as isize, rhs, rcs as isize, rrs as isize, T::one(), T::one(), false, false, false, parallelism())
+}
+
+/// (rows, in, out) of x [rows, in] and w [out, in].
+fn dims(lx: &Layout, lw: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    match (lx.dims(), lw.dims()) {
+        (&[rows, d_in], &[d_out, w_in]) if d_in == w_in => Ok((rows, d_in, d_out)),
+        (a, b) => bail!("klspeech linear: x {a:?} and w {b:?} do not match"),
+    }
+}
+
+/// y [rows, out] = x w^T (+ b).
+fn forward<T: WithDType + Float>(x: &[T], w: &[T], b: Option<&[T]>, (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
+    let mut y = match b {
+        Some(b) => b.iter().copied().cycle().take(rows * d_out).collect(),
+        None => vec![T::zero(); rows * d_out],
+    };
+    // Safety: x is [rows, in], w [out, in] read transposed, y [rows, out]; all contiguous.
+    unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), w.as_ptr(), (1, d_in)) };
+    y
+}
+
+/// Packed [dx (rows in), dw (out in)] from g [rows, out].
+fn backward<T: WithDType + Float>(x: &[T], w: &[T], g: &[T], (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
+    let mut out = vec![T::zero(); rows * d_in + d_out * d_in];
+    let (dx, dw) = out.split_at_mut(rows * d_in);
+    // Safety: as in `forward`; dx = g w, dw = g^T x (g read transposed in place).
+    unsafe {
+        mm((rows, d_in, d_out), dx.as_mut_ptr(), false, g.as_ptr(), (d_out, 1), w.as_ptr(), (d_in, 1));
+        mm((d_out, d_in, rows), dw.as_mut_ptr(), false, g.as_ptr(), (1, d_out), x.as_ptr(), (d_in, 1));
+    }
+    out
+}
+
+struct LinearBias;
+struct LinearNoBias;
+/// (x, w, g) -> [dx, dw] packed.
+struct LinearBwd;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "klspeech-linear"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = dims(l1, l2)?;
+        by_dtype!(s1, T => {
+            let y = forward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, Some(data::<T>(s3, l3)?), d);
+            Ok((T::to_cpu_storage_owned(y), Shape::from((d.0, d.2))))
+        })
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (dx, dw) = split(x, w, &g)?;
+        let db = g.apply_op1_no_bwd(&super::ColumnSums)?;
+        Ok((dx, dw, Some(db)))
+    }
+}
+
+impl CustomOp2 for LinearNoBias {
+    fn name(&self) -> &'static str {
+        "klspeech-linear-no-bias"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = dims(l1, l2)?;
+        by_dtype!(s1, T => {
+            let y = forward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, None, d);
+            Ok((T::to_cpu_storage_owned(y), Shape::from((d.0, d.2))))
+        })
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        split(x, w, &g.contiguous()?)
+    }
+}
+
+/// dx and dw from one backward op (dx skipped when x needs no gradient: the first layer of
+/// a frozen encoder's head).
+fn split(x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (rows, d_in) = x.dims2()?;
+    let packed = x.apply_op3_no_bwd(w, g, &LinearBwd)?;
+    let dx = packed.narrow(0, 0, rows * d_in)?.reshape((rows, d_in))?;
+    let dw = packed.narrow(0, rows * d_in, w.elem_count())?.reshape(w.shape())?;
+    Ok((x.track_op().then_some(dx), w.track_op().then_some(dw)))
+}
+
+impl CustomOp3 for LinearBwd {
+    fn name(&self) -> &'static str {
+        "klspeech-linear-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = dims(l1, l2)?;
+        by_dtype!(s1, T => {
+            let out = backward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, data::<T>(s3, l3)?, d);
+            Ok((T::to_cpu_storage_owned(out), Shape::from(d.0 * d.1 + d.2 * d.1)))
+        })
+    }
+}
+
+/// `x w^T + b` for x [rows, in], w [out, in] (PyTorch's layout), b [out]: differentiable in all
+/// three. On the CPU in f32/f64 the gemm-direct op above; elsewhere candle's matmul and add.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, d_in) = x.dims2()?;
+    let (d_out, w_in) = w.dims2()?;
+    if d_in != w_in || b.is_some_and(|b| b.dims() != [d_out]) {
+        return Err(Error::InvalidInput(format!("linear: x [{rows}, {d_in}], weight [{d_out}, {w_in}], bias {:?}", b.map(|b| b.dims().to_vec()))));
+    }
+    if !fused(x) || w.dtype() != x.dtype() {
+        let y = x.matmul(&w.t()?)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias)?,
+        None => x.apply_op2(&w, LinearNoBias)?,
+    })
+}
