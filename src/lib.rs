@@ -7,6 +7,7 @@ pub mod audio;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fastmath;
 pub mod features;
 pub mod infer;
 pub mod loss;
