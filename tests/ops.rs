@@ -159,6 +159,13 @@ fn channels_last_conv_matches_the_composite() {
         for (i, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
             let x = rand(&[b, l, ci], 90 + i as u64, dtype);
             let w = rand(&[co, ci / g, k], 95 + i as u64, dtype);
+            // The inference variant with GELU fused: the same bits as the two ops.
+            let fused_gelu = ops::conv1d_cl_gelu(&x, &w, s, p, g, max_t).unwrap();
+            let separate = ops::gelu_erf(&ops::conv1d_cl(&x, &w, s, p, g, max_t).unwrap()).unwrap();
+            assert_eq!(
+                fused_gelu.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+                separate.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+            );
             compare(
                 &format!("conv1d_cl {:?}", (b, l, ci, co, k, s, p, g, max_t)),
                 &[x, w],

@@ -47,6 +47,10 @@ impl ConvLayer {
     /// x [B, L, C_in] -> [B, L', C_out], channels last (each conv is then gemm on the input
     /// in place, and LayerNorm over channels is over the last dimension).
     fn forward(&self, x: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        if !ctx.grad && self.bias.is_none() && self.norm.is_none() && self.act == Activation::GeluErf {
+            // Inference through a plain conv layer: GELU fused into the convolution.
+            return crate::ops::conv1d_cl_gelu(x, &self.weight, self.stride, 0, 1, None);
+        }
         let mut y = conv1d_channels_last(x, &self.weight, self.stride, 0, 1, None, ctx.grad)?;
         if let Some(b) = &self.bias {
             y = crate::ops::add_bias(&y, b)?;
@@ -185,18 +189,30 @@ impl Attention {
         let (b, t, h) = x.dims3()?;
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
-        // q, k, v as one projection: one gemm and one bias add instead of three, and in the
-        // backward one gradient into x instead of three accumulated ones.
-        let w = Tensor::cat(&[&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight], 0)?; // [3H, H]
-        let qkv_bias = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
-            _ => None,
+        let heads = |y: &Tensor| -> Result<Tensor> {
+            // [B, T, H] -> [B, nh, T, hd]
+            Ok(y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let qkv = Linear { weight: w, bias: qkv_bias }.forward(x)?; // [B, T, 3H]
-        // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
-        let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let mut scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?; // [B, nh, T, T]
+        let (mut scores, v) = if ctx.grad {
+            // q, k, v as one projection: one gemm instead of three, and in the backward one
+            // gradient into x instead of three accumulated ones.
+            let w = Tensor::cat(&[&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight], 0)?; // [3H, H]
+            let qkv_bias = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
+                (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+                _ => None,
+            };
+            let qkv = Linear { weight: w, bias: qkv_bias }.forward(x)?; // [B, T, 3H]
+            // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
+            let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            ((q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?, v) // scores [B, nh, T, T]
+        } else {
+            // Inference: no weight concatenation (a copy of 3 H^2 per call), the scale on q
+            // (T hd per head instead of T^2), k^T read in place by gemm.
+            let q = (heads(&self.q_proj.forward(x)?)? * scale)?;
+            let k = heads(&self.k_proj.forward(x)?)?;
+            (q.matmul(&k.transpose(2, 3)?)?, heads(&self.v_proj.forward(x)?)?)
+        };
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }

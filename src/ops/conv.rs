@@ -76,12 +76,18 @@ impl<T> Ptr<T> {
     }
 }
 
+/// Whether [`run_tasks`] runs this many tasks in parallel (else one by one, gemm parallel).
+fn tasks_in_parallel(tasks: usize) -> bool {
+    let n = rayon::current_num_threads();
+    n > 1 && tasks >= 2 * n
+}
+
 /// Runs `f(task, parallelism)` for every task: in parallel over tasks when there are enough of
 /// them to keep every thread busy, else one after the other with gemm itself parallel. Each
 /// task's result does not depend on the choice (gemm splits its output, never its sum).
 fn run_tasks(tasks: usize, f: impl Fn(usize, Parallelism) + Sync) {
     let n = rayon::current_num_threads();
-    if n > 1 && tasks >= 2 * n {
+    if tasks_in_parallel(tasks) {
         (0..tasks).into_par_iter().for_each(|i| f(i, Parallelism::None));
     } else {
         let par = if n > 1 { Parallelism::Rayon(n) } else { Parallelism::None };
@@ -190,8 +196,10 @@ fn restore_weight<T: WithDType + Float>(wr: &[T], g: &Geom) -> Vec<T> {
     w
 }
 
-/// y [B, T, C_out]: per (group, clip) y_gb [T, og] = X_gb (strided view [T, K C_g]) wr_g.
-fn forward<T: WithDType + Float>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+/// y [B, T, C_out]: per (group, clip) y_gb [T, og] = X_gb (strided view [T, K C_g]) wr_g,
+/// then GELU in place when `gelu` (inference only): inside each task while its block is in
+/// cache when the tasks run in parallel, else as one parallel pass after.
+fn forward<T: WithDType + super::Phi>(x: &[T], w: &[T], g: &Geom, gelu: bool) -> Vec<T> {
     let wr = reorder_weight(w, g);
     let packed;
     let src: &[T] = if g.direct() {
@@ -204,6 +212,8 @@ fn forward<T: WithDType + Float>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let mut y = vec![T::zero(); g.b * g.t * g.c_out];
     let yp = Ptr(y.as_mut_ptr());
     let (sp, wp) = (src.as_ptr() as usize, wr.as_ptr() as usize);
+    // GELU inside a task needs its block contiguous: one group.
+    let epilogue = gelu && g.groups == 1 && tasks_in_parallel(g.groups * g.b);
     run_tasks(g.groups * g.b, |task, par| {
         let (gi, bi) = (task / g.b, task % g.b);
         // Safety: row t of the view ends at base + t s C_g + K C_g <= base + L_p C_g (T frames
@@ -219,9 +229,15 @@ fn forward<T: WithDType + Float>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
                 (wp as *const T).add(gi * kc * og),
                 (og, 1),
                 par,
-            )
+            );
+            if epilogue {
+                T::gelu_in_place(std::slice::from_raw_parts_mut(yp.get().add(bi * g.t * g.c_out), g.t * g.c_out));
+            }
         }
     });
+    if gelu && !epilogue {
+        y.par_chunks_mut(1 << 14).for_each(T::gelu_in_place);
+    }
     y
 }
 
@@ -303,7 +319,8 @@ fn input_grad<T: WithDType + Float>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     }
 }
 
-struct ConvCl(Geom);
+/// The convolution, and whether GELU follows it (forward only).
+struct ConvCl(Geom, bool);
 struct ConvClDx(Geom);
 struct ConvClDw(Geom);
 
@@ -314,11 +331,14 @@ impl CustomOp2 for ConvCl {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
         by_dtype!(s1, T => {
-            let y = forward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g);
+            let y = forward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g, self.1);
             Ok((T::to_cpu_storage_owned(y), Shape::from((g.b, g.t, g.c_out))))
         })
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.1 {
+            bail!("klspeech conv1d: the fused GELU variant has no backward");
+        }
         let dy = dy.contiguous()?;
         // The first layer's input (the waveform) needs no gradient: skip its gemms.
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &ConvClDx(self.0))?) } else { None };
@@ -381,7 +401,7 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
     let t = max_t.map_or(full_t, |m| m.min(full_t));
     if fused(x) && x.dtype() == w.dtype() {
         let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
-        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ConvCl(geom))?);
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ConvCl(geom, false))?);
     }
     let y = if !x.track_op() && !w.track_op() {
         // No gradient: candle's own kernel (its forward is right; its backward is not).
@@ -390,6 +410,25 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         conv1d_cl_composite(x, w, stride, padding, groups)?
     };
     Ok(if t < full_t { y.narrow(1, 0, t)? } else { y })
+}
+
+/// `gelu_erf(conv1d_cl(x, w, ..))` for inference: nothing is recorded for a backward pass. On
+/// the CPU the GELU runs on each clip's output block right after its gemm, while it is in cache
+/// (the same bits as the two ops one after the other).
+pub fn conv1d_cl_gelu(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
+    let (x, w) = (x.detach(), w.detach());
+    if fused(&x) && x.dtype() == w.dtype() {
+        let (b, l, c_in) = x.dims3()?;
+        let (c_out, c_g, k) = w.dims3()?;
+        if groups > 0 && c_in == c_g * groups && c_out % groups == 0 && stride > 0 {
+            if let Some(full_t) = out_len(l, k, stride, padding) {
+                let t = max_t.map_or(full_t, |m| m.min(full_t));
+                let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
+                return Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &ConvCl(geom, true))?);
+            }
+        }
+    }
+    super::gelu_erf(&conv1d_cl(&x, &w, stride, padding, groups, max_t)?)
 }
 
 /// [`conv1d_cl`] from im2col columns and one batched gemm per group (the reference for the

@@ -13,7 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor,
 use gemm::Parallelism;
 use num_traits::Float;
 
-use super::{column_sums, data, fused};
+use super::{data, fused};
 use crate::error::{Error, Result};
 
 fn parallelism() -> Parallelism {

@@ -87,7 +87,7 @@ fn c<T: Float>(v: f64) -> T {
 mod conv;
 mod group_norm;
 mod linear;
-pub use conv::{conv1d_cl, conv1d_cl_composite};
+pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
 pub use group_norm::{group_norm_cl, group_norm_cl_composite};
 pub use linear::linear;
 
@@ -137,6 +137,17 @@ trait Phi: FastExp {
     fn gelu_slice(y: &mut [Self], x: &[Self]) {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = x * Self::phi(x);
+        }
+    }
+
+    /// y = y Phi(y) in place (through a stack buffer, so the slice kernels keep separate
+    /// input and output).
+    fn gelu_in_place(y: &mut [Self]) {
+        let mut tmp = [Self::zero(); 256];
+        for chunk in y.chunks_mut(256) {
+            let t = &mut tmp[..chunk.len()];
+            t.copy_from_slice(chunk);
+            Self::gelu_slice(chunk, t);
         }
     }
 
