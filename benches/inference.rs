@@ -16,7 +16,10 @@
 //! ("after") and with `KLSPEECH_NO_CUSTOM_OPS=1`, candle's composites ("before"); the child
 //! reports the median time, the per-stage medians and its peak RSS. For the base training
 //! step the achieved GFLOP/s are printed beside the machine's gemm throughput.
-//! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows.
+//! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows; klspeech ("after") and PyTorch
+//! alternate `KLSPEECH_BENCH_ROUNDS` times per row (default 3), and the table reports the
+//! medians and the median of the per-round ratios, so a slow spell of a shared machine does
+//! not fall on one side only.
 
 // The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU.
 #[global_allocator]
@@ -279,28 +282,54 @@ fn main() {
     let peak = gemm_gflops();
     println!("gemm throughput (f32, 1536^3, best of 5): {peak:.1} GFLOP/s");
     println!();
+    // klspeech and PyTorch alternate, `rounds` times each, so that a slow spell of a shared
+    // machine hits both: the ratio reported is the median of the per-round ratios.
+    let rounds: usize = std::env::var("KLSPEECH_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    println!("klspeech and PyTorch alternate {rounds} times per row; medians over the rounds (ratio: median of per-round ratios, range in brackets)");
+    println!();
     println!("| workload | klspeech before (composites) ms | klspeech after (fused ops) ms | PyTorch ms | after / PyTorch throughput | klspeech peak RSS MiB | PyTorch peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
     let mut stage_rows = Vec::new();
     for row in rows(false).iter().filter(|r| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == r.name))) {
         let before = run_child(row.name, false);
-        let after = run_child(row.name, true);
-        let p = py.as_deref().and_then(|py| bench_pytorch(py, row, threads, "cpu"));
         let ms = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v["median_ms"].as_f64());
+        let mut afters: Vec<serde_json::Value> = Vec::new();
+        let mut pts: Vec<(f64, Option<f64>, Option<f64>)> = Vec::new();
+        let mut ratios = Vec::new();
+        for _ in 0..rounds {
+            let a = run_child(row.name, true);
+            let p = py.as_deref().and_then(|py| bench_pytorch(py, row, threads, "cpu"));
+            if let (Some(am), Some(p)) = (ms(&a), p) {
+                ratios.push(p.0 * 1e3 / am);
+            }
+            afters.extend(a);
+            pts.extend(p);
+        }
+        let median = |mut v: Vec<f64>| -> Option<f64> {
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 })
+        };
+        // The "after" run whose time is the median (its stages go in the stage table).
+        afters.sort_by(|a, b| a["median_ms"].as_f64().unwrap_or(f64::NAN).total_cmp(&b["median_ms"].as_f64().unwrap_or(f64::NAN)));
+        let after = afters.get(afters.len().saturating_sub(1) / 2).cloned();
+        let after_ms = median(afters.iter().filter_map(|v| v["median_ms"].as_f64()).collect());
+        let pt_ms = median(pts.iter().map(|p| p.0 * 1e3).collect());
+        let rss = afters.iter().filter_map(|v| v["peak_rss_mb"].as_f64()).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let pt_rss = pts.iter().filter_map(|p| p.2).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
         let f = |x: Option<f64>, d: usize| x.map(|x| format!("{x:.d$}")).unwrap_or_else(|| "-".into());
-        let ratio = match (ms(&after), p) {
-            (Some(a), Some((pt, _, _))) => Some(pt * 1e3 / a),
-            _ => None,
+        let range = match (ratios.iter().copied().reduce(f64::min), ratios.iter().copied().reduce(f64::max)) {
+            (Some(lo), Some(hi)) if ratios.len() > 1 => format!(" ({lo:.2}-{hi:.2})"),
+            _ => String::new(),
         };
         println!(
-            "| {} | {} | {} | {} | **{}** | {} | {} |",
+            "| {} | {} | {} | {} | **{}**{range} | {} | {} |",
             row.name,
             f(ms(&before), 1),
-            f(ms(&after), 1),
-            f(p.map(|p| p.0 * 1e3), 1),
-            f(ratio, 2),
-            f(after.as_ref().and_then(|v| v["peak_rss_mb"].as_f64()), 0),
-            f(p.and_then(|p| p.2), 0),
+            f(after_ms, 1),
+            f(pt_ms, 1),
+            f(median(ratios.clone()), 2),
+            f(rss, 0),
+            f(pt_rss, 0),
         );
         if row.name == "base-train-4x1" {
             let flops = 3.0 * forward_flops(&config_of(row), row.batch, (row.seconds * 16000.0) as usize);
@@ -308,8 +337,8 @@ fn main() {
             eprintln!(
                 "base training step: {:.1} GFLOP; klspeech {} GFLOP/s, PyTorch {} GFLOP/s, gemm {peak:.1} GFLOP/s",
                 flops / 1e9,
-                g(ms(&after)),
-                g(p.map(|p| p.0 * 1e3))
+                g(after_ms),
+                g(pt_ms)
             );
         }
         stage_rows.push((row.name, before, after));
