@@ -21,7 +21,7 @@ use num_traits::Float;
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
-use super::{data, fused};
+use super::{data, fused, mm, Ptr};
 use crate::error::{Error, Result};
 
 /// Geometry of one convolution: x [B, L, C_in] -> y [B, T, C_out].
@@ -63,19 +63,6 @@ impl Geom {
     }
 }
 
-/// A raw pointer that parallel tasks share; each task writes a region no other task touches.
-#[derive(Clone, Copy)]
-struct Ptr<T>(*mut T);
-unsafe impl<T> Send for Ptr<T> {}
-unsafe impl<T> Sync for Ptr<T> {}
-
-impl<T> Ptr<T> {
-    /// (A method, so that closures capture the Sync wrapper, not the raw field.)
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 /// Whether [`run_tasks`] runs this many tasks in parallel (else one by one, gemm parallel).
 fn tasks_in_parallel(tasks: usize) -> bool {
     let n = rayon::current_num_threads();
@@ -93,45 +80,6 @@ fn run_tasks(tasks: usize, f: impl Fn(usize, Parallelism) + Sync) {
         let par = if n > 1 { Parallelism::Rayon(n) } else { Parallelism::None };
         (0..tasks).for_each(|i| f(i, par));
     }
-}
-
-/// dst [m, n] (row stride `dst_rs`) = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n], every
-/// operand addressed by (row stride, column stride).
-///
-/// Safety: every address the strides reach must lie inside the operand's allocation.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm<T: 'static + Float>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-    par: Parallelism,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        par,
-    )
 }
 
 /// x [B, L, C_in] -> group-major, zero-padded [G, B, L + 2p, C_g].
@@ -196,18 +144,21 @@ fn restore_weight<T: WithDType + Float>(wr: &[T], g: &Geom) -> Vec<T> {
     w
 }
 
+/// The input as gemm reads it: x itself, or its padded group-major copy ([`Geom::direct`]).
+fn gemm_input<'a, T: WithDType + Float>(x: &'a [T], g: &Geom) -> std::borrow::Cow<'a, [T]> {
+    if g.direct() {
+        std::borrow::Cow::Borrowed(x)
+    } else {
+        std::borrow::Cow::Owned(pack(x, g))
+    }
+}
+
 /// y [B, T, C_out]: per (group, clip) y_gb [T, og] = X_gb (strided view [T, K C_g]) wr_g,
 /// then GELU in place when `gelu` (inference only): inside each task while its block is in
 /// cache when the tasks run in parallel, else as one parallel pass after.
 fn forward<T: WithDType + super::Phi>(x: &[T], w: &[T], g: &Geom, gelu: bool) -> Vec<T> {
     let wr = reorder_weight(w, g);
-    let packed;
-    let src: &[T] = if g.direct() {
-        x
-    } else {
-        packed = pack(x, g);
-        &packed
-    };
+    let src = gemm_input(x, g);
     let (og, kc, cg) = (g.og(), g.kc(), g.cg());
     let mut y = vec![T::zero(); g.b * g.t * g.c_out];
     let yp = Ptr(y.as_mut_ptr());
@@ -243,13 +194,7 @@ fn forward<T: WithDType + super::Phi>(x: &[T], w: &[T], g: &Geom, gelu: bool) ->
 
 /// dw [C_out, C_g, K]: per group, sum over clips (in clip order) of X_gb^T dy_gb.
 fn weight_grad<T: WithDType + Float>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
-    let packed;
-    let src: &[T] = if g.direct() {
-        x
-    } else {
-        packed = pack(x, g);
-        &packed
-    };
+    let src = gemm_input(x, g);
     let (og, kc, cg) = (g.og(), g.kc(), g.cg());
     let mut dwr = vec![T::zero(); g.groups * kc * og];
     let dp = Ptr(dwr.as_mut_ptr());
@@ -321,8 +266,13 @@ fn input_grad<T: WithDType + Float>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 
 /// The convolution, and whether GELU follows it (forward only).
 struct ConvCl(Geom, bool);
-struct ConvClDx(Geom);
-struct ConvClDw(Geom);
+/// Which gradient a [`ConvClGrad`] computes.
+#[derive(Clone, Copy)]
+enum Wrt {
+    Input,
+    Weight,
+}
+struct ConvClGrad(Geom, Wrt);
 
 impl CustomOp2 for ConvCl {
     fn name(&self) -> &'static str {
@@ -341,36 +291,30 @@ impl CustomOp2 for ConvCl {
         }
         let dy = dy.contiguous()?;
         // The first layer's input (the waveform) needs no gradient: skip its gemms.
-        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &ConvClDx(self.0))?) } else { None };
-        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&dy, &ConvClDw(self.0))?) } else { None };
+        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &ConvClGrad(self.0, Wrt::Input))?) } else { None };
+        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&dy, &ConvClGrad(self.0, Wrt::Weight))?) } else { None };
         Ok((dx, dw))
     }
 }
 
-impl CustomOp2 for ConvClDx {
+impl CustomOp2 for ConvClGrad {
     fn name(&self) -> &'static str {
-        "klspeech-conv1d-cl-dx"
+        match self.1 {
+            Wrt::Input => "klspeech-conv1d-cl-dx",
+            Wrt::Weight => "klspeech-conv1d-cl-dw",
+        }
     }
-    /// (dy [B, T, C_out], w) -> dx [B, L, C_in].
+    /// Input: (dy [B, T, C_out], w) -> dx [B, L, C_in]; weight: (x [B, L, C_in], dy) -> dw
+    /// [C_out, C_g, K].
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
         by_dtype!(s1, T => {
-            let dx = input_grad(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g);
-            Ok((T::to_cpu_storage_owned(dx), Shape::from((g.b, g.l, g.c_in))))
-        })
-    }
-}
-
-impl CustomOp2 for ConvClDw {
-    fn name(&self) -> &'static str {
-        "klspeech-conv1d-cl-dw"
-    }
-    /// (x [B, L, C_in], dy [B, T, C_out]) -> dw [C_out, C_g, K].
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        by_dtype!(s1, T => {
-            let dw = weight_grad(data::<T>(s1, l1)?, data::<T>(s2, l2)?, &g);
-            Ok((T::to_cpu_storage_owned(dw), Shape::from((g.c_out, g.cg(), g.k))))
+            let (a, b) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
+            let (v, shape) = match self.1 {
+                Wrt::Input => (input_grad(a, b, &g), Shape::from((g.b, g.l, g.c_in))),
+                Wrt::Weight => (weight_grad(a, b, &g), Shape::from((g.c_out, g.cg(), g.k))),
+            };
+            Ok((T::to_cpu_storage_owned(v), shape))
         })
     }
 }

@@ -10,24 +10,11 @@ use num_traits::{Float, Zero};
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
-use super::{c, data, fused};
+use super::{c, data, fused, Ptr};
 use crate::error::Result;
 
 /// Channels per task (a 256-byte strip of each f32 frame).
 const CBLOCK: usize = 64;
-
-/// A raw pointer that parallel tasks share; each task writes its own strips.
-#[derive(Clone, Copy)]
-struct Ptr<T>(*mut T);
-unsafe impl<T> Send for Ptr<T> {}
-unsafe impl<T> Sync for Ptr<T> {}
-
-impl<T> Ptr<T> {
-    /// (A method, so that closures capture the Sync wrapper, not the raw field.)
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
 
 fn btc(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     match l.dims() {

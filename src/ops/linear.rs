@@ -23,12 +23,11 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// dst [m, n] (row stride n) = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n], operands given
-/// by (row stride, column stride).
+/// [`super::mm`] with a contiguous [m, n] destination and gemm parallel over the threads.
 ///
-/// Safety: every address the strides reach must lie inside the operand's allocation.
-unsafe fn mm<T: 'static + Float>((m, n, k): (usize, usize, usize), dst: *mut T, accumulate: bool, lhs: *const T, (lrs, lcs): (usize, usize), rhs: *const T, (rrs, rcs): (usize, usize)) {
-    gemm::gemm(m, n, k, dst, 1, n as isize, accumulate, lhs, lcs as isize, lrs as isize, rhs, rcs as isize, rrs as isize, T::one(), T::one(), false, false, false, parallelism())
+/// Safety: as for [`super::mm`].
+unsafe fn mm<T: 'static + Float>((m, n, k): (usize, usize, usize), dst: *mut T, accumulate: bool, lhs: *const T, l: (usize, usize), rhs: *const T, r: (usize, usize)) {
+    super::mm((m, n, k), dst, n, accumulate, lhs, l, rhs, r, parallelism())
 }
 
 /// (rows, in, out) of x [rows, in] and w [out, in].

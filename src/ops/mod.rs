@@ -84,6 +84,58 @@ fn c<T: Float>(v: f64) -> T {
     T::from(v).expect("constant fits")
 }
 
+/// A raw pointer that parallel tasks share; each task writes a region no other task touches.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr<T>(*mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// (A method, so that closures capture the Sync wrapper, not the raw field.)
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// dst [m, n] (row stride `dst_rs`) = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n], every
+/// operand addressed by (row stride, column stride).
+///
+/// Safety: every address the strides reach must lie inside the operand's allocation.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm<T: 'static + Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
 mod conv;
 mod group_norm;
 mod linear;
