@@ -85,13 +85,8 @@ impl CustomOp3 for GroupNormCl {
         })
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, _, ch) = x.dims3()?;
-        let n = x.elem_count();
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &GroupNormClBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, ch)?;
-        let db = packed.narrow(0, n + ch, ch)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        super::split_affine_grads(&packed, x, w.elem_count())
     }
 }
 

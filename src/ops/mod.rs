@@ -1281,14 +1281,17 @@ impl CustomOp3 for ChannelAffine {
         })
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, c, _) = x.dims3()?;
-        let n = x.elem_count();
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &ChannelAffineBwd)?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, c)?;
-        let db = packed.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        split_affine_grads(&packed, x, w.elem_count())
     }
+}
+
+/// (dx, dw, db) from a flat [dx (x's elements), dw (c), db (c)] backward output.
+#[allow(clippy::type_complexity)]
+fn split_affine_grads(packed: &Tensor, x: &Tensor, c: usize) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let n = x.elem_count();
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    Ok((Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)))
 }
 
 impl CustomOp3 for ChannelAffineBwd {
