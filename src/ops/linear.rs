@@ -49,22 +49,31 @@ fn forward<T: WithDType + Float>(x: &[T], w: &[T], b: Option<&[T]>, (rows, d_in,
     y
 }
 
-/// Packed [dx (rows in), dw (out in)] from g [rows, out].
-fn backward<T: WithDType + Float>(x: &[T], w: &[T], g: &[T], (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
+/// Packed [dx (rows in), dw (out in)] from g [rows, out]; a part not `wanted` (dx, dw) is
+/// not computed (left zero; the caller does not return it).
+fn backward<T: WithDType + Float>(x: &[T], w: &[T], g: &[T], (rows, d_in, d_out): (usize, usize, usize), wanted: LinearBwd) -> Vec<T> {
     let mut out = vec![T::zero(); rows * d_in + d_out * d_in];
     let (dx, dw) = out.split_at_mut(rows * d_in);
     // Safety: as in `forward`; dx = g w, dw = g^T x (g read transposed in place).
     unsafe {
-        mm((rows, d_in, d_out), dx.as_mut_ptr(), false, g.as_ptr(), (d_out, 1), w.as_ptr(), (d_in, 1));
-        mm((d_out, d_in, rows), dw.as_mut_ptr(), false, g.as_ptr(), (1, d_out), x.as_ptr(), (d_in, 1));
+        if wanted.dx {
+            mm((rows, d_in, d_out), dx.as_mut_ptr(), false, g.as_ptr(), (d_out, 1), w.as_ptr(), (d_in, 1));
+        }
+        if wanted.dw {
+            mm((d_out, d_in, rows), dw.as_mut_ptr(), false, g.as_ptr(), (1, d_out), x.as_ptr(), (d_in, 1));
+        }
     }
     out
 }
 
 struct LinearBias;
 struct LinearNoBias;
-/// (x, w, g) -> [dx, dw] packed.
-struct LinearBwd;
+/// (x, w, g) -> [dx, dw] packed; which of the two are needed.
+#[derive(Clone, Copy)]
+struct LinearBwd {
+    dx: bool,
+    dw: bool,
+}
 
 impl CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
@@ -101,14 +110,15 @@ impl CustomOp2 for LinearNoBias {
     }
 }
 
-/// dx and dw from one backward op (dx skipped when x needs no gradient: the first layer of
-/// a frozen encoder's head).
+/// dx and dw from one backward op; a gradient nothing needs is not computed (dx of the
+/// feature projection and of a head over a frozen encoder, dw of a frozen layer).
 fn split(x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
     let (rows, d_in) = x.dims2()?;
-    let packed = x.apply_op3_no_bwd(w, g, &LinearBwd)?;
+    let wanted = LinearBwd { dx: x.track_op(), dw: w.track_op() };
+    let packed = x.apply_op3_no_bwd(w, g, &wanted)?;
     let dx = packed.narrow(0, 0, rows * d_in)?.reshape((rows, d_in))?;
     let dw = packed.narrow(0, rows * d_in, w.elem_count())?.reshape(w.shape())?;
-    Ok((x.track_op().then_some(dx), w.track_op().then_some(dw)))
+    Ok((wanted.dx.then_some(dx), wanted.dw.then_some(dw)))
 }
 
 impl CustomOp3 for LinearBwd {
@@ -118,7 +128,7 @@ impl CustomOp3 for LinearBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = dims(l1, l2)?;
         by_dtype!(s1, T => {
-            let out = backward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, data::<T>(s3, l3)?, d);
+            let out = backward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, data::<T>(s3, l3)?, d, *self);
             Ok((T::to_cpu_storage_owned(out), Shape::from(d.0 * d.1 + d.2 * d.1)))
         })
     }
