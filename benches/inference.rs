@@ -16,6 +16,7 @@
 //! ("after") and with `KLSPEECH_NO_CUSTOM_OPS=1`, candle's composites ("before"); the child
 //! reports the median time, the per-stage medians and its peak RSS. For the base training
 //! step the achieved GFLOP/s are printed beside the machine's gemm throughput.
+//! `KLSPEECH_BENCH_ITERS` sets the steps per child (for profiling).
 //! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows; klspeech ("after") and PyTorch
 //! alternate `KLSPEECH_BENCH_ROUNDS` times per row (default 3), and the table reports the
 //! medians and the median of the per-round ratios, so a slow spell of a shared machine does
@@ -85,7 +86,9 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
     let y: Vec<usize> = (0..row.batch).map(|i| i % 12).collect();
     let mut times = Vec::new();
     let mut stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
-    for i in 0..row.iters + 2 {
+    // KLSPEECH_BENCH_ITERS overrides the row's step count (long runs under a profiler).
+    let iters = std::env::var("KLSPEECH_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(row.iters);
+    for i in 0..iters + 2 {
         sync(dev);
         let t = Instant::now();
         let mut marks: Vec<(&'static str, f64)> = Vec::new();

@@ -26,11 +26,17 @@ impl FastExp for f32 {
         const LN2_LO: f32 = -2.121_944_4e-4;
         const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
         let x = self.clamp(-87.0, 88.0);
-        let n = (x * LOG2E + ROUND) - ROUND;
+        let shifted = x * LOG2E + ROUND;
+        let n = shifted - ROUND;
         let r = x - n * LN2_HI - n * LN2_LO;
         let p = 1.0
             + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n: the integer n sits in the low mantissa bits of `shifted` (its bits are
+        // 0x4b40_0000 + n for |n| < 2^22), so n + 127 is an integer subtraction. `n as i32`
+        // would be Rust's saturating cast, which compiles to a scalar convert-and-compare per
+        // lane and kept every loop calling fexp from vectorizing.
+        let biased = shifted.to_bits().wrapping_sub(0x4b40_0000 - 127);
+        let scale = f32::from_bits(biased << 23);
         p * scale
     }
 

@@ -52,7 +52,9 @@ fn keyed_normal_block(key: u64, first_pair: u64, out: &mut [f32]) {
     let (mut c, mut s) = ([0f32; PAIRS], [0f32; PAIRS]);
     for j in 0..PAIRS {
         let r = (-2.0 * u1[j].fln()).sqrt();
-        let k = (a[j] as u32).min(3);
+        // SAFETY: a[j] is finite and in [0, 4), so the unchecked cast is exact; the checked
+        // `as` cast (saturating) would compile to scalar code and stop the loop vectorizing.
+        let k = unsafe { a[j].to_int_unchecked::<u32>() }.min(3);
         let phi = (a[j] - k as f32 - 0.5) * std::f32::consts::FRAC_PI_2;
         let p2 = phi * phi;
         let sin = phi * (1.0 - p2 * (1.0 / 6.0) * (1.0 - p2 * (1.0 / 20.0) * (1.0 - p2 * (1.0 / 42.0) * (1.0 - p2 * (1.0 / 72.0)))));

@@ -190,6 +190,13 @@ fn channels_last_group_norm_matches_the_composite() {
             let x = rand(&[b, t, c], 100 + i as u64, dtype).affine(3.0, 1.0).unwrap();
             let w = rand(&[c], 101, dtype);
             let bias = rand(&[c], 102, dtype);
+            // The inference variant with GELU fused: the same bits as the two ops.
+            let fused_gelu = ops::group_norm_cl_gelu(&x, &w, &bias, 1e-5).unwrap();
+            let separate = ops::gelu_erf(&ops::group_norm_cl(&x, &w, &bias, 1e-5).unwrap()).unwrap();
+            assert_eq!(
+                fused_gelu.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+                separate.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+            );
             compare(
                 &format!("group_norm_cl {:?}", (b, t, c)),
                 &[x, w, bias],
@@ -229,9 +236,10 @@ fn seeded_dropout_matches_the_mask_composite() {
 
 #[test]
 fn linear_matches_the_composite() {
-    // (rows, in, out): one row, odd sizes, more rows than columns and the reverse.
+    // (rows, in, out): one row, odd sizes, more rows than columns and the reverse; in > out
+    // (the weight is transposed first) with several ragged 64-row bands and 8 x 8 tiles.
     for dtype in [DType::F32, DType::F64] {
-        for (i, &(rows, d_in, d_out)) in [(1usize, 7usize, 5usize), (131, 33, 13), (17, 64, 200), (392, 192, 576)].iter().enumerate() {
+        for (i, &(rows, d_in, d_out)) in [(1usize, 7usize, 5usize), (131, 33, 13), (17, 64, 200), (392, 192, 576), (49, 203, 70)].iter().enumerate() {
             let x = rand(&[rows, d_in], 120 + i as u64, dtype);
             let w = rand(&[d_out, d_in], 121 + i as u64, dtype);
             let b = rand(&[d_out], 122 + i as u64, dtype);

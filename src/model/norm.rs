@@ -216,6 +216,16 @@ impl Norm {
         Ok(self.forward(&x.transpose(1, 2)?, time_mask, ctx)?.transpose(1, 2)?)
     }
 
+    /// Inference only: [`Self::forward_time_channels_last`] then the erf GELU, fused into the
+    /// normalization's output pass, where the fused op applies (else `None`).
+    pub fn forward_time_channels_last_gelu(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let stats_mask = if ctx.padding_aware { time_mask } else { None };
+        if ctx.grad || stats_mask.is_some() || (self.kl.is_some() && ctx.train) {
+            return Ok(None);
+        }
+        Ok(Some(crate::ops::group_norm_cl_gelu(x, &self.weight, &self.bias, self.eps)?))
+    }
+
     /// The KL-Norm training-mode composite: the sample y and the KL summed over features per
     /// position ([B, T]).
     fn kl_composite(&self, x: &Tensor, stats_mask: Option<&Tensor>, kl: &KlParams, noise: &Tensor) -> Result<(Tensor, Tensor)> {

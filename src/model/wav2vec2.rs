@@ -62,6 +62,12 @@ impl ConvLayer {
                 None => None,
             };
             y = match norm_axis(norm) {
+                NormAxis::Time if self.act == Activation::GeluErf => {
+                    if let Some(y) = norm.forward_time_channels_last_gelu(&y, mask.as_ref(), ctx)? {
+                        return Ok(y); // inference: GroupNorm and GELU in one pass
+                    }
+                    norm.forward_time_channels_last(&y, mask.as_ref(), ctx)?
+                }
                 NormAxis::Time => norm.forward_time_channels_last(&y, mask.as_ref(), ctx)?,
                 NormAxis::LastDim => norm.forward(&y, mask.as_ref(), ctx)?,
             };

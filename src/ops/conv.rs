@@ -21,7 +21,7 @@ use num_traits::Float;
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
-use super::{data, fused, mm, Ptr};
+use super::{data, fused, mm, output_buf, Ptr};
 use crate::error::{Error, Result};
 
 /// Geometry of one convolution: x [B, L, C_in] -> y [B, T, C_out].
@@ -99,7 +99,8 @@ fn pack<T: WithDType + Float>(x: &[T], g: &Geom) -> Vec<T> {
 /// The inverse of [`pack`] for gradients: [G, B, L + 2p, C_g] -> [B, L, C_in] (padding dropped).
 fn unpack<T: WithDType + Float>(xp: &[T], g: &Geom) -> Vec<T> {
     let (cg, lp) = (g.cg(), g.lp());
-    let mut x = vec![T::zero(); g.b * g.l * g.c_in];
+    // Safety: every (clip, frame, group) strip is copied.
+    let mut x = unsafe { output_buf::<T>(g.b * g.l * g.c_in, 0) };
     x.par_chunks_mut(g.l * g.c_in).enumerate().for_each(|(bi, dst)| {
         for gi in 0..g.groups {
             let src = &xp[(gi * g.b + bi) * lp * cg..][..lp * cg];
@@ -160,7 +161,8 @@ fn forward<T: WithDType + super::Phi>(x: &[T], w: &[T], g: &Geom, gelu: bool) ->
     let wr = reorder_weight(w, g);
     let src = gemm_input(x, g);
     let (og, kc, cg) = (g.og(), g.kc(), g.cg());
-    let mut y = vec![T::zero(); g.b * g.t * g.c_out];
+    // Safety: each (group, clip) gemm writes its whole [T, og] block.
+    let mut y = unsafe { output_buf::<T>(g.b * g.t * g.c_out, 0) };
     let yp = Ptr(y.as_mut_ptr());
     let (sp, wp) = (src.as_ptr() as usize, wr.as_ptr() as usize);
     // GELU inside a task needs its block contiguous: one group.
@@ -196,7 +198,8 @@ fn forward<T: WithDType + super::Phi>(x: &[T], w: &[T], g: &Geom, gelu: bool) ->
 fn weight_grad<T: WithDType + Float>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let src = gemm_input(x, g);
     let (og, kc, cg) = (g.og(), g.kc(), g.cg());
-    let mut dwr = vec![T::zero(); g.groups * kc * og];
+    // Safety: clip 0's gemm (not accumulating) writes every group's block; b >= 1.
+    let mut dwr = unsafe { output_buf::<T>(g.groups * kc * og, 0) };
     let dp = Ptr(dwr.as_mut_ptr());
     let (sp, gp) = (src.as_ptr() as usize, dy.as_ptr() as usize);
     run_tasks(g.groups, |gi, par| {
@@ -247,7 +250,8 @@ fn input_grad<T: WithDType + Float>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
             }
         } else {
             // Long kernels: the gradient of this task's columns [T, K C_g], then a scatter-add.
-            let mut cols = vec![T::zero(); g.t * kc];
+            // Safety: the gemm (not accumulating) writes every column.
+            let mut cols = unsafe { output_buf::<T>(g.t * kc, 0) };
             unsafe { mm((g.t, kc, og), cols.as_mut_ptr(), kc, false, lhs, (g.c_out, 1), w_g, (1, og), par) };
             // Safety: this task owns dst[0 .. L_p C_g].
             let out = unsafe { std::slice::from_raw_parts_mut(dst, lp * cg) };

@@ -10,7 +10,7 @@ use num_traits::{Float, Zero};
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
-use super::{c, data, fused, Ptr};
+use super::{c, data, fused, output_buf, Phi, Ptr};
 use crate::error::Result;
 
 /// Channels per task (a 256-byte strip of each f32 frame).
@@ -45,6 +45,8 @@ fn strip_stats<T: WithDType + Float>(x: &[T], t: usize, ch: usize, c0: usize, w:
 
 struct GroupNormCl {
     eps: f64,
+    /// GELU (erf) on each output strip while it is in cache (inference: no backward).
+    gelu: bool,
 }
 struct GroupNormClBwd {
     eps: f64,
@@ -60,7 +62,8 @@ impl CustomOp3 for GroupNormCl {
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: the tasks' strips cover every (clip, frame, channel).
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             let yp = Ptr(y.as_mut_ptr());
             (0..bsz * blocks).into_par_iter().for_each(|task| {
                 let (bi, c0) = (task / blocks, (task % blocks) * CBLOCK);
@@ -79,12 +82,18 @@ impl CustomOp3 for GroupNormCl {
                     for ((((d, &v), &m), &s), &h) in dst.iter_mut().zip(&x[off..off + wd]).zip(&mean).zip(&scale).zip(shift) {
                         *d = (v - m) * s + h;
                     }
+                    if self.gelu {
+                        T::gelu_in_place(dst);
+                    }
                 }
             });
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.gelu {
+            bail!("klspeech group norm + GELU is an inference op (no backward)");
+        }
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &GroupNormClBwd { eps: self.eps })?;
         super::split_affine_grads(&packed, x, w.elem_count())
     }
@@ -105,7 +114,8 @@ impl CustomOp3 for GroupNormClBwd {
             let w = data::<T>(s2, l2)?;
             let g = data::<T>(s3, l3)?;
             let n = x.len();
-            let mut out = vec![T::zero(); n + 2 * ch];
+            // Safety: the tasks' strips cover every dx element; dw, db start at zero.
+            let mut out = unsafe { output_buf::<T>(n, 2 * ch) };
             let op = Ptr(out.as_mut_ptr());
             let tn: T = c(t as f64);
             // Per task: (sgx, sg) of its strip.
@@ -160,7 +170,18 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
     if !fused(x) {
         return group_norm_cl_composite(x, w, b, eps);
     }
-    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GroupNormCl { eps })?)
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GroupNormCl { eps, gelu: false })?)
+}
+
+/// Inference: [`group_norm_cl`] followed by the erf GELU, applied to each output strip while
+/// it is in cache (one pass over the activation instead of two; the same values as the two
+/// ops). No gradient flows through it. Fused on the CPU, else the two ops.
+pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.dims3()?;
+    if !fused(x) {
+        return super::gelu_erf(&group_norm_cl_composite(x, w, b, eps)?);
+    }
+    Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNormCl { eps, gelu: true })?)
 }
 
 /// [`group_norm_cl`] from candle ops (the reference, and the path off the CPU).

@@ -13,7 +13,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor,
 use gemm::Parallelism;
 use num_traits::Float;
 
-use super::{data, fused};
+use rayon::prelude::*;
+
+use super::{data, fused, output_buf};
 use crate::error::{Error, Result};
 
 fn parallelism() -> Parallelism {
@@ -40,20 +42,39 @@ fn dims(lx: &Layout, lw: &Layout) -> candle_core::Result<(usize, usize, usize)> 
 
 /// y [rows, out] = x w^T (+ b).
 fn forward<T: WithDType + Float>(x: &[T], w: &[T], b: Option<&[T]>, (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
-    let mut y = match b {
-        Some(b) => b.iter().copied().cycle().take(rows * d_out).collect(),
-        None => vec![T::zero(); rows * d_out],
-    };
-    // Safety: x is [rows, in], w [out, in] read transposed, y [rows, out]; all contiguous.
-    unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), w.as_ptr(), (1, d_in)) };
+    // Safety: the bias rows are copied in below, or (no bias) the gemm does not read y.
+    let mut y = unsafe { output_buf::<T>(rows * d_out, 0) };
+    if let Some(b) = b {
+        y.par_chunks_mut(d_out * 64).for_each(|block| block.chunks_exact_mut(d_out).for_each(|row| row.copy_from_slice(b)));
+    }
+    if d_in > d_out {
+        // x and w are both contiguous along `in`, so gemm packs w through a transposing
+        // gather; when `in` is the longer side (the feed-forward's output layer) that costs
+        // more than the product itself (wav2vec2-base, 249 x 3072 -> 768: 12.3 ms against
+        // 7.2 ms with this one-pass transposition first).
+        let wt = super::transpose(w, d_out, d_in);
+        // Safety: x is [rows, in], wt [in, out], y [rows, out]; all contiguous.
+        unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), wt.as_ptr(), (d_out, 1)) };
+    } else {
+        // Safety: x is [rows, in], w [out, in] read transposed, y [rows, out]; all contiguous.
+        unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), w.as_ptr(), (1, d_in)) };
+    }
     y
 }
 
 /// Packed [dx (rows in), dw (out in)] from g [rows, out]; a part not `wanted` (dx, dw) is
 /// not computed (left zero; the caller does not return it).
 fn backward<T: WithDType + Float>(x: &[T], w: &[T], g: &[T], (rows, d_in, d_out): (usize, usize, usize), wanted: LinearBwd) -> Vec<T> {
-    let mut out = vec![T::zero(); rows * d_in + d_out * d_in];
+    // Safety: each wanted part is written by a gemm that does not read it; an unwanted part is
+    // zeroed (it is dropped by the caller, but stays defined).
+    let mut out = unsafe { output_buf::<T>(rows * d_in + d_out * d_in, 0) };
     let (dx, dw) = out.split_at_mut(rows * d_in);
+    if !wanted.dx {
+        dx.fill(T::zero());
+    }
+    if !wanted.dw {
+        dw.fill(T::zero());
+    }
     // Safety: as in `forward`; dx = g w, dw = g^T x (g read transposed in place).
     unsafe {
         if wanted.dx {

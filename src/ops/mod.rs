@@ -97,6 +97,65 @@ impl<T> Ptr<T> {
     }
 }
 
+/// An output buffer of `head + tail` elements: the kernel overwrites the first `head` in full
+/// before anything reads them (no `vec![0; n]`, a serial memset pass over every output, which
+/// cost a few percent of an inference step); the last `tail` start at zero (reduction targets).
+/// candle's own `alloc_uninit` does the same for its outputs.
+///
+/// Safety: the caller writes every one of the first `head` elements before reading any of
+/// them, and before the buffer leaves the kernel.
+#[allow(clippy::uninit_vec)]
+pub(crate) unsafe fn output_buf<T: Copy + Zero>(head: usize, tail: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(head + tail);
+    // Safety: the capacity covers head + tail; the head is written by the caller (above), and
+    // f32 / f64 have no invalid bit patterns.
+    unsafe { v.set_len(head) };
+    v.resize(head + tail, T::zero());
+    v
+}
+
+/// a [rows, cols] -> a^T [cols, rows], both contiguous: parallel over bands of 64 output rows,
+/// each walked in 8 x 8 tiles (contiguous reads and writes of 8 elements).
+pub(crate) fn transpose<T: Copy + Zero + Send + Sync>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const BAND: usize = 64;
+    const TILE: usize = 8;
+    // Safety: the bands cover every output row and each band writes all of its elements
+    // (full tiles, then the ragged edges element by element).
+    let mut out = unsafe { output_buf::<T>(rows * cols, 0) };
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(BAND * rows).enumerate().for_each(|(band, dst)| {
+        let c0 = band * BAND;
+        let cw = BAND.min(cols - c0);
+        let mut tile = [[T::zero(); TILE]; TILE];
+        for r0 in (0..rows).step_by(TILE) {
+            let rw = TILE.min(rows - r0);
+            for j0 in (0..cw).step_by(TILE) {
+                let jw = TILE.min(cw - j0);
+                if rw == TILE && jw == TILE {
+                    for (i, t) in tile.iter_mut().enumerate() {
+                        t.copy_from_slice(&a[(r0 + i) * cols + c0 + j0..][..TILE]);
+                    }
+                    for j in 0..TILE {
+                        let d = &mut dst[(j0 + j) * rows + r0..][..TILE];
+                        for (i, d) in d.iter_mut().enumerate() {
+                            *d = tile[i][j];
+                        }
+                    }
+                } else {
+                    for i in 0..rw {
+                        for j in 0..jw {
+                            dst[(j0 + j) * rows + r0 + i] = a[(r0 + i) * cols + c0 + j0 + j];
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
 /// dst [m, n] (row stride `dst_rs`) = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n], every
 /// operand addressed by (row stride, column stride).
 ///
@@ -140,7 +199,7 @@ mod conv;
 mod group_norm;
 mod linear;
 pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
-pub use group_norm::{group_norm_cl, group_norm_cl_composite};
+pub use group_norm::{group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
 pub use linear::linear;
 
 pub use crate::fastmath::FastExp;
@@ -181,7 +240,7 @@ fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
 /// f32 loses every digit below x = -5): GELU's relative error stays under 6e-4 down to x = -4
 /// and its absolute error under 2e-7 max(1, |x|) everywhere (tests/ops.rs);
 /// f64: candle's double-precision erf.
-trait Phi: FastExp {
+pub(crate) trait Phi: FastExp {
     fn phi(x: Self) -> Self;
 
     /// y = x Phi(x), elementwise.
@@ -306,7 +365,8 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         by_dtype!(s, T => {
             let x = data::<T>(s, l)?;
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: gelu_slice writes every element.
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).for_each(|(y, x)| T::gelu_slice(y, x));
             Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
         })
@@ -325,7 +385,8 @@ impl CustomOp2 for GeluErfBwd {
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let g = data::<T>(s2, l2)?;
-            let mut dx = vec![T::zero(); x.len()];
+            // Safety: gelu_grad_slice writes every element.
+            let mut dx = unsafe { output_buf::<T>(x.len(), 0) };
             dx.par_chunks_mut(ELEM_GRAIN)
                 .zip(x.par_chunks(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN)))
                 .for_each(|(dx, (x, g))| T::gelu_grad_slice(dx, x, g));
@@ -357,7 +418,8 @@ impl CustomOp1 for Softmax {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         by_dtype!(s, T => {
             let x = data::<T>(s, l)?;
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: every row is written (exponentials, then scaled).
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             y.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN)).for_each(|(y, x)| {
                 for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
                     let m = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
@@ -388,7 +450,8 @@ impl CustomOp2 for SoftmaxBwd {
         by_dtype!(s1, T => {
             let y = data::<T>(s1, l1)?;
             let g = data::<T>(s2, l2)?;
-            let mut dx = vec![T::zero(); y.len()];
+            // Safety: every element of every row is written.
+            let mut dx = unsafe { output_buf::<T>(y.len(), 0) };
             dx.par_chunks_mut(d * ROW_GRAIN).zip(y.par_chunks(d * ROW_GRAIN).zip(g.par_chunks(d * ROW_GRAIN))).for_each(|(dx, (y, g))| {
                 for (dx, (y, g)) in dx.chunks_exact_mut(d).zip(y.chunks_exact(d).zip(g.chunks_exact(d))) {
                     let dot = y.iter().zip(g).fold(T::zero(), |a, (&y, &g)| a + y * g);
@@ -446,7 +509,8 @@ impl CustomOp1 for Standardize {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         by_dtype!(s, T => {
             let x = data::<T>(s, l)?;
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: every element of every row is written.
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             y.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN)).for_each(|(y, x)| {
                 for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
                     let (m, r) = row_stats(x, self.eps);
@@ -489,7 +553,8 @@ impl CustomOp2 for StandardizeBwd {
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let g = data::<T>(s2, l2)?;
-            let mut dx = vec![T::zero(); x.len()];
+            // Safety: standardize_row_bwd writes every element of its row.
+            let mut dx = unsafe { output_buf::<T>(x.len(), 0) };
             dx.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN).zip(g.par_chunks(d * ROW_GRAIN))).for_each(|(dx, (x, g))| {
                 for (dx, (x, g)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d).zip(g.chunks_exact(d))) {
                     standardize_row_bwd(x, |i| g[i], dx, self.eps);
@@ -535,7 +600,8 @@ impl CustomOp3 for LayerNorm {
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: every element of every row is written.
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             y.par_chunks_mut(d * ROW_GRAIN).zip(x.par_chunks(d * ROW_GRAIN)).for_each(|(y, x)| {
                 for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
                     let (m, r) = row_stats(x, self.eps);
@@ -579,7 +645,8 @@ impl CustomOp3 for LayerNormBwd {
             let w = data::<T>(s2, l2)?;
             let g = data::<T>(s3, l3)?;
             let rows = x.len() / d;
-            let mut out = vec![T::zero(); (rows + 2) * d];
+            // Safety: standardize_row_bwd writes every dx row; the dw, db rows start at zero.
+            let mut out = unsafe { output_buf::<T>(rows * d, 2 * d) };
             let (dx, tail) = out.split_at_mut(rows * d);
             let chunk = d * ROW_GRAIN;
             // dx per row; per chunk the partial sums of g * x_hat (dw) and g (db).
@@ -730,7 +797,8 @@ impl CustomOp1 for Dropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         by_dtype!(s, T => {
             let x = data::<T>(s, l)?;
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: every element is written.
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             y.par_chunks_mut(ELEM_GRAIN).zip(x.par_chunks(ELEM_GRAIN)).enumerate().for_each(|(ci, (y, x))| {
                 for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
                     *y = x * c::<T>(self.factor(ci * ELEM_GRAIN + j));
@@ -1051,7 +1119,8 @@ impl CustomOp2 for KlNormOp {
             let p = data::<T>(s2, l2)?;
             let rows = x.len() / d;
             with_noise::<T, _>(&self.noise, |noise| {
-                let mut out = vec![T::zero(); rows * d + rows];
+                // Safety: every row writes its d outputs and its KL term.
+                let mut out = unsafe { output_buf::<T>(rows * d + rows, 0) };
                 let (y, kl) = out.split_at_mut(rows * d);
                 let (w, b, a, b2) = (&p[..d], &p[d..2 * d], &p[2 * d..3 * d], &p[3 * d..4 * d]);
                 let prior = self.learned.then(|| (&p[4 * d..5 * d], &p[5 * d..6 * d]));
@@ -1127,7 +1196,8 @@ impl CustomOp3 for KlNormBwd {
             let np = p.len();
             let (gy, gk) = g.split_at(rows * d);
             with_noise::<T, _>(&self.noise, |noise| {
-                let mut out = vec![T::zero(); rows * d + np];
+                // Safety: every row writes its dx; the parameter gradients start at zero.
+                let mut out = unsafe { output_buf::<T>(rows * d, np) };
                 let (dx, dp_out) = out.split_at_mut(rows * d);
                 let (w, b, a, b2) = (&p[..d], &p[d..2 * d], &p[2 * d..3 * d], &p[3 * d..4 * d]);
                 let prior = self.learned.then(|| (&p[4 * d..5 * d], &p[5 * d..6 * d]));
@@ -1272,7 +1342,8 @@ impl CustomOp3 for ChannelAffine {
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
-            let mut y = vec![T::zero(); x.len()];
+            // Safety: every (clip, channel) row is written.
+            let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             y.par_chunks_mut(t.max(1)).zip(x.par_chunks(t.max(1))).enumerate().for_each(|(row, (y, x))| {
                 let (w, b) = (w[row % c], b[row % c]);
                 y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * w + b);
@@ -1315,7 +1386,8 @@ impl CustomOp3 for ChannelAffineBwd {
             let w = data::<T>(s2, l2)?;
             let g = data::<T>(s3, l3)?;
             let n = x.len();
-            let mut out = vec![T::zero(); n + 2 * c];
+            // Safety: every dx row is written; dw, db start at zero.
+            let mut out = unsafe { output_buf::<T>(n, 2 * c) };
             let (dx, tail) = out.split_at_mut(n);
             let sums: Vec<(T, T)> = dx
                 .par_chunks_mut(t.max(1))
