@@ -398,3 +398,33 @@ fn fused_in_place_adamw_is_bit_for_bit_the_composite() {
         }
     }
 }
+
+/// Inference keeps transposed copies of the linear weights; an optimizer step changes the
+/// weights in place, and the next inference must see the new values (the copies are rebuilt
+/// for the new parameter epoch), exactly as the uncached differentiable path computes them.
+#[test]
+fn inference_after_an_optimizer_step_sees_the_new_weights() {
+    use klspeech::model::{ForwardCtx, HeadKind, KlSites, LoadOptions, SpeechModel};
+    let mut cfg = common::tiny_config(false);
+    cfg.set_labels(&["a".to_string(), "b".to_string()]);
+    let opts = LoadOptions { kl_sites: KlSites::None, head: Some(HeadKind::Classification), seed: 2, ..Default::default() };
+    let model = SpeechModel::fresh(cfg, &opts).unwrap();
+    let x = common::waves(&[2400, 1900], DType::F32, &Device::Cpu);
+    let lengths = [2400usize, 1900];
+    let logits = |ctx: &mut ForwardCtx| model.forward(&x, Some(&lengths), ctx).unwrap().logits.unwrap();
+    let loss = klspeech::loss::cross_entropy(&logits(&mut ForwardCtx::train_no_dropout(klspeech::rng::Rng::new(0))), &[0, 1], 0.0).unwrap();
+    let grads = loss.backward().unwrap();
+    // Cached inference (builds the copies after the training pass released them) and the
+    // uncached graph path agree...
+    let reference_before = logits(&mut ForwardCtx::eval_with_grad());
+    let before = logits(&mut ForwardCtx::eval());
+    assert!(max_abs_diff(&before, &reference_before) < 1e-5);
+    // ...one step with a large learning rate moves every weight in place...
+    let mut opt = AdamW::new(model.store.vars(), AdamWConfig { lr: 0.05, ..Default::default() }).unwrap();
+    opt.step(&grads, 1.0).unwrap();
+    // ...and cached inference follows them.
+    let after = logits(&mut ForwardCtx::eval());
+    let reference = logits(&mut ForwardCtx::eval_with_grad());
+    assert!(max_abs_diff(&after, &before) > 1e-3, "the step changed nothing");
+    assert!(max_abs_diff(&after, &reference) < 1e-5, "inference used stale weights: {}", max_abs_diff(&after, &reference));
+}

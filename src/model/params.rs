@@ -16,6 +16,22 @@ use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 /// Checkpoint tensors that belong to pre-training only and are ignored.
+/// Bumped whenever parameter values change in place (an optimizer step, a checkpoint restored
+/// into the variables): caches derived from weights (the inference layouts of
+/// [`super::layers::Linear`]) compare it and rebuild when it moved.
+static PARAMETER_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Declares that some parameter's values changed in place. Every in-place update of a
+/// variable must call it (the optimizer and the checkpoint loader do).
+pub fn parameters_changed() {
+    PARAMETER_EPOCH.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The current parameter epoch (see [`parameters_changed`]).
+pub fn parameter_epoch() -> u64 {
+    PARAMETER_EPOCH.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 const PRETRAINING_ONLY: &[&str] = &["quantizer.", "project_q.", "project_hid."];
 /// Keys of the task heads (never prefixed with `wav2vec2.`).
 pub const HEAD_KEYS: &[&str] = &["lm_head.", "projector.", "classifier.", "layer_weights"];

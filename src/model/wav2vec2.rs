@@ -170,12 +170,25 @@ impl PositionalConvEmbedding {
     }
 }
 
+/// The inference copy of an attention layer's q, k, v projections as one.
+#[derive(Clone)]
+struct PackedQkv {
+    epoch: u64,
+    /// [H, 3H]
+    wt: Tensor,
+    /// [3H]
+    bias: Option<Tensor>,
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
     heads: usize,
+    /// Inference: the packed projection [q | k | v] as W^T [H, 3H] and bias [3H] (see
+    /// [`Linear::forward_ctx`]), for the parameter epoch it was built in.
+    qkv: std::sync::Mutex<Option<PackedQkv>>,
 }
 
 impl Attention {
@@ -187,7 +200,39 @@ impl Attention {
             v_proj: Linear::load(&vb.pp("v_proj"), h, h, true)?,
             out_proj: Linear::load(&vb.pp("out_proj"), h, h, true)?,
             heads: cfg.num_attention_heads,
+            qkv: std::sync::Mutex::new(None),
         })
+    }
+
+    /// q, k and v as one layer: weight [3H, H], bias [3H].
+    fn packed_qkv(&self) -> Result<Linear> {
+        let w = Tensor::cat(&[&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight], 0)?; // [3H, H]
+        let b = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        Ok(Linear::new(w, b))
+    }
+
+    /// The packed projection for inference, rebuilt when the parameters changed since.
+    fn inference_qkv(&self) -> Result<PackedQkv> {
+        let epoch = super::params::parameter_epoch();
+        let mut cache = self.qkv.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.as_ref().filter(|p| p.epoch == epoch) {
+            return Ok(p.clone());
+        }
+        // [H, 3H] = [wq^T | wk^T | wv^T], built from the three transposed copies.
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj].map(|l| l.transposed_weight());
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        [&self.q_proj, &self.k_proj, &self.v_proj].iter().for_each(|l| l.release());
+        let wt = Tensor::cat(&parts, 1)?;
+        let bias = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        let p = PackedQkv { epoch, wt, bias };
+        *cache = Some(p.clone());
+        Ok(p)
     }
 
     /// x [B, T, H]; `bias` [B, 1, 1, T] additive key mask (0 or a huge negative).
@@ -195,6 +240,22 @@ impl Attention {
         let (b, t, h) = x.dims3()?;
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
+        if !ctx.grad && (!ctx.train || ctx.attention_dropout <= 0.0) {
+            // Inference: the packed projection through its cached transposed weight, then one
+            // op per (clip, head) reading it in place (ops::attention_infer); `bias`
+            // [B, 1, 1, T] is a per-key mask.
+            let p = self.inference_qkv()?;
+            let qkv = crate::ops::linear_transposed(&x.reshape((b * t, h))?, &p.wt, p.bias.as_ref())?.reshape((b, t, 3 * h))?;
+            let key_bias = match bias {
+                Some(bias) => Some(bias.reshape((b, t))?),
+                None => None,
+            };
+            let o = crate::ops::attention_infer(&qkv, self.heads, scale, key_bias.as_ref())?;
+            return self.out_proj.forward_ctx(&o, ctx);
+        }
+        // Training: the inference copies are not needed.
+        *self.qkv.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.out_proj.release();
         let heads = |y: &Tensor| -> Result<Tensor> {
             // [B, T, H] -> [B, nh, T, hd]
             Ok(y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
@@ -202,12 +263,7 @@ impl Attention {
         let (mut scores, v) = if ctx.grad {
             // q, k, v as one projection: one gemm instead of three, and in the backward one
             // gradient into x instead of three accumulated ones.
-            let w = Tensor::cat(&[&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight], 0)?; // [3H, H]
-            let qkv_bias = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
-                (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
-                _ => None,
-            };
-            let qkv = Linear { weight: w, bias: qkv_bias }.forward(x)?; // [B, T, 3H]
+            let qkv = self.packed_qkv()?.forward(x)?; // [B, T, 3H]
             // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
             let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
             let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
@@ -246,9 +302,9 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let y = self.act.forward(&self.intermediate_dense.forward(x)?)?;
+        let y = self.act.forward(&self.intermediate_dense.forward_ctx(x, ctx)?)?;
         let y = ctx.dropout(&y, ctx.activation_dropout)?;
-        let y = self.output_dense.forward(&y)?;
+        let y = self.output_dense.forward_ctx(&y, ctx)?;
         ctx.dropout(&y, ctx.hidden_dropout)
     }
 }
@@ -438,7 +494,7 @@ impl Wav2Vec2Model {
             None => None,
         };
         let extract_features = self.feature_projection.layer_norm.forward(feats, frame_mask.as_ref(), ctx)?;
-        let mut h = self.feature_projection.projection.forward(&extract_features)?;
+        let mut h = self.feature_projection.projection.forward_ctx(&extract_features, ctx)?;
         h = ctx.dropout(&h, ctx.feat_proj_dropout)?;
         if ctx.train {
             if let Some(sa) = ctx.spec_augment {

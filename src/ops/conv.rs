@@ -72,7 +72,7 @@ fn tasks_in_parallel(tasks: usize) -> bool {
 /// Runs `f(task, parallelism)` for every task: in parallel over tasks when there are enough of
 /// them to keep every thread busy, else one after the other with gemm itself parallel. Each
 /// task's result does not depend on the choice (gemm splits its output, never its sum).
-fn run_tasks(tasks: usize, f: impl Fn(usize, Parallelism) + Sync) {
+pub(super) fn run_tasks(tasks: usize, f: impl Fn(usize, Parallelism) + Sync) {
     let n = rayon::current_num_threads();
     if tasks_in_parallel(tasks) {
         (0..tasks).into_par_iter().for_each(|i| f(i, Parallelism::None));

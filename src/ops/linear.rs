@@ -49,9 +49,10 @@ fn forward<T: WithDType + Float>(x: &[T], w: &[T], b: Option<&[T]>, (rows, d_in,
     }
     if d_in > d_out {
         // x and w are both contiguous along `in`, so gemm packs w through a transposing
-        // gather; when `in` is the longer side (the feed-forward's output layer) that costs
-        // more than the product itself (wav2vec2-base, 249 x 3072 -> 768: 12.3 ms against
-        // 7.2 ms with this one-pass transposition first).
+        // gather of rows `in` apart, which thrashes the L1 sets when the row length is a
+        // multiple of 1 KiB; when `in` is the longer side (the feed-forward's output layer)
+        // that costs more than the product itself (wav2vec2-base, 249 x 3072 -> 768: 12.3 ms
+        // against 7.2 ms with this one-pass transposition first).
         let wt = super::transpose(w, d_out, d_in);
         // Safety: x is [rows, in], wt [in, out], y [rows, out]; all contiguous.
         unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), wt.as_ptr(), (d_out, 1)) };
@@ -175,4 +176,72 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias)?,
         None => x.apply_op2(&w, LinearNoBias)?,
     })
+}
+
+/// y [rows, out] = x wt (+ b) with the weight already transposed (wt [in, out]): gemm packs
+/// it with plain contiguous copies. Inference only (no backward).
+struct LinearT {
+    bias: bool,
+}
+
+impl CustomOp3 for LinearT {
+    fn name(&self) -> &'static str {
+        "klspeech-linear-t"
+    }
+    /// (x, wt, b); without a bias the third input is ignored.
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d_in, d_out) = match (l1.dims(), l2.dims()) {
+            (&[rows, d_in], &[w_in, d_out]) if d_in == w_in => (rows, d_in, d_out),
+            (a, b) => bail!("klspeech linear: x {a:?} and wt {b:?} do not match"),
+        };
+        by_dtype!(s1, T => {
+            let (x, wt) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
+            // Safety: the bias rows are copied in below, or (no bias) the gemm does not read y.
+            let mut y = unsafe { output_buf::<T>(rows * d_out, 0) };
+            if self.bias {
+                let b = data::<T>(s3, l3)?;
+                if b.len() != d_out {
+                    bail!("klspeech linear: bias of {} for {d_out} outputs", b.len());
+                }
+                y.par_chunks_mut(d_out * 64).for_each(|block| block.chunks_exact_mut(d_out).for_each(|row| row.copy_from_slice(b)));
+            }
+            // Safety: x is [rows, in], wt [in, out], y [rows, out]; all contiguous.
+            unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), self.bias, x.as_ptr(), (d_in, 1), wt.as_ptr(), (d_out, 1)) };
+            Ok((T::to_cpu_storage_owned(y), Shape::from((rows, d_out))))
+        })
+    }
+}
+
+/// Inference: `x wt + b` for x [rows, in] and a weight stored transposed, wt [in, out] (see
+/// [`transpose_weight`]); no gradient flows through it. Fused on the CPU in f32/f64, else
+/// candle's matmul.
+pub fn linear_transposed(x: &Tensor, wt: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if !fused(x) || wt.dtype() != x.dtype() {
+        let y = x.matmul(wt)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    let x = x.contiguous()?;
+    let wt = wt.contiguous()?;
+    let b = match b {
+        Some(b) => b.contiguous()?,
+        None => wt.clone(), // ignored
+    };
+    Ok(x.apply_op3_no_bwd(&wt, &b, &LinearT { bias: b.id() != wt.id() })?)
+}
+
+/// w [out, in] -> w^T [in, out], contiguous (one parallel tiled pass on the CPU), detached.
+pub fn transpose_weight(w: &Tensor) -> Result<Tensor> {
+    let (d_out, d_in) = w.dims2()?;
+    if !fused(w) {
+        return Ok(w.detach().t()?.contiguous()?);
+    }
+    let w = w.detach();
+    let out = match w.dtype() {
+        candle_core::DType::F64 => Tensor::from_vec(super::transpose(&w.flatten_all()?.to_vec1::<f64>()?, d_out, d_in), (d_in, d_out), w.device())?,
+        _ => Tensor::from_vec(super::transpose(&w.flatten_all()?.to_vec1::<f32>()?, d_out, d_in), (d_in, d_out), w.device())?,
+    };
+    Ok(out)
 }

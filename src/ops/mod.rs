@@ -54,6 +54,14 @@ fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && enabled()
 }
 
+/// Whether the fused CPU ops run for a tensor like `x` (CPU, f32/f64, switched on).
+pub fn fused_applies(x: &Tensor) -> bool {
+    fused(x)
+}
+
+/// What the ops return.
+pub type OpResult = Result<Tensor>;
+
 /// The contiguous data of a CPU storage.
 fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     let d = s.as_slice::<T>()?;
@@ -195,12 +203,14 @@ pub(crate) unsafe fn mm<T: 'static + Float>(
     )
 }
 
+mod attention;
 mod conv;
 mod group_norm;
 mod linear;
+pub use attention::{attention_composite, attention_infer};
 pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
 pub use group_norm::{group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
-pub use linear::linear;
+pub use linear::{linear, linear_transposed, transpose_weight};
 
 pub use crate::fastmath::FastExp;
 

@@ -231,6 +231,8 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         let lr = lr * lr_scale;
+        // The parameters change in place below: weight-derived caches must rebuild.
+        crate::model::params::parameters_changed();
         for p in self.params.iter_mut() {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
             if g.shape() != p.var.shape() {

@@ -393,6 +393,7 @@ fn load_checkpoint(dir: &Path, model: &SpeechModel, opt: &mut AdamW) -> Result<T
             .ok_or_else(|| Error::MissingTensor { path: p.clone(), key: k.clone(), hint: " (checkpoint from another run?)".into() })?;
         var.set(&t.to_dtype(var.dtype())?)?;
     }
+    crate::model::params::parameters_changed();
     let ost = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &model.store.device)?;
     opt.load_state(&ost)?;
     let sp = dir.join("trainer_state.json");

@@ -1,0 +1,144 @@
+//! Inference attention in one op: per (clip, head), the scores, their softmax and the weighted
+//! sum of the values, with the [T, T] scores of one head living in a task-local buffer.
+//!
+//! The composite (what training runs, with its gradient) splits q, k and v into heads with
+//! transposing copies, writes the [B, heads, T, T] scores, adds the key mask, runs the softmax
+//! as another pass and copies the heads back together. Here gemm reads each head of q, k and v
+//! in place from the packed projection [B, T, 3H] (a head is a column block, row stride 3H),
+//! the softmax runs on the scores while they are in cache, and the output of each head is
+//! written straight into its column block of [B, T, H].
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage;
+use num_traits::Float;
+
+use super::conv::run_tasks;
+use super::{data, fused, mm, output_buf, FastExp, Ptr};
+use crate::error::Result;
+
+/// softmax(q k^T scale + key_bias) v for qkv [B, T, 3H] = [q | k | v], each split into `heads`
+/// column blocks;
+/// `key_bias` [B, T] is added to every row of clip b's scores (0, or a large negative number
+/// for padded frames). No gradient flows through it (inference only).
+struct AttentionInfer {
+    heads: usize,
+    scale: f64,
+    key_bias: Option<Vec<f64>>,
+}
+
+fn btc(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    match l.dims() {
+        &[b, t, c] => Ok((b, t, c)),
+        d => bail!("klspeech attention: expected [B, T, 3H], got {d:?}"),
+    }
+}
+
+/// One row of scores -> probabilities in place: s = s scale + bias, then softmax.
+#[inline(always)]
+fn softmax_row<T: FastExp>(row: &mut [T], scale: T, bias: Option<&[T]>) {
+    match bias {
+        Some(b) => row.iter_mut().zip(b).for_each(|(s, &b)| *s = *s * scale + b),
+        None => row.iter_mut().for_each(|s| *s = *s * scale),
+    }
+    let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    row.iter_mut().for_each(|s| *s = (*s - m).fexp());
+    // Eight partial sums: a vectorizable reduction (the order is fixed, so results are too).
+    let mut acc = [T::zero(); 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = *a + v;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
+    let sum = acc.iter().fold(T::zero(), |a, &v| a + v) + tail;
+    let inv = T::one() / sum;
+    row.iter_mut().for_each(|s| *s = *s * inv);
+}
+
+/// o [B, T, H] from qkv [B, T, 3H].
+fn forward<T: WithDType + Float + FastExp>(qkv: &[T], (b, t, h3): (usize, usize, usize), op: &AttentionInfer) -> Vec<T> {
+    let (h, nh) = (h3 / 3, op.heads);
+    let hd = h / nh;
+    // Safety: every (clip, head) task writes its whole [T, hd] column block of o.
+    let mut o = unsafe { output_buf::<T>(b * t * h, 0) };
+    let op_ptr = Ptr(o.as_mut_ptr());
+    let scale: T = T::from(op.scale).expect("scale fits");
+    let bias: Option<Vec<T>> = op.key_bias.as_ref().map(|kb| kb.iter().map(|&x| T::from(x).expect("bias fits")).collect());
+    let src = qkv.as_ptr() as usize;
+    run_tasks(b * nh, |task, par| {
+        let (bi, hi) = (task / nh, task % nh);
+        // Head hi of clip bi: q, k, v at column offsets hi hd, H + hi hd, 2H + hi hd of the
+        // clip's rows (stride 3H); its output block in o at hi hd (stride H).
+        let (q, k, v) = unsafe {
+            let base = (src as *const T).add(bi * t * h3 + hi * hd);
+            (base, base.add(h), base.add(2 * h))
+        };
+        // Safety: the scores buffer is written in full by the first gemm.
+        let mut s = unsafe { output_buf::<T>(t * t, 0) };
+        // Safety: every view stays inside clip bi's [T, 3H] rows; o's block is this task's.
+        unsafe {
+            // s [T, T] = q_h [T, hd] k_h^T (k read transposed in place).
+            mm((t, t, hd), s.as_mut_ptr(), t, false, q, (h3, 1), k, (1, h3), par);
+        }
+        let kb = bias.as_ref().map(|b| &b[bi * t..(bi + 1) * t]);
+        for row in s.chunks_exact_mut(t) {
+            softmax_row(row, scale, kb);
+        }
+        unsafe {
+            // o_h [T, hd] = p [T, T] v_h [T, hd].
+            mm((t, hd, t), op_ptr.get().add(bi * t * h + hi * hd), h, false, s.as_ptr(), (t, 1), v, (h3, 1), par);
+        }
+    });
+    o
+}
+
+impl CustomOp1 for AttentionInfer {
+    fn name(&self) -> &'static str {
+        "klspeech-attention-infer"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = btc(l1)?;
+        if dims.2 % (3 * self.heads) != 0 {
+            bail!("klspeech attention: qkv {:?} with {} heads", l1.dims(), self.heads);
+        }
+        if let Some(kb) = &self.key_bias {
+            if kb.len() != dims.0 * dims.1 {
+                bail!("klspeech attention: key bias of {} values for [B, T] = {:?}", kb.len(), (dims.0, dims.1));
+            }
+        }
+        by_dtype!(s1, T => {
+            let o = forward(data::<T>(s1, l1)?, dims, self);
+            Ok((T::to_cpu_storage_owned(o), Shape::from((dims.0, dims.1, dims.2 / 3))))
+        })
+    }
+}
+
+/// Multi-head attention for inference: softmax(q k^T scale + key_bias) v per head, for the
+/// packed projection qkv [B, T, 3H] = [q | k | v] (heads = column blocks of H / heads) and an
+/// optional additive key mask `key_bias` [B, T]; returns [B, T, H]. No gradient flows through
+/// it. Fused on the CPU, else [`attention_composite`].
+pub fn attention_infer(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+    if !fused(qkv) {
+        return attention_composite(qkv, heads, scale, key_bias);
+    }
+    let key_bias = match key_bias {
+        Some(kb) => Some(kb.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
+        None => None,
+    };
+    Ok(qkv.contiguous()?.apply_op1_no_bwd(&AttentionInfer { heads, scale, key_bias })?)
+}
+
+/// [`attention_infer`] from candle ops (the reference, and the path off the CPU).
+pub fn attention_composite(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, t, h3) = qkv.dims3()?;
+    let (h, hd) = (h3 / 3, h3 / 3 / heads);
+    let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i * h, h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+    let mut scores = (split(0)?.matmul(&split(1)?.transpose(2, 3)?)? * scale)?; // [B, nh, T, T]
+    if let Some(kb) = key_bias {
+        scores = scores.broadcast_add(&kb.reshape((b, 1, 1, t))?)?;
+    }
+    // candle's fused softmax (no gradient is taken here; on a GPU it is one kernel).
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(p.matmul(&split(2)?)?.transpose(1, 2)?.reshape((b, t, h))?)
+}
