@@ -284,23 +284,56 @@ pub(crate) trait Phi: FastExp {
     }
 }
 
-// The crate targets baseline x86-64 (SSE2); these hot loops are also compiled for AVX2 and
-// chosen at run time. No FMA: the results are the same bits either way.
+// The crate targets baseline x86-64 (SSE2); these hot loops are also compiled for AVX2 + FMA
+// and chosen at run time. The FMA forms below round once per multiply-add, so their results
+// differ from the portable path's in the last bits (both within the accuracy tests/ops.rs
+// checks); on one machine every caller takes the same path.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_slice_avx2(y: &mut [f32], x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
-        *y = x * <f32 as Phi>::phi(x);
+        *y = x * phi_pdf_f32_fma(x).0;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_grad_slice_avx2(dx: &mut [f32], x: &[f32], g: &[f32]) {
     for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-        let (phi, pdf) = phi_pdf_f32(x);
-        *d = g * (phi + x * pdf);
+        let (phi, pdf) = phi_pdf_f32_fma(x);
+        *d = g * x.mul_add(pdf, phi);
     }
+}
+
+/// [`phi_pdf_f32`] with fused multiply-adds (only inlined into the AVX2 + FMA kernels, where
+/// `mul_add` is one instruction; elsewhere it would be a libm call).
+#[inline(always)]
+fn phi_pdf_f32_fma(x: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_280_401_432_7_f64 as f32;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    // e = exp(-z^2) as in FastExp::fexp (Cody-Waite, degree-7 Taylor), with FMAs.
+    let a = (-z * z).max(-87.0);
+    let shifted = a.mul_add(LOG2E, ROUND);
+    let n = shifted - ROUND;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, a));
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    let e = p * f32::from_bits(shifted.to_bits().wrapping_sub(0x4b40_0000 - 127) << 23);
+    // erfc(z) = poly(t) t exp(-z^2), t = 1 / (1 + 0.3275911 z) (Abramowitz-Stegun 7.1.26).
+    let t = 1.0 / 0.327_591_1f32.mul_add(z, 1.0);
+    let mut q = 1.061_405_4f32;
+    for c in [-1.453_152, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+        q = q.mul_add(t, c);
+    }
+    let half_erfc = 0.5 * (q * t) * e; // (1 - erf(|z|)) / 2
+    let phi = if x >= 0.0 { 1.0 - half_erfc } else { half_erfc };
+    (phi, INV_SQRT_2PI * e)
 }
 
 /// Phi(x) and the normal density phi'(x) = exp(-x^2 / 2) / sqrt(2 pi) with one exponential:
@@ -336,8 +369,8 @@ impl Phi for f32 {
 
     fn gelu_slice(y: &mut [f32], x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above).
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
             return unsafe { gelu_slice_avx2(y, x) };
         }
         for (y, &x) in y.iter_mut().zip(x) {
@@ -347,8 +380,8 @@ impl Phi for f32 {
 
     fn gelu_grad_slice(dx: &mut [f32], x: &[f32], g: &[f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above).
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
             return unsafe { gelu_grad_slice_avx2(dx, x, g) };
         }
         for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
