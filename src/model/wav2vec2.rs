@@ -142,6 +142,8 @@ struct PositionalConvEmbedding {
     kernel: usize,
     groups: usize,
     act: Activation,
+    /// Inference: (parameter epoch, g v / ||v||).
+    cached: std::sync::Mutex<Option<(u64, Tensor)>>,
 }
 
 impl PositionalConvEmbedding {
@@ -154,14 +156,42 @@ impl PositionalConvEmbedding {
         // all-ones g is close enough for a fresh model and is overwritten by any checkpoint.
         let weight_g = vb.get(&[1, 1, k], "weight_g", Init::Const((std * std * (h * h / g) as f64).sqrt()))?;
         let bias = vb.get(&[h], "bias", Init::Const(0.0))?;
-        Ok(PositionalConvEmbedding { weight_g, weight_v, bias, kernel: k, groups: g, act: Activation::from_hf(&cfg.feat_extract_activation)? })
+        Ok(PositionalConvEmbedding {
+            weight_g,
+            weight_v,
+            bias,
+            kernel: k,
+            groups: g,
+            act: Activation::from_hf(&cfg.feat_extract_activation)?,
+            cached: std::sync::Mutex::new(None),
+        })
     }
 
-    /// h [B, T, H] -> [B, T, H]. The weight is recomputed from g and v on every call (both train).
-    fn forward(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
-        // ||v|| over every dim except 2: [1, 1, K].
+    /// The weight g v / ||v|| (||v|| over every dim except 2: [1, 1, K]).
+    fn weight(&self) -> Result<Tensor> {
         let norm = self.weight_v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
-        let w = self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?;
+        Ok(self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?)
+    }
+
+    /// h [B, T, H] -> [B, T, H]. With a gradient the weight is recomputed from g and v on every
+    /// call (both train); without, it is kept for the current parameter epoch.
+    fn forward(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
+        let mut cache = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let w = if grad {
+            *cache = None;
+            self.weight()?
+        } else {
+            let epoch = super::params::parameter_epoch();
+            match cache.as_ref().filter(|c| c.0 == epoch) {
+                Some(c) => c.1.clone(),
+                None => {
+                    let w = self.weight()?.detach();
+                    *cache = Some((epoch, w.clone()));
+                    w
+                }
+            }
+        };
+        drop(cache);
         // Channels last, padding K/2; an even kernel yields one extra frame, which
         // Wav2Vec2SamePadLayer drops: keep the first T.
         let t = h.dim(1)?;
