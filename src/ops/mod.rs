@@ -932,13 +932,16 @@ impl candle_core::InplaceOp2 for AdamMoments {
 fn moments<T: WithDType + Float>(mv: &mut [T], g: &[T], p: AdamWScalars) {
     let n = g.len();
     let (m, v) = mv.split_at_mut(n);
+    m.par_chunks_mut(ELEM_GRAIN).zip(v.par_chunks_mut(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN))).for_each(|(m, (v, g))| moments_chunk(m, v, g, p));
+}
+
+#[inline(always)]
+fn moments_chunk<T: WithDType + Float>(m: &mut [T], v: &mut [T], g: &[T], p: AdamWScalars) {
     let (c1, b2, c2, zero) = (T::from_f64(1.0 - p.beta1), T::from_f64(p.beta2), T::from_f64(1.0 - p.beta2), T::zero());
-    m.par_chunks_mut(ELEM_GRAIN).zip(v.par_chunks_mut(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN))).for_each(|(m, (v, g))| {
-        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-            *m = ((g - *m) * c1 + zero) + *m;
-            *v = (*v * b2 + zero) + (g * g * c2 + zero);
-        }
-    });
+    for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+        *m = ((g - *m) * c1 + zero) + *m;
+        *v = (*v * b2 + zero) + (g * g * c2 + zero);
+    }
 }
 
 impl candle_core::InplaceOp2 for AdamApply {
@@ -955,19 +958,22 @@ impl candle_core::InplaceOp2 for AdamApply {
 fn apply<T: WithDType + Float>(theta: &mut [T], mv: &[T], p: AdamWScalars) {
     let n = theta.len();
     let (m, v) = mv.split_at(n);
+    theta.par_chunks_mut(ELEM_GRAIN).zip(m.par_chunks(ELEM_GRAIN).zip(v.par_chunks(ELEM_GRAIN))).for_each(|(th, (m, v))| apply_chunk(th, m, v, p));
+}
+
+#[inline(always)]
+fn apply_chunk<T: WithDType + Float>(theta: &mut [T], m: &[T], v: &[T], p: AdamWScalars) {
     let zero = T::zero();
     let decay = p.decay.map(T::from_f64);
     let (inv_bc2, eps, step) = (T::from_f64(1.0 / p.bias_correction2_sqrt), T::from_f64(p.eps), T::from_f64(p.step_size));
-    theta.par_chunks_mut(ELEM_GRAIN).zip(m.par_chunks(ELEM_GRAIN).zip(v.par_chunks(ELEM_GRAIN))).for_each(|(th, (m, v))| {
-        for ((th, &m), &v) in th.iter_mut().zip(m).zip(v) {
-            let t = match decay {
-                Some(d) => *th * d + zero,
-                None => *th,
-            };
-            let denom = (v.sqrt() * inv_bc2 + zero) * T::one() + eps;
-            *th = t - ((m / denom) * step + zero);
-        }
-    });
+    for ((th, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+        let t = match decay {
+            Some(d) => *th * d + zero,
+            None => *th,
+        };
+        let denom = (v.sqrt() * inv_bc2 + zero) * T::one() + eps;
+        *th = t - ((m / denom) * step + zero);
+    }
 }
 
 /// One fused AdamW update in place: `mv` ([2, n], m then v) and `theta` ([n] elements,
@@ -979,9 +985,83 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
         return Ok(false);
     }
     let g = grad.contiguous()?;
-    mv.inplace_op2(&g, &AdamMoments(p))?;
-    theta.inplace_op2(mv, &AdamApply(p))?;
+    // The address of a tensor's storage (the lock is released at once).
+    let storage = |t: &Tensor| &*t.storage_and_layout().0 as *const candle_core::Storage as usize;
+    let (st, sm, sg) = (storage(theta), storage(mv), storage(&g));
+    if st == sm || st == sg || sm == sg {
+        // Two passes (the chunked form needs three distinct buffers).
+        mv.inplace_op2(&g, &AdamMoments(p))?;
+        theta.inplace_op2(mv, &AdamApply(p))?;
+        return Ok(true);
+    }
+    // Both steps chunk by chunk, the chunk's moments still in cache for the second (the
+    // update is memory-bound). The parameter's in-place op runs the moments' in-place op
+    // inside it, lending it the parameter's slice: each buffer is locked once.
+    theta.inplace_op1(&AdamChunked { mv, g: &g, p })?;
     Ok(true)
+}
+
+/// The parameter's side of the chunked update (see [`adamw_in_place`]).
+struct AdamChunked<'a> {
+    mv: &'a Tensor,
+    g: &'a Tensor,
+    p: AdamWScalars,
+}
+
+/// The parameter's slice, lent to the moments' op.
+enum ThetaSlice<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+/// The moments' side: [`moments`] then [`apply`] on each chunk.
+struct AdamChunkedMoments<'a> {
+    theta: std::sync::Mutex<ThetaSlice<'a>>,
+    p: AdamWScalars,
+}
+
+impl candle_core::InplaceOp1 for AdamChunked<'_> {
+    fn name(&self) -> &'static str {
+        "klspeech-adamw"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("klspeech adamw: non-contiguous parameter".into()))?;
+        let theta = match s {
+            CpuStorage::F32(d) => ThetaSlice::F32(&mut d[a..b]),
+            CpuStorage::F64(d) => ThetaSlice::F64(&mut d[a..b]),
+            other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
+        };
+        self.mv.inplace_op2(self.g, &AdamChunkedMoments { theta: std::sync::Mutex::new(theta), p: self.p })
+    }
+}
+
+impl candle_core::InplaceOp2 for AdamChunkedMoments<'_> {
+    fn name(&self) -> &'static str {
+        "klspeech-adamw-chunked"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (a, b) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("klspeech adamw: non-contiguous moments".into()))?;
+        let mut theta = self.theta.lock().unwrap_or_else(|e| e.into_inner());
+        match (s1, &mut *theta) {
+            (CpuStorage::F32(mv), ThetaSlice::F32(th)) => adamw_chunked(th, &mut mv[a..b], data(s2, l2)?, self.p),
+            (CpuStorage::F64(mv), ThetaSlice::F64(th)) => adamw_chunked(th, &mut mv[a..b], data(s2, l2)?, self.p),
+            (other, _) => bail!("klspeech adamw: moments of dtype {:?} for another parameter dtype", other.dtype()),
+        }
+        Ok(())
+    }
+}
+
+/// [`moments`] then [`apply`] on each chunk of `ELEM_GRAIN` elements (the same float
+/// operations, so the same bits as the two passes and as the composite).
+fn adamw_chunked<T: WithDType + Float>(theta: &mut [T], mv: &mut [T], g: &[T], p: AdamWScalars) {
+    let n = theta.len();
+    let (m, v) = mv.split_at_mut(n);
+    theta.par_chunks_mut(ELEM_GRAIN).zip(m.par_chunks_mut(ELEM_GRAIN).zip(v.par_chunks_mut(ELEM_GRAIN).zip(g.par_chunks(ELEM_GRAIN)))).for_each(
+        |(th, (m, (v, g)))| {
+            moments_chunk(m, v, g, p);
+            apply_chunk(th, m, v, p);
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
