@@ -11,15 +11,15 @@ use crate::error::{Error, Result};
 /// `y = x W^T + b` over the last dimension, computed as one 2-D gemm ([`crate::ops::linear`]).
 ///
 /// In inference on the CPU the layer keeps W^T [in, out] beside W (built on first use, rebuilt
-/// when [`super::params::parameter_epoch`] moves, dropped by the next forward that takes a
-/// gradient): gemm then packs the weight with contiguous copies instead of a transposing
+/// when W's [`super::params::parameter_version`] moves, dropped by the next forward that takes
+/// a gradient): gemm then packs the weight with contiguous copies instead of a transposing
 /// gather (about 1.3x on wav2vec2-base's layers), for the memory of one more copy of the
 /// weights while inference runs.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    /// (parameter epoch, W^T) for inference.
-    transposed: Mutex<Option<(u64, Tensor)>>,
+    /// (W's parameter version, W^T) for inference.
+    transposed: Mutex<Option<((u64, u64), Tensor)>>,
 }
 
 impl Linear {
@@ -60,9 +60,9 @@ impl Linear {
         self.apply(x, |x2| crate::ops::linear_transposed(x2, &wt, self.bias.as_ref()))
     }
 
-    /// W^T [in, out] for the current parameter epoch (cached).
+    /// W^T [in, out] for W's current values (cached).
     pub fn transposed_weight(&self) -> Result<Tensor> {
-        let epoch = super::params::parameter_epoch();
+        let epoch = super::params::parameter_version(&[&self.weight]);
         let mut cache = self.transposed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((e, wt)) = cache.as_ref() {
             if *e == epoch {

@@ -16,20 +16,35 @@ use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 /// Checkpoint tensors that belong to pre-training only and are ignored.
-/// Bumped whenever parameter values change in place (an optimizer step, a checkpoint restored
-/// into the variables): caches derived from weights (the inference layouts of
-/// [`super::layers::Linear`]) compare it and rebuild when it moved.
+/// Bumped whenever parameters may have changed in place wholesale (a checkpoint restored into
+/// the variables); see [`parameter_version`].
 static PARAMETER_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Declares that some parameter's values changed in place. Every in-place update of a
-/// variable must call it (the optimizer and the checkpoint loader do).
+/// In-place updates per parameter tensor (by id): the optimizer counts the ones it updates.
+static UPDATES: std::sync::LazyLock<Mutex<HashMap<candle_core::TensorId, u64>>> = std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Declares that any parameter's values may have changed in place (checkpoint restore).
+/// Caches derived from weights (the inference layouts of [`super::layers::Linear`], the
+/// attention's packed projection, the positional conv's normalized weight) compare
+/// [`parameter_version`] and rebuild when it moved.
 pub fn parameters_changed() {
     PARAMETER_EPOCH.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The current parameter epoch (see [`parameters_changed`]).
-pub fn parameter_epoch() -> u64 {
-    PARAMETER_EPOCH.load(std::sync::atomic::Ordering::SeqCst)
+/// Declares that this parameter's values changed in place (an optimizer update). Every
+/// in-place write of a variable must call it, or [`parameters_changed`].
+pub fn parameter_changed(t: &Tensor) {
+    *UPDATES.lock().unwrap_or_else(|e| e.into_inner()).entry(t.id()).or_insert(0) += 1;
+}
+
+/// A version of these tensors' values: it changes whenever one of them was declared changed
+/// ([`parameter_changed`]) or everything was ([`parameters_changed`]). A frozen parameter
+/// keeps its version while others train, so caches derived from it stay valid.
+pub fn parameter_version(ts: &[&Tensor]) -> (u64, u64) {
+    let updates = UPDATES.lock().unwrap_or_else(|e| e.into_inner());
+    // Counts only grow, so their sum moves whenever any of them does.
+    let sum = ts.iter().map(|t| updates.get(&t.id()).copied().unwrap_or(0)).sum();
+    (PARAMETER_EPOCH.load(std::sync::atomic::Ordering::SeqCst), sum)
 }
 
 const PRETRAINING_ONLY: &[&str] = &["quantizer.", "project_q.", "project_hid."];

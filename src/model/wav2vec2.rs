@@ -142,8 +142,8 @@ struct PositionalConvEmbedding {
     kernel: usize,
     groups: usize,
     act: Activation,
-    /// Inference: (parameter epoch, g v / ||v||).
-    cached: std::sync::Mutex<Option<(u64, Tensor)>>,
+    /// Inference: (version of g and v, g v / ||v||).
+    cached: std::sync::Mutex<Option<((u64, u64), Tensor)>>,
 }
 
 impl PositionalConvEmbedding {
@@ -174,14 +174,14 @@ impl PositionalConvEmbedding {
     }
 
     /// h [B, T, H] -> [B, T, H]. With a gradient the weight is recomputed from g and v on every
-    /// call (both train); without, it is kept for the current parameter epoch.
+    /// call (both train); without, it is kept while g and v keep their values.
     fn forward(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
         let mut cache = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         let w = if grad {
             *cache = None;
             self.weight()?
         } else {
-            let epoch = super::params::parameter_epoch();
+            let epoch = super::params::parameter_version(&[&self.weight_g, &self.weight_v]);
             match cache.as_ref().filter(|c| c.0 == epoch) {
                 Some(c) => c.1.clone(),
                 None => {
@@ -203,7 +203,8 @@ impl PositionalConvEmbedding {
 /// The inference copy of an attention layer's q, k, v projections as one.
 #[derive(Clone)]
 struct PackedQkv {
-    epoch: u64,
+    /// The parameter version of the six tensors it was built from.
+    epoch: (u64, u64),
     /// [H, 3H]
     wt: Tensor,
     /// [3H]
@@ -217,7 +218,7 @@ struct Attention {
     out_proj: Linear,
     heads: usize,
     /// Inference: the packed projection [q | k | v] as W^T [H, 3H] and bias [3H] (see
-    /// [`Linear::forward_ctx`]), for the parameter epoch it was built in.
+    /// [`Linear::forward_ctx`]), for the parameter version it was built from.
     qkv: std::sync::Mutex<Option<PackedQkv>>,
 }
 
@@ -246,7 +247,9 @@ impl Attention {
 
     /// The packed projection for inference, rebuilt when the parameters changed since.
     fn inference_qkv(&self) -> Result<PackedQkv> {
-        let epoch = super::params::parameter_epoch();
+        let mut sources = vec![&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight];
+        sources.extend([&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias].into_iter().flatten());
+        let epoch = super::params::parameter_version(&sources);
         let mut cache = self.qkv.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.as_ref().filter(|p| p.epoch == epoch) {
             return Ok(p.clone());

@@ -231,10 +231,10 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         let lr = lr * lr_scale;
-        // The parameters change in place below: weight-derived caches must rebuild.
-        crate::model::params::parameters_changed();
         for p in self.params.iter_mut() {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            // The parameter changes in place below: caches derived from it must rebuild.
+            crate::model::params::parameter_changed(p.var.as_tensor());
             if g.shape() != p.var.shape() {
                 return Err(Error::InvalidInput(format!(
                     "AdamW: gradient of `{}` has shape {:?}, parameter has {:?}",
