@@ -277,8 +277,13 @@ impl Attention {
             // Inference: the packed projection through its cached transposed weight, then one
             // op per (clip, head) reading it in place (ops::attention_infer); `bias`
             // [B, 1, 1, T] is a per-key mask.
-            let p = self.inference_qkv()?;
-            let qkv = crate::ops::linear_transposed(&x.reshape((b * t, h))?, &p.wt, p.bias.as_ref())?.reshape((b, t, 3 * h))?;
+            let qkv = if crate::ops::fused_applies(&self.q_proj.weight) {
+                let p = self.inference_qkv()?;
+                crate::ops::linear_transposed(&x.reshape((b * t, h))?, &p.wt, p.bias.as_ref())?.reshape((b, t, 3 * h))?
+            } else {
+                // Off the CPU: no inference copies (device memory), one projection per call.
+                self.packed_qkv()?.forward(x)?
+            };
             let key_bias = match bias {
                 Some(bias) => Some(bias.reshape((b, t))?),
                 None => None,
