@@ -238,11 +238,15 @@ impl Attention {
     /// q, k and v as one layer: weight [3H, H], bias [3H].
     fn packed_qkv(&self) -> Result<Linear> {
         let w = Tensor::cat(&[&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight], 0)?; // [3H, H]
-        let b = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
+        Ok(Linear::new(w, self.packed_bias()?))
+    }
+
+    /// The q, k, v biases as one [3H] (when all three have one).
+    fn packed_bias(&self) -> Result<Option<Tensor>> {
+        Ok(match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
             (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
             _ => None,
-        };
-        Ok(Linear::new(w, b))
+        })
     }
 
     /// The packed projection for inference, rebuilt when the parameters changed since.
@@ -258,12 +262,7 @@ impl Attention {
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj].map(|l| l.transposed_weight());
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
         [&self.q_proj, &self.k_proj, &self.v_proj].iter().for_each(|l| l.release());
-        let wt = Tensor::cat(&parts, 1)?;
-        let bias = match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
-            _ => None,
-        };
-        let p = PackedQkv { epoch, wt, bias };
+        let p = PackedQkv { epoch, wt: Tensor::cat(&parts, 1)?, bias: self.packed_bias()? };
         *cache = Some(p.clone());
         Ok(p)
     }

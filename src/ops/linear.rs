@@ -40,26 +40,38 @@ fn dims(lx: &Layout, lw: &Layout) -> candle_core::Result<(usize, usize, usize)> 
     }
 }
 
-/// y [rows, out] = x w^T (+ b).
-fn forward<T: WithDType + Float>(x: &[T], w: &[T], b: Option<&[T]>, (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
+/// The output buffer [rows, out]: the bias in every row, or (no bias) uninitialized for a
+/// gemm that does not read it.
+fn output_from_bias<T: WithDType + Float>(rows: usize, d_out: usize, b: Option<&[T]>) -> Vec<T> {
     // Safety: the bias rows are copied in below, or (no bias) the gemm does not read y.
     let mut y = unsafe { output_buf::<T>(rows * d_out, 0) };
     if let Some(b) = b {
         y.par_chunks_mut(d_out * 64).for_each(|block| block.chunks_exact_mut(d_out).for_each(|row| row.copy_from_slice(b)));
     }
+    y
+}
+
+/// y [rows, out] = x w^T (+ b).
+fn forward<T: WithDType + Float>(x: &[T], w: &[T], b: Option<&[T]>, (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
     if d_in > d_out {
         // x and w are both contiguous along `in`, so gemm packs w through a transposing
         // gather of rows `in` apart, which thrashes the L1 sets when the row length is a
         // multiple of 1 KiB; when `in` is the longer side (the feed-forward's output layer)
         // that costs more than the product itself (wav2vec2-base, 249 x 3072 -> 768: 12.3 ms
         // against 7.2 ms with this one-pass transposition first).
-        let wt = super::transpose(w, d_out, d_in);
-        // Safety: x is [rows, in], wt [in, out], y [rows, out]; all contiguous.
-        unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), wt.as_ptr(), (d_out, 1)) };
-    } else {
-        // Safety: x is [rows, in], w [out, in] read transposed, y [rows, out]; all contiguous.
-        unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), w.as_ptr(), (1, d_in)) };
+        return forward_transposed(x, &super::transpose(w, d_out, d_in), b, (rows, d_in, d_out));
     }
+    let mut y = output_from_bias(rows, d_out, b);
+    // Safety: x is [rows, in], w [out, in] read transposed, y [rows, out]; all contiguous.
+    unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), w.as_ptr(), (1, d_in)) };
+    y
+}
+
+/// y [rows, out] = x wt (+ b) with the weight transposed, wt [in, out].
+fn forward_transposed<T: WithDType + Float>(x: &[T], wt: &[T], b: Option<&[T]>, (rows, d_in, d_out): (usize, usize, usize)) -> Vec<T> {
+    let mut y = output_from_bias(rows, d_out, b);
+    // Safety: x is [rows, in], wt [in, out], y [rows, out]; all contiguous.
+    unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), b.is_some(), x.as_ptr(), (d_in, 1), wt.as_ptr(), (d_out, 1)) };
     y
 }
 
@@ -195,18 +207,11 @@ impl CustomOp3 for LinearT {
             (a, b) => bail!("klspeech linear: x {a:?} and wt {b:?} do not match"),
         };
         by_dtype!(s1, T => {
-            let (x, wt) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
-            // Safety: the bias rows are copied in below, or (no bias) the gemm does not read y.
-            let mut y = unsafe { output_buf::<T>(rows * d_out, 0) };
-            if self.bias {
-                let b = data::<T>(s3, l3)?;
-                if b.len() != d_out {
-                    bail!("klspeech linear: bias of {} for {d_out} outputs", b.len());
-                }
-                y.par_chunks_mut(d_out * 64).for_each(|block| block.chunks_exact_mut(d_out).for_each(|row| row.copy_from_slice(b)));
+            let b = if self.bias { Some(data::<T>(s3, l3)?) } else { None };
+            if b.is_some_and(|b| b.len() != d_out) {
+                bail!("klspeech linear: bias of {} values for {d_out} outputs", b.map_or(0, |b| b.len()));
             }
-            // Safety: x is [rows, in], wt [in, out], y [rows, out]; all contiguous.
-            unsafe { mm((rows, d_out, d_in), y.as_mut_ptr(), self.bias, x.as_ptr(), (d_in, 1), wt.as_ptr(), (d_out, 1)) };
+            let y = forward_transposed(data::<T>(s1, l1)?, data::<T>(s2, l2)?, b, (rows, d_in, d_out));
             Ok((T::to_cpu_storage_owned(y), Shape::from((rows, d_out))))
         })
     }
@@ -225,11 +230,12 @@ pub fn linear_transposed(x: &Tensor, wt: &Tensor, b: Option<&Tensor>) -> Result<
     }
     let x = x.contiguous()?;
     let wt = wt.contiguous()?;
+    let op = LinearT { bias: b.is_some() };
     let b = match b {
         Some(b) => b.contiguous()?,
-        None => wt.clone(), // ignored
+        None => wt.clone(), // a placeholder the op does not read
     };
-    Ok(x.apply_op3_no_bwd(&wt, &b, &LinearT { bias: b.id() != wt.id() })?)
+    Ok(x.apply_op3_no_bwd(&wt, &b, &op)?)
 }
 
 /// w [out, in] -> w^T [in, out], contiguous (one parallel tiled pass on the CPU), detached.
