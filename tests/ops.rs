@@ -184,10 +184,15 @@ fn channels_last_conv_matches_the_composite() {
 
 #[test]
 fn channels_last_group_norm_matches_the_composite() {
-    // [B, T, C] with C below, at and above one 64-channel block, T = 1 (zero variance).
+    // [B, T, C] with T below, at and above one 32-frame block (ragged last blocks), C odd,
+    // T = 1 (zero variance).
     for dtype in [DType::F32, DType::F64] {
         for (i, &(b, t, c)) in [(1usize, 7usize, 13usize), (3, 131, 5), (2, 33, 77), (2, 50, 64), (1, 1, 3)].iter().enumerate() {
-            let x = rand(&[b, t, c], 100 + i as u64, dtype).affine(3.0, 1.0).unwrap();
+            // A mean 1e6 spreads from zero in one case (the one-pass variance
+            // shifts by the first frame; without the shift it cancels). candle's f32
+            // composite itself loses digits there, so f32 is checked against f64 below.
+            let offset = if i == 1 && dtype == DType::F64 { 1.0e6 } else { 1.0 };
+            let x = rand(&[b, t, c], 100 + i as u64, dtype).affine(3.0, offset).unwrap();
             let w = rand(&[c], 101, dtype);
             let bias = rand(&[c], 102, dtype);
             // The inference variant with GELU fused: the same bits as the two ops.
@@ -203,6 +208,33 @@ fn channels_last_group_norm_matches_the_composite() {
                 |v| ops::group_norm_cl(&v[0], &v[1], &v[2], 1e-5).unwrap(),
                 |v| ops::group_norm_cl_composite(&v[0], &v[1], &v[2], 1e-5).unwrap(),
             );
+        }
+    }
+    // f32 with the mean 1e3 spreads away from zero: the op's f64 statistics against the f64
+    // composite of the same values.
+    let x = rand(&[3, 131, 5], 110, DType::F32).affine(3.0, 1.0e3).unwrap();
+    let (w, bias) = (rand(&[5], 111, DType::F32), rand(&[5], 112, DType::F32));
+    let y = ops::group_norm_cl(&x, &w, &bias, 1e-5).unwrap();
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let reference = ops::group_norm_cl_composite(&f64s(&x), &f64s(&w), &f64s(&bias), 1e-5).unwrap();
+    let r = rel(&y, &reference);
+    assert!(r <= 1e-5, "group_norm_cl f32, mean 1e3: rel. error {r:e}");
+}
+
+#[test]
+fn first_layer_conv_group_norm_gelu_matches_the_three_ops() {
+    // wav2vec2-base's first layer (one input channel, K = 10, stride 5) and odd variants:
+    // channels below, across and off the 16-lane blocks, frames across 32-frame blocks,
+    // batch 1 and 3, a large input offset (the statistics' shift is the first frame).
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &(b, l, c, k, s, offset)) in [(1usize, 1003usize, 40usize, 10usize, 5usize, 0.0), (3, 400, 13, 10, 5, 0.0), (2, 97, 16, 3, 2, 50.0), (1, 10, 5, 10, 5, 0.0)].iter().enumerate() {
+            let x = rand(&[b, l, 1], 130 + i as u64, dtype).affine(1.0, offset).unwrap();
+            let w = rand(&[c, 1, k], 131, dtype);
+            let (gw, gb) = (rand(&[c], 132, dtype), rand(&[c], 133, dtype));
+            let fused = ops::conv1_group_norm_gelu(&x, &w, s, &gw, &gb, 1e-5).unwrap();
+            let separate = ops::group_norm_cl_gelu(&ops::conv1d_cl(&x, &w, s, 0, 1, None).unwrap(), &gw, &gb, 1e-5).unwrap();
+            let r = rel(&fused, &separate);
+            assert!(r <= tol(dtype), "conv1_group_norm_gelu {:?} {dtype:?}: rel. error {r:e}", (b, l, c, k, s));
         }
     }
 }

@@ -219,11 +219,21 @@ impl Norm {
     /// Inference only: [`Self::forward_time_channels_last`] then the erf GELU, fused into the
     /// normalization's output pass, where the fused op applies (else `None`).
     pub fn forward_time_channels_last_gelu(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
-        let stats_mask = if ctx.padding_aware { time_mask } else { None };
-        if ctx.grad || stats_mask.is_some() || (self.kl.is_some() && ctx.train) {
-            return Ok(None);
+        match self.plain_inference(time_mask.is_some(), ctx) {
+            Some((w, b, eps)) => Ok(Some(crate::ops::group_norm_cl_gelu(x, w, b, eps)?)),
+            None => Ok(None),
         }
-        Ok(Some(crate::ops::group_norm_cl_gelu(x, &self.weight, &self.bias, self.eps)?))
+    }
+
+    /// (weight, bias, eps) when this forward pass is a plain deterministic normalization with
+    /// statistics over every position: no gradient, no padding-aware statistics over a
+    /// `padded` batch, no KL-Norm sampling. Fused inference ops take it from there.
+    pub fn plain_inference(&self, padded: bool, ctx: &ForwardCtx) -> Option<(&Tensor, &Tensor, f64)> {
+        let masked_stats = padded && ctx.padding_aware;
+        if ctx.grad || masked_stats || (self.kl.is_some() && ctx.train) {
+            return None;
+        }
+        Some((&self.weight, &self.bias, self.eps))
     }
 
     /// The KL-Norm training-mode composite: the sample y and the KL summed over features per

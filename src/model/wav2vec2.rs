@@ -51,6 +51,13 @@ impl ConvLayer {
             // Inference through a plain conv layer: GELU fused into the convolution.
             return crate::ops::conv1d_cl_gelu(x, &self.weight, self.stride, 0, 1, None);
         }
+        if self.bias.is_none() && self.act == Activation::GeluErf && self.weight.dim(1)? == 1 {
+            // Inference through a one-channel conv + GroupNorm + GELU (wav2vec2-base's first
+            // layer): one op over frame blocks in cache.
+            if let Some((w, b, eps)) = self.norm.as_ref().filter(|n| n.axis() == NormAxis::Time).and_then(|n| n.plain_inference(lengths.is_some(), ctx)) {
+                return crate::ops::conv1_group_norm_gelu(x, &self.weight, self.stride, w, b, eps);
+            }
+        }
         let mut y = conv1d_channels_last(x, &self.weight, self.stride, 0, 1, None, ctx.grad)?;
         if let Some(b) = &self.bias {
             y = crate::ops::add_bias(&y, b)?;

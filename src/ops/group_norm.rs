@@ -1,9 +1,16 @@
 //! Per-channel GroupNorm (one group per channel, wav2vec2-base's first conv layer) on
 //! channels-last activations x [B, T, C]: statistics over time for each (clip, channel), then
-//! the per-channel affine, forward in two passes and backward in two, no transposes.
+//! the per-channel affine, no transposes.
 //!
-//! Work is split into (clip, block of `CBLOCK` channels) tasks: each walks its clip's frames
-//! reading one contiguous strip of the block per frame, and owns that strip of the output.
+//! Work is split into (clip, block of `ROWS` frames) tasks that read whole contiguous frames
+//! (a block of the base model's 512 channels is 64 KiB, so a task's passes over it stay in
+//! cache; the earlier (clip, 64-channel strip) tasks walked 256-byte pieces of every frame,
+//! three times, and took 45 ms of a 5 s clip's 160 ms feature encoder). The statistics are
+//! per-block sums in f64, added in block order (so they do not depend on the thread count),
+//! of d = x - x[clip, frame 0]: shifting by a sample of the data keeps the one-pass variance
+//! E[d^2] - E[d]^2 from cancelling when the mean is large against the spread. Forward: one
+//! pass for the statistics, one for the output (GELU fused for inference); backward: one for
+//! the gradient sums, one for dx.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::{Float, Zero};
@@ -13,8 +20,8 @@ use rayon::prelude::*;
 use super::{c, data, fused, output_buf, Phi, Ptr};
 use crate::error::Result;
 
-/// Channels per task (a 256-byte strip of each f32 frame).
-const CBLOCK: usize = 64;
+/// Frames per task.
+const ROWS: usize = 32;
 
 fn btc(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     match l.dims() {
@@ -23,29 +30,143 @@ fn btc(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     }
 }
 
-/// Mean and 1/sqrt(var + eps) over time of channels c0 .. c0 + w of one clip x [T, C]
-/// (accumulated in f64, two passes like the row statistics of LayerNorm).
-fn strip_stats<T: WithDType + Float>(x: &[T], t: usize, ch: usize, c0: usize, w: usize, eps: f64) -> Vec<(T, T)> {
-    let mut sum = vec![0f64; w];
-    for ti in 0..t {
-        for (s, v) in sum.iter_mut().zip(&x[ti * ch + c0..][..w]) {
-            *s += v.to_f64().unwrap_or(0.0);
+fn f64_of<T: Float>(v: T) -> f64 {
+    v.to_f64().unwrap_or(0.0)
+}
+
+/// `fn $name<T>(args)`: runs `$body(args)` compiled for AVX2 when the CPU has it (the same
+/// operations, so the same bits: Rust does not contract multiply-adds), else as built.
+macro_rules! avx2_dispatch {
+    ($name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name<T: Float>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn inner<T: Float>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 (checked above).
+                return unsafe { inner($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+/// For rows x [n, C]: s[c] += sum of d, s[C + c] += sum of d^2, d = x - k[c], in f64.
+#[inline(always)]
+fn sum_rows_body<T: Float>(x: &[T], k: &[f64], s: &mut [f64]) {
+    let ch = k.len();
+    let (s1, s2) = s.split_at_mut(ch);
+    for row in x.chunks_exact(ch) {
+        for (((a, b), &v), &kk) in s1.iter_mut().zip(s2.iter_mut()).zip(row).zip(k) {
+            let d = f64_of(v) - kk;
+            *a += d;
+            *b += d * d;
         }
     }
-    let mean: Vec<f64> = sum.iter().map(|s| s / t as f64).collect();
-    let mut ss = vec![0f64; w];
-    for ti in 0..t {
-        for ((s, v), m) in ss.iter_mut().zip(&x[ti * ch + c0..][..w]).zip(&mean) {
-            let d = v.to_f64().unwrap_or(0.0) - m;
-            *s += d * d;
+}
+avx2_dispatch!(sum_rows => sum_rows_body(x: &[T], k: &[f64], s: &mut [f64]));
+
+/// For rows x, dy [n, C]: s[c] += sum of dy, s[C + c] += sum of dy (x - m[c]), in f64.
+#[inline(always)]
+fn grad_sum_rows_body<T: Float>(x: &[T], dy: &[T], m: &[T], s: &mut [f64]) {
+    let ch = m.len();
+    let (s1, s2) = s.split_at_mut(ch);
+    for (row, grow) in x.chunks_exact(ch).zip(dy.chunks_exact(ch)) {
+        for ((((a, b), &v), &g), &mm) in s1.iter_mut().zip(s2.iter_mut()).zip(row).zip(grow).zip(m) {
+            let g = f64_of(g);
+            *a += g;
+            *b += g * f64_of(v - mm);
         }
     }
-    mean.iter().zip(&ss).map(|(&m, &s)| (c(m), c(1.0 / (s / t as f64 + eps).sqrt()))).collect()
+}
+avx2_dispatch!(grad_sum_rows => grad_sum_rows_body(x: &[T], dy: &[T], m: &[T], s: &mut [f64]));
+
+/// y = (x - m) s + h per row (not x s + (h - m s), which cancels when the mean is large
+/// against the spread).
+#[inline(always)]
+fn affine_rows_body<T: Float>(x: &[T], y: &mut [T], m: &[T], s: &[T], h: &[T]) {
+    let ch = m.len();
+    for (row, out) in x.chunks_exact(ch).zip(y.chunks_exact_mut(ch)) {
+        for ((((o, &v), &mm), &ss), &hh) in out.iter_mut().zip(row).zip(m).zip(s).zip(h) {
+            *o = (v - mm) * ss + hh;
+        }
+    }
+}
+avx2_dispatch!(affine_rows => affine_rows_body(x: &[T], y: &mut [T], m: &[T], s: &[T], h: &[T]));
+
+/// dx = rw (dy - a - (x - m) b) per row, with rw = r w, a = sg / T and b = r^2 sgx / T.
+#[inline(always)]
+fn dx_rows_body<T: Float>(x: &[T], dy: &[T], dx: &mut [T], p: [&[T]; 4]) {
+    let [m, rw, a, b] = p;
+    let ch = m.len();
+    for ((row, grow), out) in x.chunks_exact(ch).zip(dy.chunks_exact(ch)).zip(dx.chunks_exact_mut(ch)) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = rw[i] * (grow[i] - a[i] - (row[i] - m[i]) * b[i]);
+        }
+    }
+}
+avx2_dispatch!(dx_rows => dx_rows_body(x: &[T], dy: &[T], dx: &mut [T], p: [&[T]; 4]));
+
+/// Per (clip, block) tasks: (clip, first frame, frames).
+fn blocks(bsz: usize, t: usize) -> impl IndexedParallelIterator<Item = (usize, usize, usize)> {
+    let per = t.div_ceil(ROWS);
+    (0..bsz * per).into_par_iter().map(move |task| {
+        let (bi, t0) = (task / per, (task % per) * ROWS);
+        (bi, t0, ROWS.min(t - t0))
+    })
+}
+
+/// Adds the per-block partial sums [2 C] of each clip in block order: [B][2 C].
+fn merge(partial: Vec<Vec<f64>>, bsz: usize, t: usize, ch: usize) -> Vec<Vec<f64>> {
+    let per = t.div_ceil(ROWS).max(1);
+    let mut it = partial.into_iter();
+    (0..bsz)
+        .map(|_| {
+            let mut acc = vec![0f64; 2 * ch];
+            for p in it.by_ref().take(per) {
+                acc.iter_mut().zip(&p).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect()
+}
+
+/// Mean and 1 / sqrt(var + eps) per (clip, channel): two [B C] vectors, from the per-block
+/// sums of d = x - shift[clip] that `block_sums(clip, first frame, frames, s)` adds into s.
+/// (`scratch` is a per-thread buffer the callback may use.)
+fn stats_with<T: Float + Send>(bsz: usize, t: usize, eps: f64, shifts: &[Vec<f64>], block_sums: impl Fn(usize, usize, usize, &mut [f64], &mut Vec<T>) + Sync) -> (Vec<T>, Vec<T>) {
+    let ch = shifts.first().map_or(0, |s| s.len());
+    let partial: Vec<Vec<f64>> = blocks(bsz, t)
+        .map_init(Vec::new, |scratch, (bi, t0, n)| {
+            let mut s = vec![0f64; 2 * ch];
+            block_sums(bi, t0, n, &mut s, scratch);
+            s
+        })
+        .collect();
+    let (mut mean, mut rstd) = (Vec::with_capacity(bsz * ch), Vec::with_capacity(bsz * ch));
+    let tn = t as f64;
+    for (s, shift) in merge(partial, bsz, t, ch).iter().zip(shifts) {
+        for (ci, &k) in shift.iter().enumerate() {
+            let m = s[ci] / tn;
+            let var = (s[ch + ci] / tn - m * m).max(0.0);
+            mean.push(c(k + m));
+            rstd.push(c(1.0 / (var + eps).sqrt()));
+        }
+    }
+    (mean, rstd)
+}
+
+/// [`stats_with`] of x [B, T, C], shifted by each clip's first frame.
+fn stats<T: WithDType + Float>(x: &[T], bsz: usize, t: usize, ch: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+    let shifts: Vec<Vec<f64>> = (0..bsz).map(|bi| x[bi * t * ch..][..ch].iter().map(|&v| f64_of(v)).collect()).collect();
+    stats_with(bsz, t, eps, &shifts, |bi, t0, n, s, _: &mut Vec<T>| sum_rows(&x[(bi * t + t0) * ch..][..n * ch], &shifts[bi], s))
 }
 
 struct GroupNormCl {
     eps: f64,
-    /// GELU (erf) on each output strip while it is in cache (inference: no backward).
+    /// GELU (erf) on each output block while it is in cache (inference: no backward).
     gelu: bool,
 }
 struct GroupNormClBwd {
@@ -58,33 +179,21 @@ impl CustomOp3 for GroupNormCl {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (bsz, t, ch) = btc(l1)?;
-        let blocks = ch.div_ceil(CBLOCK);
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
-            // Safety: the tasks' strips cover every (clip, frame, channel).
+            let (mean, rstd) = stats(x, bsz, t, ch, self.eps);
+            let scale: Vec<T> = rstd.iter().enumerate().map(|(i, &r)| r * w[i % ch]).collect();
+            // Safety: the blocks cover every (clip, frame).
             let mut y = unsafe { output_buf::<T>(x.len(), 0) };
             let yp = Ptr(y.as_mut_ptr());
-            (0..bsz * blocks).into_par_iter().for_each(|task| {
-                let (bi, c0) = (task / blocks, (task % blocks) * CBLOCK);
-                let wd = CBLOCK.min(ch - c0);
-                let xb = &x[bi * t * ch..][..t * ch];
-                // y = (x - m) scale + b with scale = r w (not x scale + (b - m scale), which
-                // cancels when the mean is large against the spread).
-                let stats = strip_stats(xb, t, ch, c0, wd, self.eps);
-                let mean: Vec<T> = stats.iter().map(|s| s.0).collect();
-                let scale: Vec<T> = stats.iter().enumerate().map(|(i, s)| s.1 * w[c0 + i]).collect();
-                let shift = &b[c0..c0 + wd];
-                for ti in 0..t {
-                    let off = (bi * t + ti) * ch + c0;
-                    // Safety: the strip (clip bi, frame ti, channels c0 .. c0 + wd) is this task's.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(off), wd) };
-                    for ((((d, &v), &m), &s), &h) in dst.iter_mut().zip(&x[off..off + wd]).zip(&mean).zip(&scale).zip(shift) {
-                        *d = (v - m) * s + h;
-                    }
-                    if self.gelu {
-                        T::gelu_in_place(dst);
-                    }
+            blocks(bsz, t).for_each(|(bi, t0, n)| {
+                let off = (bi * t + t0) * ch;
+                // Safety: frames t0 .. t0 + n of clip bi are this task's.
+                let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(off), n * ch) };
+                affine_rows(&x[off..off + n * ch], dst, &mean[bi * ch..][..ch], &scale[bi * ch..][..ch], b);
+                if self.gelu {
+                    T::gelu_in_place(dst);
                 }
             });
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
@@ -103,63 +212,166 @@ impl CustomOp3 for GroupNormClBwd {
     fn name(&self) -> &'static str {
         "klspeech-group-norm-cl-bwd"
     }
-    /// (x, w, dy) -> [dx (B T C), dw (C), db (C)] flat. Per (clip, channel), with x_hat the
-    /// normalized input: sg = sum_t dy, sgx = sum_t dy x_hat; dx = r w (dy - sg / T - x_hat sgx / T);
-    /// dw = sum over clips (in order) of sgx, db = of sg.
+    /// (x, w, dy) -> [dx (B T C), dw (C), db (C)] flat. Per (clip, channel), with r = 1 /
+    /// sqrt(var + eps) and x_hat = (x - m) r: sg = sum_t dy, sgx = sum_t dy x_hat;
+    /// dx = r w (dy - sg / T - x_hat sgx / T); dw = sum over clips (in order) of sgx, db = of sg.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (bsz, t, ch) = btc(l1)?;
-        let blocks = ch.div_ceil(CBLOCK);
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let w = data::<T>(s2, l2)?;
             let g = data::<T>(s3, l3)?;
             let n = x.len();
-            // Safety: the tasks' strips cover every dx element; dw, db start at zero.
-            let mut out = unsafe { output_buf::<T>(n, 2 * ch) };
-            let op = Ptr(out.as_mut_ptr());
-            let tn: T = c(t as f64);
-            // Per task: (sgx, sg) of its strip.
-            let sums: Vec<Vec<(T, T)>> = (0..bsz * blocks)
-                .into_par_iter()
-                .map(|task| {
-                    let (bi, c0) = (task / blocks, (task % blocks) * CBLOCK);
-                    let wd = CBLOCK.min(ch - c0);
-                    let xb = &x[bi * t * ch..][..t * ch];
-                    let stats = strip_stats(xb, t, ch, c0, wd, self.eps);
-                    let mut acc = vec![(T::zero(), T::zero()); wd];
-                    for ti in 0..t {
-                        let off = (bi * t + ti) * ch + c0;
-                        for (((a, &v), &gv), &(m, r)) in acc.iter_mut().zip(&x[off..off + wd]).zip(&g[off..off + wd]).zip(&stats) {
-                            a.0 = a.0 + gv * (v - m) * r;
-                            a.1 = a.1 + gv;
-                        }
-                    }
-                    for ti in 0..t {
-                        let off = (bi * t + ti) * ch + c0;
-                        // Safety: the strip (clip bi, frame ti, channels c0 .. c0 + wd) is this task's.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(off), wd) };
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            let (m, r) = stats[i];
-                            let xh = (x[off + i] - m) * r;
-                            let (sgx, sg) = acc[i];
-                            *d = r * w[c0 + i] * (g[off + i] - sg / tn - xh * sgx / tn);
-                        }
-                    }
-                    acc
+            let (mean, rstd) = stats(x, bsz, t, ch, self.eps);
+            let partial: Vec<Vec<f64>> = blocks(bsz, t)
+                .map(|(bi, t0, rows)| {
+                    let mut s = vec![0f64; 2 * ch];
+                    let off = (bi * t + t0) * ch;
+                    grad_sum_rows(&x[off..][..rows * ch], &g[off..][..rows * ch], &mean[bi * ch..][..ch], &mut s);
+                    s
                 })
                 .collect();
+            let sums = merge(partial, bsz, t, ch);
+            // Safety: the blocks cover every dx element; dw, db start at zero.
+            let mut out = unsafe { output_buf::<T>(n, 2 * ch) };
+            // Per clip: r w, sg / T and r^2 sgx / T ([B C] each; sgx here is sum dy (x - m)).
+            let tn = t as f64;
+            let (mut rw, mut a, mut bcoef) = (Vec::with_capacity(bsz * ch), Vec::with_capacity(bsz * ch), Vec::with_capacity(bsz * ch));
+            for (bi, s) in sums.iter().enumerate() {
+                for ci in 0..ch {
+                    let r = f64_of(rstd[bi * ch + ci]);
+                    rw.push(c::<T>(r) * w[ci]);
+                    a.push(c::<T>(s[ci] / tn));
+                    bcoef.push(c::<T>(r * r * s[ch + ci] / tn));
+                }
+            }
+            let op = Ptr(out.as_mut_ptr());
+            blocks(bsz, t).for_each(|(bi, t0, rows)| {
+                let off = (bi * t + t0) * ch;
+                // Safety: frames t0 .. t0 + rows of clip bi are this task's.
+                let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(off), rows * ch) };
+                let r = bi * ch..(bi + 1) * ch;
+                let p = [&mean[r.clone()], &rw[r.clone()], &a[r.clone()], &bcoef[r]];
+                dx_rows(&x[off..][..rows * ch], &g[off..][..rows * ch], dst, p);
+            });
             let (_, tail) = out.split_at_mut(n);
             let (dw, db) = tail.split_at_mut(ch);
-            for (task, acc) in sums.iter().enumerate() {
-                let c0 = (task % blocks) * CBLOCK;
-                for (i, &(sgx, sg)) in acc.iter().enumerate() {
-                    dw[c0 + i] = dw[c0 + i] + sgx;
-                    db[c0 + i] = db[c0 + i] + sg;
+            for (bi, s) in sums.iter().enumerate() {
+                for ci in 0..ch {
+                    let r = f64_of(rstd[bi * ch + ci]);
+                    dw[ci] = dw[ci] + c::<T>(r * s[ch + ci]);
+                    db[ci] = db[ci] + c::<T>(s[ci]);
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from(n + 2 * ch)))
         })
     }
+}
+
+/// Channels per register block of the one-channel convolution (two AVX2 registers of f32).
+const LANES: usize = 16;
+
+/// Frames t0 .. t0 + n of a one-channel convolution: y [n, C] with y[i, o] = sum over taps j
+/// (in order) of x[(t0 + i) s + j] wt[j, o], for one clip's samples x and the weight
+/// wt [K, C]. Each 16-channel block is summed over the taps in registers and stored once.
+#[inline(always)]
+fn conv1_rows_body<T: Float>(x: &[T], wt: &[T], k: usize, stride: usize, t0: usize, y: &mut [T]) {
+    let ch = wt.len() / k;
+    let full = ch - ch % LANES;
+    for (i, row) in y.chunks_exact_mut(ch).enumerate() {
+        let taps = &x[(t0 + i) * stride..][..k];
+        for c0 in (0..full).step_by(LANES) {
+            let mut acc = [T::zero(); LANES];
+            for (j, &xv) in taps.iter().enumerate() {
+                let w: &[T; LANES] = wt[j * ch + c0..][..LANES].try_into().expect("LANES");
+                for (a, &wv) in acc.iter_mut().zip(w) {
+                    *a = *a + xv * wv;
+                }
+            }
+            row[c0..c0 + LANES].copy_from_slice(&acc);
+        }
+        for (o, v) in row.iter_mut().enumerate().skip(full) {
+            *v = taps.iter().enumerate().fold(T::zero(), |a, (j, &xv)| a + xv * wt[j * ch + o]);
+        }
+    }
+}
+avx2_dispatch!(conv1_rows => conv1_rows_body(x: &[T], wt: &[T], k: usize, stride: usize, t0: usize, y: &mut [T]));
+
+/// Inference: the first layer of wav2vec2-base's feature encoder, one-channel convolution +
+/// GroupNorm + GELU, as one op over frame blocks in cache. The convolution is cheap (K
+/// multiply-adds per output) next to the memory traffic of its output, so it runs twice: once
+/// for the statistics, once for the output, which is written once (the separate ops wrote
+/// it, read it for the statistics, read it again and wrote the result).
+struct ConvGroupNormGelu {
+    stride: usize,
+    eps: f64,
+}
+
+impl CustomOp3 for ConvGroupNormGelu {
+    fn name(&self) -> &'static str {
+        "klspeech-conv1-group-norm-gelu"
+    }
+    /// (x [B, L, 1], w [C, 1, K], [GroupNorm weight | bias] [2 C]) -> [B, T, C].
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bsz, l, _) = btc(l1)?;
+        let (ch, k) = match l2.dims() {
+            &[ch, 1, k] if k <= l => (ch, k),
+            d => bail!("klspeech conv + group norm: kernel {d:?} for {l} samples"),
+        };
+        let t = (l - k) / self.stride + 1;
+        let stride = self.stride;
+        by_dtype!(s1, T => {
+            let x = data::<T>(s1, l1)?;
+            let wt = super::transpose(data::<T>(s2, l2)?, ch, k); // [K, C]
+            let gn = data::<T>(s3, l3)?;
+            let (gw, gb) = gn.split_at(ch);
+            let clip = |bi: usize| &x[bi * l..][..l];
+            let shifts: Vec<Vec<f64>> = (0..bsz)
+                .map(|bi| {
+                    let mut row = vec![T::zero(); ch];
+                    conv1_rows(clip(bi), &wt, k, stride, 0, &mut row);
+                    row.iter().map(|&v| f64_of(v)).collect()
+                })
+                .collect();
+            let (mean, rstd) = stats_with::<T>(bsz, t, self.eps, &shifts, |bi, t0, n, s, buf| {
+                buf.resize(ROWS * ch, T::zero());
+                let buf = &mut buf[..n * ch];
+                conv1_rows(clip(bi), &wt, k, stride, t0, buf);
+                sum_rows(buf, &shifts[bi], s);
+            });
+            let scale: Vec<T> = rstd.iter().enumerate().map(|(i, &r)| r * gw[i % ch]).collect();
+            // Safety: the blocks cover every (clip, frame).
+            let mut y = unsafe { output_buf::<T>(bsz * t * ch, 0) };
+            let yp = Ptr(y.as_mut_ptr());
+            blocks(bsz, t).for_each_init(
+                || vec![T::zero(); ROWS * ch],
+                |buf, (bi, t0, n)| {
+                    let buf = &mut buf[..n * ch];
+                    conv1_rows(clip(bi), &wt, k, stride, t0, buf);
+                    // Safety: frames t0 .. t0 + n of clip bi are this task's.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add((bi * t + t0) * ch), n * ch) };
+                    affine_rows(buf, dst, &mean[bi * ch..][..ch], &scale[bi * ch..][..ch], gb);
+                    T::gelu_in_place(dst);
+                },
+            );
+            Ok((T::to_cpu_storage_owned(y), Shape::from((bsz, t, ch))))
+        })
+    }
+}
+
+/// Inference: `gelu_erf(group_norm_cl(conv1d_cl(x, w, stride), gn_w, gn_b))` for a
+/// one-channel input x [B, L, 1] and w [C, 1, K] (wav2vec2-base's first feature-encoder
+/// layer) as one pass over frame blocks (see [`ConvGroupNormGelu`]); no gradient flows
+/// through it. Fused on the CPU, else the three ops.
+pub fn conv1_group_norm_gelu(x: &Tensor, w: &Tensor, stride: usize, gn_w: &Tensor, gn_b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, w) = (x.detach(), w.detach());
+    let (_, l, c_in) = x.dims3()?;
+    let (_, c_g, k) = w.dims3()?;
+    if fused(&x) && x.dtype() == w.dtype() && c_in == 1 && c_g == 1 && stride > 0 && k <= l {
+        let gn = Tensor::cat(&[gn_w.detach(), gn_b.detach()], 0)?.to_dtype(x.dtype())?;
+        return Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &gn, &ConvGroupNormGelu { stride, eps })?);
+    }
+    group_norm_cl_gelu(&super::conv1d_cl(&x, &w, stride, 0, 1, None)?, gn_w, gn_b, eps)
 }
 
 /// Per-channel GroupNorm on channels-last x [B, T, C]: `(x - mean) / sqrt(var + eps) * w + b`

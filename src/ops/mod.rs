@@ -209,7 +209,7 @@ mod group_norm;
 mod linear;
 pub use attention::{attention_composite, attention_infer};
 pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
-pub use group_norm::{group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
+pub use group_norm::{conv1_group_norm_gelu, group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
 pub use linear::{linear, linear_transposed, transpose_weight};
 
 pub use crate::fastmath::FastExp;
