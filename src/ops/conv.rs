@@ -303,7 +303,7 @@ impl CustomOp2 for ConvCl {
         // The first layer's input (the waveform) needs no gradient: skip its gemms.
         let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &ConvClGrad(self.0, Wrt::Input))?) } else { None };
         let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&dy, &ConvClGrad(self.0, Wrt::Weight))?) } else { None };
-        Ok((dx, dw))
+        Ok((dx, super::grads::route(w, dw)?))
     }
 }
 

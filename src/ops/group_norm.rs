@@ -199,12 +199,12 @@ impl CustomOp3 for GroupNormCl {
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if self.gelu {
             bail!("klspeech group norm + GELU is an inference op (no backward)");
         }
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &GroupNormClBwd { eps: self.eps })?;
-        super::split_affine_grads(&packed, x, w.elem_count())
+        super::split_affine_grads(&packed, x, w, b)
     }
 }
 

@@ -77,36 +77,34 @@ fn forward_transposed<T: WithDType + Float>(x: &[T], wt: &[T], b: Option<&[T]>, 
 
 /// Packed [dx (rows in), dw (out in)] from g [rows, out]; a part not `wanted` (dx, dw) is
 /// not computed (left zero; the caller does not return it).
-fn backward<T: WithDType + Float>(x: &[T], w: &[T], g: &[T], (rows, d_in, d_out): (usize, usize, usize), wanted: LinearBwd) -> Vec<T> {
-    // Safety: each wanted part is written by a gemm that does not read it; an unwanted part is
-    // zeroed (it is dropped by the caller, but stays defined).
-    let mut out = unsafe { output_buf::<T>(rows * d_in + d_out * d_in, 0) };
-    let (dx, dw) = out.split_at_mut(rows * d_in);
-    if !wanted.dx {
-        dx.fill(T::zero());
-    }
-    if !wanted.dw {
-        dw.fill(T::zero());
-    }
-    // Safety: as in `forward`; dx = g w, dw = g^T x (g read transposed in place).
+fn backward<T: WithDType + Float>(x: &[T], w: &[T], g: &[T], (rows, d_in, d_out): (usize, usize, usize), wrt: LinearBwd) -> Vec<T> {
+    // Safety: gemm writes every element of the output (beta = 0) and reads only x, w and g.
     unsafe {
-        if wanted.dx {
-            mm((rows, d_in, d_out), dx.as_mut_ptr(), false, g.as_ptr(), (d_out, 1), w.as_ptr(), (d_in, 1));
-        }
-        if wanted.dw {
-            mm((d_out, d_in, rows), dw.as_mut_ptr(), false, g.as_ptr(), (1, d_out), x.as_ptr(), (d_in, 1));
+        match wrt {
+            LinearBwd::Input => {
+                // dx [rows, in] = g w
+                let mut dx = output_buf::<T>(rows * d_in, 0);
+                mm((rows, d_in, d_out), dx.as_mut_ptr(), false, g.as_ptr(), (d_out, 1), w.as_ptr(), (d_in, 1));
+                dx
+            }
+            LinearBwd::Weight => {
+                // dw [out, in] = g^T x (g read transposed in place)
+                let mut dw = output_buf::<T>(d_out * d_in, 0);
+                mm((d_out, d_in, rows), dw.as_mut_ptr(), false, g.as_ptr(), (1, d_out), x.as_ptr(), (d_in, 1));
+                dw
+            }
         }
     }
-    out
 }
 
 struct LinearBias;
 struct LinearNoBias;
-/// (x, w, g) -> [dx, dw] packed; which of the two are needed.
+/// (x, w, g) -> dx [rows, in] or dw [out, in]: one op per gradient, each in a buffer of its
+/// own (the weight's gradient can then be stored as computed, see `grads::route`).
 #[derive(Clone, Copy)]
-struct LinearBwd {
-    dx: bool,
-    dw: bool,
+enum LinearBwd {
+    Input,
+    Weight,
 }
 
 impl CustomOp3 for LinearBias {
@@ -120,11 +118,11 @@ impl CustomOp3 for LinearBias {
             Ok((T::to_cpu_storage_owned(y), Shape::from((d.0, d.2))))
         })
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let (dx, dw) = split(x, w, &g)?;
         let db = g.apply_op1_no_bwd(&super::ColumnSums)?;
-        Ok((dx, dw, Some(db)))
+        Ok((dx, dw, super::grads::route(b, Some(db))?))
     }
 }
 
@@ -144,15 +142,12 @@ impl CustomOp2 for LinearNoBias {
     }
 }
 
-/// dx and dw from one backward op; a gradient nothing needs is not computed (dx of the
-/// feature projection and of a head over a frozen encoder, dw of a frozen layer).
+/// dx and dw (the latter through `grads::route`); a gradient nothing needs is not computed
+/// (dx of the feature projection and of a head over a frozen encoder, dw of a frozen layer).
 fn split(x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let (rows, d_in) = x.dims2()?;
-    let wanted = LinearBwd { dx: x.track_op(), dw: w.track_op() };
-    let packed = x.apply_op3_no_bwd(w, g, &wanted)?;
-    let dx = packed.narrow(0, 0, rows * d_in)?.reshape((rows, d_in))?;
-    let dw = packed.narrow(0, rows * d_in, w.elem_count())?.reshape(w.shape())?;
-    Ok((wanted.dx.then_some(dx), wanted.dw.then_some(dw)))
+    let dx = if x.track_op() { Some(x.apply_op3_no_bwd(w, g, &LinearBwd::Input)?) } else { None };
+    let dw = if w.track_op() { Some(x.apply_op3_no_bwd(w, g, &LinearBwd::Weight)?) } else { None };
+    Ok((dx, super::grads::route(w, dw)?))
 }
 
 impl CustomOp3 for LinearBwd {
@@ -163,7 +158,11 @@ impl CustomOp3 for LinearBwd {
         let d = dims(l1, l2)?;
         by_dtype!(s1, T => {
             let out = backward(data::<T>(s1, l1)?, data::<T>(s2, l2)?, data::<T>(s3, l3)?, d, *self);
-            Ok((T::to_cpu_storage_owned(out), Shape::from(d.0 * d.1 + d.2 * d.1)))
+            let shape = match self {
+                LinearBwd::Input => Shape::from((d.0, d.1)),
+                LinearBwd::Weight => Shape::from((d.2, d.1)),
+            };
+            Ok((T::to_cpu_storage_owned(out), shape))
         })
     }
 }

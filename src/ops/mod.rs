@@ -205,9 +205,11 @@ pub(crate) unsafe fn mm<T: 'static + Float>(
 
 mod attention;
 mod conv;
+pub mod grads;
 mod group_norm;
 mod linear;
 pub use attention::{attention_composite, attention_infer};
+pub use grads::backward;
 pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
 pub use group_norm::{conv1_group_norm_gelu, group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
 pub use linear::{linear, linear_transposed, transpose_weight};
@@ -656,7 +658,7 @@ impl CustomOp3 for LayerNorm {
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // One pass computes dx [rows, D] and the column sums for dw, db: packed as
         // [rows + 2, D] and split here.
         let d = x.dim(D::Minus1)?;
@@ -665,7 +667,7 @@ impl CustomOp3 for LayerNorm {
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
         let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((Some(dx), grads::route(w, Some(dw))?, grads::route(b, Some(db))?))
     }
 }
 
@@ -755,9 +757,9 @@ impl CustomOp2 for AddBias {
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
-    fn bwd(&self, _x: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSums)?;
-        Ok((Some(g.clone()), Some(db)))
+        Ok((Some(g.clone()), grads::route(b, Some(db))?))
     }
 }
 
@@ -1474,18 +1476,19 @@ impl CustomOp3 for ChannelAffine {
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &ChannelAffineBwd)?;
-        split_affine_grads(&packed, x, w.elem_count())
+        split_affine_grads(&packed, x, w, b)
     }
 }
 
-/// (dx, dw, db) from a flat [dx (x's elements), dw (c), db (c)] backward output.
+/// (dx, dw, db) from a flat [dx (x's elements), dw (c), db (c)] backward output (dw and db
+/// through [`grads::route`]).
 #[allow(clippy::type_complexity)]
-fn split_affine_grads(packed: &Tensor, x: &Tensor, c: usize) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let n = x.elem_count();
+fn split_affine_grads(packed: &Tensor, x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n, c) = (x.elem_count(), w.elem_count());
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-    Ok((Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)))
+    Ok((Some(dx), grads::route(w, Some(packed.narrow(0, n, c)?))?, grads::route(b, Some(packed.narrow(0, n + c, c)?))?))
 }
 
 impl CustomOp3 for ChannelAffineBwd {

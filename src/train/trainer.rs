@@ -539,7 +539,8 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
                 finite = false;
                 break;
             }
-            let grads = (loss / accum as f64)?.backward()?;
+            // Parameter gradients stored as the fused ops compute them (ops::grads).
+            let grads = crate::ops::backward(&(loss / accum as f64)?)?;
             if !optim::grads_finite(&grads, &vars)? {
                 finite = false;
                 break;
