@@ -240,6 +240,24 @@ fn first_layer_conv_group_norm_gelu_matches_the_three_ops() {
 }
 
 #[test]
+fn weight_norm_matches_the_composite() {
+    // v [O, C, K] with g [1, 1, K] (the positional conv's layout): one kernel tap, fewer
+    // rows than one task, several tasks with a ragged last one.
+    for dtype in [DType::F32, DType::F64] {
+        for (i, s) in [&[5usize, 3, 7][..], &[1, 1, 1], &[300, 2, 5], &[40, 6, 9]].iter().enumerate() {
+            let v = rand(s, 140 + i as u64, dtype);
+            let g = rand(&[1, 1, s[2]], 141, dtype).affine(0.5, 1.0).unwrap();
+            compare(
+                &format!("weight_norm_last {s:?}"),
+                &[v, g],
+                |t| ops::weight_norm_last(&t[0], &t[1]).unwrap(),
+                |t| ops::weight_norm_last_composite(&t[0], &t[1]).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
 fn seeded_dropout_matches_the_mask_composite() {
     for dtype in [DType::F32, DType::F64] {
         for (i, s) in SHAPES.iter().enumerate() {

@@ -176,8 +176,7 @@ impl PositionalConvEmbedding {
 
     /// The weight g v / ||v|| (||v|| over every dim except 2: [1, 1, K]).
     fn weight(&self) -> Result<Tensor> {
-        let norm = self.weight_v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
-        Ok(self.weight_v.broadcast_mul(&self.weight_g.broadcast_div(&norm)?)?)
+        crate::ops::weight_norm_last(&self.weight_v, &self.weight_g)
     }
 
     /// h [B, T, H] -> [B, T, H]. With a gradient the weight is recomputed from g and v on every
