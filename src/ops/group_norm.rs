@@ -34,11 +34,21 @@ fn f64_of<T: Float>(v: T) -> f64 {
     v.to_f64().unwrap_or(0.0)
 }
 
-/// `fn $name<T>(args)`: runs `$body(args)` compiled for AVX2 when the CPU has it (the same
-/// operations, so the same bits: Rust does not contract multiply-adds), else as built.
-macro_rules! avx2_dispatch {
+/// `fn $name<T>(args)`: runs `$body(args)` compiled for AVX-512 or AVX2 when the CPU has it
+/// (the same operations, so the same bits: Rust does not contract multiply-adds), else as
+/// built.
+macro_rules! simd_dispatch {
     ($name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
         fn $name<T: Float>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if super::has_avx512() {
+                #[target_feature(enable = "avx512f,avx2")]
+                unsafe fn inner512<T: Float>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F and AVX2 (checked above).
+                return unsafe { inner512($($arg),*) };
+            }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 #[target_feature(enable = "avx2")]
@@ -66,7 +76,7 @@ fn sum_rows_body<T: Float>(x: &[T], k: &[f64], s: &mut [f64]) {
         }
     }
 }
-avx2_dispatch!(sum_rows => sum_rows_body(x: &[T], k: &[f64], s: &mut [f64]));
+simd_dispatch!(sum_rows => sum_rows_body(x: &[T], k: &[f64], s: &mut [f64]));
 
 /// For rows x, dy [n, C]: s[c] += sum of dy, s[C + c] += sum of dy (x - m[c]), in f64.
 #[inline(always)]
@@ -81,7 +91,7 @@ fn grad_sum_rows_body<T: Float>(x: &[T], dy: &[T], m: &[T], s: &mut [f64]) {
         }
     }
 }
-avx2_dispatch!(grad_sum_rows => grad_sum_rows_body(x: &[T], dy: &[T], m: &[T], s: &mut [f64]));
+simd_dispatch!(grad_sum_rows => grad_sum_rows_body(x: &[T], dy: &[T], m: &[T], s: &mut [f64]));
 
 /// y = (x - m) s + h per row (not x s + (h - m s), which cancels when the mean is large
 /// against the spread).
@@ -94,7 +104,7 @@ fn affine_rows_body<T: Float>(x: &[T], y: &mut [T], m: &[T], s: &[T], h: &[T]) {
         }
     }
 }
-avx2_dispatch!(affine_rows => affine_rows_body(x: &[T], y: &mut [T], m: &[T], s: &[T], h: &[T]));
+simd_dispatch!(affine_rows => affine_rows_body(x: &[T], y: &mut [T], m: &[T], s: &[T], h: &[T]));
 
 /// dx = rw (dy - a - (x - m) b) per row, with rw = r w, a = sg / T and b = r^2 sgx / T.
 #[inline(always)]
@@ -107,7 +117,7 @@ fn dx_rows_body<T: Float>(x: &[T], dy: &[T], dx: &mut [T], p: [&[T]; 4]) {
         }
     }
 }
-avx2_dispatch!(dx_rows => dx_rows_body(x: &[T], dy: &[T], dx: &mut [T], p: [&[T]; 4]));
+simd_dispatch!(dx_rows => dx_rows_body(x: &[T], dy: &[T], dx: &mut [T], p: [&[T]; 4]));
 
 /// Per (clip, block) tasks: (clip, first frame, frames).
 fn blocks(bsz: usize, t: usize) -> impl IndexedParallelIterator<Item = (usize, usize, usize)> {
@@ -295,7 +305,7 @@ fn conv1_rows_body<T: Float>(x: &[T], wt: &[T], k: usize, stride: usize, t0: usi
         }
     }
 }
-avx2_dispatch!(conv1_rows => conv1_rows_body(x: &[T], wt: &[T], k: usize, stride: usize, t0: usize, y: &mut [T]));
+simd_dispatch!(conv1_rows => conv1_rows_body(x: &[T], wt: &[T], k: usize, stride: usize, t0: usize, y: &mut [T]));
 
 /// Inference: the first layer of wav2vec2-base's feature encoder, one-channel convolution +
 /// GroupNorm + GELU, as one op over frame blocks in cache. The convolution is cheap (K
