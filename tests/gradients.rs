@@ -59,9 +59,14 @@ fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f6
         checked += 1;
     }
     assert!(checked > 30, "only {checked} variables");
-    // The big ones came through the sink: every linear layer's weight the fused op takes
+    // The big ones came through the sink where the fused ops run (on the CPU; on a GPU
+    // candle's own ops carry everything): every linear layer's weight the fused op takes
     // directly (all but q, k, v, which train as one concatenated weight) and every
     // feature-encoder convolution's.
+    if !klspeech::ops::fused_applies(&x) {
+        assert!(routed.is_empty(), "gradients routed off the fused path");
+        return;
+    }
     let direct = |name: &str| {
         name.ends_with("out_proj.weight") || name.ends_with("dense.weight") || name.ends_with("projection.weight") || (name.contains("conv_layers") && name.ends_with("conv.weight"))
     };
