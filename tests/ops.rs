@@ -258,6 +258,33 @@ fn weight_norm_matches_the_composite() {
 }
 
 #[test]
+fn training_attention_matches_the_composite() {
+    // Values and the gradient of the packed projection: batch 1 and 3, one frame, a key mask
+    // hiding the tail of two clips, dropout on the probabilities (the same keyed mask).
+    for dtype in [DType::F32, DType::F64] {
+        for &(b, t, heads, hd, masked, drop) in &[(1usize, 7usize, 2usize, 3usize, false, None), (3, 13, 4, 5, true, Some((0.2, 77u64))), (2, 1, 3, 4, false, Some((0.5, 5))), (3, 40, 2, 8, true, None)] {
+            let qkv = rand(&[b, t, 3 * heads * hd], 150 + t as u64, dtype);
+            let kb = masked.then(|| {
+                let mut m = vec![0f64; b * t];
+                for (i, v) in m.iter_mut().enumerate() {
+                    if (i / t) > 0 && i % t >= t - 1 - (i / t) * 2 {
+                        *v = -1e9;
+                    }
+                }
+                Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+            });
+            let scale = 1.0 / (hd as f64).sqrt();
+            compare(
+                &format!("attention {:?}", (b, t, heads, hd, masked, drop)),
+                &[qkv],
+                |v| ops::attention(&v[0], heads, scale, kb.as_ref(), drop).unwrap(),
+                |v| ops::attention_train_composite(&v[0], heads, scale, kb.as_ref(), drop).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
 fn seeded_dropout_matches_the_mask_composite() {
     for dtype in [DType::F32, DType::F64] {
         for (i, s) in SHAPES.iter().enumerate() {

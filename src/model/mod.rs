@@ -221,11 +221,20 @@ impl ForwardCtx {
 
     /// Inverted dropout with rate `p` (identity in evaluation or for p = 0).
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
-        if !self.train || p <= 0.0 {
-            return Ok(x.clone());
+        match self.dropout_key(p) {
+            // One draw keys the mask (crate::ops::dropout): parallel, nothing stored for backward.
+            Some((p, key)) => crate::ops::dropout(x, p, key),
+            None => Ok(x.clone()),
         }
-        // One draw keys the mask (crate::ops::dropout): parallel, nothing stored for backward.
-        crate::ops::dropout(x, p, self.rng.next_u64())
+    }
+
+    /// (p, key) of a dropout with rate `p` in this pass (one draw of the pass's stream, as
+    /// [`Self::dropout`] makes), or `None` when nothing is dropped (evaluation, p = 0).
+    pub fn dropout_key(&mut self, p: f64) -> Option<(f64, u64)> {
+        if !self.train || p <= 0.0 {
+            return None;
+        }
+        Some((p, self.rng.next_u64()))
     }
 
     /// LayerDrop: whether transformer layer `i` is skipped in this training pass.

@@ -307,6 +307,16 @@ impl Attention {
             // q, k, v as one projection: one gemm instead of three, and in the backward one
             // gradient into x instead of three accumulated ones.
             let qkv = self.packed_qkv()?.forward(x)?; // [B, T, 3H]
+            if crate::ops::fused_applies(&qkv) {
+                // One op per (clip, head) forward and backward, reading the heads in place.
+                let key_bias = match bias {
+                    Some(bias) => Some(bias.reshape((b, t))?),
+                    None => None,
+                };
+                let drop = ctx.dropout_key(ctx.attention_dropout);
+                let o = crate::ops::attention(&qkv, self.heads, scale, key_bias.as_ref(), drop)?;
+                return self.out_proj.forward(&o);
+            }
             // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
             let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
             let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);

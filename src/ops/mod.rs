@@ -209,7 +209,7 @@ pub mod grads;
 mod group_norm;
 mod linear;
 mod weight_norm;
-pub use attention::{attention_composite, attention_infer};
+pub use attention::{attention, attention_composite, attention_infer, attention_train_composite};
 pub use grads::backward;
 pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
 pub use group_norm::{conv1_group_norm_gelu, group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
