@@ -27,6 +27,12 @@ struct AttentionInfer {
 }
 
 impl AttentionInfer {
+    /// The scale and the key bias in the kernel's dtype.
+    fn constants<T: Float>(&self) -> (T, Option<Vec<T>>) {
+        let scale = T::from(self.scale).expect("scale fits");
+        (scale, self.key_bias.as_ref().map(|kb| kb.iter().map(|&x| T::from(x).expect("bias fits")).collect()))
+    }
+
     /// The heads divide H and the key bias has one value per (clip, frame).
     fn check(&self, dims: (usize, usize, usize), l: &Layout) -> candle_core::Result<()> {
         if self.heads == 0 || !dims.2.is_multiple_of(3 * self.heads) {
@@ -71,15 +77,15 @@ fn softmax_row<T: FastExp>(row: &mut [T], scale: T, bias: Option<&[T]>) {
     row.iter_mut().for_each(|s| *s = *s * inv);
 }
 
-/// o [B, T, H] from qkv [B, T, 3H].
-fn forward<T: WithDType + Float + FastExp>(qkv: &[T], (b, t, h3): (usize, usize, usize), op: &AttentionInfer) -> Vec<T> {
+/// o [B, T, H] from qkv [B, T, 3H], with inverted dropout on the probabilities when
+/// `dropout = Some((p, key))` (training; see [`AttentionTrain`]).
+fn forward<T: WithDType + Float + FastExp>(qkv: &[T], (b, t, h3): (usize, usize, usize), op: &AttentionInfer, dropout: Option<(f64, u64)>) -> Vec<T> {
     let (h, nh) = (h3 / 3, op.heads);
     let hd = h / nh;
     // Safety: every (clip, head) task writes its whole [T, hd] column block of o.
     let mut o = unsafe { output_buf::<T>(b * t * h, 0) };
     let op_ptr = Ptr(o.as_mut_ptr());
-    let scale: T = T::from(op.scale).expect("scale fits");
-    let bias: Option<Vec<T>> = op.key_bias.as_ref().map(|kb| kb.iter().map(|&x| T::from(x).expect("bias fits")).collect());
+    let (scale, bias) = op.constants::<T>();
     let src = qkv.as_ptr() as usize;
     run_tasks(b * nh, |task, par| {
         let (bi, hi) = (task / nh, task % nh);
@@ -96,9 +102,9 @@ fn forward<T: WithDType + Float + FastExp>(qkv: &[T], (b, t, h3): (usize, usize,
             // s [T, T] = q_h [T, hd] k_h^T (k read transposed in place).
             mm((t, t, hd), s.as_mut_ptr(), t, false, q, (h3, 1), k, (1, h3), par);
         }
-        let kb = bias.as_ref().map(|b| &b[bi * t..(bi + 1) * t]);
-        for row in s.chunks_exact_mut(t) {
-            softmax_row(row, scale, kb);
+        probabilities(&mut s, t, scale, bias.as_ref().map(|b| &b[bi * t..(bi + 1) * t]));
+        if let Some((p, key)) = dropout {
+            dropout_row(p, key, task * t * t, &mut s);
         }
         unsafe {
             // o_h [T, hd] = p [T, T] v_h [T, hd].
@@ -116,7 +122,7 @@ impl CustomOp1 for AttentionInfer {
         let dims = btc(l1)?;
         self.check(dims, l1)?;
         by_dtype!(s1, T => {
-            let o = forward(data::<T>(s1, l1)?, dims, self);
+            let o = forward(data::<T>(s1, l1)?, dims, self, None);
             Ok((T::to_cpu_storage_owned(o), Shape::from((dims.0, dims.1, dims.2 / 3))))
         })
     }
@@ -184,34 +190,6 @@ fn probabilities<T: Float + FastExp>(s: &mut [T], t: usize, scale: T, kb: Option
     }
 }
 
-/// o [B, T, H] from qkv [B, T, 3H] (forward, dropout included).
-fn train_forward<T: WithDType + Float + FastExp>(qkv: &[T], (b, t, h3): (usize, usize, usize), op: &AttentionTrain) -> Vec<T> {
-    let (h, nh) = (h3 / 3, op.infer.heads);
-    let hd = h / nh;
-    // Safety: every (clip, head) task writes its whole [T, hd] column block of o.
-    let mut o = unsafe { output_buf::<T>(b * t * h, 0) };
-    let op_ptr = Ptr(o.as_mut_ptr());
-    let scale: T = T::from(op.infer.scale).expect("scale fits");
-    let bias: Option<Vec<T>> = op.infer.key_bias.as_ref().map(|kb| kb.iter().map(|&x| T::from(x).expect("bias fits")).collect());
-    let src = qkv.as_ptr() as usize;
-    run_tasks(b * nh, |task, par| {
-        let (bi, hi) = (task / nh, task % nh);
-        // Safety: as in `forward` (the views stay inside clip bi's rows; o's block is this task's).
-        let (q, k, v) = unsafe {
-            let base = (src as *const T).add(bi * t * h3 + hi * hd);
-            (base, base.add(h), base.add(2 * h))
-        };
-        let mut s = unsafe { output_buf::<T>(t * t, 0) };
-        unsafe { mm((t, t, hd), s.as_mut_ptr(), t, false, q, (h3, 1), k, (1, h3), par) };
-        probabilities(&mut s, t, scale, bias.as_ref().map(|b| &b[bi * t..(bi + 1) * t]));
-        if let Some((p, key)) = op.dropout {
-            dropout_row(p, key, task * t * t, &mut s);
-        }
-        unsafe { mm((t, hd, t), op_ptr.get().add(bi * t * h + hi * hd), h, false, s.as_ptr(), (t, 1), v, (h3, 1), par) };
-    });
-    o
-}
-
 /// dqkv [B, T, 3H] from qkv and do [B, T, H]. Per (clip, head), with P the probabilities and
 /// D the dropout factors: dv = (P D)^T do; dP = (do v^T) D; dz = P (dP - rowsum(dP P));
 /// dq = dz k scale, dk = dz^T q scale.
@@ -221,8 +199,7 @@ fn train_backward<T: WithDType + Float + FastExp>(qkv: &[T], d_o: &[T], (b, t, h
     // Safety: every (clip, head) task writes its q, k and v column blocks of dqkv in full.
     let mut dqkv = unsafe { output_buf::<T>(b * t * h3, 0) };
     let dp_ = Ptr(dqkv.as_mut_ptr());
-    let scale: T = T::from(op.infer.scale).expect("scale fits");
-    let bias: Option<Vec<T>> = op.infer.key_bias.as_ref().map(|kb| kb.iter().map(|&x| T::from(x).expect("bias fits")).collect());
+    let (scale, bias) = op.infer.constants::<T>();
     let (src, gsrc) = (qkv.as_ptr() as usize, d_o.as_ptr() as usize);
     run_tasks(b * nh, |task, par| {
         let (bi, hi) = (task / nh, task % nh);
@@ -277,7 +254,7 @@ impl CustomOp1 for AttentionTrain {
         let dims = btc(l1)?;
         self.infer.check(dims, l1)?;
         by_dtype!(s1, T => {
-            let o = train_forward(data::<T>(s1, l1)?, dims, self);
+            let o = forward(data::<T>(s1, l1)?, dims, &self.infer, self.dropout);
             Ok((T::to_cpu_storage_owned(o), Shape::from((dims.0, dims.1, dims.2 / 3))))
         })
     }
