@@ -8,11 +8,15 @@
 #            CUDAFORGE_THREADS (nvcc jobs, default nproc), KL_DIST_STRIP=0 to keep debug info
 #            in the dist copies (default: strip --strip-debug), KL_CARGO_NICE (default 10),
 #            KL_DIST_ONLY=REGEX: only copy targets whose name matches (e.g. '^(klspeech|parity)$'),
-#            KL_DIST_PACK=0: skip target/cuda-dist.tar.xz.
+#            KL_DIST_PACK=0: skip target/cuda-dist.tar.xz,
+#            KL_FEATURES (default `cuda`; `cudnn` adds cuDNN convolutions and installs cuDNN here,
+#            see tools/cuda_env.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+FEATURES="${KL_FEATURES:-cuda}"
+case ",$FEATURES," in *,cudnn,*) export KL_CUDNN=1 ;; esac
 # shellcheck source=tools/cuda_env.sh
 source tools/cuda_env.sh
 
@@ -25,7 +29,7 @@ targets=(--bins --tests --examples)
 ls benches/*.rs >/dev/null 2>&1 && targets+=(--benches)
 
 start=$(date +%s)
-echo "cuda_build: cargo build --release --features cuda ${targets[*]} (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)" >&2
+echo "cuda_build: cargo build --release --features $FEATURES ${targets[*]} (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)" >&2
 json="$(mktemp)"; json2="$(mktemp)"
 trap 'rm -f "$json" "$json2"' EXIT
 # executables from cargo's JSON messages, as TSV: kind  target-name  path  (python3: no jq needed)
@@ -42,14 +46,14 @@ for fn in sys.argv[1:]:
         print(kind, m["target"]["name"], m["executable"], sep="\t")
 ' "$@"
 }
-nice -n "$NICE" cargo build --release --features cuda "${targets[@]}" \
+nice -n "$NICE" cargo build --release --features "$FEATURES" "${targets[@]}" \
     --message-format=json-render-diagnostics >"$json"
 echo "cuda_build: build finished in $(( $(date +%s) - start ))s" >&2
 
 # Test executables, as `cargo test --no-run` reports them (normally no rebuild: same artifacts).
-nice -n "$NICE" cargo test --release --features cuda --no-run \
+nice -n "$NICE" cargo test --release --features "$FEATURES" --no-run \
     --message-format=json-render-diagnostics >"$json2"
-echo "== test executables (cargo test --release --features cuda --no-run)"
+echo "== test executables (cargo test --release --features $FEATURES --no-run)"
 artifacts "$json2" | awk -F'\t' '$1=="test" || $1=="bench" {print $2 ": " $3}'
 
 # Collect every executable artifact of both runs (bins, examples, test + bench harnesses), flat.
@@ -59,7 +63,7 @@ artifacts "$json" "$json2" | sort -u -t$'\t' -k3,3 \
     | awk -F'\t' -v re="${KL_DIST_ONLY:-.}" '$2 ~ re' >"$DIST/.artifacts.tsv"
 
 {
-    echo "# klspeech CUDA build, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "# klspeech CUDA build (--features $FEATURES), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')"
     echo "# nvcc: $(nvcc --version | grep -o 'release [^,]*, V[0-9.]*'); CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP (kernels built for sm_${CUDA_COMPUTE_CAP}a: H100/H200 only)"
     echo "# baked-in paths: CARGO_MANIFEST_DIR=$ROOT, CARGO_BIN_EXE_klspeech=$CARGO_TARGET_DIR/release/klspeech"

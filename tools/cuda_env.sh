@@ -13,6 +13,11 @@
 # The toolkit is pinned to CUDA 13.0 on purpose: the GPU machines run driver 580 (CUDA 13.0), and
 # PTX emitted by a newer nvcc (13.1+) would be rejected there with CUDA_ERROR_UNSUPPORTED_PTX_VERSION.
 # Override the package list with CUDA_PIP_PKGS="..." if needed.
+#
+# KL_CUDNN=1 also installs cuDNN 9 (nvidia-cudnn-cu13, ~0.5 GB) into cuda-local/cudnn-site/ and
+# links libcudnn*.so* into cuda/lib64, for `--features cudnn` (cudarc links -lcudnn; it carries its
+# own bindings, so no header is read). Any cuDNN 9.x has the same soname, libcudnn.so.9; at run
+# time the GPU machine's copy (PyTorch's nvidia/cudnn/lib) is used. Override with CUDNN_PIP_PKG.
 
 _klcuda_main() {
     local here root local_dir site tree pkgs stamp
@@ -78,7 +83,27 @@ _klcuda_main() {
         ln -sfn libcuda.so "$tree/lib64/stubs/libcuda.so.1"
     fi
 
-    # 4. environment
+    # 4. optional cuDNN (KL_CUDNN=1), in its own folder so the toolkit above is not reinstalled
+    if [[ "${KL_CUDNN:-0}" == 1 ]]; then
+        local dnn_pkg dnn_site dnn_stamp
+        dnn_pkg="${CUDNN_PIP_PKG:-nvidia-cudnn-cu13==9.13.0.50}"
+        dnn_site="$local_dir/cudnn-site"
+        dnn_stamp="$local_dir/.cudnn-$(printf '%s' "$dnn_pkg" | sha256sum | cut -c1-16)"
+        if [[ ! -f "$dnn_stamp" || ! -e "$dnn_site/nvidia/cudnn/lib/libcudnn.so.9" ]]; then
+            echo "cuda_env: installing $dnn_pkg into $dnn_site ..." >&2
+            rm -rf "$dnn_site" "$local_dir"/.cudnn-*
+            # shellcheck disable=SC2086
+            python3 -m pip install --disable-pip-version-check --no-input -q --no-deps \
+                --target "$dnn_site" $dnn_pkg >&2 || { echo "cuda_env: pip install $dnn_pkg failed" >&2; return 1; }
+            touch "$dnn_stamp"
+        fi
+        for f in "$dnn_site"/nvidia/cudnn/lib/libcudnn*.so.9; do
+            ln -sfn "$f" "$tree/lib64/$(basename "$f")"
+        done
+        ln -sfn libcudnn.so.9 "$tree/lib64/libcudnn.so"
+    fi
+
+    # 5. environment
     export CUDA_ROOT="$tree" CUDA_PATH="$tree" CUDA_HOME="$tree" CUDA_TOOLKIT_ROOT_DIR="$tree"
     export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
     case ":$PATH:" in *":$tree/bin:"*) ;; *) export PATH="$tree/bin:$PATH" ;; esac
