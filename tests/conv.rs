@@ -43,3 +43,65 @@ fn conv1d_values_and_gradients() {
         }
     }
 }
+
+/// The GPU's training convolution (`conv1d_cl_recompute`: candle's forward, klspeech's backward
+/// from recomputed columns and an `index_add` scatter), run here on the CPU: values equal
+/// candle's conv1d, both gradients equal finite differences, also with fewer output frames
+/// than the convolution yields (`max_t`) and with an input that takes no gradient. In f64, so
+/// finite differences resolve 1e-6.
+#[test]
+fn recompute_conv_values_and_gradients() {
+    // KLSPEECH_TEST_DEVICE=cuda runs it on the GPU (tools/gpu_check.sh): cuDNN's forward there.
+    let dev = common::device();
+    let cases = [
+        (1usize, 0usize, 1usize, 3usize, 23usize, None),
+        (2, 0, 1, 3, 23, Some(9usize)),
+        (5, 0, 1, 10, 57, None),
+        (1, 2, 2, 4, 17, None),
+        (3, 1, 4, 5, 31, Some(4)),
+        (1, 4, 2, 8, 19, None),
+        (2, 3, 2, 7, 16, None),
+    ];
+    for (stride, pad, groups, k, l, max_t) in cases {
+        let (b, cin, cout) = (2usize, 4usize, 8usize);
+        let mut r = Rng::new(7);
+        let mk = |r: &mut Rng, shape: &[usize]| {
+            Tensor::from_vec(r.normal_vec(shape.iter().product()), shape, &dev).unwrap().to_dtype(DType::F64).unwrap()
+        };
+        let x = Var::from_tensor(&mk(&mut r, &[b, l, cin])).unwrap(); // channels-last
+        let w = Var::from_tensor(&mk(&mut r, &[cout, cin / groups, k])).unwrap();
+        let conv = |xt: &Tensor, wt: &Tensor| klspeech::ops::conv1d_cl_recompute(xt, wt, stride, pad, groups, max_t).unwrap();
+        let y = conv(x.as_tensor(), w.as_tensor());
+        let full = x.as_tensor().transpose(1, 2).unwrap().conv1d(w.as_tensor(), pad, stride, 1, groups).unwrap().transpose(1, 2).unwrap();
+        let t = max_t.map_or(full.dim(1).unwrap(), |m| m.min(full.dim(1).unwrap()));
+        assert_eq!(y.dims(), &[b, t, cout]);
+        assert!(common::max_abs_diff(&y, &full.narrow(1, 0, t).unwrap()) < 1e-12, "values (stride {stride} pad {pad} groups {groups})");
+        let gw = mk(&mut r, y.dims());
+        let f = |xt: &Tensor, wt: &Tensor| -> f64 { (conv(xt, wt) * &gw).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
+        let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
+        for (var, other_is_x) in [(&x, false), (&w, true)] {
+            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..v.len() {
+                let at = |d: f64| {
+                    let mut p = v.clone();
+                    p[i] += d;
+                    let t = Tensor::from_vec(p, var.shape(), &dev).unwrap();
+                    if other_is_x { f(x.as_tensor(), &t) } else { f(&t, w.as_tensor()) }
+                };
+                let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+                assert!((fd - g[i]).abs() < 1e-6, "stride {stride} pad {pad} groups {groups} max_t {max_t:?}: grad[{i}] {} vs {fd}", g[i]);
+            }
+        }
+        // An input that takes no gradient (the waveform into the first layer): only w's.
+        let y = conv(&x.as_tensor().detach(), w.as_tensor());
+        let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = grads_w_of(&(conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap(), &w);
+        assert!(common::max_abs_diff(grads.get(w.as_tensor()).unwrap(), &want) < 1e-12);
+        assert!(grads.get(x.as_tensor()).is_none());
+    }
+}
+
+fn grads_w_of(loss_terms: &Tensor, w: &Var) -> Tensor {
+    loss_terms.sum_all().unwrap().backward().unwrap().get(w.as_tensor()).unwrap().clone()
+}

@@ -357,13 +357,130 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ConvCl(geom, false))?);
     }
-    let y = if !x.track_op() && !w.track_op() {
-        // No gradient: candle's own kernel (its forward is right; its backward is not).
-        x.transpose(1, 2)?.conv1d(w, padding, stride, 1, groups)?.transpose(1, 2)?
-    } else {
-        conv1d_cl_composite(x, w, stride, padding, groups)?
-    };
+    if x.track_op() || w.track_op() {
+        if !x.device().is_cpu() && super::enabled() {
+            return conv1d_cl_recompute(x, w, stride, padding, groups, max_t);
+        }
+        let y = conv1d_cl_composite(x, w, stride, padding, groups)?;
+        return Ok(if t < full_t { y.narrow(1, 0, t)? } else { y });
+    }
+    // No gradient: candle's own kernel (its forward is right; its backward is not).
+    let y = x.transpose(1, 2)?.conv1d(w, padding, stride, 1, groups)?.transpose(1, 2)?;
     Ok(if t < full_t { y.narrow(1, 0, t)? } else { y })
+}
+
+/// Differentiable [`conv1d_cl`] for devices without klspeech's CPU kernels: the forward is
+/// candle's `conv1d` (cuDNN in a `cudnn` build, else candle's im2col + cuBLAS), the backward is
+/// klspeech's, and nothing of the forward but x and w is kept for it. The backward rebuilds the
+/// im2col columns of this one layer for the weight gradient (one batched gemm over the groups)
+/// and scatter-adds the column gradient (a second gemm) back onto the input frames with
+/// `index_add`. The composite ([`conv1d_cl_composite`]) instead keeps every layer's columns,
+/// K times its input, from the forward to the backward.
+///
+/// Runs on any device (the tests check it on the CPU against the composite's gradients).
+pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
+    let (b, l, c_in) = x.dims3()?;
+    let (c_out, c_g, k) = w.dims3()?;
+    if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 {
+        return Err(Error::InvalidInput(format!(
+            "conv1d: input [{b}, {l}, {c_in}] (channels last) and kernel [{c_out}, {c_g}, {k}] with {groups} groups, stride {stride}"
+        )));
+    }
+    let Some(full_t) = out_len(l, k, stride, padding) else {
+        return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
+    };
+    let t = max_t.map_or(full_t, |m| m.min(full_t));
+    // [B, C_out, T] from candle; the op hands it out channels-last (one strided copy).
+    let y = x.detach().transpose(1, 2)?.conv1d(&w.detach(), padding, stride, 1, groups)?;
+    let y = if t < full_t { y.narrow(2, 0, t)? } else { y };
+    let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
+    Ok(x.apply_op2(w, ConvRecompute { geom, y: std::sync::Mutex::new(Some(y)) })?)
+}
+
+/// [`conv1d_cl_recompute`]'s op: `y` [B, C_out, T], computed before the op is applied, is taken
+/// (not kept: the graph holds the op until the backward) and copied out as [B, T, C_out].
+struct ConvRecompute {
+    geom: Geom,
+    y: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl ConvRecompute {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        match self.y.lock().ok().and_then(|mut y| y.take()) {
+            Some(y) => Ok(y),
+            None => bail!("conv1d-recompute: the forward ran twice"),
+        }
+    }
+}
+
+impl CustomOp2 for ConvRecompute {
+    fn name(&self) -> &'static str {
+        "conv1d-recompute"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let y = self.take()?;
+        let (st, l) = y.storage_and_layout();
+        let candle_core::Storage::Cpu(st) = &*st else { bail!("conv1d-recompute: output not on the CPU") };
+        let lt = l.transpose(1, 2)?;
+        // SAFETY: the strided copy below writes every element.
+        let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
+        st.copy_strided_src(&mut dst, 0, &lt)?;
+        Ok((dst, lt.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            use candle_core::backend::BackendDevice;
+            let y = self.take()?;
+            let (st, l) = y.storage_and_layout();
+            let candle_core::Storage::Cuda(st) = &*st else { bail!("conv1d-recompute: output not on the GPU") };
+            let lt = l.transpose(1, 2)?;
+            // SAFETY: the strided copy below writes every element.
+            let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
+            st.copy_strided_src(&mut dst, 0, &lt)?;
+            Ok((dst, lt.shape().clone()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("conv1d-recompute: built without CUDA")
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geom;
+        let (groups, og, kc, bt) = (g.groups, g.og(), g.kc(), g.b * g.t);
+        // dy [B, T, C_out] -> [G, B T, og]
+        let dy_g = dy.reshape((bt, groups, og))?.transpose(0, 1)?.contiguous()?;
+        // weight gradient: dy_g^T [G, og, B T] x columns [G, B T, C_g K] -> [C_out, C_g, K]
+        let dw = if w.track_op() {
+            let cols = super::im2col1d_composite(&x.detach().transpose(1, 2)?, g.k, g.stride, g.padding, groups)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?; // [G, B, T_full, C_g K]
+            let cols = cols.narrow(2, 0, g.t)?.reshape((groups, bt, kc))?;
+            Some(dy_g.transpose(1, 2)?.contiguous()?.matmul(&cols)?.reshape((g.c_out, g.cg(), g.k))?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            // column gradient dy_g [G, B T, og] x w_g [G, og, C_g K] -> [G, B, T, C_g, K]
+            let dcols = dy_g.matmul(&w.detach().reshape((groups, og, kc))?)?.reshape((groups, g.b, g.t, g.cg(), g.k))?;
+            // -> [B, T K, C_in]: row (t, j) of clip b is added onto padded input frame t s + j
+            let src = dcols.permute((1, 2, 4, 0, 3))?.reshape((g.b, g.t * g.k, g.c_in))?;
+            let idx: Vec<u32> = (0..g.t).flat_map(|t| (0..g.k).map(move |j| (t * g.stride + j) as u32)).collect();
+            let idx = Tensor::from_vec(idx, g.t * g.k, x.device())?;
+            let dxp = Tensor::zeros((g.b, g.lp(), g.c_in), x.dtype(), x.device())?.index_add(&idx, &src, 1)?;
+            Some(dxp.narrow(1, g.padding, g.l)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
 }
 
 /// `gelu_erf(conv1d_cl(x, w, ..))` for inference: nothing is recorded for a backward pass. On

@@ -211,7 +211,7 @@ mod linear;
 mod weight_norm;
 pub use attention::{attention, attention_composite, attention_infer, attention_train_composite};
 pub use grads::backward;
-pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu};
+pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu, conv1d_cl_recompute};
 pub use group_norm::{conv1_group_norm_gelu, group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu};
 pub use linear::{linear, linear_transposed, transpose_weight};
 pub use weight_norm::{weight_norm_last, weight_norm_last_composite};
@@ -895,11 +895,29 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// The dropout mask of [`dropout`] as a tensor of x's shape, dtype and device (built on the CPU).
+/// The dropout mask of [`dropout`] as a tensor of x's shape, dtype and device: built on the CPU
+/// in parallel (element i depends only on the key and i), in f32 for f32 tensors (what the f64
+/// factor rounds to) and else in f64, converted on the device. On a GPU the host builds the
+/// next mask while the device still runs the kernels queued before it.
 pub fn dropout_mask(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
     let d = Dropout { p, key };
-    let m: Vec<f64> = (0..x.elem_count()).map(|i| d.factor(i)).collect();
-    Ok(Tensor::from_vec(m, x.shape(), &candle_core::Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?)
+    fn build<T: WithDType>(d: &Dropout, n: usize, f: impl Fn(f64) -> T + Sync) -> Vec<T> {
+        let mut m = vec![T::zero(); n];
+        m.par_chunks_mut(ELEM_GRAIN).enumerate().for_each(|(ci, chunk)| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = f(d.factor(ci * ELEM_GRAIN + j));
+            }
+        });
+        m
+    }
+    let cpu = &candle_core::Device::Cpu;
+    let n = x.elem_count();
+    let m = if x.dtype() == DType::F32 {
+        Tensor::from_vec(build(&d, n, |v| v as f32), x.shape(), cpu)?
+    } else {
+        Tensor::from_vec(build(&d, n, |v| v), x.shape(), cpu)?.to_dtype(x.dtype())?
+    };
+    Ok(m.to_device(x.device())?)
 }
 
 /// Inverted dropout with rate `p` (0 <= p < 1): element i is kept, scaled by 1 / (1 - p), when
