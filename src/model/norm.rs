@@ -196,8 +196,10 @@ impl Norm {
         let per_pos = per_pos.reshape((per_pos.dim(0)?, ()))?;
         let site_kl = match time_mask {
             Some(m) => {
+                // On the device: no host round trip (which would stall a GPU's queue per site).
                 let m = m.to_dtype(per_pos.dtype())?;
-                (per_pos.mul(&m)?.sum_all()? / m.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0))?
+                // Times the reciprocal count, as the scalar affine it replaces did.
+                per_pos.mul(&m)?.sum_all()?.mul(&m.sum_all()?.maximum(1.0)?.recip()?)?
             }
             None => per_pos.mean_all()?,
         };
