@@ -16,7 +16,9 @@
 //! ("after") and with `KLSPEECH_NO_CUSTOM_OPS=1`, candle's composites ("before"); the child
 //! reports the median time, the per-stage medians and its peak RSS. For the base training
 //! step the achieved GFLOP/s are printed beside the machine's gemm throughput.
-//! `KLSPEECH_BENCH_ITERS` sets the steps per child (for profiling).
+//! `KLSPEECH_BENCH_ITERS` sets the steps per child (for profiling). `KLSPEECH_BENCH_PROFILE=1`
+//! prints a kernel-level GPU profile of the timed steps (CUPTI, `src/gpu_profile.rs`) to
+//! stderr. `KLSPEECH_PYTHON=none` leaves the PyTorch side out.
 //! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows; klspeech ("after") and PyTorch
 //! alternate `KLSPEECH_BENCH_ROUNDS` times per row (default 3), and the table reports the
 //! medians and the median of the per-round ratios, so a slow spell of a shared machine does
@@ -48,8 +50,8 @@ fn tiny() -> Wav2Vec2Config {
 #[derive(Clone, Copy)]
 struct Row {
     name: &'static str,
-    /// Inference through the differentiable path (im2col conv, composed norms) instead of
-    /// candle's conv1d and fused kernels: shows which is faster on a device.
+    /// Inference through the differentiable path (the training convolution and composed
+    /// norms) instead of candle's conv1d and fused kernels: shows which is faster on a device.
     unfold: bool,
     config: &'static str,
     batch: usize,
@@ -58,6 +60,9 @@ struct Row {
     train: bool,
     /// KL-Norm at its default sites (training rows).
     kl: bool,
+    /// GPU: TF32 tensor cores for f32 matrix products, on both sides
+    /// (`klspeech --tf32`, `torch.backends.cuda.matmul.allow_tf32`).
+    tf32: bool,
     iters: usize,
 }
 
@@ -88,8 +93,14 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
     let mut stages: Vec<Vec<(&'static str, f64)>> = Vec::new();
     // KLSPEECH_BENCH_ITERS overrides the row's step count (long runs under a profiler).
     let iters = std::env::var("KLSPEECH_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(row.iters);
+    // KLSPEECH_BENCH_PROFILE=1: a kernel-level GPU profile of the timed steps, on stderr.
+    let profile = std::env::var_os("KLSPEECH_BENCH_PROFILE").is_some_and(|v| v != "0") && !dev.is_cpu();
+    let mut profiler = None;
     for i in 0..iters + 2 {
         sync(dev);
+        if i == 2 && profile {
+            profiler = klspeech::gpu_profile::Profiler::start().map_err(|e| eprintln!("{}: {e}", row.name)).ok();
+        }
         let t = Instant::now();
         let mut marks: Vec<(&'static str, f64)> = Vec::new();
         let mark = |name: &'static str, marks: &mut Vec<(&'static str, f64)>| {
@@ -127,6 +138,10 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
             times.push(t.elapsed().as_secs_f64());
             stages.push(marks);
         }
+    }
+    if let Some(p) = profiler {
+        let p = p.stop(dev)?;
+        eprintln!("\n{}: GPU profile of {iters} steps ({:.1} ms of GPU time per step)\n{}", row.name, p.total_ns() as f64 / 1e6 / iters as f64, p.table(40));
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -172,7 +187,8 @@ fn gemm_gflops() -> f64 {
 
 fn python() -> Option<String> {
     if let Ok(p) = std::env::var("KLSPEECH_PYTHON") {
-        return Some(p);
+        // `none`: klspeech rows only.
+        return (p != "none").then_some(p);
     }
     [".venv/bin/python", "../venv/bin/python", "/work/venv/bin/python", "python3"]
         .iter()
@@ -200,6 +216,9 @@ fn bench_pytorch(py: &str, row: &Row, threads: usize, device: &str) -> Option<(f
     if row.train {
         args.push("--train".into());
     }
+    if row.tf32 {
+        args.push("--tf32".into());
+    }
     let out = Command::new(py).args(&args).output().ok()?;
     if !out.status.success() {
         eprintln!("pytorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -219,13 +238,17 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn rows(gpu: bool) -> Vec<Row> {
-    let r = |name, config, batch, seconds, train, kl, iters| Row { name, unfold: false, config, batch, seconds, dtype: DType::F32, train, kl, iters };
+    let r = |name, config, batch, seconds, train, kl, iters| Row { name, unfold: false, config, batch, seconds, dtype: DType::F32, train, kl, tf32: false, iters };
     if gpu {
         vec![
             Row { unfold: true, ..r("base-infer-16x10-f32-unfold", "base", 16, 10.0, false, false, 5) },
             r("base-infer-16x10-f32", "base", 16, 10.0, false, false, 5),
+            Row { tf32: true, ..r("base-infer-16x10-f32-tf32", "base", 16, 10.0, false, false, 5) },
             Row { dtype: DType::BF16, ..r("base-infer-16x10-bf16", "base", 16, 10.0, false, false, 5) },
-            Row { unfold: true, ..r("base-train-8x4-f32", "base", 8, 4.0, true, false, 5) },
+            Row { dtype: DType::F16, ..r("base-infer-16x10-f16", "base", 16, 10.0, false, false, 5) },
+            r("base-train-8x4-f32", "base", 8, 4.0, true, false, 5),
+            Row { tf32: true, ..r("base-train-8x4-f32-tf32", "base", 8, 4.0, true, false, 5) },
+            r("base-train-8x4-f32-klnorm", "base", 8, 4.0, true, true, 5),
         ]
     } else {
         vec![
@@ -241,7 +264,8 @@ fn rows(gpu: bool) -> Vec<Row> {
 
 /// Child mode: one row, one setting, JSON on stdout.
 fn child(name: &str, dev: &Device) {
-    let row = rows(!dev.is_cpu()).into_iter().find(|r| r.name == name).expect("known row");
+    // Any row on any device (a GPU row on the CPU rehearses tools/gpu_check.sh).
+    let row = rows(!dev.is_cpu()).into_iter().chain(rows(dev.is_cpu())).find(|r| r.name == name).expect("known row");
     let (t, stages) = Device::Cpu.with_context(|| bench_klspeech(&row, dev)).expect("bench");
     let stages: serde_json::Map<String, serde_json::Value> = stages.into_iter().map(|(k, v)| (k.to_string(), (v * 1e3).into())).collect();
     println!("{}", serde_json::json!({"median_ms": t * 1e3, "stages_ms": stages, "peak_rss_mb": peak_rss_mb()}));
@@ -359,18 +383,27 @@ fn main() {
     }
 }
 
+/// GPU rows run in this process, one after the other: each starts a new peak of the device's
+/// memory pool (model, optimizer state, activations; what `torch.cuda.max_memory_allocated`
+/// counts on the PyTorch side).
 fn gpu_table(dev: &Device, wanted: &Option<Vec<String>>, threads: usize, py: Option<&str>) {
-    println!("| workload | klspeech ms | klspeech audio-s/s | PyTorch ms | PyTorch audio-s/s | PyTorch peak GPU MiB | klspeech / PyTorch throughput |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| workload | klspeech ms | klspeech audio-s/s | PyTorch ms | PyTorch audio-s/s | klspeech peak GPU MiB | PyTorch peak GPU MiB | klspeech / PyTorch throughput |");
+    println!("|---|---|---|---|---|---|---|---|");
     for row in rows(true).iter().filter(|r| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == r.name))) {
         let audio = row.batch as f64 * row.seconds;
-        let k = match bench_klspeech(row, dev) {
+        klspeech::device::set_tf32(row.tf32);
+        sync(dev);
+        klspeech::device::reset_gpu_peak_memory(dev);
+        let result = bench_klspeech(row, dev);
+        let kmem = klspeech::device::gpu_peak_memory(dev).map(|b| format!("{:.0}", b as f64 / 1048576.0)).unwrap_or_else(|| "-".into());
+        klspeech::device::set_tf32(false);
+        let k = match result {
             Ok((k, stages)) => {
                 eprintln!("{}: {stages:?}", row.name);
                 k
             }
             Err(e) => {
-                println!("| {} | failed: {e} | | | | | |", row.name);
+                println!("| {} | failed: {e} | | | | | | |", row.name);
                 continue;
             }
         };
@@ -384,7 +417,7 @@ fn gpu_table(dev: &Device, wanted: &Option<Vec<String>>, threads: usize, py: Opt
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
-        println!("| {} | {:.1} | {:.1} | {pms} | {pthr} | {pmem} | {ratio} |", row.name, k * 1000.0, audio / k);
+        println!("| {} | {:.1} | {:.1} | {pms} | {pthr} | {kmem} | {pmem} | {ratio} |", row.name, k * 1000.0, audio / k);
     }
 }
 

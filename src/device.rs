@@ -74,3 +74,64 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
     }
 }
+
+/// Peak bytes of GPU memory held by this process's tensors on `dev` since the last
+/// [`reset_gpu_peak_memory`] (or the start): the high-water mark of the device's default
+/// stream-ordered memory pool, which candle (through cudarc) allocates every tensor from on GPUs
+/// that support memory pools (all since Pascal). The counterpart of PyTorch's
+/// `torch.cuda.max_memory_allocated()`; cuBLAS's and cuDNN's own handles are not included.
+/// `None` on the CPU, in a build without CUDA, or where the pool cannot be queried.
+pub fn gpu_peak_memory(dev: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return cuda_pool::used_high(d, false).ok();
+    }
+    let _ = dev;
+    None
+}
+
+/// Starts a new peak for [`gpu_peak_memory`]: the driver zeroes the mark, and the next
+/// allocation sets it to all the memory then in use (model weights included). No-op off the GPU.
+pub fn reset_gpu_peak_memory(dev: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        let _ = cuda_pool::used_high(d, true);
+    }
+    let _ = dev;
+}
+
+/// TF32 tensor-core matrix products for f32 on the GPU (10-bit mantissa products, f32 sums),
+/// PyTorch's `torch.backends.cuda.matmul.allow_tf32`. Off by default, as in PyTorch: f32 stays
+/// f32 unless asked. cuDNN convolutions (the `cudnn` feature) use TF32 by default on Ampere and
+/// newer, as PyTorch's `torch.backends.cudnn.allow_tf32` does. No effect on the CPU.
+pub fn set_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(on);
+    let _ = on;
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::backend::BackendDevice;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, DriverError};
+    use candle_core::cuda_backend::CudaDevice;
+
+    /// The default pool's `USED_MEM_HIGH` (bytes); with `reset`, zeroes it first (the only value
+    /// the driver accepts for it).
+    pub(super) fn used_high(d: &CudaDevice, reset: bool) -> Result<u64, DriverError> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: the device comes from a live context; USED_MEM_HIGH is a cuuint64_t attribute.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+            let mut v: u64 = 0;
+            if reset {
+                d.synchronize().ok();
+                result::mem_pool::set_attribute(pool, attr, (&mut v as *mut u64).cast())?;
+            }
+            result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())?;
+            Ok(v)
+        }
+    }
+}

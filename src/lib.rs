@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fastmath;
+pub mod gpu_profile;
 pub mod features;
 pub mod infer;
 pub mod loss;

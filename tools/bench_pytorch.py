@@ -30,7 +30,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 matmuls (cuDNN convs use TF32 by default)")
     a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
@@ -74,7 +76,7 @@ def main() -> None:
         "median_ms": med * 1000, "audio_s_per_s": a.batch * a.seconds / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if a.device != "cpu" else None,
-        "dtype": a.dtype, "train": a.train,
+        "dtype": a.dtype, "train": a.train, "tf32_matmul": a.tf32,
     }))
 
 

@@ -16,13 +16,27 @@ mkdir -p target/cuda/release && cp target/cuda-dist/klspeech target/cuda/release
 CU13=$(python3 -c 'import nvidia,os;print(next(p for d in nvidia.__path__ for p in [os.path.join(d,"cu13","lib")] if os.path.isdir(p)))' 2>/dev/null \
   || dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH="$CU13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cuDNN (a `--features cudnn` build links libcudnn.so.9): PyTorch's copy.
+CUDNN_LIB=$(python3 -c 'import nvidia.cudnn,os;print(os.path.join(list(nvidia.cudnn.__path__)[0],"lib"))' 2>/dev/null \
+  || dirname "$(find / -name 'libcudnn.so.9' -not -path '/proc/*' 2>/dev/null | head -1)")
+[ -n "$CUDNN_LIB" ] && [ -d "$CUDNN_LIB" ] && export LD_LIBRARY_PATH="$CUDNN_LIB:$LD_LIBRARY_PATH"
 echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+head -3 target/cuda-dist/MANIFEST.txt
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
 ldd target/cuda-dist/klspeech | grep 'not found' && echo "MISSING LIBRARIES"
 D=target/cuda-dist
 t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; echo "($name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
-for name in parity gradients klnorm optim loss; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
+for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
+# The training rows again with the composites (the convolutions' im2col columns kept from
+# forward to backward instead of conv1d_cl_recompute): before/after for the same binary.
+KLSPEECH_NO_CUSTOM_OPS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=200 \
+  t "benchmarks on cuda, composites (KLSPEECH_NO_CUSTOM_OPS=1)" $D/inference-*
+# Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
+for row in base-train-8x4-f32 base-infer-16x10-f32 base-train-8x4-f32-klnorm; do
+  KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \
+    t "kernel profile $row" $D/inference-*
+done

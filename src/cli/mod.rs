@@ -13,6 +13,10 @@ pub struct Cli {
     /// CPU threads (default: RAYON_NUM_THREADS, else the number of physical cores)
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// GPU only: TF32 tensor cores for f32 matrix products (PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32`); off by default, as there
+    #[arg(long, global = true)]
+    pub tf32: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +41,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     klspeech::device::set_threads(cli.threads)?;
     klspeech::device::tune_cpu_runtime();
+    klspeech::device::set_tf32(cli.tf32);
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => model_cmds::embed(a),
