@@ -45,7 +45,8 @@ fn conv1d_values_and_gradients() {
 }
 
 /// The GPU's training convolution (`conv1d_cl_recompute`: candle's forward, klspeech's backward
-/// from recomputed columns and an `index_add` scatter), run here on the CPU: values equal
+/// from recomputed columns, a flipped-kernel convolution (stride 1, K > 3) or the column
+/// gradient added back tap by tap), run here on the CPU: values equal
 /// candle's conv1d, both gradients equal finite differences, also with fewer output frames
 /// than the convolution yields (`max_t`) and with an input that takes no gradient. In f64, so
 /// finite differences resolve 1e-6.
@@ -61,6 +62,8 @@ fn recompute_conv_values_and_gradients() {
         (3, 1, 4, 5, 31, Some(4)),
         (1, 4, 2, 8, 19, None),
         (2, 3, 2, 7, 16, None),
+        (1, 3, 2, 6, 15, Some(12)),
+        (1, 1, 4, 6, 20, None),
     ];
     for (stride, pad, groups, k, l, max_t) in cases {
         let (b, cin, cout) = (2usize, 4usize, 8usize);

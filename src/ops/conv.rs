@@ -373,8 +373,8 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
 /// candle's `conv1d` (cuDNN in a `cudnn` build, else candle's im2col + cuBLAS), the backward is
 /// klspeech's, and nothing of the forward but x and w is kept for it. The backward rebuilds the
 /// im2col columns of this one layer for the weight gradient (one batched gemm over the groups)
-/// and scatter-adds the column gradient (a second gemm) back onto the input frames with
-/// `index_add`. The composite ([`conv1d_cl_composite`]) instead keeps every layer's columns,
+/// and gets the input gradient from a transposed convolution or the column gradient
+/// ([`recompute_input_grad`]). The composite ([`conv1d_cl_composite`]) instead keeps every layer's columns,
 /// K times its input, from the forward to the backward.
 ///
 /// Runs on any device (the tests check it on the CPU against the composite's gradients).
@@ -395,6 +395,56 @@ pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize
     let y = if t < full_t { y.narrow(2, 0, t)? } else { y };
     let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
     Ok(x.apply_op2(w, ConvRecompute { geom, y: std::sync::Mutex::new(Some(y)) })?)
+}
+
+/// The input gradient dx [B, L, C_in] of [`conv1d_cl_recompute`] from dy [B, T, C_out], in
+/// few large device ops (candle's `index_add` would loop over all T K column rows in each of only
+/// B C_in GPU threads):
+///
+/// - stride 1 with a long kernel (the positional conv, K = 128): the transposed convolution is
+///   itself a stride-1 convolution of dy with the kernel flipped in time and its channel axes
+///   swapped per group, padded by K - 1 - p (cuDNN in a `cudnn` build);
+/// - otherwise (the feature encoder: K <= 10, a few taps per stride): the column gradient
+///   dy_g w_g (one batched gemm) added back tap by tap. Tap j = q s + r of frame t lands on padded
+///   input frame (t + q) s + r, so with the padded input viewed as [B, Lq, s, C], phase r sums
+///   the taps' [B, T, C] blocks shifted by q frames.
+fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Result<Tensor> {
+    let (groups, og, cg, k, s) = (g.groups, g.og(), g.cg(), g.k, g.stride);
+    let w = w.detach();
+    let full_t = (g.lp() - k) / s + 1;
+    if s == 1 && k > 3 && g.padding < k {
+        // [B, T, C_out] (zero frames up to the full length) -> [B, C_out, T_full]
+        let dy = if g.t < full_t { dy.pad_with_zeros(1, 0, full_t - g.t)? } else { dy.clone() };
+        // [C_out, C_g, K] -> [G, C_g, og, K] -> [C_in, og, K], flipped in time
+        let wt = w.reshape((groups, og, cg, k))?.transpose(1, 2)?.reshape((g.c_in, og, k))?;
+        let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<u32>>(), k, w.device())?;
+        let wt = wt.index_select(&rev, 2)?.contiguous()?;
+        let dx = dy.transpose(1, 2)?.conv1d(&wt, k - 1 - g.padding, 1, 1, groups)?; // [B, C_in, Lp - 2p]
+        return dx.transpose(1, 2)?.contiguous();
+    }
+    // column gradient [G, B T, og] x [G, og, C_g K] -> [G, B, T, C_g, K] -> [B, T, K, C_in]
+    let dy_g = dy.reshape((g.b * g.t, groups, og))?.transpose(0, 1)?.contiguous()?;
+    let dcols = dy_g.matmul(&w.reshape((groups, og, g.kc()))?)?.reshape((groups, g.b, g.t, cg, k))?;
+    let dcols = dcols.permute((1, 2, 4, 0, 3))?.reshape((g.b, g.t, k, g.c_in))?;
+    let lq = (g.t + (k - 1) / s).max(g.lp().div_ceil(s));
+    let mut phases = Vec::with_capacity(s);
+    for r in 0..s {
+        let mut acc: Option<Tensor> = None;
+        for q in (0..).take_while(|q| q * s + r < k) {
+            let tap = dcols.narrow(2, q * s + r, 1)?.squeeze(2)?.pad_with_zeros(1, q, lq - g.t - q)?;
+            acc = Some(match acc {
+                Some(a) => (a + tap)?,
+                None => tap,
+            });
+        }
+        let acc = match acc {
+            Some(a) => a,
+            None => Tensor::zeros((g.b, lq, g.c_in), dy.dtype(), dy.device())?,
+        };
+        phases.push(acc.unsqueeze(2)?);
+    }
+    // [B, Lq, s, C_in] -> [B, Lq s, C_in] -> the unpadded frames
+    Tensor::cat(&phases, 2)?.reshape((g.b, lq * s, g.c_in))?.narrow(1, g.padding, g.l)
 }
 
 /// [`conv1d_cl_recompute`]'s op: `y` [B, C_out, T], computed before the op is applied, is taken
@@ -467,18 +517,7 @@ impl CustomOp2 for ConvRecompute {
         } else {
             None
         };
-        let dx = if x.track_op() {
-            // column gradient dy_g [G, B T, og] x w_g [G, og, C_g K] -> [G, B, T, C_g, K]
-            let dcols = dy_g.matmul(&w.detach().reshape((groups, og, kc))?)?.reshape((groups, g.b, g.t, g.cg(), g.k))?;
-            // -> [B, T K, C_in]: row (t, j) of clip b is added onto padded input frame t s + j
-            let src = dcols.permute((1, 2, 4, 0, 3))?.reshape((g.b, g.t * g.k, g.c_in))?;
-            let idx: Vec<u32> = (0..g.t).flat_map(|t| (0..g.k).map(move |j| (t * g.stride + j) as u32)).collect();
-            let idx = Tensor::from_vec(idx, g.t * g.k, x.device())?;
-            let dxp = Tensor::zeros((g.b, g.lp(), g.c_in), x.dtype(), x.device())?.index_add(&idx, &src, 1)?;
-            Some(dxp.narrow(1, g.padding, g.l)?)
-        } else {
-            None
-        };
+        let dx = if x.track_op() { Some(recompute_input_grad(dy, w, &g)?) } else { None };
         Ok((dx, dw))
     }
 }
