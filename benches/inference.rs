@@ -248,6 +248,9 @@ fn rows(gpu: bool) -> Vec<Row> {
             Row { dtype: DType::F16, ..r("base-infer-16x10-f16", "base", 16, 10.0, false, false, 5) },
             r("base-train-8x4-f32", "base", 8, 4.0, true, false, 5),
             Row { tf32: true, ..r("base-train-8x4-f32-tf32", "base", 8, 4.0, true, false, 5) },
+            // Pure bf16 (parameters, AdamW moments, activations), as the PyTorch side's
+            // `model.to(bfloat16)`.
+            Row { dtype: DType::BF16, ..r("base-train-8x4-bf16", "base", 8, 4.0, true, false, 5) },
             r("base-train-8x4-f32-klnorm", "base", 8, 4.0, true, true, 5),
         ]
     } else {
