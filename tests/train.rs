@@ -57,6 +57,15 @@ fn keyword_spotting_learns_well_above_chance() {
     assert_eq!(m.config.labels(), vec!["yes", "no", "_unknown_", "_silence_"]);
     let lines = metric_lines(&out);
     assert!(lines.iter().any(|l| l.get("kl").is_some_and(|k| k.as_f64().unwrap() > 0.0)), "KL logged separately");
+    // GPU memory (MiB, 0.1 steps) is logged on a GPU (the pool's peak: weights, optimizer state,
+    // activations), and only there.
+    let gpu_mib: Vec<f64> = lines.iter().filter_map(|l| l.get("gpu_peak_mib").and_then(|v| v.as_f64())).collect();
+    if std::env::var("KLSPEECH_TEST_DEVICE").as_deref() == Ok("cuda") {
+        assert!(!gpu_mib.is_empty() && gpu_mib.iter().all(|&m| m > 0.0), "{gpu_mib:?}");
+        println!("kws peak GPU memory: {} MiB", gpu_mib.last().unwrap());
+    } else {
+        assert!(gpu_mib.is_empty());
+    }
 
     // `klspeech eval --json` on the same test split gives the same figures.
     let o2 = std::process::Command::new(env!("CARGO_BIN_EXE_klspeech"))

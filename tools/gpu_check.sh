@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # The GPU proof, run on a GPU machine from the repo root with target/cuda-dist.tar.xz present
 # (built here by tools/cuda_build.sh; the GPU machines have no Rust toolchain):
-#   - parity, gradient, KL-Norm, optimizer and loss tests with KLSPEECH_TEST_DEVICE=cuda;
+#   - parity, gradient, KL-Norm, optimizer, loss and convolution tests with KLSPEECH_TEST_DEVICE=cuda;
 #   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side);
-#   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch).
+#   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
+#     peak GPU memory on both sides; the f32 rows again with the composites (before/after);
+#   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
+#
+# Build the archive it needs here (cuDNN build, only the executables used below, ~40 MiB):
+#   KL_FEATURES=cudnn KL_DIST_ONLY='^(klspeech|parity|gradients|klnorm|optim|loss|conv|train|inference)$' \
+#     bash tools/cuda_build.sh
+# and run it with the device tool: carry ["target/cuda-dist.tar.xz"], command
+# `bash tools/gpu_check.sh`, timeout ~540 s (it needs about 6 minutes on an H200).
 set -u
 LOG=${OUT:-/tmp}/gpu_check.log
 exec > >(tee "$LOG") 2>&1

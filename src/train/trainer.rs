@@ -574,12 +574,14 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         state.last_loss = Some(total);
         loss_points.push((state.step as f64, task_sum));
         if state.step % cfg.log_every.max(1) == 0 || state.step == total_steps {
-            write_line(
-                &metrics_path,
-                &serde_json::json!({"step": state.step, "loss": total, "task_loss": task_sum, "kl": kl_sum,
-                    "lr": cfg.lr * lr_scale, "grad_norm": if grad_norm.is_finite() { serde_json::json!(grad_norm) } else { serde_json::Value::Null },
-                    "elapsed_s": started.elapsed().as_secs_f64()}),
-            )?;
+            let mut line = serde_json::json!({"step": state.step, "loss": total, "task_loss": task_sum, "kl": kl_sum,
+                "lr": cfg.lr * lr_scale, "grad_norm": if grad_norm.is_finite() { serde_json::json!(grad_norm) } else { serde_json::Value::Null },
+                "elapsed_s": started.elapsed().as_secs_f64()});
+            // On a GPU: the memory pool's high-water mark so far (PyTorch's max_memory_allocated).
+            if let Some(bytes) = crate::device::gpu_peak_memory(&run.model.store.device) {
+                line["gpu_peak_mib"] = serde_json::json!((bytes as f64 / 104857.6).round() / 10.0);
+            }
+            write_line(&metrics_path, &line)?;
         }
         pb.set_position(state.step as u64);
         let best_txt = state.best.as_ref().map(|b| b.accuracy.map(|a| format!("acc {a:.3}")).or(b.cer.map(|c| format!("cer {c:.3}"))).unwrap_or_default()).unwrap_or_default();
