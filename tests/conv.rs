@@ -102,6 +102,17 @@ fn recompute_conv_values_and_gradients() {
         let want = grads_w_of(&(conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap(), &w);
         assert!(common::max_abs_diff(grads.get(w.as_tensor()).unwrap(), &want) < 1e-12);
         assert!(grads.get(x.as_tensor()).is_none());
+        // The trainer's backward takes w's gradient as the op computes it (routed, not added
+        // onto zeros by candle): the same bits as plain backward.
+        let loss = (conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap().sum_all().unwrap();
+        let (stored, routed) = klspeech::ops::grads::backward_counted(&loss).unwrap();
+        let plain = loss.backward().unwrap();
+        assert_eq!(routed, vec![w.as_tensor().id()]);
+        for v in [&x, &w] {
+            let a: Vec<f64> = stored.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f64> = plain.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b);
+        }
     }
 }
 

@@ -518,7 +518,9 @@ impl CustomOp2 for ConvRecompute {
             None
         };
         let dx = if x.track_op() { Some(recompute_input_grad(dy, w, &g)?) } else { None };
-        Ok((dx, dw))
+        // The weight's gradient goes to ops::backward's store as computed (on a GPU that saves
+        // a memset and an add kernel per trained convolution).
+        Ok((dx, super::grads::route(w, dw)?))
     }
 }
 

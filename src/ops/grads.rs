@@ -12,7 +12,8 @@
 //! compares every parameter's gradient with plain `backward()`).
 //!
 //! Without the sink (plain `loss.backward()`, other threads) the ops return their gradients
-//! as before.
+//! as before. Off the CPU the one op that routes is the training convolution
+//! (`conv1d_cl_recompute`), for the feature encoder's weights when they train.
 
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
@@ -102,12 +103,23 @@ pub(crate) fn route(arg: &Tensor, grad: Option<Tensor>) -> candle_core::Result<O
     })
 }
 
-/// Whether `t` is the whole of its (CPU) storage, contiguous from the start.
+/// Whether `t` is the whole of its storage, contiguous from the start.
 fn owns_its_storage(t: &Tensor) -> bool {
     let (storage, layout) = t.storage_and_layout();
     let len = match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => v.len(),
         Storage::Cpu(CpuStorage::F64(v)) => v.len(),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(c) => {
+            use candle_core::cuda_backend::CudaStorageSlice as S;
+            match &c.slice {
+                S::F32(v) => v.len(),
+                S::F64(v) => v.len(),
+                S::BF16(v) => v.len(),
+                S::F16(v) => v.len(),
+                _ => return false,
+            }
+        }
         _ => return false,
     };
     layout.is_contiguous() && layout.start_offset() == 0 && len == t.elem_count()
