@@ -87,6 +87,9 @@ fn threads_flag_is_global_and_checked() {
     let o = klspeech(&["--threads", "0", "predict", "--model", "tests/fixtures/w2v2/cls-weighted", A]);
     assert!(!o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "error: invalid input: --threads must be at least 1");
+    // --tf32 is global too, and changes nothing on the CPU (f32 matrix products stay f32).
+    let c = ok(&klspeech(&["predict", "--json", "--tf32", "--threads", "1", "--model", "tests/fixtures/w2v2/cls-weighted", A]));
+    assert_eq!(a, c, "--tf32 must not change CPU results");
 }
 
 #[test]

@@ -2,14 +2,15 @@
 # The GPU proof, run on a GPU machine from the repo root with target/cuda-dist.tar.xz present
 # (built here by tools/cuda_build.sh; the GPU machines have no Rust toolchain):
 #   - parity, gradient, KL-Norm, optimizer, loss and convolution tests with KLSPEECH_TEST_DEVICE=cuda;
-#   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side);
+#   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side),
+#     and the keyword_spotting example on CUDA (its figures and wall time against the README's);
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
 #     peak GPU memory on both sides; the f32 rows again with the composites (before/after);
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
 # Build the archive it needs here (cuDNN build, only the executables used below, ~40 MiB):
-#   KL_FEATURES=cudnn KL_DIST_ONLY='^(klspeech|parity|gradients|klnorm|optim|loss|conv|train|inference)$' \
+#   KL_FEATURES=cudnn KL_DIST_ONLY='^(klspeech|parity|gradients|klnorm|optim|loss|conv|train|inference|keyword_spotting)$' \
 #     bash tools/cuda_build.sh
 # and run it with the device tool: carry ["target/cuda-dist.tar.xz"], command
 # `bash tools/gpu_check.sh`, timeout ~540 s (it needs about 6 minutes on an H200).
@@ -38,6 +39,9 @@ export KLSPEECH_TEST_DEVICE=cuda
 for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
+# The keyword-spotting example end to end on the GPU (dropout, SpecAugment, KL-Norm noise: the
+# real fine-tuning path), to compare with its CPU figures in the README (1.4 min on 2 cores).
+T=240 TAIL=12 t "keyword_spotting example on cuda" $D/keyword_spotting --device cuda --out /tmp/kws-cuda
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
 # The training rows again with the composites (the convolutions' im2col columns kept from
 # forward to backward instead of conv1d_cl_recompute): before/after for the same binary.

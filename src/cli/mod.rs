@@ -14,7 +14,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     /// GPU only: TF32 tensor cores for f32 matrix products (PyTorch's
-    /// `torch.backends.cuda.matmul.allow_tf32`); off by default, as there
+    /// `torch.backends.cuda.matmul.allow_tf32`; off by default, as in PyTorch)
     #[arg(long, global = true)]
     pub tf32: bool,
     #[command(subcommand)]
