@@ -27,20 +27,7 @@ fn conv1d_values_and_gradients() {
             (conv1d(xt, wt, stride, pad, groups).unwrap() * &gw).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
         };
         let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
-        for (var, other_is_x) in [(&x, false), (&w, true)] {
-            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            for i in 0..v.len() {
-                let at = |d: f64| {
-                    let mut p = v.clone();
-                    p[i] += d;
-                    let t = Tensor::from_vec(p, var.shape(), &dev).unwrap();
-                    if other_is_x { f(x.as_tensor(), &t) } else { f(&t, w.as_tensor()) }
-                };
-                let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
-                assert!((fd - g[i]).abs() < 1e-6, "stride {stride} pad {pad} groups {groups}: grad[{i}] {} vs {fd}", g[i]);
-            }
-        }
+        assert_finite_differences(&f, &x, &w, &grads, &format!("stride {stride} pad {pad} groups {groups}"));
     }
 }
 
@@ -82,20 +69,7 @@ fn recompute_conv_values_and_gradients() {
         let gw = mk(&mut r, y.dims());
         let f = |xt: &Tensor, wt: &Tensor| -> f64 { (conv(xt, wt) * &gw).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
         let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
-        for (var, other_is_x) in [(&x, false), (&w, true)] {
-            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            for i in 0..v.len() {
-                let at = |d: f64| {
-                    let mut p = v.clone();
-                    p[i] += d;
-                    let t = Tensor::from_vec(p, var.shape(), &dev).unwrap();
-                    if other_is_x { f(x.as_tensor(), &t) } else { f(&t, w.as_tensor()) }
-                };
-                let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
-                assert!((fd - g[i]).abs() < 1e-6, "stride {stride} pad {pad} groups {groups} max_t {max_t:?}: grad[{i}] {} vs {fd}", g[i]);
-            }
-        }
+        assert_finite_differences(&f, &x, &w, &grads, &format!("stride {stride} pad {pad} groups {groups} max_t {max_t:?}"));
         // An input that takes no gradient (the waveform into the first layer): only w's.
         let y = conv(&x.as_tensor().detach(), w.as_tensor());
         let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
@@ -112,6 +86,24 @@ fn recompute_conv_values_and_gradients() {
             let a: Vec<f64> = stored.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f64> = plain.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(a, b);
+        }
+    }
+}
+
+/// Every element of both gradients against a central difference of `f(x, w)` (step 1e-6, f64).
+fn assert_finite_differences(f: &dyn Fn(&Tensor, &Tensor) -> f64, x: &Var, w: &Var, grads: &candle_core::backprop::GradStore, case: &str) {
+    for (var, other_is_x) in [(x, false), (w, true)] {
+        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..v.len() {
+            let at = |d: f64| {
+                let mut p = v.clone();
+                p[i] += d;
+                let t = Tensor::from_vec(p, var.shape(), var.device()).unwrap();
+                if other_is_x { f(x.as_tensor(), &t) } else { f(&t, w.as_tensor()) }
+            };
+            let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!((fd - g[i]).abs() < 1e-6, "{case}: grad[{i}] {} vs {fd}", g[i]);
         }
     }
 }

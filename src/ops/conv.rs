@@ -335,13 +335,9 @@ fn out_len(l: usize, k: usize, stride: usize, padding: usize) -> Option<usize> {
     (stride > 0 && lp >= k).then(|| (lp - k) / stride + 1)
 }
 
-/// Grouped 1-D convolution on channels-last activations: x [B, L, C_in] with a PyTorch weight
-/// w [C_out, C_in / groups, K] -> y [B, T, C_out], `T = (L + 2 padding - K) / stride + 1`, or
-/// only its first `max_t` frames (the positional conv's "same" padding drops the last frame).
-///
-/// Differentiable in x and w. On the CPU in f32/f64 the gemm-direct op above; elsewhere (and
-/// with the fused ops off) the im2col composite, or candle's `conv1d` when no gradient is taken.
-pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
+/// The geometry of x [B, L, C_in] * w [C_out, C_in / groups, K] (checked) and the number of
+/// frames the convolution yields before `max_t`.
+fn geometry(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<(Geom, usize)> {
     let (b, l, c_in) = x.dims3()?;
     let (c_out, c_g, k) = w.dims3()?;
     if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 {
@@ -353,8 +349,19 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
     };
     let t = max_t.map_or(full_t, |m| m.min(full_t));
+    Ok((Geom { b, l, c_in, c_out, k, stride, padding, groups, t }, full_t))
+}
+
+/// Grouped 1-D convolution on channels-last activations: x [B, L, C_in] with a PyTorch weight
+/// w [C_out, C_in / groups, K] -> y [B, T, C_out], `T = (L + 2 padding - K) / stride + 1`, or
+/// only its first `max_t` frames (the positional conv's "same" padding drops the last frame).
+///
+/// Differentiable in x and w. On the CPU in f32/f64 the gemm-direct op above; elsewhere (and
+/// with the fused ops off) the im2col composite, or candle's `conv1d` when no gradient is taken.
+pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
+    let (geom, full_t) = geometry(x, w, stride, padding, groups, max_t)?;
+    let t = geom.t;
     if fused(x) && x.dtype() == w.dtype() {
-        let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ConvCl(geom, false))?);
     }
     if x.track_op() || w.track_op() {
@@ -379,21 +386,10 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
 ///
 /// Runs on any device (the tests check it on the CPU against the composite's gradients).
 pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
-    let (b, l, c_in) = x.dims3()?;
-    let (c_out, c_g, k) = w.dims3()?;
-    if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 {
-        return Err(Error::InvalidInput(format!(
-            "conv1d: input [{b}, {l}, {c_in}] (channels last) and kernel [{c_out}, {c_g}, {k}] with {groups} groups, stride {stride}"
-        )));
-    }
-    let Some(full_t) = out_len(l, k, stride, padding) else {
-        return Err(Error::InvalidInput(format!("conv1d: input of {l} samples is shorter than the kernel ({k})")));
-    };
-    let t = max_t.map_or(full_t, |m| m.min(full_t));
+    let (geom, full_t) = geometry(x, w, stride, padding, groups, max_t)?;
     // [B, C_out, T] from candle; the op hands it out channels-last (one strided copy).
     let y = x.detach().transpose(1, 2)?.conv1d(&w.detach(), padding, stride, 1, groups)?;
-    let y = if t < full_t { y.narrow(2, 0, t)? } else { y };
-    let geom = Geom { b, l, c_in, c_out, k, stride, padding, groups, t };
+    let y = if geom.t < full_t { y.narrow(2, 0, geom.t)? } else { y };
     Ok(x.apply_op2(w, ConvRecompute { geom, y: std::sync::Mutex::new(Some(y)) })?)
 }
 
@@ -463,21 +459,28 @@ impl ConvRecompute {
     }
 }
 
+/// y [B, C_out, T] (a `Storage::$variant`) copied into a new [B, T, C_out] storage.
+macro_rules! channels_last_copy {
+    ($y:expr, $variant:ident) => {{
+        use candle_core::backend::BackendDevice;
+        let y = $y;
+        let (st, l) = y.storage_and_layout();
+        let candle_core::Storage::$variant(st) = &*st else { bail!("conv1d-recompute: output on another device") };
+        let lt = l.transpose(1, 2)?;
+        // SAFETY: the strided copy below writes every element.
+        let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
+        st.copy_strided_src(&mut dst, 0, &lt)?;
+        Ok((dst, lt.shape().clone()))
+    }};
+}
+
 impl CustomOp2 for ConvRecompute {
     fn name(&self) -> &'static str {
         "conv1d-recompute"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendDevice;
-        let y = self.take()?;
-        let (st, l) = y.storage_and_layout();
-        let candle_core::Storage::Cpu(st) = &*st else { bail!("conv1d-recompute: output not on the CPU") };
-        let lt = l.transpose(1, 2)?;
-        // SAFETY: the strided copy below writes every element.
-        let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
-        st.copy_strided_src(&mut dst, 0, &lt)?;
-        Ok((dst, lt.shape().clone()))
+        channels_last_copy!(self.take()?, Cpu)
     }
 
     fn cuda_fwd(
@@ -489,15 +492,7 @@ impl CustomOp2 for ConvRecompute {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         #[cfg(feature = "cuda")]
         {
-            use candle_core::backend::BackendDevice;
-            let y = self.take()?;
-            let (st, l) = y.storage_and_layout();
-            let candle_core::Storage::Cuda(st) = &*st else { bail!("conv1d-recompute: output not on the GPU") };
-            let lt = l.transpose(1, 2)?;
-            // SAFETY: the strided copy below writes every element.
-            let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
-            st.copy_strided_src(&mut dst, 0, &lt)?;
-            Ok((dst, lt.shape().clone()))
+            channels_last_copy!(self.take()?, Cuda)
         }
         #[cfg(not(feature = "cuda"))]
         bail!("conv1d-recompute: built without CUDA")
