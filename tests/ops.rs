@@ -32,6 +32,11 @@ fn tol(dtype: DType) -> f64 {
 /// Runs `fused` and `composite` on fresh variables made from `inputs`, with the loss
 /// sum(out * w) for a fixed random w, and compares outputs and gradients.
 fn compare(what: &str, inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, composite: impl Fn(&[Tensor]) -> Tensor) {
+    compare_within(what, inputs, tol(inputs[0].dtype()), fused, composite)
+}
+
+/// [`compare`] with a given tolerance.
+fn compare_within(what: &str, inputs: &[Tensor], tol: f64, fused: impl Fn(&[Tensor]) -> Tensor, composite: impl Fn(&[Tensor]) -> Tensor) {
     let dtype = inputs[0].dtype();
     let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
         let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
@@ -45,10 +50,10 @@ fn compare(what: &str, inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, c
     let (yf, gf) = run(&fused);
     let (yc, gc) = run(&composite);
     let r = rel(&yf, &yc);
-    assert!(r <= tol(dtype), "{what} {dtype:?}: value rel. error {r:e}");
+    assert!(r <= tol, "{what} {dtype:?}: value rel. error {r:e}");
     for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
         let r = rel(a, b);
-        assert!(r <= tol(dtype), "{what} {dtype:?}: gradient of input {i}: rel. error {r:e}");
+        assert!(r <= tol, "{what} {dtype:?}: gradient of input {i}: rel. error {r:e}");
     }
 }
 
@@ -126,6 +131,37 @@ fn standardize_and_layer_norm_match_the_composite() {
             );
         }
     }
+}
+
+/// The GPU's training standardization and softmax (`ops::device`: candle's fused forward
+/// kernels, klspeech's backward), run here on the CPU in f32 against two-pass f64 composites:
+/// values and gradients, also for rows whose mean is 1000 times their spread (where candle's
+/// one-pass variance alone would lose everything), and rows of 12 799 values (the first
+/// GroupNorm's rows over time).
+#[test]
+fn device_ops_match_f64_composites() {
+    let f64_standardize = |x: &Tensor| {
+        let x = x.to_dtype(DType::F64).unwrap();
+        let xc = x.broadcast_sub(&x.mean_keepdim(2).unwrap()).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+        xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().to_dtype(DType::F32).unwrap()
+    };
+    let f64_softmax = |x: &Tensor| ops::softmax_last_composite(&x.to_dtype(DType::F64).unwrap()).unwrap().to_dtype(DType::F32).unwrap();
+    let shapes: &[&[usize]] = &[&[1, 7, 13], &[3, 5, 131], &[2, 77, 33], &[2, 3, 12_799]];
+    for (i, s) in shapes.iter().enumerate() {
+        for offset in [0.7, 1000.0] {
+            let x = ((rand(s, 40 + i as u64, DType::F32) * 2.5).unwrap() + offset).unwrap();
+            let tol = if offset > 1.0 { 1e-4 } else { 2e-5 };
+            compare_within("device standardize", &[x.clone()], tol, |t| ops::device::standardize_last_device(&t[0], 1e-5).unwrap(), |t| f64_standardize(&t[0]));
+        }
+        let x = (rand(s, 50 + i as u64, DType::F32) * 4.0).unwrap();
+        compare_within("device softmax", &[x], 2e-5, |t| ops::device::softmax_last_device(&t[0]).unwrap(), |t| f64_softmax(&t[0]));
+    }
+    // One node in the graph each (the composites: 5 for softmax, 7 for standardize).
+    let x = Var::from_tensor(&rand(&[2, 3, 8], 60, DType::F32)).unwrap();
+    let y = ops::device::standardize_last_device(&ops::device::softmax_last_device(x.as_tensor()).unwrap(), 1e-5).unwrap();
+    let bare = x.as_tensor().sum_all().unwrap().sorted_nodes().len();
+    assert_eq!(y.sum_all().unwrap().sorted_nodes().len(), bare + 2);
 }
 
 #[test]

@@ -390,7 +390,7 @@ pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize
     // [B, C_out, T] from candle; the op hands it out channels-last (one strided copy).
     let y = x.detach().transpose(1, 2)?.conv1d(&w.detach(), padding, stride, 1, groups)?;
     let y = if geom.t < full_t { y.narrow(2, 0, geom.t)? } else { y };
-    Ok(x.apply_op2(w, ConvRecompute { geom, y: std::sync::Mutex::new(Some(y)) })?)
+    Ok(x.apply_op2(w, ConvRecompute { geom, y: super::device::Pending::new(y) })?)
 }
 
 /// The input gradient dx [B, L, C_in] of [`conv1d_cl_recompute`] from dy [B, T, C_out], in
@@ -447,31 +447,7 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
 /// (not kept: the graph holds the op until the backward) and copied out as [B, T, C_out].
 struct ConvRecompute {
     geom: Geom,
-    y: std::sync::Mutex<Option<Tensor>>,
-}
-
-impl ConvRecompute {
-    fn take(&self) -> candle_core::Result<Tensor> {
-        match self.y.lock().ok().and_then(|mut y| y.take()) {
-            Some(y) => Ok(y),
-            None => bail!("conv1d-recompute: the forward ran twice"),
-        }
-    }
-}
-
-/// y [B, C_out, T] (a `Storage::$variant`) copied into a new [B, T, C_out] storage.
-macro_rules! channels_last_copy {
-    ($y:expr, $variant:ident) => {{
-        use candle_core::backend::BackendDevice;
-        let y = $y;
-        let (st, l) = y.storage_and_layout();
-        let candle_core::Storage::$variant(st) = &*st else { bail!("conv1d-recompute: output on another device") };
-        let lt = l.transpose(1, 2)?;
-        // SAFETY: the strided copy below writes every element.
-        let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
-        st.copy_strided_src(&mut dst, 0, &lt)?;
-        Ok((dst, lt.shape().clone()))
-    }};
+    y: super::device::Pending,
 }
 
 impl CustomOp2 for ConvRecompute {
@@ -480,7 +456,7 @@ impl CustomOp2 for ConvRecompute {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        channels_last_copy!(self.take()?, Cpu)
+        super::device::copy_out!(self.y.take()?, Cpu, |l| l.transpose(1, 2)?)
     }
 
     fn cuda_fwd(
@@ -492,7 +468,7 @@ impl CustomOp2 for ConvRecompute {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         #[cfg(feature = "cuda")]
         {
-            channels_last_copy!(self.take()?, Cuda)
+            super::device::copy_out!(self.y.take()?, Cuda, |l| l.transpose(1, 2)?)
         }
         #[cfg(not(feature = "cuda"))]
         bail!("conv1d-recompute: built without CUDA")

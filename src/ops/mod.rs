@@ -11,6 +11,10 @@
 //! on the thread count, and partial sums are combined in chunk order, so a seeded training run
 //! gives the same weights with any number of threads.
 //!
+//! Off the CPU, [`device`] has training ops made of candle's fused forward kernels and a
+//! backward of a few tensor ops (standardization, softmax), and [`conv1d_cl_recompute`] the
+//! training convolution; they replace composites of many graph nodes.
+//!
 //! `KLSPEECH_NO_CUSTOM_OPS=1` (or [`set_enabled`]) switches back to the composites, for
 //! before/after benchmarks.
 
@@ -57,6 +61,12 @@ fn fused(x: &Tensor) -> bool {
 /// Whether the fused CPU ops run for a tensor like `x` (CPU, f32/f64, switched on).
 pub fn fused_applies(x: &Tensor) -> bool {
     fused(x)
+}
+
+/// Whether the ops of [`device`] (candle's fused forward kernels with klspeech's backward) run
+/// for `x` instead of the composites: off the CPU, switched on.
+fn device_op_applies(x: &Tensor) -> bool {
+    !x.device().is_cpu() && enabled()
 }
 
 /// What the ops return.
@@ -205,6 +215,7 @@ pub(crate) unsafe fn mm<T: 'static + Float>(
 
 mod attention;
 mod conv;
+pub mod device;
 pub mod grads;
 mod group_norm;
 mod linear;
@@ -549,6 +560,9 @@ impl CustomOp2 for SoftmaxBwd {
 
 /// Softmax over the last dimension (max-subtracted), differentiable.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if device_op_applies(x) {
+        return device::softmax_last_device(x);
+    }
     if !fused(x) {
         return softmax_last_composite(x);
     }
@@ -649,6 +663,9 @@ impl CustomOp2 for StandardizeBwd {
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance), differentiable.
 pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if device_op_applies(x) {
+        return device::standardize_last_device(x, eps);
+    }
     if !fused(x) {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;

@@ -1,0 +1,132 @@
+//! Differentiable ops for devices without klspeech's CPU kernels (CUDA): the forward is one of
+//! candle's fused kernels, which have no backward, and the backward is klspeech's, written with
+//! few tensor ops. Against the composites they replace, a training step on a GPU launches far
+//! fewer kernels: the composite standardization is 7 graph nodes, and candle's backward adds
+//! each node's gradients onto fresh zero tensors before running its own few ops per node.
+//!
+//! They run on any device: the tests check them on the CPU against the composites and finite
+//! differences.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+
+use crate::error::Result;
+
+/// Copies tensor `$y` (a `Storage::$variant`) into a new storage laid out as `$relayout`
+/// (a `Layout` from the `Layout` `$l` of y): how these ops hand out a forward computed before
+/// the op was applied.
+macro_rules! copy_out {
+    ($y:expr, $variant:ident, |$l:ident| $relayout:expr) => {{
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let y = $y;
+        let (st, $l) = y.storage_and_layout();
+        let candle_core::Storage::$variant(st) = &*st else { candle_core::bail!("klspeech device op: output on another device") };
+        let lt: candle_core::Layout = $relayout;
+        // SAFETY: the strided copy below writes every element.
+        let mut dst = unsafe { st.device().alloc_uninit(lt.shape(), st.dtype())? };
+        st.copy_strided_src(&mut dst, 0, &lt)?;
+        Ok((dst, lt.shape().clone()))
+    }};
+}
+pub(crate) use copy_out;
+
+/// Which forward a [`Precomputed`] op holds, and so which backward it has.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// (x - mean) / sqrt(var + eps) over the last dimension.
+    Standardize { eps: f64 },
+    /// Softmax over the last dimension.
+    Softmax,
+}
+
+/// A forward output computed by candle before its op is applied, taken (not kept: the graph
+/// holds the op until the backward, which needs only the op's own output) when the op's
+/// forward runs.
+pub(crate) struct Pending(Mutex<Option<Tensor>>);
+
+impl Pending {
+    pub(crate) fn new(y: Tensor) -> Self {
+        Pending(Mutex::new(Some(y)))
+    }
+    pub(crate) fn take(&self) -> candle_core::Result<Tensor> {
+        match self.0.lock().ok().and_then(|mut y| y.take()) {
+            Some(y) => Ok(y),
+            None => bail!("klspeech device op: the forward ran twice"),
+        }
+    }
+}
+
+/// An op whose forward is a [`Pending`] output.
+struct Precomputed {
+    kind: Kind,
+    y: Pending,
+}
+
+impl Precomputed {
+    fn apply(x: &Tensor, y: Tensor, kind: Kind) -> Result<Tensor> {
+        Ok(x.apply_op1(Precomputed { kind, y: Pending::new(y) })?)
+    }
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Standardize { .. } => "klspeech-standardize-device",
+            Kind::Softmax => "klspeech-softmax-device",
+        }
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_out!(self.y.take()?, Cpu, |l| l.clone())
+    }
+
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            copy_out!(self.y.take()?, Cuda, |l| l.clone())
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("klspeech device op: built without CUDA")
+    }
+
+    /// With y the op's output and g the gradient of y, over the last dimension:
+    /// softmax: dx = y (g - sum(g y));
+    /// standardize: dx = (g - mean(g) - y mean(g y)) / sqrt(var(x) + eps).
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let y = y.detach();
+        Ok(Some(match self.kind {
+            Kind::Softmax => y.mul(&g.broadcast_sub(&g.mul(&y)?.sum_keepdim(D::Minus1)?)?)?,
+            Kind::Standardize { eps } => {
+                let x = x.detach();
+                let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+                let centered = g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?;
+                centered.sub(&y.broadcast_mul(&g.mul(&y)?.mean_keepdim(D::Minus1)?)?)?.broadcast_mul(&rstd)?
+            }
+        }))
+    }
+}
+
+/// [`super::standardize_last`] off the CPU: the rows centred first (two kernels), then candle's
+/// fused LayerNorm kernel (weight 1, bias 0); one op in the graph, the backward above.
+///
+/// candle's kernel takes the variance as E[x^2] - E[x]^2 in f32 sums, which cancels for rows
+/// whose mean is large against their spread (a mean of 1e3 and a spread of 1 leave nothing of
+/// the variance); on centred rows it is exact to rounding, as the two-pass composite is.
+pub fn standardize_last_device(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let xd = x.detach();
+    let xc = xd.broadcast_sub(&xd.mean_keepdim(D::Minus1)?)?;
+    let ones = Tensor::ones(d, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(d, x.dtype(), x.device())?;
+    let y = candle_nn::ops::layer_norm(&xc, &ones, &zeros, eps as f32)?;
+    Precomputed::apply(x, y, Kind::Standardize { eps })
+}
+
+/// [`super::softmax_last`] off the CPU: candle's fused softmax kernel forward, one op in the
+/// graph, the backward above.
+pub fn softmax_last_device(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    Precomputed::apply(x, y, Kind::Softmax)
+}
