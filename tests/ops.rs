@@ -364,12 +364,52 @@ fn linear_matches_the_composite() {
             );
             compare(
                 &format!("linear without bias {:?}", (rows, d_in, d_out)),
-                &[x, w],
+                &[x.clone(), w.clone()],
                 |t| ops::linear(&t[0], &t[1], None).unwrap(),
+                |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+            );
+            // The GPU's training linear layer (ops::device), here on the CPU.
+            compare(
+                &format!("device linear {:?}", (rows, d_in, d_out)),
+                &[x.clone(), w.clone(), rand(&[d_out], 122 + i as u64, dtype)],
+                |t| ops::device::linear_device(&t[0], &t[1], Some(&t[2])).unwrap(),
+                |t| t[0].matmul(&t[1].t().unwrap()).unwrap().broadcast_add(&t[2]).unwrap(),
+            );
+            compare(
+                &format!("device linear without bias {:?}", (rows, d_in, d_out)),
+                &[x, w],
+                |t| ops::device::linear_device(&t[0], &t[1], None).unwrap(),
                 |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
             );
         }
     }
+}
+
+/// The device linear layer hands its weight and bias gradients to ops::backward's store (the
+/// same bits as plain backward), and takes none for inputs that need none.
+#[test]
+fn device_linear_routes_parameter_gradients() {
+    let x = Var::from_tensor(&rand(&[9, 6], 130, DType::F32)).unwrap();
+    let w = Var::from_tensor(&rand(&[4, 6], 131, DType::F32)).unwrap();
+    let b = Var::from_tensor(&rand(&[4], 132, DType::F32)).unwrap();
+    let g = rand(&[9, 4], 133, DType::F32);
+    let loss = (ops::device::linear_device(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap() * &g).unwrap().sum_all().unwrap();
+    let (stored, routed) = ops::grads::backward_counted(&loss).unwrap();
+    let plain = loss.backward().unwrap();
+    let mut ids: Vec<String> = routed.iter().map(|id| format!("{id:?}")).collect();
+    let mut want: Vec<String> = [w.as_tensor().id(), b.as_tensor().id()].iter().map(|id| format!("{id:?}")).collect();
+    ids.sort();
+    want.sort();
+    assert_eq!(ids, want);
+    for v in [&x, &w, &b] {
+        let a: Vec<f32> = stored.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let p: Vec<f32> = plain.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, p);
+    }
+    // A constant input: no gradient for it.
+    let loss = (ops::device::linear_device(&x.as_tensor().detach(), w.as_tensor(), None).unwrap() * &g).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    assert!(grads.get(x.as_tensor()).is_none() && grads.get(w.as_tensor()).is_some());
 }
 
 #[test]

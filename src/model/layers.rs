@@ -52,9 +52,15 @@ impl Linear {
     /// [`Self::forward`] in a pass with context: without a gradient (on the CPU) through the
     /// cached W^T; with one, the differentiable op (and the cache is released).
     pub fn forward_ctx(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        if ctx.grad || !crate::ops::fused_applies(&self.weight) {
+        if ctx.grad {
             self.release();
             return self.forward(x);
+        }
+        if !crate::ops::fused_applies(&self.weight) {
+            // Off the CPU with no gradient: candle's matmul, nothing recorded for a backward.
+            self.release();
+            let (w, b) = (self.weight.detach(), self.bias.as_ref().map(Tensor::detach));
+            return self.apply(&x.detach(), |x2| crate::ops::linear(x2, &w, b.as_ref()));
         }
         let wt = self.transposed_weight()?;
         self.apply(x, |x2| crate::ops::linear_transposed(x2, &wt, self.bias.as_ref()))

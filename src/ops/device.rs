@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::error::Result;
 
@@ -129,4 +129,98 @@ pub fn standardize_last_device(x: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn softmax_last_device(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
     Precomputed::apply(x, y, Kind::Softmax)
+}
+
+/// [`super::linear`] off the CPU: y = x W^T (+ b) by candle (cuBLAS), one graph node whose
+/// backward is dx = g W, dW = g^T x, db = sum of g's rows, the parameters' gradients handed to
+/// `ops::backward`'s store as computed. The composite is 3-4 nodes (transpose, matmul,
+/// broadcast, add), each with its zero fill and add in candle's backward, over weight-sized
+/// buffers for the parameters.
+pub fn linear_device(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.detach().t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.detach())?,
+        None => y,
+    };
+    let op = LinearDevice(Pending::new(y));
+    Ok(match b {
+        Some(b) => x.apply_op3(w, b, op)?,
+        None => x.apply_op2(w, op)?,
+    })
+}
+
+struct LinearDevice(Pending);
+
+impl LinearDevice {
+    /// (dx, dW, db) for x [rows, in], w [out, in] and g [rows, out]; each only where its input
+    /// takes a gradient.
+    fn grads(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() { Some(g.matmul(&w.detach())?) } else { None };
+        let dw = if w.track_op() { Some(g.t()?.matmul(&x.detach())?) } else { None };
+        let db = match b {
+            Some(b) if b.track_op() => Some(g.sum(0)?),
+            _ => None,
+        };
+        let dw = super::grads::route(w, dw)?;
+        let db = match b {
+            Some(b) => super::grads::route(b, db)?,
+            None => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for LinearDevice {
+    fn name(&self) -> &'static str {
+        "klspeech-linear-device"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_out!(self.0.take()?, Cpu, |l| l.clone())
+    }
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            copy_out!(self.0.take()?, Cuda, |l| l.clone())
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("klspeech device op: built without CUDA")
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::grads(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for LinearDevice {
+    fn name(&self) -> &'static str {
+        "klspeech-linear-bias-device"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_out!(self.0.take()?, Cpu, |l| l.clone())
+    }
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            copy_out!(self.0.take()?, Cuda, |l| l.clone())
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("klspeech device op: built without CUDA")
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::grads(x, w, Some(b), g)
+    }
 }

@@ -175,6 +175,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if d_in != w_in || b.is_some_and(|b| b.dims() != [d_out]) {
         return Err(Error::InvalidInput(format!("linear: x [{rows}, {d_in}], weight [{d_out}, {w_in}], bias {:?}", b.map(|b| b.dims().to_vec()))));
     }
+    if super::device_op_applies(x) && w.dtype() == x.dtype() && (x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op())) {
+        return super::device::linear_device(x, w, b);
+    }
     if !fused(x) || w.dtype() != x.dtype() {
         let y = x.matmul(&w.t()?)?;
         return Ok(match b {

@@ -65,7 +65,7 @@ pub fn fused_applies(x: &Tensor) -> bool {
 
 /// Whether the ops of [`device`] (candle's fused forward kernels with klspeech's backward) run
 /// for `x` instead of the composites: off the CPU, switched on.
-fn device_op_applies(x: &Tensor) -> bool {
+pub(crate) fn device_op_applies(x: &Tensor) -> bool {
     !x.device().is_cpu() && enabled()
 }
 
