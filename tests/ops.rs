@@ -316,6 +316,13 @@ fn training_attention_matches_the_composite() {
                 |v| ops::attention(&v[0], heads, scale, kb.as_ref(), drop).unwrap(),
                 |v| ops::attention_train_composite(&v[0], heads, scale, kb.as_ref(), drop).unwrap(),
             );
+            // The GPU's training attention (ops::device: one node per layer), here on the CPU.
+            compare(
+                &format!("device attention {:?}", (b, t, heads, hd, masked, drop)),
+                &[rand(&[b, t, 3 * heads * hd], 150 + t as u64, dtype)],
+                |v| ops::device::attention_device(&v[0], heads, scale, kb.as_ref(), drop).unwrap(),
+                |v| ops::attention_train_composite(&v[0], heads, scale, kb.as_ref(), drop).unwrap(),
+            );
         }
     }
 }

@@ -307,8 +307,9 @@ impl Attention {
             // q, k, v as one projection: one gemm instead of three, and in the backward one
             // gradient into x instead of three accumulated ones.
             let qkv = self.packed_qkv()?.forward(x)?; // [B, T, 3H]
-            if crate::ops::fused_applies(&qkv) {
-                // One op per (clip, head) forward and backward, reading the heads in place.
+            if crate::ops::fused_applies(&qkv) || crate::ops::device_op_applies(&qkv) {
+                // One op per (clip, head) forward and backward, reading the heads in place (on
+                // the CPU), or one op for the layer (ops::device, elsewhere).
                 let key_bias = match bias {
                     Some(bias) => Some(bias.reshape((b, t))?),
                     None => None,

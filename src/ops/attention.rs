@@ -290,6 +290,9 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tenso
             return Err(crate::Error::InvalidInput(format!("attention dropout rate {p} is outside [0, 1)")));
         }
     }
+    if super::device_op_applies(qkv) {
+        return super::device::attention_device(qkv, heads, scale, key_bias, dropout);
+    }
     if !fused(qkv) {
         return attention_train_composite(qkv, heads, scale, key_bias, dropout);
     }

@@ -224,3 +224,104 @@ impl CustomOp3 for LinearDevice {
         Self::grads(x, w, Some(b), g)
     }
 }
+
+/// [`super::attention`] off the CPU: one graph node for the whole attention of a layer, from
+/// the packed projection qkv [B, T, 3H] (q | k | v, heads of `hd` features) to o [B, T, H].
+/// The forward is candle's (cuBLAS products, the fused softmax kernel, the keyed dropout mask
+/// of [`super::dropout_mask`]); the backward recomputes the probabilities from q and k instead
+/// of keeping [B, heads, T, T] of them per layer, then runs the product rule in ten tensor ops.
+/// The composite is about 20 graph nodes per layer.
+pub fn attention_device(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>, dropout: Option<(f64, u64)>) -> Result<Tensor> {
+    let op = AttentionDevice { heads, scale, key_bias: key_bias.map(Tensor::detach), dropout: dropout.filter(|d| d.0 > 0.0), o: None };
+    let fwd = op.forward(&qkv.detach())?;
+    Ok(qkv.apply_op1(AttentionDevice { o: Some(Pending::new(fwd.o)), ..op })?)
+}
+
+struct AttentionDevice {
+    heads: usize,
+    scale: f64,
+    /// [B, T], added to every query's scores (a large negative value hides a key).
+    key_bias: Option<Tensor>,
+    dropout: Option<(f64, u64)>,
+    o: Option<Pending>,
+}
+
+/// What the forward computes and the backward needs again.
+struct AttentionParts {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Softmax probabilities [B, nh, T, T] and, with dropout, the mask factors.
+    p: Tensor,
+    mask: Option<Tensor>,
+    o: Tensor,
+}
+
+impl AttentionDevice {
+    fn forward(&self, qkv: &Tensor) -> candle_core::Result<AttentionParts> {
+        let (b, t, h3) = qkv.dims3()?;
+        let hd = h3 / 3 / self.heads;
+        // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
+        let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let mut s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * self.scale)?; // [B, nh, T, T]
+        if let Some(kb) = &self.key_bias {
+            s = s.broadcast_add(&kb.reshape((b, 1, 1, t))?)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        let mask = match self.dropout {
+            Some((rate, key)) => Some(super::dropout_mask(&p, rate, key).map_err(|e| candle_core::Error::Msg(e.to_string()))?),
+            None => None,
+        };
+        let pd = match &mask {
+            Some(m) => p.mul(m)?,
+            None => p.clone(),
+        };
+        let o = pd.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h3 / 3))?;
+        Ok(AttentionParts { q, k, v, p, mask, o })
+    }
+}
+
+impl CustomOp1 for AttentionDevice {
+    fn name(&self) -> &'static str {
+        "klspeech-attention-device"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(o) = &self.o else { bail!("klspeech attention: no forward") };
+        copy_out!(o.take()?, Cpu, |l| l.clone())
+    }
+
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let Some(o) = &self.o else { bail!("klspeech attention: no forward") };
+            copy_out!(o.take()?, Cuda, |l| l.clone())
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("klspeech device op: built without CUDA")
+    }
+
+    /// With P the probabilities, P' = P m after dropout, O = P' V and G the gradient of O:
+    /// dV = P'^T G, dP = (G V^T) m, dS = P (dP - rowsum(dP P)) scale, dQ = dS K, dK = dS^T Q.
+    fn bwd(&self, qkv: &Tensor, _o: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, t, h3) = qkv.dims3()?;
+        let hd = h3 / 3 / self.heads;
+        let AttentionParts { q, k, v, p, mask, .. } = self.forward(&qkv.detach())?;
+        let g = g.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
+        let pd = match &mask {
+            Some(m) => p.mul(m)?,
+            None => p.clone(),
+        };
+        let dv = pd.transpose(2, 3)?.contiguous()?.matmul(&g)?;
+        let mut dp = g.matmul(&v.transpose(2, 3)?.contiguous()?)?;
+        if let Some(m) = &mask {
+            dp = dp.mul(m)?;
+        }
+        let ds = (p.mul(&dp.broadcast_sub(&dp.mul(&p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.transpose(2, 3)?.contiguous()?.matmul(&q)?;
+        // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]
+        Ok(Some(Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?.reshape((b, t, h3))?))
+    }
+}
