@@ -18,7 +18,9 @@
 //! step the achieved GFLOP/s are printed beside the machine's gemm throughput.
 //! `KLSPEECH_BENCH_ITERS` sets the steps per child (for profiling). `KLSPEECH_BENCH_PROFILE=1`
 //! prints a kernel-level GPU profile of the timed steps (CUPTI, `src/gpu_profile.rs`) to
-//! stderr. `KLSPEECH_PYTHON=none` leaves the PyTorch side out.
+//! stderr. `KLSPEECH_PYTHON=none` leaves the PyTorch side out. `KLSPEECH_BENCH_GPU_PATH=1` runs
+//! a child row on the CPU through the GPU's training path (`ops::with_gpu_path`), to rehearse
+//! it; training rows print their graph size (nodes candle's backward walks).
 //! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows; klspeech ("after") and PyTorch
 //! alternate `KLSPEECH_BENCH_ROUNDS` times per row (default 3), and the table reports the
 //! medians and the median of the per-round ratios, so a slow spell of a shared machine does
@@ -121,6 +123,11 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
                 loss = (loss + (kl.to_dtype(DType::F32)? * 1e-3)?)?;
             }
             mark("head + loss", &mut marks);
+            if i == 2 {
+                // Graph size of one step: what candle's backward walks (and, on a GPU, roughly
+                // what launches kernels).
+                eprintln!("{}: {} graph nodes", row.name, loss.sorted_nodes().len());
+            }
             let grads = klspeech::ops::backward(&loss)?;
             mark("backward", &mut marks);
             opt.step(&grads, 1.0)?;
@@ -269,7 +276,10 @@ fn rows(gpu: bool) -> Vec<Row> {
 fn child(name: &str, dev: &Device) {
     // Any row on any device (a GPU row on the CPU rehearses tools/gpu_check.sh).
     let row = rows(!dev.is_cpu()).into_iter().chain(rows(dev.is_cpu())).find(|r| r.name == name).expect("known row");
-    let (t, stages) = Device::Cpu.with_context(|| bench_klspeech(&row, dev)).expect("bench");
+    // KLSPEECH_BENCH_GPU_PATH=1: on the CPU, the GPU's training path (ops::with_gpu_path).
+    let gpu_path = std::env::var_os("KLSPEECH_BENCH_GPU_PATH").is_some_and(|v| v != "0");
+    let run = || Device::Cpu.with_context(|| bench_klspeech(&row, dev)).expect("bench");
+    let (t, stages) = if gpu_path { klspeech::ops::with_gpu_path(run) } else { run() };
     let stages: serde_json::Map<String, serde_json::Value> = stages.into_iter().map(|(k, v)| (k.to_string(), (v * 1e3).into())).collect();
     println!("{}", serde_json::json!({"median_ms": t * 1e3, "stages_ms": stages, "peak_rss_mb": peak_rss_mb()}));
 }

@@ -9,11 +9,16 @@ use klspeech::model::{ForwardCtx, HeadKind, KlSites, LoadOptions, SpecAugment, S
 use klspeech::rng::Rng;
 
 fn check(stable: bool, head: HeadKind, sites: KlSites) {
-    check_vib(stable, head, sites, None)
+    check_vib(stable, head, sites, None);
 }
 
-fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f64>) {
-    let dev = common::device();
+fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f64>) -> Vec<(String, Vec<f32>)> {
+    check_on(&common::device(), stable, head, sites, vib_sigma0)
+}
+
+/// The checks below on `dev`; returns every variable's gradient.
+fn check_on(dev: &candle_core::Device, stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f64>) -> Vec<(String, Vec<f32>)> {
+    let dev = dev.clone();
     let mut cfg = common::tiny_config(stable);
     // With the weighted layer sum, a stable (pre-norm) model never uses `encoder.layer_norm`
     // (transformers 5.x hands the un-normed last layer to the sum), so only post-norm uses it.
@@ -48,6 +53,7 @@ fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f6
     let (grads, routed) = klspeech::ops::grads::backward_counted(&loss).unwrap();
     let plain = loss.backward().unwrap();
     let mut checked = 0;
+    let mut all = Vec::new();
     for (name, var) in model.store.vars() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (stable={stable}, {head:?}, {sites})"));
         let v: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
@@ -57,16 +63,16 @@ fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f6
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!(norm > 0.0, "{name}: zero gradient (stable={stable}, {head:?}, {sites})");
         checked += 1;
+        all.push((name, v));
     }
     assert!(checked > 30, "only {checked} variables");
     // The big ones came through the sink: every linear layer's weight the op takes directly
     // (all but q, k, v, which train as one concatenated weight) and every feature-encoder
     // convolution's. Off the CPU the device ops (ops::device's linear layer, ops::conv1d_cl_recompute) route
     // the same weights; with the ops switched off nothing routes.
-    let device_ops = !x.device().is_cpu() && klspeech::ops::enabled();
-    if !klspeech::ops::fused_applies(&x) && !device_ops {
+    if !klspeech::ops::fused_applies(&x) && !klspeech::ops::device_op_applies(&x) {
         assert!(routed.is_empty(), "gradients routed with the ops switched off");
-        return;
+        return all;
     }
     let direct = |name: &str| {
         name.ends_with("out_proj.weight") || name.ends_with("dense.weight") || name.ends_with("projection.weight") || (name.contains("conv_layers") && name.ends_with("conv.weight"))
@@ -79,6 +85,29 @@ fn check_vib(stable: bool, head: HeadKind, sites: KlSites, vib_sigma0: Option<f6
         }
     }
     assert!(big >= 8, "only {big} direct weights");
+    all
+}
+
+/// The GPU's training path (`ops::device`, `ops::conv1d_cl_recompute`, the composites where a
+/// GPU has no op), run on the CPU with `ops::with_gpu_path`: every variable gets the gradient
+/// the CPU's fused path gives it (and the checks above hold on that path too).
+#[test]
+fn gpu_training_path_matches_the_cpu_path() {
+    let cpu = candle_core::Device::Cpu;
+    for (stable, head, sites) in [(false, HeadKind::Ctc, KlSites::All), (true, HeadKind::Classification, KlSites::Encoder)] {
+        let fused = check_on(&cpu, stable, head, sites, None);
+        let gpu_path = klspeech::ops::with_gpu_path(|| check_on(&cpu, stable, head, sites, None));
+        assert_eq!(fused.len(), gpu_path.len());
+        // Relative to each gradient's size, with a floor for the gradients that are zero in
+        // exact arithmetic (the key projection's bias: softmax ignores a shift common to all
+        // keys) and rounding noise in both paths.
+        let largest = fused.iter().flat_map(|(_, g)| g.iter()).fold(0f32, |m, v| m.max(v.abs()));
+        for ((name, a), (_, b)) in gpu_path.iter().zip(&fused) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= 1e-4 * scale + 1e-6 * largest, "{name} (stable={stable}, {head:?}, {sites}): GPU path differs by {err:e} of {scale:e}");
+        }
+    }
 }
 
 #[test]

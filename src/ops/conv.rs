@@ -365,7 +365,7 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ConvCl(geom, false))?);
     }
     if x.track_op() || w.track_op() {
-        if !x.device().is_cpu() && super::enabled() {
+        if super::device_op_applies(x) {
             return conv1d_cl_recompute(x, w, stride, padding, groups, max_t);
         }
         let y = conv1d_cl_composite(x, w, stride, padding, groups)?;

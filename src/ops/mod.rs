@@ -53,9 +53,29 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// The fused path applies: CPU, f32/f64, switched on.
+/// The fused path applies: CPU, f32/f64, switched on (and this thread not running the GPU's
+/// path, see [`with_gpu_path`]).
 fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && enabled()
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && enabled() && !GPU_PATH.with(|g| g.get())
+}
+
+thread_local! {
+    static GPU_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread taking the GPU's path on the CPU: no fused CPU kernel, the
+/// [`device`] ops and [`conv1d_cl_recompute`] where a GPU would run them. For tests: the
+/// training path of a CUDA device, checked on a machine without one. (The GPU's inference
+/// path, candle's fused kernels without a backward, is not switched.)
+pub fn with_gpu_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GPU_PATH.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GPU_PATH.with(|g| g.replace(true)));
+    f()
 }
 
 /// Whether the fused CPU ops run for a tensor like `x` (CPU, f32/f64, switched on).
@@ -64,9 +84,9 @@ pub fn fused_applies(x: &Tensor) -> bool {
 }
 
 /// Whether the ops of [`device`] (candle's fused forward kernels with klspeech's backward) run
-/// for `x` instead of the composites: off the CPU, switched on.
-pub(crate) fn device_op_applies(x: &Tensor) -> bool {
-    !x.device().is_cpu() && enabled()
+/// for `x` instead of the composites: off the CPU (or under [`with_gpu_path`]), switched on.
+pub fn device_op_applies(x: &Tensor) -> bool {
+    (!x.device().is_cpu() || GPU_PATH.with(|g| g.get())) && enabled()
 }
 
 /// What the ops return.
