@@ -325,3 +325,152 @@ impl CustomOp1 for AttentionDevice {
         Ok(Some(Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?.reshape((b, t, h3))?))
     }
 }
+
+/// [`super::kl_norm_last`] off the CPU: the standardization ([`standardize_last_device`]) and
+/// then the rest of the site as one graph node: from x̂ and the packed parameters p = [w; b; a;
+/// c] (+ [m_p; s_raw] with a learned prior), mu = x̂ w + b, sigma = softplus(x̂ a + c),
+/// y = mu + sigma noise and the KL per position summed over features, packed as
+/// [y (n values); kl (rows values)] as the CPU op packs them. The composite is about 20 nodes.
+#[allow(clippy::too_many_arguments)]
+pub fn kl_norm_last_device(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    a: &Tensor,
+    c: &Tensor,
+    prior: Option<(&Tensor, &Tensor)>,
+    noise: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let x_hat = standardize_last_device(x, eps)?;
+    let mut parts = vec![w.clone(), b.clone(), a.clone(), c.clone()];
+    if let Some((m, s)) = prior {
+        parts.push(m.clone());
+        parts.push(s.clone());
+    }
+    let d = x.dim(D::Minus1)?;
+    let p = Tensor::stack(&parts, 0)?; // [4 or 6, D]
+    let n = x.elem_count();
+    let rows = n / d.max(1);
+    let noise = noise.reshape((rows, d))?.detach();
+    let op = KlNormDevice { noise, out: None };
+    let fwd = op.parts(&x_hat.detach().reshape((rows, d))?, &p.detach())?;
+    let out = Tensor::cat(&[fwd.y.flatten_all()?, fwd.kl.flatten_all()?], 0)?;
+    let packed = x_hat.apply_op2(&p, KlNormDevice { out: Some(Pending::new(out)), ..op })?;
+    let y = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let mut kl_shape = x.dims().to_vec();
+    kl_shape.pop();
+    let kl = packed.narrow(0, n, rows)?.reshape(kl_shape)?;
+    Ok((y, kl))
+}
+
+struct KlNormDevice {
+    /// [rows, D]
+    noise: Tensor,
+    out: Option<Pending>,
+}
+
+/// The forward's values, for the output and again for the backward.
+struct KlParts {
+    mu: Tensor,
+    z: Tensor,
+    sigma: Tensor,
+    y: Tensor,
+    /// [rows]
+    kl: Tensor,
+    /// With a learned prior: (m_p, 1 / s_p^2, s_p, s_raw), each [D].
+    prior: Option<(Tensor, Tensor, Tensor, Tensor)>,
+}
+
+/// softplus(z) = max(z, 0) + ln(1 + e^-|z|), as `model::norm::softplus`.
+fn softplus(z: &Tensor) -> candle_core::Result<Tensor> {
+    z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// 1 / (1 + e^-z): softplus' derivative.
+fn sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
+    (z.neg()?.exp()? + 1.0)?.recip()
+}
+
+impl KlNormDevice {
+    /// x̂ [rows, D], p [4 or 6, D], both without a graph.
+    fn parts(&self, xh: &Tensor, p: &Tensor) -> candle_core::Result<KlParts> {
+        let row = |i: usize| p.get(i);
+        let mu = xh.broadcast_mul(&row(0)?)?.broadcast_add(&row(1)?)?;
+        let z = xh.broadcast_mul(&row(2)?)?.broadcast_add(&row(3)?)?;
+        let sigma = softplus(&z)?;
+        let y = (&mu + sigma.mul(&self.noise)?)?;
+        let ln_sigma = sigma.log()?;
+        let (per_elem, prior) = if p.dim(0)? == 6 {
+            let (m, s_raw) = (row(4)?, row(5)?);
+            let s = softplus(&s_raw)?;
+            let inv_var = s.sqr()?.recip()?;
+            let t1 = sigma.sqr()?.broadcast_mul(&inv_var)?;
+            let t2 = mu.broadcast_sub(&m)?.sqr()?.broadcast_mul(&inv_var)?;
+            let t3 = s.log()?.affine(2.0, -1.0)?; // 2 ln s_p - 1
+            let per = ((t1 + t2)?.broadcast_add(&t3)? - ln_sigma.affine(2.0, 0.0)?)?.affine(0.5, 0.0)?;
+            (per, Some((m, inv_var, s, s_raw)))
+        } else {
+            (((mu.sqr()? + sigma.sqr()?)? - ln_sigma.affine(2.0, 1.0)?)?.affine(0.5, 0.0)?, None)
+        };
+        let kl = per_elem.sum(D::Minus1)?;
+        Ok(KlParts { mu, z, sigma, y, kl, prior })
+    }
+}
+
+impl CustomOp2 for KlNormDevice {
+    fn name(&self) -> &'static str {
+        "klspeech-kl-norm-device"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(out) = &self.out else { bail!("klspeech kl-norm: no forward") };
+        copy_out!(out.take()?, Cpu, |l| l.clone())
+    }
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let Some(out) = &self.out else { bail!("klspeech kl-norm: no forward") };
+            copy_out!(out.take()?, Cuda, |l| l.clone())
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("klspeech device op: built without CUDA")
+    }
+    /// With gy the gradient of y and gk of the per-position KL, per element:
+    /// dmu = gy + gk (mu - m_p) / s_p^2, dsigma = gy noise + gk (sigma / s_p^2 - 1 / sigma),
+    /// dz = dsigma sigmoid(z), dx̂ = dmu w + dz a; the parameters' gradients are the row sums
+    /// of dmu x̂, dmu, dz x̂, dz (and -gk (mu - m_p) / s_p^2, gk (1 / s_p - (sigma^2 + (mu -
+    /// m_p)^2) / s_p^3) sigmoid(s_raw) for a learned prior; m_p = 0, s_p = 1 otherwise).
+    fn bwd(&self, x_hat: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, d) = self.noise.dims2()?;
+        let xh = x_hat.detach().reshape((rows, d))?;
+        let p = p.detach();
+        let KlParts { mu, z, sigma, prior, .. } = self.parts(&xh, &p)?;
+        let gy = g.narrow(0, 0, rows * d)?.reshape((rows, d))?;
+        let gk = g.narrow(0, rows * d, rows)?.reshape((rows, 1))?;
+        let (dmu, dsigma) = match &prior {
+            Some((m, inv_var, _, _)) => (
+                (&gy + mu.broadcast_sub(m)?.broadcast_mul(inv_var)?.broadcast_mul(&gk)?)?,
+                (gy.mul(&self.noise)? + sigma.broadcast_mul(inv_var)?.sub(&sigma.recip()?)?.broadcast_mul(&gk)?)?,
+            ),
+            None => ((&gy + mu.broadcast_mul(&gk)?)?, (gy.mul(&self.noise)? + sigma.sub(&sigma.recip()?)?.broadcast_mul(&gk)?)?),
+        };
+        let dz = dsigma.mul(&sigmoid(&z)?)?;
+        let dx = (dmu.broadcast_mul(&p.get(0)?)? + dz.broadcast_mul(&p.get(2)?)?)?.reshape(x_hat.shape())?;
+        let mut dp = vec![dmu.mul(&xh)?.sum(0)?, dmu.sum(0)?, dz.mul(&xh)?.sum(0)?, dz.sum(0)?];
+        if let Some((m, inv_var, s, s_raw)) = &prior {
+            let diff = mu.broadcast_sub(m)?;
+            dp.push(diff.broadcast_mul(inv_var)?.broadcast_mul(&gk)?.sum(0)?.neg()?);
+            // d/ds_p of the KL per element: 1 / s_p - (sigma^2 + (mu - m_p)^2) / s_p^3
+            let s3 = s.powf(3.0)?;
+            let dkl_ds = (sigma.sqr()? + diff.sqr()?)?.broadcast_div(&s3)?.neg()?.broadcast_add(&s.recip()?)?;
+            dp.push(dkl_ds.broadcast_mul(&gk)?.sum(0)?.mul(&sigmoid(s_raw)?)?);
+        }
+        Ok((Some(dx), Some(Tensor::stack(&dp, 0)?)))
+    }
+}

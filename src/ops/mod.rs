@@ -1516,8 +1516,9 @@ impl CustomOp3 for KlNormBwd {
 
 /// A KL-Norm site over the last dimension in training mode, fused on the CPU: returns the
 /// sample `y` (shaped like x) and the per-position KL summed over features (x's shape without
-/// its last dimension). `prior` = (m_p, s_raw) for the learned prior. `None` where the fused
-/// path does not apply (the caller then runs the composite).
+/// its last dimension). `prior` = (m_p, s_raw) for the learned prior. Off the CPU,
+/// [`device::kl_norm_last_device`]. `None` where neither applies (the caller then runs the
+/// composite).
 #[allow(clippy::too_many_arguments)]
 pub fn kl_norm_last(
     x: &Tensor,
@@ -1529,6 +1530,9 @@ pub fn kl_norm_last(
     noise: &Tensor,
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
+    if device_op_applies(x) && noise.dtype() == x.dtype() && noise.device().same_device(x.device()) {
+        return Ok(Some(device::kl_norm_last_device(x, w, b, a, b2, prior, noise, eps)?));
+    }
     if !fused(x) || noise.dtype() != x.dtype() || !noise.device().is_cpu() {
         return Ok(None);
     }
