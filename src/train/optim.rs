@@ -171,6 +171,12 @@ pub struct AdamW {
     steps: usize,
     /// Use the fused in-place update (`crate::ops`) where it applies (CPU, f32/f64).
     fused: bool,
+    /// Where the fused update does not apply: update the parameters of each group (same decay,
+    /// step count and dtype) as one flat buffer. `None`: off the CPU, with the ops on.
+    grouped: Option<bool>,
+    /// The grouped path's flat moments from the last step: (members, m, v); each member's
+    /// `m` and `v` are views into them.
+    group_moments: Vec<(Vec<usize>, Tensor, Tensor)>,
 }
 
 impl AdamW {
@@ -192,13 +198,19 @@ impl AdamW {
             let decay = !no_decay(&name);
             out.push(ParamState { name, var, decay, t: 0, m: None, v: None, mv: None });
         }
-        Ok(Self { params: out, cfg, steps: 0, fused: crate::ops::enabled() })
+        Ok(Self { params: out, cfg, steps: 0, fused: crate::ops::enabled(), grouped: None, group_moments: Vec::new() })
     }
 
     /// Chooses the fused in-place update (the default on CPU) or the composite one; both give
     /// the same bits.
     pub fn set_fused(&mut self, on: bool) {
         self.fused = on;
+    }
+
+    /// Forces the grouped update on or off where the fused one does not apply (by default it
+    /// runs off the CPU with the ops on). Same bits as the per-parameter composite.
+    pub fn set_grouped(&mut self, on: bool) {
+        self.grouped = Some(on);
     }
 
     /// The configuration.
@@ -231,6 +243,12 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         let lr = lr * lr_scale;
+        let off_cpu = self.params.first().is_some_and(|p| !p.var.device().is_cpu());
+        let fused_applies = self.fused && !off_cpu && self.params.iter().all(|p| matches!(p.var.dtype(), DType::F32 | DType::F64));
+        if !fused_applies && self.grouped.unwrap_or(off_cpu && crate::ops::enabled()) {
+            return self.step_grouped(grads, lr);
+        }
+        self.group_moments.clear();
         for p in self.params.iter_mut() {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
             // The parameter changes in place below: caches derived from it must rebuild.
@@ -295,6 +313,77 @@ impl AdamW {
             p.m = Some(m);
             p.v = Some(v);
         }
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// [`AdamW::step`] with the parameters of each group (decay or not, step count, dtype)
+    /// updated as one flat buffer: on a GPU about 15 kernel launches for the group instead of
+    /// 15 per parameter (wav2vec2-base has 211), plus one copy in and out per parameter. The
+    /// same elementwise operations as the per-parameter composite, so the same bits.
+    fn step_grouped(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
+        let mut groups: Vec<((bool, u64, DType), Vec<usize>)> = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            if g.shape() != p.var.shape() {
+                return Err(Error::InvalidInput(format!(
+                    "AdamW: gradient of `{}` has shape {:?}, parameter has {:?}",
+                    p.name,
+                    g.dims(),
+                    p.var.dims()
+                )));
+            }
+            let key = (p.decay && weight_decay != 0.0, p.t, p.var.dtype());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let mut moments = Vec::with_capacity(groups.len());
+        for ((decay, t0, dtype), members) in groups {
+            let cat = |f: &dyn Fn(&ParamState) -> Result<Tensor>| -> Result<Tensor> {
+                let parts = members.iter().map(|&i| Ok(f(&self.params[i])?.flatten_all()?)).collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            };
+            let g = cat(&|p| Ok(grads.get(p.var.as_tensor()).expect("grouped above").to_dtype(dtype)?))?;
+            let mut theta = cat(&|p| Ok(p.var.as_tensor().detach()))?;
+            if decay {
+                theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
+            }
+            let (m, v) = if t0 == 0 {
+                ((&g * (1.0 - beta1))?, (g.sqr()? * (1.0 - beta2))?)
+            } else {
+                let (m, v) = match self.group_moments.iter().find(|(mem, _, _)| *mem == members) {
+                    Some((_, m, v)) => (m.clone(), v.clone()),
+                    // Zero moments give the first step's values exactly (0 + x = x, 0 b = 0).
+                    None => (
+                        cat(&|p| Ok(p.m.clone().map_or_else(|| p.var.as_tensor().zeros_like(), Ok)?))?,
+                        cat(&|p| Ok(p.v.clone().map_or_else(|| p.var.as_tensor().zeros_like(), Ok)?))?,
+                    ),
+                };
+                (((&g - &m)? * (1.0 - beta1))?.add(&m)?, (&v * beta2)?.add(&(g.sqr()? * (1.0 - beta2))?)?)
+            };
+            let t = (t0 + 1) as i32;
+            let step_size = lr / (1.0 - beta1.powi(t));
+            let denom = ((v.sqrt()? / (1.0 - beta2.powi(t)).sqrt())? + eps)?;
+            let next = theta.sub(&(m.div(&denom)? * step_size)?)?;
+            let mut offset = 0;
+            for &i in &members {
+                let p = &mut self.params[i];
+                crate::model::params::parameter_changed(p.var.as_tensor());
+                let n = p.var.elem_count();
+                let view = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, offset, n)?.reshape(p.var.shape())?) };
+                p.var.set(&view(&next)?)?;
+                p.m = Some(view(&m)?);
+                p.v = Some(view(&v)?);
+                p.mv = None;
+                p.t += 1;
+                offset += n;
+            }
+            moments.push((members, m, v));
+        }
+        self.group_moments = moments;
         self.steps += 1;
         Ok(())
     }
@@ -367,6 +456,7 @@ impl AdamW {
             p.v = v;
             p.mv = None;
         }
+        self.group_moments.clear();
         self.steps = steps as usize;
         Ok(())
     }
