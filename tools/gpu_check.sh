@@ -43,9 +43,10 @@ KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_sp
 # real fine-tuning path), to compare with its CPU figures in the README (1.4 min on 2 cores).
 T=240 TAIL=12 t "keyword_spotting example on cuda" $D/keyword_spotting --device cuda --out /tmp/kws-cuda
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
-# The training rows again with the composites (the convolutions' im2col columns kept from
-# forward to backward instead of conv1d_cl_recompute): before/after for the same binary.
-KLSPEECH_NO_CUSTOM_OPS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=200 \
+# The f32 rows again with KLSPEECH_NO_CUSTOM_OPS=1: candle's composites (im2col convolutions
+# keeping their columns, ~2 500 graph nodes a KL-Norm step, AdamW per parameter) instead of
+# ops::device, conv1d_cl_recompute and the grouped AdamW: before/after in the same binary.
+KLSPEECH_NO_CUSTOM_OPS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-train-8x4-f32-klnorm,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=200 \
   t "benchmarks on cuda, composites (KLSPEECH_NO_CUSTOM_OPS=1)" $D/inference-*
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 for row in base-train-8x4-f32 base-infer-16x10-f32 base-train-8x4-f32-klnorm; do
