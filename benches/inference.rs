@@ -278,8 +278,8 @@ fn child(name: &str, dev: &Device) {
     let row = rows(!dev.is_cpu()).into_iter().chain(rows(dev.is_cpu())).find(|r| r.name == name).expect("known row");
     // KLSPEECH_BENCH_GPU_PATH=1: on the CPU, the GPU's training path (ops::with_gpu_path).
     let gpu_path = std::env::var_os("KLSPEECH_BENCH_GPU_PATH").is_some_and(|v| v != "0");
-    let run = || Device::Cpu.with_context(|| bench_klspeech(&row, dev)).expect("bench");
-    let (t, stages) = if gpu_path { klspeech::ops::with_gpu_path(run) } else { run() };
+    // (candle's CPU context runs the closure on a pool thread: the per-thread setting goes in.)
+    let (t, stages) = Device::Cpu.with_context(|| klspeech::ops::with_gpu_path_if(gpu_path, || bench_klspeech(&row, dev))).expect("bench");
     let stages: serde_json::Map<String, serde_json::Value> = stages.into_iter().map(|(k, v)| (k.to_string(), (v * 1e3).into())).collect();
     println!("{}", serde_json::json!({"median_ms": t * 1e3, "stages_ms": stages, "peak_rss_mb": peak_rss_mb()}));
 }

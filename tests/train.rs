@@ -32,6 +32,31 @@ fn metric_lines(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// The GPU's whole training path (ops::device, the recompute convolution, grouped AdamW),
+/// rehearsed on the CPU with `ops::with_gpu_path`: the keyword-spotting run follows the CPU
+/// path's loss curve and ends with the same accuracy.
+#[test]
+fn keyword_spotting_on_the_gpu_path_follows_the_cpu_path() {
+    if common::device().is_cuda() {
+        return; // (on a GPU, the test above runs the real thing)
+    }
+    let d = tempfile::tempdir().unwrap();
+    common::synthetic_kws(&d.path().join("data"), 24, 12);
+    let run = |name: &str| {
+        let out = d.path().join(name);
+        let o = train(&kws_config(&d.path().join("data"), &out), false).unwrap();
+        let curve: Vec<f64> = metric_lines(&out).iter().filter_map(|l| l.get("task_loss").and_then(|v| v.as_f64())).collect();
+        (o, curve)
+    };
+    let (cpu, cpu_curve) = run("cpu");
+    let (gpu, gpu_curve) = klspeech::ops::with_gpu_path(|| run("gpu-path"));
+    assert_eq!(cpu_curve.len(), gpu_curve.len());
+    let worst = cpu_curve.iter().zip(&gpu_curve).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    println!("kws loss curves, CPU path vs GPU path: largest difference {worst:e} over {} steps", cpu_curve.len());
+    assert!(worst < 1e-3, "the GPU path's loss curve departs from the CPU path's by {worst}");
+    assert_eq!(gpu.test.unwrap().accuracy, cpu.test.unwrap().accuracy);
+}
+
 #[test]
 fn keyword_spotting_learns_well_above_chance() {
     let d = tempfile::tempdir().unwrap();

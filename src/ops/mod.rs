@@ -64,7 +64,8 @@ thread_local! {
 }
 
 /// Runs `f` with this thread taking the GPU's path on the CPU: no fused CPU kernel, the
-/// [`device`] ops and [`conv1d_cl_recompute`] where a GPU would run them. For tests: the
+/// [`device`] ops and [`conv1d_cl_recompute`] where a GPU would run them, and AdamW's grouped
+/// update. For tests: the
 /// training path of a CUDA device, checked on a machine without one. (The GPU's inference
 /// path, candle's fused kernels without a backward, is not switched.)
 pub fn with_gpu_path<R>(f: impl FnOnce() -> R) -> R {
@@ -81,6 +82,20 @@ pub fn with_gpu_path<R>(f: impl FnOnce() -> R) -> R {
 /// Whether the fused CPU ops run for a tensor like `x` (CPU, f32/f64, switched on).
 pub fn fused_applies(x: &Tensor) -> bool {
     fused(x)
+}
+
+/// [`with_gpu_path`] when `on`, else `f()`: to carry the setting onto another thread.
+pub fn with_gpu_path_if<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    if on {
+        with_gpu_path(f)
+    } else {
+        f()
+    }
+}
+
+/// Whether this thread runs the GPU's path on the CPU ([`with_gpu_path`]).
+pub fn gpu_path_active() -> bool {
+    GPU_PATH.with(|g| g.get())
 }
 
 /// Whether the ops of [`device`] (candle's fused forward kernels with klspeech's backward) run

@@ -243,9 +243,10 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         let lr = lr * lr_scale;
-        let off_cpu = self.params.first().is_some_and(|p| !p.var.device().is_cpu());
-        let fused_applies = self.fused && !off_cpu && self.params.iter().all(|p| matches!(p.var.dtype(), DType::F32 | DType::F64));
-        if !fused_applies && self.grouped.unwrap_or(off_cpu && crate::ops::enabled()) {
+        // A GPU, or its path rehearsed on the CPU (crate::ops::with_gpu_path).
+        let gpu = crate::ops::gpu_path_active() || self.params.first().is_some_and(|p| !p.var.device().is_cpu());
+        let fused_applies = self.fused && !gpu && self.params.iter().all(|p| matches!(p.var.dtype(), DType::F32 | DType::F64));
+        if !fused_applies && self.grouped.unwrap_or(gpu && crate::ops::enabled()) {
             return self.step_grouped(grads, lr);
         }
         self.group_moments.clear();
@@ -263,7 +264,7 @@ impl AdamW {
             }
             let g = g.to_dtype(p.var.dtype())?;
             p.t += 1;
-            if self.fused && p.var.device().is_cpu() && matches!(p.var.dtype(), DType::F32 | DType::F64) {
+            if fused_applies {
                 let t = p.t as i32;
                 let scalars = crate::ops::AdamWScalars {
                     beta1,

@@ -406,7 +406,10 @@ fn load_checkpoint(dir: &Path, model: &SpeechModel, opt: &mut AdamW) -> Result<T
 pub fn train(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     // On the CPU, candle's own thread pool stays installed for the whole run: its workers stay
     // warm across the many short parallel sections of each step (shared/PERF.md: about -11 %).
-    candle_core::Device::Cpu.with_context(|| train_in_context(cfg, resume))
+    // (The pool runs the closure on one of its threads: a rehearsal of the GPU's path on the
+    // CPU, a per-thread setting, goes along.)
+    let gpu_path = crate::ops::gpu_path_active();
+    candle_core::Device::Cpu.with_context(|| crate::ops::with_gpu_path_if(gpu_path, || train_in_context(cfg, resume)))
 }
 
 fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
