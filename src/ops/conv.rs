@@ -456,22 +456,11 @@ impl CustomOp2 for ConvRecompute {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        super::device::copy_out!(self.y.take()?, Cpu, |l| l.transpose(1, 2)?)
+        super::device::handout_cpu(&self.y, true)
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            super::device::copy_out!(self.y.take()?, Cuda, |l| l.transpose(1, 2)?)
-        }
-        #[cfg(not(feature = "cuda"))]
-        bail!("conv1d-recompute: built without CUDA")
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::device::handout_cuda(&self.y, true)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {

@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::error::Result;
 
@@ -29,7 +29,24 @@ macro_rules! copy_out {
         Ok((dst, lt.shape().clone()))
     }};
 }
-pub(crate) use copy_out;
+
+/// A [`Pending`] output handed out as a CPU op's forward (`transpose`: [B, C, T] -> [B, T, C]).
+pub(crate) fn handout_cpu(y: &Pending, transpose: bool) -> candle_core::Result<(CpuStorage, Shape)> {
+    copy_out!(y.take()?, Cpu, |l| if transpose { l.transpose(1, 2)? } else { l.clone() })
+}
+
+/// [`handout_cpu`] for a CUDA op's forward.
+pub(crate) fn handout_cuda(y: &Pending, transpose: bool) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    #[cfg(feature = "cuda")]
+    {
+        copy_out!(y.take()?, Cuda, |l| if transpose { l.transpose(1, 2)? } else { l.clone() })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (y, transpose);
+        bail!("klspeech device op: built without CUDA")
+    }
+}
 
 /// Which forward a [`Precomputed`] op holds, and so which backward it has.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +74,14 @@ impl Pending {
     }
 }
 
+/// The pending output of an op built for its forward (not the forward-only helper instance).
+fn pending(p: &Option<Pending>) -> candle_core::Result<&Pending> {
+    match p {
+        Some(p) => Ok(p),
+        None => bail!("klspeech device op: no forward output"),
+    }
+}
+
 /// An op whose forward is a [`Pending`] output.
 struct Precomputed {
     kind: Kind,
@@ -78,16 +103,11 @@ impl CustomOp1 for Precomputed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_out!(self.y.take()?, Cpu, |l| l.clone())
+        handout_cpu(&self.y, false)
     }
 
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            copy_out!(self.y.take()?, Cuda, |l| l.clone())
-        }
-        #[cfg(not(feature = "cuda"))]
-        bail!("klspeech device op: built without CUDA")
+        handout_cuda(&self.y, false)
     }
 
     /// With y the op's output and g the gradient of y, over the last dimension:
@@ -175,21 +195,10 @@ impl CustomOp2 for LinearDevice {
         "klspeech-linear-device"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_out!(self.0.take()?, Cpu, |l| l.clone())
+        handout_cpu(&self.0, false)
     }
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            copy_out!(self.0.take()?, Cuda, |l| l.clone())
-        }
-        #[cfg(not(feature = "cuda"))]
-        bail!("klspeech device op: built without CUDA")
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        handout_cuda(&self.0, false)
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = Self::grads(x, w, None, g)?;
@@ -202,23 +211,10 @@ impl CustomOp3 for LinearDevice {
         "klspeech-linear-bias-device"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_out!(self.0.take()?, Cpu, |l| l.clone())
+        handout_cpu(&self.0, false)
     }
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            copy_out!(self.0.take()?, Cuda, |l| l.clone())
-        }
-        #[cfg(not(feature = "cuda"))]
-        bail!("klspeech device op: built without CUDA")
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        handout_cuda(&self.0, false)
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         Self::grads(x, w, Some(b), g)
@@ -288,18 +284,11 @@ impl CustomOp1 for AttentionDevice {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(o) = &self.o else { bail!("klspeech attention: no forward") };
-        copy_out!(o.take()?, Cpu, |l| l.clone())
+        handout_cpu(pending(&self.o)?, false)
     }
 
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            let Some(o) = &self.o else { bail!("klspeech attention: no forward") };
-            copy_out!(o.take()?, Cuda, |l| l.clone())
-        }
-        #[cfg(not(feature = "cuda"))]
-        bail!("klspeech device op: built without CUDA")
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        handout_cuda(pending(&self.o)?, false)
     }
 
     /// With P the probabilities, P' = P m after dropout, O = P' V and G the gradient of O:
@@ -423,23 +412,10 @@ impl CustomOp2 for KlNormDevice {
         "klspeech-kl-norm-device"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(out) = &self.out else { bail!("klspeech kl-norm: no forward") };
-        copy_out!(out.take()?, Cpu, |l| l.clone())
+        handout_cpu(pending(&self.out)?, false)
     }
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            let Some(out) = &self.out else { bail!("klspeech kl-norm: no forward") };
-            copy_out!(out.take()?, Cuda, |l| l.clone())
-        }
-        #[cfg(not(feature = "cuda"))]
-        bail!("klspeech device op: built without CUDA")
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        handout_cuda(pending(&self.out)?, false)
     }
     /// With gy the gradient of y and gk of the per-position KL, per element:
     /// dmu = gy + gk (mu - m_p) / s_p^2, dsigma = gy noise + gk (sigma / s_p^2 - 1 / sigma),

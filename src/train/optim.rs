@@ -158,6 +158,21 @@ struct ParamState {
     mv: Option<Tensor>,
 }
 
+impl ParamState {
+    /// The gradient must have the parameter's shape.
+    fn check_grad(&self, g: &Tensor) -> Result<()> {
+        if g.shape() != self.var.shape() {
+            return Err(Error::InvalidInput(format!(
+                "AdamW: gradient of `{}` has shape {:?}, parameter has {:?}",
+                self.name,
+                g.dims(),
+                self.var.dims()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// AdamW (decoupled weight decay) over named parameters, equal to `torch.optim.AdamW` with two
 /// parameter groups (decay / [`no_decay`]).
 ///
@@ -254,14 +269,7 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
             // The parameter changes in place below: caches derived from it must rebuild.
             crate::model::params::parameter_changed(p.var.as_tensor());
-            if g.shape() != p.var.shape() {
-                return Err(Error::InvalidInput(format!(
-                    "AdamW: gradient of `{}` has shape {:?}, parameter has {:?}",
-                    p.name,
-                    g.dims(),
-                    p.var.dims()
-                )));
-            }
+            p.check_grad(g)?;
             let g = g.to_dtype(p.var.dtype())?;
             p.t += 1;
             if fused_applies {
@@ -327,14 +335,7 @@ impl AdamW {
         let mut groups: Vec<((bool, u64, DType), Vec<usize>)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            if g.shape() != p.var.shape() {
-                return Err(Error::InvalidInput(format!(
-                    "AdamW: gradient of `{}` has shape {:?}, parameter has {:?}",
-                    p.name,
-                    g.dims(),
-                    p.var.dims()
-                )));
-            }
+            p.check_grad(g)?;
             let key = (p.decay && weight_decay != 0.0, p.t, p.var.dtype());
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, members)) => members.push(i),
