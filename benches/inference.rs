@@ -26,9 +26,37 @@
 //! medians and the median of the per-round ratios, so a slow spell of a shared machine does
 //! not fall on one side only.
 
-// The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU.
+// The binary's caching allocator (see src/main.rs): 2-4x faster training steps on CPU,
+// counting buffers of 1 KiB or more: each tensor op allocates its output, so on the GPU's
+// path run on the CPU (KLSPEECH_BENCH_GPU_PATH=1) the count per stage approximates the
+// kernel launches a GPU step would make.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting;
+
+struct Counting;
+
+static BUFFERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if l.size() >= 1024 {
+            BUFFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        unsafe { mimalloc::MiMalloc.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        if l.size() >= 1024 {
+            BUFFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        unsafe { mimalloc::MiMalloc.realloc(p, l, new) }
+    }
+}
 
 use std::process::Command;
 use std::time::Instant;
@@ -105,8 +133,12 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
         }
         let t = Instant::now();
         let mut marks: Vec<(&'static str, f64)> = Vec::new();
-        let mark = |name: &'static str, marks: &mut Vec<(&'static str, f64)>| {
+        let mut buffers = Vec::new();
+        let buffers0 = BUFFERS.load(std::sync::atomic::Ordering::Relaxed);
+        let mut mark = |name: &'static str, marks: &mut Vec<(&'static str, f64)>| {
             sync(dev);
+            let b = BUFFERS.load(std::sync::atomic::Ordering::Relaxed) - buffers0;
+            buffers.push(b); // cumulative
             let now = t.elapsed().as_secs_f64();
             let before: f64 = marks.iter().map(|m| m.1).sum();
             marks.push((name, now - before));
@@ -141,6 +173,11 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
             mark("transformer", &mut marks);
         }
         sync(dev);
+        if i == 2 {
+            let named: Vec<String> =
+                marks.iter().enumerate().map(|(k, m)| format!("{} {}", m.0, buffers[k] - if k > 0 { buffers[k - 1] } else { 0 })).collect();
+            eprintln!("{}: buffers of >= 1 KiB allocated in one step: {}", row.name, named.join(", "));
+        }
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
             stages.push(marks);

@@ -1,8 +1,8 @@
 //! Differentiable ops for devices without klspeech's CPU kernels (CUDA): the forward is one of
 //! candle's fused kernels, which have no backward, and the backward is klspeech's, written with
 //! few tensor ops. Against the composites they replace, a training step on a GPU launches far
-//! fewer kernels: the composite standardization is 7 graph nodes, and candle's backward adds
-//! each node's gradients onto fresh zero tensors before running its own few ops per node.
+//! fewer kernels: the composite standardization is 7 graph nodes, each with its own few ops in
+//! the backward (and, before the vendored candle-core's patch, a zero fill and an add each).
 //!
 //! They run on any device: the tests check them on the CPU against the composites and finite
 //! differences.
@@ -154,8 +154,8 @@ pub fn softmax_last_device(x: &Tensor) -> Result<Tensor> {
 /// [`super::linear`] off the CPU: y = x W^T (+ b) by candle (cuBLAS), one graph node whose
 /// backward is dx = g W, dW = g^T x, db = sum of g's rows, the parameters' gradients handed to
 /// `ops::backward`'s store as computed. The composite is 3-4 nodes (transpose, matmul,
-/// broadcast, add), each with its zero fill and add in candle's backward, over weight-sized
-/// buffers for the parameters.
+/// broadcast, add), whose backward hands the weight a transposed gradient that candle's store
+/// copies to make it contiguous.
 pub fn linear_device(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = x.detach().matmul(&w.detach().t()?)?;
     let y = match b {

@@ -1,19 +1,18 @@
 //! Parameter gradients handed straight from the fused ops' backward passes to the store.
 //!
-//! candle's backward adds every gradient it receives onto a fresh zero tensor (`zeros_like`,
-//! then `add`): for a parameter that is a memset, and an add reading two weight-sized buffers
-//! and writing a third, over every weight of the model in every step (for wav2vec2-base
-//! 95 M parameters: about 1.5 GB of memory traffic per training step, 5-8 % of the step).
-//! [`backward`] runs candle's backward with a sink installed on this thread: a fused op whose
-//! input is a variable (a parameter, a leaf nothing else differentiates through) hands that
-//! input's gradient to the sink instead of returning it (see [`route`]), and the sink's
-//! gradients join the store at the end. The values are the same bits: candle's first
-//! accumulation is 0 + g = g, later ones are added in the same order (tests/gradients.rs
-//! compares every parameter's gradient with plain `backward()`).
+//! candle 0.11.1's backward added every gradient it received onto a fresh zero tensor
+//! (`zeros_like`, then `add`); the vendored candle-core (vendor/README.md) stores a first
+//! gradient as is, for activations and parameters alike. What this sink still adds: a fused
+//! op whose input is a variable (a parameter, a leaf nothing else differentiates through)
+//! hands that input's gradient here instead of returning it (see [`route`]), in a buffer of
+//! its own, so that a view into a larger backward buffer does not keep all of that buffer
+//! alive until the optimizer step; [`backward`] runs candle's backward with the sink installed
+//! on this thread, and the sink's gradients join the store at the end. The values are the
+//! same bits (tests/gradients.rs compares every parameter's gradient with plain `backward()`).
 //!
 //! Without the sink (plain `loss.backward()`, other threads) the ops return their gradients
-//! as before. Off the CPU the one op that routes is the training convolution
-//! (`conv1d_cl_recompute`), for the feature encoder's weights when they train.
+//! as before. Off the CPU the ops that route are the training convolution
+//! (`conv1d_cl_recompute`) and the linear layer (`ops::device::linear_device`).
 
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
@@ -54,7 +53,7 @@ impl Drop for Installed {
 }
 
 /// `loss.backward()` with the parameter gradients of the fused ops stored as computed (see
-/// the module docs): the same [`GradStore`], without a zero tensor and an add per parameter.
+/// the module docs): the same [`GradStore`], each routed parameter gradient in its own buffer.
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
     Ok(backward_counted(loss)?.0)
 }

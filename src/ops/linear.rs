@@ -2,8 +2,8 @@
 //! column sum.
 //!
 //! candle composes a linear layer as `matmul(x, w.t())` plus a broadcast bias add: its backward
-//! hands the weight a *transposed* gradient view [in, out], which the gradient store then adds,
-//! strided, onto a fresh zero tensor; the bias gradient is a reduction over every leading
+//! hands the weight a *transposed* gradient view [in, out], which the gradient store then copies
+//! strided into the weight's layout; the bias gradient is a reduction over every leading
 //! dimension. Here the weight gradient comes out of gemm already in the weight's [out, in]
 //! layout (dW = g^T x, gemm reading g transposed in place), and the forward writes the bias
 //! rows first and lets gemm accumulate onto them (one pass over y instead of two).

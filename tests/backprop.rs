@@ -1,0 +1,103 @@
+//! The vendored candle-core's backward pass (vendor/README.md): the first gradient reaching a
+//! tensor is stored as is (no zero tensor and add), a tensor's gradient is the same value as
+//! before, and every stored gradient is contiguous.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use candle_core::{Device, Tensor, Var};
+
+/// Counts this thread's allocations of 1 KiB or more: each tensor op on a CPU tensor of 256
+/// f32 or more allocates its output once (small ops run on the calling thread).
+struct Counting;
+
+thread_local! {
+    static BUFFERS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if l.size() >= 1024 {
+            let _ = BUFFERS.try_with(|b| b.set(b.get() + 1));
+        }
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if l.size() >= 1024 {
+            let _ = BUFFERS.try_with(|b| b.set(b.get() + 1));
+        }
+        unsafe { System.alloc_zeroed(l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn buffers() -> usize {
+    BUFFERS.with(|b| b.get())
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn a_chain_of_n_ops_allocates_one_buffer_per_op_in_the_backward() {
+    let n = 1024;
+    let x = Var::from_vec((0..n).map(|i| (i as f32 / n as f32) - 0.5).collect::<Vec<f32>>(), n, &Device::Cpu).unwrap();
+    // Twelve steps y = exp(-y): each op's backward is one tensor op (grad * exp, -grad).
+    let mut y = x.as_tensor().clone();
+    for _ in 0..12 {
+        y = y.affine(-1.0, 0.0).unwrap().exp().unwrap();
+    }
+    let loss = y.sum_all().unwrap();
+    let before = buffers();
+    let grads = loss.backward().unwrap();
+    let used = buffers() - before;
+    // Per step: exp's product and affine's scaling (2 ops); the sum's broadcast gradient made
+    // contiguous once, the ones of the start. candle 0.11.1 unpatched adds a zero tensor and an
+    // add per edge: 4 more per step (about 74 here).
+    assert!(used <= 2 * 12 + 4, "the backward allocated {used} buffers of 1 KiB or more for 24 ops: is the [patch] of vendor/candle-core in effect?");
+    // d/dx of the chain against the same chain's derivative by the product rule, in f64.
+    let mut want = Vec::new();
+    for xv in values(x.as_tensor()) {
+        let (mut v, mut d) = (xv, 1.0f64);
+        for _ in 0..12 {
+            let e = (-v).exp();
+            d *= -e;
+            v = e;
+        }
+        want.push(d);
+    }
+    let got = values(grads.get(x.as_tensor()).unwrap());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "gradient {g} against {w}");
+    }
+}
+
+#[test]
+fn gradients_that_meet_are_summed_and_subtractions_negate() {
+    let dev = Device::Cpu;
+    let x = Var::from_vec(vec![1.0f64, -2.0, 3.0, 0.5], (2, 2), &dev).unwrap();
+    let w = Var::from_vec(vec![0.25f64, 4.0], 2, &dev).unwrap();
+    // loss = sum(x + x) - sum(x * w) - sum(-x^T) : dx = 2 - w + 1 (x^T's gradient transposed
+    // back), dw = -(column sums of x).
+    let xt = x.as_tensor();
+    let a = (xt + xt).unwrap().sum_all().unwrap();
+    let b = xt.broadcast_mul(w.as_tensor()).unwrap().sum_all().unwrap();
+    let c = xt.t().unwrap().neg().unwrap().sum_all().unwrap();
+    let loss = ((a - b).unwrap() - c).unwrap();
+    let grads = loss.backward().unwrap();
+    let dx = grads.get(xt).unwrap();
+    assert_eq!(values(dx), vec![2.0 - 0.25 + 1.0, 2.0 - 4.0 + 1.0, 2.0 - 0.25 + 1.0, 2.0 - 4.0 + 1.0]);
+    assert_eq!(values(grads.get(w.as_tensor()).unwrap()), vec![-(1.0 + 3.0), -(-2.0 + 0.5)]);
+    // A gradient that reached its tensor as a view (a transpose, a broadcast) is stored
+    // contiguous, as the sums were before the patch.
+    let only_t = xt.t().unwrap().sum_all().unwrap().backward().unwrap();
+    let g = only_t.get(xt).unwrap();
+    assert!(g.is_contiguous() && dx.is_contiguous());
+    assert_eq!(values(g), vec![1.0; 4]);
+}
