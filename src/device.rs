@@ -49,7 +49,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = Device::new_cuda(0) {
+                if let Ok(d) = new_cuda(0) {
                     return Ok(d);
                 }
             }
@@ -70,9 +70,41 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     detail: "this klspeech was built without CUDA; rebuild with `cargo build --release --features cuda` (see docs/CUDA.md)".into(),
                 });
             }
-            Device::new_cuda(ordinal).map_err(|e| Error::Unsupported { what: format!("device `{s}`"), detail: e.to_string() })
+            new_cuda(ordinal).map_err(|e| Error::Unsupported { what: format!("device `{s}`"), detail: e.to_string() })
         }
     }
+}
+
+/// GPU `ordinal` as klspeech runs it: candle's device (one stream, the calling thread's default
+/// stream) without cudarc's per-buffer event tracking.
+///
+/// cudarc creates two CUDA events with every buffer it allocates and destroys them when the
+/// buffer is freed, so that it can order a buffer's uses across streams; it records and waits
+/// on them only once a second stream exists in the context ("multi-stream mode"), which candle
+/// never creates. On candle's single stream the events are four driver calls per tensor op
+/// that order nothing; they are switched off here (while the context has one stream).
+pub fn new_cuda(ordinal: usize) -> Result<Device> {
+    let d = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        if !c.cuda_stream().context().is_in_multi_stream_mode() {
+            // SAFETY: with a single stream in the context, every use of every buffer is ordered
+            // by that stream; cudarc's events only order uses across streams (see above).
+            unsafe { c.disable_event_tracking() };
+        }
+    }
+    Ok(d)
+}
+
+/// Whether cudarc tracks buffer uses with events on `dev` (see [`new_cuda`]): `Some(false)` for
+/// a GPU from [`parse_device`], `None` off the GPU.
+pub fn cuda_event_tracking(dev: &Device) -> Option<bool> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = dev {
+        return Some(c.is_event_tracking());
+    }
+    let _ = dev;
+    None
 }
 
 /// Peak bytes of GPU memory held by this process's tensors on `dev` since the last

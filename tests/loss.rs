@@ -17,7 +17,7 @@ const TOL_F32: f64 = 1e-4;
 /// build); CPU otherwise (same convention as `tests/common`).
 fn device() -> Device {
     match std::env::var("KLSPEECH_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::new_cuda(0).expect("KLSPEECH_TEST_DEVICE=cuda but no CUDA device"),
+        Ok("cuda") => klspeech::device::new_cuda(0).expect("KLSPEECH_TEST_DEVICE=cuda but no CUDA device"),
         _ => Device::Cpu,
     }
 }

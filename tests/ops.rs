@@ -622,3 +622,69 @@ fn inference_attention_matches_the_composite() {
         }
     }
 }
+
+/// The device the suite runs on: `KLSPEECH_TEST_DEVICE=cuda` selects the first GPU (in a `cuda`
+/// build), the CPU otherwise (as tests/common).
+fn test_device() -> Device {
+    match std::env::var("KLSPEECH_TEST_DEVICE").as_deref() {
+        Ok("cuda") => klspeech::device::new_cuda(0).expect("KLSPEECH_TEST_DEVICE=cuda but no CUDA device"),
+        _ => Device::Cpu,
+    }
+}
+
+/// `op` on the test device in f32 (on a GPU: klspeech's CUDA kernels, `ops::kernels`; on the
+/// CPU: the same ops' CPU paths) against `reference` on the CPU in f64: values and the input's
+/// gradient for the loss sum(out * w), max-norm relative error within `tol`.
+fn on_device_against_f64(what: &str, x: &Tensor, tol: f64, op: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tensor) -> Tensor) {
+    let dev = test_device();
+    let run = |x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor| {
+        let v = Var::from_tensor(x).unwrap();
+        let out = f(v.as_tensor());
+        let w = rand(out.dims(), 98, DType::F64).to_dtype(out.dtype()).unwrap().to_device(out.device()).unwrap();
+        let g = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap().get(v.as_tensor()).expect("a gradient").clone();
+        (out.to_device(&Device::Cpu).unwrap(), g.to_device(&Device::Cpu).unwrap())
+    };
+    let (y, g) = run(&x.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap(), &op);
+    let (yr, gr) = run(&x.to_dtype(DType::F64).unwrap(), &reference);
+    let (ev, eg) = (rel(&y, &yr), rel(&g, &gr));
+    assert!(ev <= tol && eg <= tol, "{what} on {dev:?}: value rel. error {ev:e}, gradient {eg:e}");
+}
+
+/// The training path's ops as a GPU runs them (standardization, softmax, GELU, attention with
+/// dropout: klspeech's CUDA kernels for f32 there) against f64 composites on the CPU. On the
+/// CPU the same ops run their CPU paths, against the same references.
+#[test]
+fn device_ops_on_the_test_device_match_f64_composites() {
+    let f64_standardize = |x: &Tensor| {
+        let xc = x.broadcast_sub(&x.mean_keepdim(2).unwrap()).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+        xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap()
+    };
+    // Rows shorter than a block, longer than a block, the first GroupNorm's 12 799 frames.
+    for (i, s) in [&[1usize, 7, 13][..], &[3, 5, 131], &[2, 77, 768], &[2, 3, 12_799]].iter().enumerate() {
+        for offset in [0.7, 1000.0] {
+            let x = ((rand(s, 240 + i as u64, DType::F64) * 2.5).unwrap() + offset).unwrap();
+            let tol = if offset > 1.0 { 1e-4 } else { 2e-5 };
+            on_device_against_f64("standardize", &x, tol, |t| ops::device::standardize_last_device(t, 1e-5).unwrap(), f64_standardize);
+        }
+        let x = (rand(s, 250 + i as u64, DType::F64) * 4.0).unwrap();
+        on_device_against_f64("softmax", &x, 2e-5, |t| ops::device::softmax_last_device(t).unwrap(), |t| ops::softmax_last_composite(t).unwrap());
+        on_device_against_f64("gelu", &x, 2e-6, |t| ops::gelu_erf(t).unwrap(), |t| t.gelu_erf().unwrap());
+    }
+    // Attention: the packed projection's gradient, a key mask, keyed dropout (the same mask
+    // on both devices), against the same op in f64 on the CPU.
+    for &(b, t, heads, hd, drop) in &[(2usize, 13usize, 4usize, 5usize, Some((0.2, 77u64))), (3, 40, 2, 8, None), (1, 199, 12, 64, Some((0.1, 5)))] {
+        let qkv = rand(&[b, t, 3 * heads * hd], 260 + t as u64, DType::F64);
+        let mut m = vec![0f64; b * t];
+        m[b * t - 1] = -1e9;
+        let kb = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+        let scale = 1.0 / (hd as f64).sqrt();
+        on_device_against_f64(
+            &format!("attention {:?}", (b, t, heads, hd, drop)),
+            &qkv,
+            2e-5,
+            |v| ops::device::attention_device(v, heads, scale, Some(&kb.to_dtype(v.dtype()).unwrap().to_device(v.device()).unwrap()), drop).unwrap(),
+            |v| ops::device::attention_device(v, heads, scale, Some(&kb), drop).unwrap(),
+        );
+    }
+}

@@ -135,3 +135,15 @@ fn the_differentiable_path_matches_transformers_too() {
         println!("{variant} (differentiable path): max abs diff {w:e}");
     }
 }
+
+/// The device the suites run on is made as the CLI makes it (`device::parse_device`): on a GPU
+/// (KLSPEECH_TEST_DEVICE=cuda) without cudarc's per-buffer CUDA events (`device::new_cuda`),
+/// so every parity figure above is taken on that setting; on the CPU there is nothing to track.
+#[test]
+fn gpu_devices_run_without_cudarcs_per_buffer_events() {
+    let dev = common::device();
+    let want = if dev.is_cpu() { None } else { Some(false) };
+    assert_eq!(klspeech::device::cuda_event_tracking(&dev), want);
+    let name = if dev.is_cpu() { "cpu" } else { "cuda" };
+    assert_eq!(klspeech::device::cuda_event_tracking(&klspeech::device::parse_device(name).unwrap()), want);
+}

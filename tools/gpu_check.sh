@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU proof, run on a GPU machine from the repo root with target/cuda-dist.tar.xz present
 # (built here by tools/cuda_build.sh; the GPU machines have no Rust toolchain):
-#   - parity, gradient, KL-Norm, optimizer, loss and convolution tests with KLSPEECH_TEST_DEVICE=cuda;
+#   - parity, gradient, KL-Norm, optimizer, loss, convolution and op tests with KLSPEECH_TEST_DEVICE=cuda
+#     (tests/ops.rs: klspeech's CUDA kernels against f64 composites);
 #   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side),
 #     and the keyword_spotting example on CUDA (its figures and wall time against the README's);
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
-#     peak GPU memory on both sides; the f32 rows again with the composites (before/after);
+#     peak GPU memory on both sides; training rows again without klspeech's CUDA kernels and
+#     with the composites (before/after in one binary);
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
 # Build the archive it needs here (cuDNN build, only the executables used below, ~40 MiB):
-#   KL_FEATURES=cudnn KL_DIST_ONLY='^(klspeech|parity|gradients|klnorm|optim|loss|conv|train|inference|keyword_spotting)$' \
+#   KL_FEATURES=cudnn KL_DIST_ONLY='^(klspeech|parity|gradients|klnorm|optim|loss|conv|ops|train|inference|keyword_spotting)$' \
 #     bash tools/cuda_build.sh
 # and run it with the device tool: carry ["target/cuda-dist.tar.xz"], command
 # `bash tools/gpu_check.sh`, timeout ~540 s (it needs about 6 minutes on an H200).
@@ -36,7 +38,7 @@ ldd target/cuda-dist/klspeech | grep 'not found' && echo "MISSING LIBRARIES"
 D=target/cuda-dist
 t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; echo "($name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
-for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
+for name in parity gradients klnorm optim loss conv ops; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
 # The keyword-spotting example end to end on the GPU (dropout, SpecAugment, KL-Norm noise: the
@@ -46,8 +48,12 @@ KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" 
 # The f32 rows again with KLSPEECH_NO_CUSTOM_OPS=1: candle's composites (im2col convolutions
 # keeping their columns, ~2 500 graph nodes a KL-Norm step, AdamW per parameter) instead of
 # ops::device, conv1d_cl_recompute and the grouped AdamW: before/after in the same binary.
-KLSPEECH_NO_CUSTOM_OPS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-train-8x4-f32-klnorm,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=200 \
+KLSPEECH_NO_CUSTOM_OPS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "benchmarks on cuda, composites (KLSPEECH_NO_CUSTOM_OPS=1)" $D/inference-*
+# Training without klspeech's CUDA kernels (src/ops/cuda/kernels.cu: standardization, softmax
+# backward, GELU): candle's kernels with the device ops' composed backward, as before them.
+KLSPEECH_NO_CUDA_KERNELS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-train-8x4-f32-klnorm KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+  t "benchmarks on cuda, without klspeech's CUDA kernels (KLSPEECH_NO_CUDA_KERNELS=1)" $D/inference-*
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 for row in base-train-8x4-f32 base-infer-16x10-f32 base-train-8x4-f32-klnorm; do
   KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \

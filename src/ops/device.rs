@@ -116,6 +116,7 @@ impl CustomOp1 for Precomputed {
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let y = y.detach();
         Ok(Some(match self.kind {
+            Kind::Softmax if super::kernels::apply(g) => super::kernels::softmax_bwd_of(&y, g, None, 1.0)?,
             Kind::Softmax => y.mul(&g.broadcast_sub(&g.mul(&y)?.sum_keepdim(D::Minus1)?)?)?,
             Kind::Standardize { eps } => {
                 let x = x.detach();
@@ -134,7 +135,13 @@ impl CustomOp1 for Precomputed {
 /// candle's kernel takes the variance as E[x^2] - E[x]^2 in f32 sums, which cancels for rows
 /// whose mean is large against their spread (a mean of 1e3 and a spread of 1 leave nothing of
 /// the variance); on centred rows it is exact to rounding, as the two-pass composite is.
+///
+/// For f32 on a GPU, klspeech's kernel instead (`ops::kernels`): one launch each way, where
+/// this is five (centring, the fused kernel, its hand-out) forward and about fourteen backward.
 pub fn standardize_last_device(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::kernels::apply(x) {
+        return Ok(super::kernels::standardize(x, eps)?);
+    }
     let d = x.dim(D::Minus1)?;
     let xd = x.detach();
     let xc = xd.broadcast_sub(&xd.mean_keepdim(D::Minus1)?)?;
@@ -303,11 +310,17 @@ impl CustomOp1 for AttentionDevice {
             None => p.clone(),
         };
         let dv = pd.transpose(2, 3)?.contiguous()?.matmul(&g)?;
-        let mut dp = g.matmul(&v.transpose(2, 3)?.contiguous()?)?;
-        if let Some(m) = &mask {
-            dp = dp.mul(m)?;
-        }
-        let ds = (p.mul(&dp.broadcast_sub(&dp.mul(&p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?;
+        let dp = g.matmul(&v.transpose(2, 3)?.contiguous()?)?;
+        let ds = if super::kernels::apply(&dp) {
+            // One kernel: the mask, the row sums and the scale.
+            super::kernels::softmax_bwd_of(&p, &dp, mask.as_ref(), self.scale)?
+        } else {
+            let dp = match &mask {
+                Some(m) => dp.mul(m)?,
+                None => dp,
+            };
+            (p.mul(&dp.broadcast_sub(&dp.mul(&p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?
+        };
         let dq = ds.matmul(&k)?;
         let dk = ds.transpose(2, 3)?.contiguous()?.matmul(&q)?;
         // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]

@@ -252,6 +252,7 @@ mod attention;
 mod conv;
 pub mod device;
 pub mod grads;
+pub mod kernels;
 mod group_norm;
 mod linear;
 mod weight_norm;
@@ -525,6 +526,10 @@ impl CustomOp2 for GeluErfBwd {
 
 /// The exact (erf) GELU, Hugging Face's `"gelu"`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if kernels::apply(x) {
+        // f32 on a GPU: one kernel each way (candle's backward of gelu_erf is about ten).
+        return Ok(kernels::gelu(x)?);
+    }
     if !fused(x) {
         return Ok(x.gelu_erf()?);
     }

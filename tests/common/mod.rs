@@ -12,7 +12,7 @@ use klspeech::model::Wav2Vec2Config;
 /// build); CPU otherwise.
 pub fn device() -> Device {
     match std::env::var("KLSPEECH_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::new_cuda(0).expect("KLSPEECH_TEST_DEVICE=cuda but no CUDA device"),
+        Ok("cuda") => klspeech::device::new_cuda(0).expect("KLSPEECH_TEST_DEVICE=cuda but no CUDA device"),
         _ => Device::Cpu,
     }
 }

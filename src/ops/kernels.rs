@@ -1,0 +1,348 @@
+//! klspeech's CUDA kernels (`src/ops/cuda/kernels.cu`, f32): a standardization's forward and
+//! backward, the softmax's backward (with the attention's dropout mask and scale) and the exact
+//! GELU's forward and backward, each one launch where candle's composition is 5 to 15 kernels.
+//!
+//! A [`Launch`] is a kernel's launch plan (name, grid, block, arguments in the kernel's
+//! order); the GPU launcher (`launch`, `--features cuda`) and the CPU emulator that tests the
+//! kernels (`tests/cuda_kernels.rs`, `tests/cuda_emu`) both run these plans, so the argument
+//! order and the launch shapes are tested where there is no GPU. The ops in [`super::device`]
+//! use them on a CUDA device for f32 tensors, unless `KLSPEECH_NO_CUDA_KERNELS=1` (then
+//! candle's kernels, as before).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::Tensor;
+
+/// One argument of a kernel launch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// The k-th buffer handed to the launch (inputs and outputs, in the kernel's order).
+    Buf(usize),
+    /// A null pointer (an optional input left out).
+    Null,
+    I32(i32),
+    F32(f32),
+}
+
+/// A kernel's launch: `name<<<grid, block>>>(args)`, 1-D.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    pub name: &'static str,
+    pub grid: u32,
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+/// Threads per block for a row kernel over rows of `d`: a power of two from 32 to 256, about
+/// one element per thread for short rows (attention rows of T, channels of 768 take 256).
+pub fn row_block(d: usize) -> u32 {
+    d.next_power_of_two().clamp(32, 256) as u32
+}
+
+fn i32_of(n: usize) -> i32 {
+    i32::try_from(n).expect("klspeech kernels: a dimension over 2^31")
+}
+
+/// y = (x - mean) / sqrt(var + eps) per row: buffers [x, y], each [rows, d].
+pub fn standardize_fwd(rows: usize, d: usize, eps: f64) -> Launch {
+    Launch {
+        name: "kl_standardize_fwd",
+        grid: rows as u32,
+        block: row_block(d),
+        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(eps as f32)],
+    }
+}
+
+/// The standardization's backward: buffers [x, y, g, dx], each [rows, d].
+pub fn standardize_bwd(rows: usize, d: usize, eps: f64) -> Launch {
+    Launch {
+        name: "kl_standardize_bwd",
+        grid: rows as u32,
+        block: row_block(d),
+        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(eps as f32)],
+    }
+}
+
+/// The softmax's backward, dx = scale y (g m - sum(g m y)) per row: buffers [y, g, mask, dx]
+/// with a dropout mask m, [y, g, dx] without.
+pub fn softmax_bwd(rows: usize, d: usize, scale: f64, masked: bool) -> Launch {
+    let (mask, dx) = if masked { (Arg::Buf(2), Arg::Buf(3)) } else { (Arg::Null, Arg::Buf(2)) };
+    Launch {
+        name: "kl_softmax_bwd",
+        grid: rows as u32,
+        block: row_block(d),
+        args: vec![Arg::Buf(0), Arg::Buf(1), mask, dx, Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(scale as f32)],
+    }
+}
+
+/// Elementwise launches: 256 threads a block, at most 4096 blocks (the kernels stride).
+fn elementwise(name: &'static str, n: usize, buffers: usize) -> Launch {
+    let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
+    args.push(Arg::I32(i32_of(n)));
+    Launch { name, grid: n.div_ceil(256).clamp(1, 4096) as u32, block: 256, args }
+}
+
+/// The exact GELU: buffers [x, y] of n.
+pub fn gelu_fwd(n: usize) -> Launch {
+    elementwise("kl_gelu_fwd", n, 2)
+}
+
+/// The GELU's backward: buffers [x, g, dx] of n.
+pub fn gelu_bwd(n: usize) -> Launch {
+    elementwise("kl_gelu_bwd", n, 3)
+}
+
+// 0 = not read yet, 1 = on, 2 = off.
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the device ops use these kernels on a GPU (default: yes, unless
+/// `KLSPEECH_NO_CUDA_KERNELS` is set; they also need `ops::enabled()`).
+pub fn enabled() -> bool {
+    match KERNELS.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var_os("KLSPEECH_NO_CUDA_KERNELS").is_none_or(|v| v.is_empty() || v == "0");
+            KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turns the kernels on or off for the whole process (before/after benchmarks).
+pub fn set_enabled(on: bool) {
+    KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether a kernel runs for `x`: a non-empty f32 tensor on a CUDA device, kernels and fused
+/// ops on.
+pub fn apply(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.dtype() == candle_core::DType::F32 && x.elem_count() > 0 && enabled() && super::enabled()
+}
+
+/// What a [`KernelOp`] computes.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum Kind {
+    /// Rows of `d`: y = standardize(x); backward through `StandardizeBwd`.
+    Standardize { d: usize, eps: f64 },
+    /// (x, y, g) -> dx of the standardization.
+    StandardizeBwd { d: usize, eps: f64 },
+    /// (y, g[, mask]) -> dx of a softmax over rows of `d`, times `scale`.
+    SoftmaxBwd { d: usize, scale: f64 },
+    /// y = x Phi(x); backward through `GeluBwd`.
+    Gelu,
+    /// (x, g) -> dx of the GELU.
+    GeluBwd,
+}
+
+/// A candle op running one of the kernels (CUDA only: the CPU has its own fused ops).
+struct KernelOp(Kind);
+
+impl KernelOp {
+    /// The launch plan for `n` elements (the inputs' common size) and whether a mask is given.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn plan(&self, n: usize, masked: bool) -> Launch {
+        let rows = |d: usize| n / d.max(1);
+        match self.0 {
+            Kind::Standardize { d, eps } => standardize_fwd(rows(d), d, eps),
+            Kind::StandardizeBwd { d, eps } => standardize_bwd(rows(d), d, eps),
+            Kind::SoftmaxBwd { d, scale } => softmax_bwd(rows(d), d, scale, masked),
+            Kind::Gelu => gelu_fwd(n),
+            Kind::GeluBwd => gelu_bwd(n),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Kind::Standardize { .. } => "klspeech-kernel-standardize",
+            Kind::StandardizeBwd { .. } => "klspeech-kernel-standardize-bwd",
+            Kind::SoftmaxBwd { .. } => "klspeech-kernel-softmax-bwd",
+            Kind::Gelu => "klspeech-kernel-gelu",
+            Kind::GeluBwd => "klspeech-kernel-gelu-bwd",
+        }
+    }
+
+    fn run(&self, inputs: &[(&candle_core::CudaStorage, &candle_core::Layout)], masked: bool) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let shape = inputs[0].1.shape().clone();
+        for (_, l) in inputs {
+            if l.shape() != &shape {
+                candle_core::bail!("{}: inputs of shapes {:?} and {:?}", self.name(), shape, l.shape());
+            }
+        }
+        #[cfg(feature = "cuda")]
+        {
+            gpu::launch_op(&self.plan(shape.elem_count(), masked), inputs, &shape)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = masked;
+            candle_core::bail!("{}: built without CUDA", self.name())
+        }
+    }
+}
+
+fn cpu_only<T>(op: &KernelOp) -> candle_core::Result<T> {
+    candle_core::bail!("{}: a CUDA kernel (the CPU has klspeech's fused ops)", op.name())
+}
+
+impl candle_core::CustomOp1 for KernelOp {
+    fn name(&self) -> &'static str {
+        KernelOp::name(self)
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_only(self)
+    }
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.run(&[(s, l)], false)
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        Ok(Some(match self.0 {
+            Kind::Standardize { d, eps } => x.apply_op3_no_bwd(&y.detach(), &g, &KernelOp(Kind::StandardizeBwd { d, eps }))?,
+            Kind::Gelu => x.apply_op2_no_bwd(&g, &KernelOp(Kind::GeluBwd))?,
+            _ => candle_core::bail!("{}: no backward", self.name()),
+        }))
+    }
+}
+
+impl candle_core::CustomOp2 for KernelOp {
+    fn name(&self) -> &'static str {
+        KernelOp::name(self)
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_only(self)
+    }
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.run(&[(s1, l1), (s2, l2)], false)
+    }
+}
+
+impl candle_core::CustomOp3 for KernelOp {
+    fn name(&self) -> &'static str {
+        KernelOp::name(self)
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_only(self)
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        // Three inputs: the standardization's backward (x, y, g), or a masked softmax backward.
+        self.run(&[(s1, l1), (s2, l2), (s3, l3)], true)
+    }
+}
+
+/// (x - mean) / sqrt(var + eps) over the last dimension, one kernel each way ([`apply`]
+/// must hold for `x`).
+pub(crate) fn standardize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    x.contiguous()?.apply_op1(KernelOp(Kind::Standardize { d, eps }))
+}
+
+/// The exact GELU, one kernel each way ([`apply`] must hold for `x`).
+pub(crate) fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(KernelOp(Kind::Gelu))
+}
+
+/// The gradient of the scores of a softmax over the last dimension, y its output and g the
+/// gradient of its (dropped-out, with `mask`) output: scale y (g m - sum(g m y)).
+pub(crate) fn softmax_bwd_of(y: &Tensor, g: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+    let d = y.dim(candle_core::D::Minus1)?;
+    let op = KernelOp(Kind::SoftmaxBwd { d, scale });
+    let (y, g) = (y.detach().contiguous()?, g.detach().contiguous()?);
+    match mask {
+        Some(m) => y.apply_op3_no_bwd(&g, &m.detach().contiguous()?, &op),
+        None => y.apply_op2_no_bwd(&g, &op),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::{bail, Layout, Shape};
+
+    use super::{Arg, Launch};
+
+    /// The kernels, compiled to PTX by build.rs.
+    pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/klspeech_kernels.ptx"));
+
+    /// Runs `plan` with `inputs` (each with its layout, contiguous) as its first buffers and one
+    /// new output of `out` elements of f32 as its last; returns the output as a storage of shape
+    /// `shape`.
+    pub(crate) fn launch_op(plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((first, _)) = inputs.first() else { bail!("klspeech kernel {}: no inputs", plan.name) };
+        let dev: CudaDevice = first.device().clone();
+        let stream = dev.cuda_stream();
+        // SAFETY: the kernel writes every element of its output (each plan covers the shape).
+        let out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
+        let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 1);
+        let mut guards = Vec::with_capacity(inputs.len() + 1);
+        for (s, l) in inputs {
+            let Some((a, _)) = l.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous input", plan.name) };
+            let slice = s.as_cuda_slice::<f32>()?;
+            let (p, g) = slice.device_ptr(&stream);
+            ptrs.push(p + 4 * a as u64);
+            guards.push(g);
+        }
+        let (p, g) = out.device_ptr(&stream);
+        ptrs.push(p);
+        guards.push(g);
+        let f = dev.get_or_load_custom_func(plan.name, "klspeech_kernels", PTX)?;
+        let mut b = f.builder();
+        let (mut ints, mut floats) = (Vec::new(), Vec::new());
+        for a in &plan.args {
+            match *a {
+                Arg::I32(v) => ints.push(v),
+                Arg::F32(v) => floats.push(v),
+                _ => {}
+            }
+        }
+        let null = 0u64;
+        let (mut i, mut fl) = (0, 0);
+        for a in &plan.args {
+            match *a {
+                Arg::Buf(k) => match ptrs.get(k) {
+                    Some(p) => {
+                        b.arg(p);
+                    }
+                    None => bail!("klspeech kernel {}: buffer {k} of {}", plan.name, ptrs.len()),
+                },
+                Arg::Null => {
+                    b.arg(&null);
+                }
+                Arg::I32(_) => {
+                    b.arg(&ints[i]);
+                    i += 1;
+                }
+                Arg::F32(_) => {
+                    b.arg(&floats[fl]);
+                    fl += 1;
+                }
+            }
+        }
+        let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments follow the kernel's signature (the plan; tests/cuda_kernels.rs
+        // runs the same plans against the same source), pointers are live device buffers of
+        // the sizes the plan covers.
+        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        drop(guards);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
+    }
+}

@@ -1,0 +1,51 @@
+// A CUDA execution model on the CPU, for testing klspeech's kernels (src/ops/cuda/kernels.cu)
+// where no GPU is: every thread of a block is a host thread, `__syncthreads` a barrier over
+// the block, blocks run one after another (so `__shared__` arrays can be plain statics), and
+// the math functions are the C library's. It covers what the kernels use: 1-D grids and
+// blocks, shared memory, block barriers; no warp intrinsics, no atomics.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <math.h>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+inline thread_local dim3 threadIdx{0, 0, 0};
+inline thread_local dim3 blockIdx{0, 0, 0};
+inline dim3 blockDim;
+inline dim3 gridDim;
+inline std::barrier<>* emu_block_barrier = nullptr;
+
+#define __global__
+#define __device__
+#define __shared__ static
+
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+// Runs kernel<<<grid, block>>>(args...): `block` host threads walk the blocks in order, with a
+// barrier between blocks (a block's statics are free again only when all its threads are done).
+template <typename... P, typename... A>
+void emu_launch(unsigned int grid, unsigned int block, void (*kernel)(P...), A... args) {
+    blockDim = dim3{block, 1, 1};
+    gridDim = dim3{grid, 1, 1};
+    std::barrier<> bar(block);
+    emu_block_barrier = &bar;
+    std::vector<std::thread> threads;
+    for (unsigned int t = 0; t < block; ++t) {
+        threads.emplace_back([&, t] {
+            threadIdx = dim3{t, 0, 0};
+            for (unsigned int b = 0; b < grid; ++b) {
+                blockIdx = dim3{b, 0, 0};
+                kernel(args...);
+                bar.arrive_and_wait();
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+    emu_block_barrier = nullptr;
+}

@@ -1,0 +1,119 @@
+// Runs one launch of a klspeech kernel on the CPU emulator (emu.h), for tests/cuda_kernels.rs.
+//
+// stdin (little-endian): u32 name length, the name, u32 grid, u32 block, u32 argument count,
+// then per argument a tag byte and its value: 'b' a float buffer (u32 n, n f32), 'n' a null
+// pointer, 'i' an i32, 'f' an f32. stdout: every buffer after the launch, in order (u32 n,
+// n f32). Arguments must match the kernel's parameters in number and kind, or it exits 2.
+#include "emu.h"
+
+#include "../../src/ops/cuda/kernels.cu"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <string>
+#include <utility>
+
+struct Arg {
+    char tag;
+    std::vector<float> buf;
+    int32_t i = 0;
+    float f = 0.0f;
+};
+
+[[noreturn]] static void fail(const std::string& what) {
+    std::fprintf(stderr, "cuda_emu: %s\n", what.c_str());
+    std::exit(2);
+}
+
+static void read_exact(void* p, size_t n) {
+    if (std::fread(p, 1, n, stdin) != n) fail("short input");
+}
+
+template <typename T> struct Get;
+template <> struct Get<const float*> {
+    static const float* from(Arg& a) {
+        if (a.tag == 'n') return nullptr;
+        if (a.tag != 'b') fail("expected a buffer");
+        return a.buf.data();
+    }
+};
+template <> struct Get<float*> {
+    static float* from(Arg& a) {
+        if (a.tag != 'b') fail("expected an output buffer");
+        return a.buf.data();
+    }
+};
+template <> struct Get<int> {
+    static int from(Arg& a) {
+        if (a.tag != 'i') fail("expected an i32");
+        return a.i;
+    }
+};
+template <> struct Get<float> {
+    static float from(Arg& a) {
+        if (a.tag != 'f') fail("expected an f32");
+        return a.f;
+    }
+};
+
+using Runner = std::function<void(unsigned, unsigned, std::vector<Arg>&)>;
+
+template <typename... P, size_t... I>
+static void call(void (*k)(P...), unsigned g, unsigned b, std::vector<Arg>& a, std::index_sequence<I...>) {
+    emu_launch(g, b, k, Get<P>::from(a[I])...);
+}
+
+template <typename... P> static Runner runner(void (*k)(P...)) {
+    return [k](unsigned g, unsigned b, std::vector<Arg>& a) {
+        if (a.size() != sizeof...(P)) fail("wrong argument count");
+        call(k, g, b, a, std::index_sequence_for<P...>{});
+    };
+}
+
+int main() {
+    std::map<std::string, Runner> kernels = {
+        {"kl_standardize_fwd", runner(kl_standardize_fwd)},
+        {"kl_standardize_bwd", runner(kl_standardize_bwd)},
+        {"kl_softmax_bwd", runner(kl_softmax_bwd)},
+        {"kl_gelu_fwd", runner(kl_gelu_fwd)},
+        {"kl_gelu_bwd", runner(kl_gelu_bwd)},
+    };
+    uint32_t len;
+    read_exact(&len, 4);
+    std::string name(len, '\0');
+    read_exact(name.data(), len);
+    uint32_t grid, block, nargs;
+    read_exact(&grid, 4);
+    read_exact(&block, 4);
+    read_exact(&nargs, 4);
+    std::vector<Arg> args(nargs);
+    for (auto& a : args) {
+        read_exact(&a.tag, 1);
+        if (a.tag == 'b') {
+            uint32_t n;
+            read_exact(&n, 4);
+            a.buf.resize(n);
+            read_exact(a.buf.data(), 4 * (size_t)n);
+        } else if (a.tag == 'i') {
+            read_exact(&a.i, 4);
+        } else if (a.tag == 'f') {
+            read_exact(&a.f, 4);
+        } else if (a.tag != 'n') {
+            fail("unknown argument tag");
+        }
+    }
+    auto k = kernels.find(name);
+    if (k == kernels.end()) fail("unknown kernel " + name);
+    if (block == 0 || (block & (block - 1)) != 0 || block > 1024) fail("block size must be a power of two up to 1024");
+    k->second(grid, block, args);
+    for (auto& a : args) {
+        if (a.tag != 'b') continue;
+        uint32_t n = (uint32_t)a.buf.size();
+        std::fwrite(&n, 4, 1, stdout);
+        std::fwrite(a.buf.data(), 4, n, stdout);
+    }
+    return 0;
+}

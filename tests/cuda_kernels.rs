@@ -1,0 +1,194 @@
+//! klspeech's CUDA kernels (src/ops/cuda/kernels.cu) run on the CPU through tests/cuda_emu (one
+//! host thread per CUDA thread, block barriers, blocks in turn), with the launch plans of
+//! `klspeech::ops::kernels` that the GPU launcher uses, against f64 references: candle's
+//! composites on the CPU and their autograd gradients. Needs g++ (C++20), as the machine's
+//! Rust toolchain does for crates that build C. On a GPU, tests/ops.rs checks the same kernels
+//! through the device ops (KLSPEECH_TEST_DEVICE=cuda).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use klspeech::ops::kernels::{self, Arg, Launch};
+use klspeech::rng::Rng;
+
+/// The emulator, built once per test run.
+fn emulator() -> &'static PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("klspeech_cuda_emu");
+        let out = Command::new("g++")
+            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror"])
+            .arg(root.join("tests/cuda_emu/main.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap_or_else(|e| panic!("running g++ to build tests/cuda_emu/main.cpp: {e} (install g++ 10 or newer)"));
+        assert!(out.status.success(), "g++ tests/cuda_emu/main.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
+        exe
+    })
+}
+
+/// Runs `plan` on the emulator with `bufs` (outputs as NaN-filled buffers); returns every
+/// buffer after the launch.
+fn run(plan: &Launch, bufs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut input = Vec::new();
+    input.extend((plan.name.len() as u32).to_le_bytes());
+    input.extend(plan.name.as_bytes());
+    for v in [plan.grid, plan.block, plan.args.len() as u32] {
+        input.extend(v.to_le_bytes());
+    }
+    let mut used = 0;
+    for a in &plan.args {
+        match *a {
+            Arg::Buf(k) => {
+                assert_eq!(k, used, "plan {}: buffers in order", plan.name);
+                used += 1;
+                input.push(b'b');
+                input.extend((bufs[k].len() as u32).to_le_bytes());
+                bufs[k].iter().for_each(|v| input.extend(v.to_le_bytes()));
+            }
+            Arg::Null => input.push(b'n'),
+            Arg::I32(v) => {
+                input.push(b'i');
+                input.extend(v.to_le_bytes());
+            }
+            Arg::F32(v) => {
+                input.push(b'f');
+                input.extend(v.to_le_bytes());
+            }
+        }
+    }
+    assert_eq!(used, bufs.len(), "plan {}: every buffer passed", plan.name);
+    let mut child = Command::new(emulator()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "emulator: {}", String::from_utf8_lossy(&out.stderr));
+    let (mut res, mut at) = (Vec::new(), 0);
+    while at < out.stdout.len() {
+        let n = u32::from_le_bytes(out.stdout[at..at + 4].try_into().unwrap()) as usize;
+        at += 4;
+        res.push(out.stdout[at..at + 4 * n].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
+        at += 4 * n;
+    }
+    res
+}
+
+fn normal(n: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
+    Rng::new(seed).normal_vec(n).into_iter().map(|v| v * scale + shift).collect()
+}
+
+fn f64_var(v: &[f32], shape: (usize, usize)) -> Var {
+    Var::from_tensor(&Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()).unwrap()
+}
+
+fn as_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+}
+
+/// max |got - want| / max(1, max |want|).
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Rows of d with mean `shift`; some shapes leave threads idle (d < block), some give each
+/// thread several elements (d > block), one is wider than a block of 256.
+const SHAPES: [(usize, usize); 4] = [(3, 1), (5, 37), (4, 256), (2, 770)];
+
+#[test]
+fn standardization_forward_and_backward_match_the_f64_composite() {
+    let eps = 1e-5;
+    for (i, &(rows, d)) in SHAPES.iter().enumerate() {
+        // The last case: rows whose mean is 1000 times their spread (the two-pass variance).
+        let shift = if i == SHAPES.len() - 1 { 1000.0 } else { 0.3 };
+        let x = normal(rows * d, 11 + i as u64, 1.0, shift);
+        let g = normal(rows * d, 31 + i as u64, 1.0, 0.0);
+        // Reference: (x - mean) / sqrt(var + eps) in f64, its gradient by candle's autograd.
+        let xv = f64_var(&x, (rows, d));
+        let xc = xv.as_tensor().broadcast_sub(&xv.as_tensor().mean_keepdim(D::Minus1).unwrap()).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let y_ref = xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
+        let gt = Tensor::from_vec(g.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+        let dx_ref = y_ref.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+
+        let fwd = run(&kernels::standardize_fwd(rows, d, eps), &[x.clone(), vec![f32::NAN; rows * d]]);
+        let e = rel_err(&fwd[1], &as_f64(&y_ref));
+        assert!(e < 2e-5, "standardize forward {rows}x{d}: {e}");
+        let bwd = run(&kernels::standardize_bwd(rows, d, eps), &[x.clone(), fwd[1].clone(), g.clone(), vec![f32::NAN; rows * d]]);
+        let e = rel_err(&bwd[3], &as_f64(&dx_ref));
+        assert!(e < 5e-5, "standardize backward {rows}x{d}: {e}");
+        // Inputs are read only.
+        assert_eq!(bwd[0], x);
+        assert_eq!(bwd[2], g);
+    }
+}
+
+#[test]
+fn softmax_backward_with_and_without_dropout_mask_and_scale_matches_the_f64_composite() {
+    for (i, &(rows, d)) in SHAPES.iter().enumerate() {
+        let s = normal(rows * d, 41 + i as u64, 2.0, 0.0);
+        let g = normal(rows * d, 51 + i as u64, 1.0, 0.0);
+        // Dropout at 0.25: factors 0 or 1 / 0.75.
+        let mask: Vec<f32> = Rng::new(61 + i as u64).normal_vec(rows * d).iter().map(|v| if *v > -0.674 { 1.0 / 0.75 } else { 0.0 }).collect();
+        for (masked, scale) in [(false, 1.0), (true, 0.125)] {
+            // Reference: d/ds of sum(softmax(s) * m * g) * scale, in f64.
+            let sv = f64_var(&s, (rows, d));
+            let p = candle_nn::ops::softmax(sv.as_tensor(), D::Minus1).unwrap();
+            let p_f32: Vec<f32> = as_f64(&p).iter().map(|&v| v as f32).collect();
+            let mut w = Tensor::from_vec(g.iter().map(|&v| v as f64 * scale).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+            if masked {
+                w = w.mul(&Tensor::from_vec(mask.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap()).unwrap();
+            }
+            let ds_ref = p.mul(&w).unwrap().sum_all().unwrap().backward().unwrap().get(sv.as_tensor()).unwrap().clone();
+            let mut bufs = vec![p_f32, g.clone()];
+            if masked {
+                bufs.push(mask.clone());
+            }
+            bufs.push(vec![f32::NAN; rows * d]);
+            let out = run(&kernels::softmax_bwd(rows, d, scale, masked), &bufs);
+            let e = rel_err(out.last().unwrap(), &as_f64(&ds_ref));
+            assert!(e < 2e-5, "softmax backward {rows}x{d} masked {masked}: {e}");
+        }
+    }
+}
+
+#[test]
+fn gelu_forward_and_backward_match_the_f64_erf_gelu() {
+    // More elements than one launch's threads (4096 blocks of 256 would cover 1 M; use a
+    // small grid check too): 70 001 elements, values over [-6, 6].
+    let n = 70_001;
+    let x: Vec<f32> = normal(n, 71, 2.5, 0.0).into_iter().map(|v| v.clamp(-6.0, 6.0)).collect();
+    let g = normal(n, 81, 1.0, 0.0);
+    let xv = f64_var(&x, (1, n));
+    let y_ref = xv.as_tensor().gelu_erf().unwrap();
+    let gt = Tensor::from_vec(g.iter().map(|&v| v as f64).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
+    let dx_ref = y_ref.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+    let fwd = run(&kernels::gelu_fwd(n), &[x.clone(), vec![f32::NAN; n]]);
+    let e = rel_err(&fwd[1], &as_f64(&y_ref));
+    assert!(e < 1e-6, "gelu forward: {e}");
+    let bwd = run(&kernels::gelu_bwd(n), &[x.clone(), g.clone(), vec![f32::NAN; n]]);
+    let e = rel_err(&bwd[2], &as_f64(&dx_ref));
+    assert!(e < 1e-6, "gelu backward: {e}");
+    // A grid smaller than the elements: the kernels stride over the rest.
+    let mut plan = kernels::gelu_fwd(n);
+    plan.grid = 3;
+    let strided = run(&plan, &[x, vec![f32::NAN; n]]);
+    assert_eq!(strided[1], fwd[1]);
+}
+
+#[test]
+fn launch_plans_cover_their_shapes() {
+    assert_eq!(kernels::row_block(1), 32);
+    assert_eq!(kernels::row_block(37), 64);
+    assert_eq!(kernels::row_block(768), 256);
+    let p = kernels::softmax_bwd(10, 199, 0.125, false);
+    assert_eq!((p.grid, p.block), (10, 256));
+    assert_eq!(p.args[2], Arg::Null);
+    let g = kernels::gelu_bwd(70_001);
+    assert_eq!((g.grid, g.block), (274, 256));
+}
