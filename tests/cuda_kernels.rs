@@ -192,3 +192,77 @@ fn launch_plans_cover_their_shapes() {
     let g = kernels::gelu_bwd(70_001);
     assert_eq!((g.grid, g.block), (274, 256));
 }
+
+/// The KL-Norm site's forward (y and the KL per row) and backward (the gradient of x̂ and of
+/// every parameter, through the per-block column sums and kl_colsum), with the standard and the
+/// learned prior, against the f64 composite of `model::norm` (the same formulas as
+/// ops::kl_norm_last's references) and its autograd gradients.
+#[test]
+fn kl_norm_site_forward_and_backward_match_the_f64_composite() {
+    let softplus = |z: &Tensor| (z.relu().unwrap() + (z.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap();
+    // (rows, d): rows over several blocks of the backward (chunk > 1), a short row, one row.
+    for (case, &(rows, d, learned)) in [(600usize, 37usize, false), (600, 37, true), (3, 300, true), (1, 5, false)].iter().enumerate() {
+        let np = if learned { 6 } else { 4 };
+        let seed = 100 + 10 * case as u64;
+        let xh = normal(rows * d, seed, 1.0, 0.0);
+        // w near 1, b small, a and c so that sigma spans softplus' bend, a prior not N(0, 1).
+        let mut p = normal(d, seed + 1, 0.2, 1.0);
+        p.extend(normal(d, seed + 2, 0.1, 0.0));
+        p.extend(normal(d, seed + 3, 0.5, 0.0));
+        p.extend(normal(d, seed + 4, 1.0, -1.0));
+        if learned {
+            p.extend(normal(d, seed + 5, 0.3, 0.0));
+            p.extend(normal(d, seed + 6, 0.5, 0.5));
+        }
+        let noise = normal(rows * d, seed + 7, 1.0, 0.0);
+        let gy = normal(rows * d, seed + 8, 1.0, 0.0);
+        let gk = normal(rows, seed + 9, 1.0, 0.0);
+
+        // Reference in f64: y and kl, then d/d(xh, p) of sum(y gy) + sum(kl gk).
+        let xv = f64_var(&xh, (rows, d));
+        let pv = f64_var(&p, (np, d));
+        let nz = Tensor::from_vec(noise.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+        let (x, pt) = (xv.as_tensor(), pv.as_tensor());
+        let row = |i: usize| pt.get(i).unwrap();
+        let mu = x.broadcast_mul(&row(0)).unwrap().broadcast_add(&row(1)).unwrap();
+        let sigma = softplus(&x.broadcast_mul(&row(2)).unwrap().broadcast_add(&row(3)).unwrap());
+        let y = (&mu + sigma.mul(&nz).unwrap()).unwrap();
+        let per = if learned {
+            let s = softplus(&row(5));
+            let inv_var = s.sqr().unwrap().recip().unwrap();
+            let t1 = sigma.sqr().unwrap().broadcast_mul(&inv_var).unwrap();
+            let t2 = mu.broadcast_sub(&row(4)).unwrap().sqr().unwrap().broadcast_mul(&inv_var).unwrap();
+            let t3 = s.log().unwrap().affine(2.0, -1.0).unwrap();
+            ((t1 + t2).unwrap().broadcast_add(&t3).unwrap() - sigma.log().unwrap().affine(2.0, 0.0).unwrap()).unwrap().affine(0.5, 0.0).unwrap()
+        } else {
+            ((mu.sqr().unwrap() + sigma.sqr().unwrap()).unwrap() - sigma.log().unwrap().affine(2.0, 1.0).unwrap()).unwrap().affine(0.5, 0.0).unwrap()
+        };
+        let kl = per.sum(1).unwrap();
+        let gyt = Tensor::from_vec(gy.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+        let gkt = Tensor::from_vec(gk.iter().map(|&v| v as f64).collect::<Vec<_>>(), rows, &Device::Cpu).unwrap();
+        let loss = (y.mul(&gyt).unwrap().sum_all().unwrap() + kl.mul(&gkt).unwrap().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+
+        let fwd = run(&kernels::klnorm_fwd(rows, d, learned), &[xh.clone(), p.clone(), noise.clone(), vec![f32::NAN; rows * d + rows]]);
+        let out = &fwd[3];
+        let e = rel_err(&out[..rows * d], &as_f64(&y));
+        assert!(e < 2e-6, "KL-Norm y {rows}x{d} learned {learned}: {e}");
+        let e = rel_err(&out[rows * d..], &as_f64(&kl));
+        assert!(e < 2e-5, "KL-Norm kl {rows}x{d} learned {learned}: {e}");
+
+        let plan = kernels::klnorm_bwd(rows, d, learned);
+        let blocks = plan.grid as usize;
+        assert!(rows < 256 || kernels::klnorm_bwd_chunk(rows) > 1, "several rows per block");
+        let mut g = gy.clone();
+        g.extend(&gk);
+        let bwd = run(&plan, &[xh.clone(), p.clone(), noise.clone(), g, vec![f32::NAN; rows * d + blocks * np * d]]);
+        let e = rel_err(&bwd[4][..rows * d], &as_f64(grads.get(x).unwrap()));
+        assert!(e < 2e-5, "KL-Norm dxh {rows}x{d} learned {learned}: {e}");
+        let sums = run(&kernels::colsum(blocks, np * d), &[bwd[4][rows * d..].to_vec(), vec![f32::NAN; np * d]]);
+        let want = as_f64(grads.get(pt).unwrap());
+        for k in 0..np {
+            let e = rel_err(&sums[1][k * d..(k + 1) * d], &want[k * d..(k + 1) * d]);
+            assert!(e < 5e-5, "KL-Norm parameter row {k} {rows}x{d} learned {learned}: {e}");
+        }
+    }
+}

@@ -688,3 +688,56 @@ fn device_ops_on_the_test_device_match_f64_composites() {
         );
     }
 }
+
+/// A KL-Norm site as a GPU trains it (`ops::device::kl_norm_last_device`: klspeech's CUDA
+/// kernels for f32 there), with the standard and a learned prior, on the test device in f32
+/// against the site in f64 on the CPU (whose composite backward tests/klnorm.rs and the
+/// gradient suites check; the fused CPU op there): y, the KL per row, and the gradients of x
+/// and every parameter.
+#[test]
+fn kl_norm_site_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (case, &(b, t, d, learned)) in [(2usize, 9usize, 37usize, false), (3, 50, 64, true), (1, 1, 768, true)].iter().enumerate() {
+        let seed = 300 + 20 * case as u64;
+        let x = ((rand(&[b, t, d], seed, DType::F64) * 2.0).unwrap() + 0.5).unwrap();
+        let mut params = vec![
+            rand(&[d], seed + 1, DType::F64).affine(0.2, 1.0).unwrap(),
+            (rand(&[d], seed + 2, DType::F64) * 0.1).unwrap(),
+            (rand(&[d], seed + 3, DType::F64) * 0.5).unwrap(),
+            (rand(&[d], seed + 4, DType::F64) - 1.0).unwrap(),
+        ];
+        if learned {
+            params.push((rand(&[d], seed + 5, DType::F64) * 0.3).unwrap());
+            params.push(rand(&[d], seed + 6, DType::F64).affine(0.5, 0.5).unwrap());
+        }
+        let noise = rand(&[b, t, d], seed + 7, DType::F64);
+        let wy = rand(&[b, t, d], seed + 8, DType::F64);
+        let wk = rand(&[b, t], seed + 9, DType::F64);
+        let run = |dtype: DType, dev: &Device| {
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+            let vars: Vec<Var> = std::iter::once(&x).chain(params.iter()).map(|t| Var::from_tensor(&on(t)).unwrap()).collect();
+            let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let prior = learned.then(|| (v[5], v[6]));
+            let (y, kl) = if dev.is_cpu() && dtype == DType::F64 {
+                // The reference: the fused CPU op in f64 (candle's LayerNorm kernel, which the
+                // device op's CPU path uses, has no f64).
+                ops::kl_norm_last(v[0], v[1], v[2], v[3], v[4], prior, &on(&noise), 1e-5).unwrap().expect("fused on the CPU")
+            } else {
+                ops::device::kl_norm_last_device(v[0], v[1], v[2], v[3], v[4], prior, &on(&noise), 1e-5).unwrap()
+            };
+            let loss = (y.mul(&on(&wy)).unwrap().sum_all().unwrap() + kl.mul(&on(&wk)).unwrap().sum_all().unwrap()).unwrap();
+            let grads = loss.backward().unwrap();
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            let g: Vec<Tensor> = v.iter().map(|t| cpu(grads.get(t).expect("every input gets a gradient"))).collect();
+            (cpu(&y), cpu(&kl), g)
+        };
+        let (y, kl, g) = run(DType::F32, &dev);
+        let (yr, klr, gr) = run(DType::F64, &Device::Cpu);
+        let what = format!("KL-Norm site {:?} on {dev:?}", (b, t, d, learned));
+        assert!(rel(&y, &yr) <= 2e-5, "{what}: y {:e}", rel(&y, &yr));
+        assert!(rel(&kl, &klr) <= 2e-5, "{what}: kl {:e}", rel(&kl, &klr));
+        for (i, (a, r)) in g.iter().zip(&gr).enumerate() {
+            assert!(rel(a, r) <= 1e-4, "{what}: gradient of input {i}: {:e}", rel(a, r));
+        }
+    }
+}

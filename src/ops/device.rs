@@ -355,6 +355,14 @@ pub fn kl_norm_last_device(
     let n = x.elem_count();
     let rows = n / d.max(1);
     let noise = noise.reshape((rows, d))?.detach();
+    if super::kernels::apply(&x_hat) && super::kernels::apply(&p) && super::kernels::apply(&noise) {
+        // f32 on a GPU: klspeech's kernels, one launch forward, two backward.
+        let packed = super::kernels::kl_norm_site(&x_hat, &p, &noise)?;
+        let y = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let mut kl_shape = x.dims().to_vec();
+        kl_shape.pop();
+        return Ok((y, packed.narrow(0, n, rows)?.reshape(kl_shape)?));
+    }
     let op = KlNormDevice { noise, out: None };
     let fwd = op.parts(&x_hat.detach().reshape((rows, d))?, &p.detach())?;
     let out = Tensor::cat(&[fwd.y.flatten_all()?, fwd.kl.flatten_all()?], 0)?;

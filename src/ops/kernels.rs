@@ -92,6 +92,56 @@ pub fn gelu_bwd(n: usize) -> Launch {
     elementwise("kl_gelu_bwd", n, 3)
 }
 
+/// A KL-Norm site after its standardization: buffers [xh, p, noise, out], xh and noise
+/// [rows, d], p [4, d] ([6, d] with a `learned` prior), out [rows * d + rows] (y, then the KL
+/// per row).
+pub fn klnorm_fwd(rows: usize, d: usize, learned: bool) -> Launch {
+    Launch {
+        name: "kl_klnorm_fwd",
+        grid: rows as u32,
+        block: row_block(d),
+        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::I32(learned as i32)],
+    }
+}
+
+/// Rows per block of [`klnorm_bwd`]: about 256 blocks over the rows.
+pub fn klnorm_bwd_chunk(rows: usize) -> usize {
+    rows.div_ceil(256).max(1)
+}
+
+/// Its backward: buffers [xh, p, noise, g, out], g [rows * d + rows] (the output's gradient),
+/// out [rows * d + blocks * np * d]: the gradient of xh, then each block's column sums of the
+/// parameters' gradients (np = 4 or 6), for [`colsum`] over the blocks.
+pub fn klnorm_bwd(rows: usize, d: usize, learned: bool) -> Launch {
+    let chunk = klnorm_bwd_chunk(rows);
+    Launch {
+        name: "kl_klnorm_bwd",
+        grid: rows.div_ceil(chunk).max(1) as u32,
+        block: row_block(d),
+        args: vec![
+            Arg::Buf(0),
+            Arg::Buf(1),
+            Arg::Buf(2),
+            Arg::Buf(3),
+            Arg::Buf(4),
+            Arg::I32(i32_of(rows)),
+            Arg::I32(i32_of(d)),
+            Arg::I32(learned as i32),
+            Arg::I32(i32_of(chunk)),
+        ],
+    }
+}
+
+/// Column sums over `blocks` partial rows of `width`: buffers [partial, out].
+pub fn colsum(blocks: usize, width: usize) -> Launch {
+    Launch {
+        name: "kl_colsum",
+        grid: width.div_ceil(256).clamp(1, 4096) as u32,
+        block: 256,
+        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(blocks)), Arg::I32(i32_of(width))],
+    }
+}
+
 // 0 = not read yet, 1 = on, 2 = off.
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
@@ -269,6 +319,145 @@ pub(crate) fn softmax_bwd_of(y: &Tensor, g: &Tensor, mask: Option<&Tensor>, scal
         Some(m) => y.apply_op3_no_bwd(&g, &m.detach().contiguous()?, &op),
         None => y.apply_op2_no_bwd(&g, &op),
     }
+}
+
+/// The kernels of a KL-Norm site (after its standardization), as candle ops.
+#[derive(Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum KlStage {
+    /// (x̂, p) -> [y; kl]; the noise is a field (no gradient).
+    Forward,
+    /// (x̂, p, g) -> [dx̂; per-block parameter sums].
+    Backward,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct KlNormKernel {
+    stage: KlStage,
+    /// [rows, d], contiguous f32 on the same GPU.
+    noise: Tensor,
+    d: usize,
+    learned: bool,
+}
+
+impl KlNormKernel {
+    fn rows(&self) -> usize {
+        self.noise.elem_count() / self.d.max(1)
+    }
+
+    /// Runs the stage's kernel on `inputs` (x̂, p[, g]) with the noise as third buffer.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn run(&self, inputs: &[(&candle_core::CudaStorage, &candle_core::Layout)]) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let (rows, d) = (self.rows(), self.d);
+            let (plan, len) = match self.stage {
+                KlStage::Forward => (klnorm_fwd(rows, d, self.learned), rows * d + rows),
+                KlStage::Backward => {
+                    let plan = klnorm_bwd(rows, d, self.learned);
+                    let len = rows * d + plan.grid as usize * if self.learned { 6 } else { 4 } * d;
+                    (plan, len)
+                }
+            };
+            let (guard, nl) = self.noise.storage_and_layout();
+            let candle_core::Storage::Cuda(ns) = &*guard else { candle_core::bail!("klspeech KL-Norm kernel: noise not on the GPU") };
+            let mut all = vec![inputs[0], inputs[1], (ns, nl)];
+            all.extend_from_slice(&inputs[2..]);
+            gpu::launch_op(&plan, &all, &candle_core::Shape::from(len))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech KL-Norm kernel: built without CUDA")
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for KlNormKernel {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-kl-norm"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("klspeech-kernel-kl-norm: a CUDA kernel")
+    }
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.run(&[(s1, l1), (s2, l2)])
+    }
+    fn bwd(&self, x_hat: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, d) = (self.rows(), self.d);
+        let np = p.dim(0)?;
+        let op = KlNormKernel { stage: KlStage::Backward, noise: self.noise.clone(), d, learned: self.learned };
+        let packed = x_hat.detach().apply_op3_no_bwd(&p.detach(), &g.contiguous()?, &op)?;
+        let dx = packed.narrow(0, 0, rows * d)?.reshape(x_hat.shape())?;
+        let blocks = (packed.elem_count() - rows * d) / (np * d).max(1);
+        let partial = packed.narrow(0, rows * d, blocks * np * d)?;
+        let dp = partial.apply_op1_no_bwd(&ColSum { blocks, width: np * d })?.reshape((np, d))?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl candle_core::CustomOp3 for KlNormKernel {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-kl-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("klspeech-kernel-kl-norm-bwd: a CUDA kernel")
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.run(&[(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+/// Sums `blocks` rows of `width` (the KL-Norm backward's per-block parameter sums).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct ColSum {
+    blocks: usize,
+    width: usize,
+}
+
+impl candle_core::CustomOp1 for ColSum {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-colsum"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("klspeech-kernel-colsum: a CUDA kernel")
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            gpu::launch_op(&colsum(self.blocks, self.width), &[(s, l)], &candle_core::Shape::from(self.width))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-colsum: built without CUDA")
+        }
+    }
+}
+
+/// A KL-Norm site after its standardization as one kernel each way: x̂ [.., d] and the packed
+/// parameters p [4 or 6, d] (see `ops::device::kl_norm_last_device`), noise [rows, d];
+/// returns [y (n values); kl (rows values)]. [`apply`] must hold for x̂, p and the noise.
+pub(crate) fn kl_norm_site(x_hat: &Tensor, p: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x_hat.dim(candle_core::D::Minus1)?;
+    let learned = p.dim(0)? == 6;
+    let op = KlNormKernel { stage: KlStage::Forward, noise: noise.contiguous()?, d, learned };
+    x_hat.contiguous()?.apply_op2(&p.contiguous()?, op)
 }
 
 #[cfg(feature = "cuda")]

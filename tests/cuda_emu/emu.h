@@ -27,6 +27,10 @@ inline std::barrier<>* emu_block_barrier = nullptr;
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 
+// CUDA's integer min / max (device functions in the global namespace).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
 // Runs kernel<<<grid, block>>>(args...): `block` host threads walk the blocks in order, with a
 // barrier between blocks (a block's statics are free again only when all its threads are done).
 template <typename... P, typename... A>

@@ -80,6 +80,9 @@ int main() {
         {"kl_softmax_bwd", runner(kl_softmax_bwd)},
         {"kl_gelu_fwd", runner(kl_gelu_fwd)},
         {"kl_gelu_bwd", runner(kl_gelu_bwd)},
+        {"kl_klnorm_fwd", runner(kl_klnorm_fwd)},
+        {"kl_klnorm_bwd", runner(kl_klnorm_bwd)},
+        {"kl_colsum", runner(kl_colsum)},
     };
     uint32_t len;
     read_exact(&len, 4);

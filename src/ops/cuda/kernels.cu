@@ -113,3 +113,99 @@ extern "C" __global__ void kl_gelu_bwd(const float* x, const float* g, float* dx
         dx[i] = g[i] * (cdf + v * pdf);
     }
 }
+
+// softplus(z) = max(z, 0) + ln(1 + e^-|z|) and its derivative 1 / (1 + e^-z).
+__device__ float kl_softplus(float z) { return fmaxf(z, 0.0f) + log1pf(expf(-fabsf(z))); }
+__device__ float kl_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+// A KL-Norm site after its standardization, per row of d (ops::device::kl_norm_last_device):
+// p = [w; b; a; c] (+ [m_p; s_raw] when `learned`), each of d; mu = xh w + b,
+// sigma = softplus(xh a + c), y = mu + sigma noise, and the row's KL against N(0, 1) or
+// N(m_p, softplus(s_raw)^2) summed over the row. out = [y (rows * d); kl (rows)].
+extern "C" __global__ void kl_klnorm_fwd(const float* xh, const float* p, const float* noise, float* out, int rows, int d, int learned) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    long long o = (long long)r * d;
+    float s = 0.0f, unused = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float x = xh[o + j];
+        float mu = x * p[j] + p[d + j];
+        float sigma = kl_softplus(x * p[2 * d + j] + p[3 * d + j]);
+        out[o + j] = mu + sigma * noise[o + j];
+        if (learned) {
+            float sp = kl_softplus(p[5 * d + j]);
+            float inv_var = 1.0f / (sp * sp);
+            float dm = mu - p[4 * d + j];
+            s += 0.5f * (sigma * sigma * inv_var + dm * dm * inv_var + (2.0f * logf(sp) - 1.0f) - 2.0f * logf(sigma));
+        } else {
+            s += 0.5f * (mu * mu + sigma * sigma - (2.0f * logf(sigma) + 1.0f));
+        }
+    }
+    block_sum2(&s, &unused);
+    if (threadIdx.x == 0) out[(long long)rows * d + r] = s;
+}
+
+// Its backward: g = [gy (rows * d); gk (rows)], the gradient of out. Each block takes `chunk`
+// rows; each thread a set of columns j. Writes dxh into out[0 .. rows * d] and, after it, the
+// block's column sums of the parameters' gradients, [gridDim.x][np][d] (np = 4, or 6 when
+// learned), which kl_colsum adds up:
+// dmu = gy + gk (mu - m_p) / s_p^2, dsigma = gy noise + gk (sigma / s_p^2 - 1 / sigma),
+// dz = dsigma sigmoid(z), dxh = dmu w + dz a; dw = sum dmu xh, db = sum dmu, da = sum dz xh,
+// dc = sum dz, dm_p = -sum gk (mu - m_p) / s_p^2,
+// ds_raw = sum gk (1 / s_p - (sigma^2 + (mu - m_p)^2) / s_p^3) sigmoid(s_raw).
+extern "C" __global__ void kl_klnorm_bwd(const float* xh, const float* p, const float* noise, const float* g, float* out, int rows, int d, int learned, int chunk) {
+    int np = learned ? 6 : 4;
+    int r0 = blockIdx.x * chunk;
+    int r1 = min(rows, r0 + chunk);
+    float* partial = out + (long long)rows * d + (long long)blockIdx.x * np * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float w = p[j], b = p[d + j], a = p[2 * d + j], c = p[3 * d + j];
+        float m = 0.0f, inv_var = 1.0f, sp = 1.0f, sig_raw = 0.0f;
+        if (learned) {
+            m = p[4 * d + j];
+            sp = kl_softplus(p[5 * d + j]);
+            inv_var = 1.0f / (sp * sp);
+            sig_raw = kl_sigmoid(p[5 * d + j]);
+        }
+        float sw = 0.0f, sb = 0.0f, sa = 0.0f, sc = 0.0f, sm = 0.0f, ss = 0.0f;
+        for (int r = r0; r < r1; ++r) {
+            long long o = (long long)r * d + j;
+            float x = xh[o];
+            float gy = g[o];
+            float gk = g[(long long)rows * d + r];
+            float mu = x * w + b;
+            float z = x * a + c;
+            float sigma = kl_softplus(z);
+            float dm = mu - m;
+            float dmu = gy + gk * dm * inv_var;
+            float dsigma = gy * noise[o] + gk * (sigma * inv_var - 1.0f / sigma);
+            float dz = dsigma * kl_sigmoid(z);
+            out[o] = dmu * w + dz * a;
+            sw += dmu * x;
+            sb += dmu;
+            sa += dz * x;
+            sc += dz;
+            if (learned) {
+                sm -= gk * dm * inv_var;
+                ss += gk * (1.0f / sp - (sigma * sigma + dm * dm) / (sp * sp * sp));
+            }
+        }
+        partial[j] = sw;
+        partial[d + j] = sb;
+        partial[2 * d + j] = sa;
+        partial[3 * d + j] = sc;
+        if (learned) {
+            partial[4 * d + j] = sm;
+            partial[5 * d + j] = ss * sig_raw;
+        }
+    }
+}
+
+// out[i] = sum over b < nblocks of partial[b * width + i], in block order (deterministic).
+extern "C" __global__ void kl_colsum(const float* partial, float* out, int nblocks, int width) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < width; i += gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int b = 0; b < nblocks; ++b) s += partial[(long long)b * width + i];
+        out[i] = s;
+    }
+}
