@@ -266,3 +266,39 @@ fn kl_norm_site_forward_and_backward_match_the_f64_composite() {
         }
     }
 }
+
+/// LayerNorm forward and backward (the gradient of x, and of w and b through the per-block
+/// column sums and kl_colsum) against the f64 composite (x - mean) / sqrt(var + eps) w + b.
+#[test]
+fn layer_norm_forward_and_backward_match_the_f64_composite() {
+    let eps = 1e-5;
+    for (case, &(rows, d, shift)) in [(600usize, 37usize, 0.3f32), (5, 768, 1000.0), (1, 1, 0.0), (300, 256, 2.0)].iter().enumerate() {
+        let seed = 400 + 10 * case as u64;
+        let x = normal(rows * d, seed, 1.5, shift);
+        let w = normal(d, seed + 1, 0.3, 1.0);
+        let b = normal(d, seed + 2, 0.2, 0.0);
+        let g = normal(rows * d, seed + 3, 1.0, 0.0);
+        let (xv, wv, bv) = (f64_var(&x, (rows, d)), f64_var(&w, (1, d)), f64_var(&b, (1, d)));
+        let xt = xv.as_tensor();
+        let xc = xt.broadcast_sub(&xt.mean_keepdim(D::Minus1).unwrap()).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let y_ref = xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(wv.as_tensor()).unwrap().broadcast_add(bv.as_tensor()).unwrap();
+        let gt = Tensor::from_vec(g.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+        let grads = y_ref.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let fwd = run(&kernels::layer_norm_fwd(rows, d, eps), &[x.clone(), w.clone(), b.clone(), vec![f32::NAN; rows * d]]);
+        let e = rel_err(&fwd[3], &as_f64(&y_ref));
+        assert!(e < 2e-5, "layer norm forward {rows}x{d}: {e}");
+        let plan = kernels::layer_norm_bwd(rows, d, eps);
+        let blocks = plan.grid as usize;
+        let bwd = run(&plan, &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; rows * d + blocks * 2 * d]]);
+        let e = rel_err(&bwd[3][..rows * d], &as_f64(grads.get(xt).unwrap()));
+        // d = 1: x̂ = 0 and dx = 0 exactly.
+        assert!(e < 5e-5, "layer norm dx {rows}x{d}: {e}");
+        let sums = run(&kernels::colsum(blocks, 2 * d), &[bwd[3][rows * d..].to_vec(), vec![f32::NAN; 2 * d]]);
+        let e = rel_err(&sums[1][..d], &as_f64(grads.get(wv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "layer norm dw {rows}x{d}: {e}");
+        let e = rel_err(&sums[1][d..], &as_f64(grads.get(bv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "layer norm db {rows}x{d}: {e}");
+    }
+}

@@ -741,3 +741,34 @@ fn kl_norm_site_on_the_test_device_matches_f64() {
         }
     }
 }
+
+/// LayerNorm with a gradient as a GPU trains it (`ops::layer_norm`: klspeech's CUDA kernels
+/// for f32 there; its CPU path here) on the test device against the CPU's f64 op: y and the
+/// gradients of x, w and b (which go through the per-block column sums on a GPU).
+#[test]
+fn layer_norm_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (case, &(rows, d, offset)) in [(600usize, 37usize, 0.5f64), (3, 768, 1000.0), (2, 1, 0.0)].iter().enumerate() {
+        let seed = 500 + 10 * case as u64;
+        let x = (rand(&[1, rows, d], seed, DType::F64) * 1.5).unwrap().affine(1.0, offset).unwrap();
+        let w = rand(&[d], seed + 1, DType::F64).affine(0.3, 1.0).unwrap();
+        let b = rand(&[d], seed + 2, DType::F64).affine(0.2, 0.0).unwrap();
+        let wy = rand(&[1, rows, d], seed + 3, DType::F64);
+        let run = |dtype: DType, dev: &Device| {
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+            let vars: Vec<Var> = [&x, &w, &b].iter().map(|t| Var::from_tensor(&on(t)).unwrap()).collect();
+            let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let y = ops::layer_norm(v[0], v[1], v[2], 1e-5).unwrap();
+            let grads = y.mul(&on(&wy)).unwrap().sum_all().unwrap().backward().unwrap();
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            (cpu(&y), v.iter().map(|t| cpu(grads.get(t).expect("every input gets a gradient"))).collect::<Vec<_>>())
+        };
+        let (y, g) = run(DType::F32, &dev);
+        let (yr, gr) = run(DType::F64, &Device::Cpu);
+        let tol = if offset > 1.0 { 1e-4 } else { 2e-5 };
+        assert!(rel(&y, &yr) <= tol, "layer norm {rows}x{d} on {dev:?}: y {:e}", rel(&y, &yr));
+        for (i, (a, r)) in g.iter().zip(&gr).enumerate() {
+            assert!(rel(a, r) <= 1e-4, "layer norm {rows}x{d} on {dev:?}: gradient of input {i}: {:e}", rel(a, r));
+        }
+    }
+}

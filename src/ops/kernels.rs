@@ -142,6 +142,41 @@ pub fn colsum(blocks: usize, width: usize) -> Launch {
     }
 }
 
+/// The widest rows the LayerNorm backward takes (its column sums live in shared memory).
+pub const LAYER_NORM_MAX_D: usize = 4096;
+
+/// LayerNorm: buffers [x, w, b, y], x and y [rows, d], w and b [d].
+pub fn layer_norm_fwd(rows: usize, d: usize, eps: f64) -> Launch {
+    Launch {
+        name: "kl_layer_norm_fwd",
+        grid: rows as u32,
+        block: row_block(d),
+        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(eps as f32)],
+    }
+}
+
+/// Its backward: buffers [x, w, g, out], out [rows * d + blocks * 2 * d]: dx, then each
+/// block's column sums [g x̂; g] for [`colsum`] (dw, db). Rows per block as
+/// [`klnorm_bwd_chunk`].
+pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64) -> Launch {
+    let chunk = klnorm_bwd_chunk(rows);
+    Launch {
+        name: "kl_layer_norm_bwd",
+        grid: rows.div_ceil(chunk).max(1) as u32,
+        block: row_block(d),
+        args: vec![
+            Arg::Buf(0),
+            Arg::Buf(1),
+            Arg::Buf(2),
+            Arg::Buf(3),
+            Arg::I32(i32_of(rows)),
+            Arg::I32(i32_of(d)),
+            Arg::F32(eps as f32),
+            Arg::I32(i32_of(chunk)),
+        ],
+    }
+}
+
 // 0 = not read yet, 1 = on, 2 = off.
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
@@ -458,6 +493,85 @@ pub(crate) fn kl_norm_site(x_hat: &Tensor, p: &Tensor, noise: &Tensor) -> candle
     let learned = p.dim(0)? == 6;
     let op = KlNormKernel { stage: KlStage::Forward, noise: noise.contiguous()?, d, learned };
     x_hat.contiguous()?.apply_op2(&p.contiguous()?, op)
+}
+
+/// LayerNorm as klspeech's kernels: (x, w, b) -> y forward; (x, w, g) -> [dx; per-block
+/// column sums] backward (`backward`), then [`ColSum`] for dw and db.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct LayerNormKernel {
+    d: usize,
+    eps: f64,
+    backward: bool,
+}
+
+impl candle_core::CustomOp3 for LayerNormKernel {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "klspeech-kernel-layer-norm-bwd"
+        } else {
+            "klspeech-kernel-layer-norm"
+        }
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{}: a CUDA kernel (the CPU has klspeech's fused LayerNorm)", candle_core::CustomOp3::name(self))
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let rows = l1.shape().elem_count() / self.d.max(1);
+            let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+            if self.backward {
+                let plan = layer_norm_bwd(rows, self.d, self.eps);
+                let len = rows * self.d + plan.grid as usize * 2 * self.d;
+                gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(len))
+            } else {
+                gpu::launch_op(&layer_norm_fwd(rows, self.d, self.eps), &inputs, l1.shape())
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech LayerNorm kernel: built without CUDA")
+        }
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.d;
+        let rows = x.elem_count() / d.max(1);
+        let op = LayerNormKernel { d, eps: self.eps, backward: true };
+        let packed = x.detach().apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &op)?;
+        let dx = packed.narrow(0, 0, rows * d)?.reshape(x.shape())?;
+        let blocks = (packed.elem_count() - rows * d) / (2 * d).max(1);
+        let sums = packed.narrow(0, rows * d, blocks * 2 * d)?.apply_op1_no_bwd(&ColSum { blocks, width: 2 * d })?;
+        let dw = super::grads::route(w, Some(sums.narrow(0, 0, d)?.reshape(w.shape())?))?;
+        let db = super::grads::route(_b, Some(sums.narrow(0, d, d)?.reshape(_b.shape())?))?;
+        Ok((Some(dx), dw, db))
+    }
+}
+
+/// LayerNorm over the last dimension in one kernel forward and two backward ([`apply`] must
+/// hold for x, w and b; rows of at most [`LAYER_NORM_MAX_D`]).
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if d > LAYER_NORM_MAX_D || w.elem_count() != d || b.elem_count() != d {
+        candle_core::bail!("klspeech LayerNorm kernel: rows of {d} with weights of {} and {}", w.elem_count(), b.elem_count());
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormKernel { d, eps, backward: false })
 }
 
 #[cfg(feature = "cuda")]

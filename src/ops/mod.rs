@@ -820,6 +820,10 @@ impl CustomOp3 for LayerNormBwd {
 /// LayerNorm over the last dimension with weight and bias, differentiable in all three
 /// (candle's fused `layer_norm` passes no gradient).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels::apply(x) && kernels::apply(w) && kernels::apply(b) && x.dim(D::Minus1)? <= kernels::LAYER_NORM_MAX_D && w.elem_count() == x.dim(D::Minus1)? {
+        // f32 on a GPU: one kernel forward, two backward (the composite: 3 and about 7).
+        return Ok(kernels::layer_norm(x, w, b, eps)?);
+    }
     if !fused(x) {
         return Ok(standardize_last(x, eps)?.broadcast_mul(w)?.broadcast_add(b)?);
     }

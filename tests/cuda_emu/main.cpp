@@ -83,6 +83,8 @@ int main() {
         {"kl_klnorm_fwd", runner(kl_klnorm_fwd)},
         {"kl_klnorm_bwd", runner(kl_klnorm_bwd)},
         {"kl_colsum", runner(kl_colsum)},
+        {"kl_layer_norm_fwd", runner(kl_layer_norm_fwd)},
+        {"kl_layer_norm_bwd", runner(kl_layer_norm_bwd)},
     };
     uint32_t len;
     read_exact(&len, 4);

@@ -209,3 +209,55 @@ extern "C" __global__ void kl_colsum(const float* partial, float* out, int nbloc
         out[i] = s;
     }
 }
+
+// LayerNorm over rows of d: y = (x - mean) / sqrt(var + eps) w + b; x, y [rows, d], w, b [d].
+extern "C" __global__ void kl_layer_norm_fwd(const float* x, const float* w, const float* b, float* y, int rows, int d, float eps) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    long long o = (long long)r * d;
+    float m, rs;
+    row_moments(x + o, d, eps, &m, &rs);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) y[o + i] = (x[o + i] - m) * rs * w[i] + b[i];
+}
+
+#define KL_LN_MAX_D 4096
+
+// Its backward, `chunk` rows per block: with x̂ the standardized row and g' = g w,
+// dx = (g' - mean(g') - x̂ mean(g' x̂)) / sqrt(var + eps); out = [dx (rows * d); per block
+// [sum g x̂ (d); sum g (d)]] for kl_colsum (dw, db). d <= KL_LN_MAX_D: each thread keeps its
+// columns' sums in shared memory, which no other thread touches.
+extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, const float* g, float* out, int rows, int d, float eps, int chunk) {
+    __shared__ float sw[KL_LN_MAX_D];
+    __shared__ float sb[KL_LN_MAX_D];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        sw[j] = 0.0f;
+        sb[j] = 0.0f;
+    }
+    int r0 = blockIdx.x * chunk;
+    int r1 = min(rows, r0 + chunk);
+    for (int r = r0; r < r1; ++r) {
+        long long o = (long long)r * d;
+        float m, rs;
+        row_moments(x + o, d, eps, &m, &rs);
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float gw = g[o + j] * w[j];
+            s1 += gw;
+            s2 += gw * (x[o + j] - m) * rs;
+        }
+        block_sum2(&s1, &s2);
+        float m1 = s1 / (float)d, m2 = s2 / (float)d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float xh = (x[o + j] - m) * rs;
+            float gj = g[o + j];
+            out[o + j] = (gj * w[j] - m1 - xh * m2) * rs;
+            sw[j] += gj * xh;
+            sb[j] += gj;
+        }
+    }
+    float* partial = out + (long long)rows * d + (long long)blockIdx.x * 2 * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        partial[j] = sw[j];
+        partial[d + j] = sb[j];
+    }
+}
