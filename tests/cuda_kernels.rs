@@ -60,6 +60,10 @@ fn run(plan: &Launch, bufs: &[Vec<f32>]) -> Vec<Vec<f32>> {
                 input.push(b'f');
                 input.extend(v.to_le_bytes());
             }
+            Arg::U64(v) => {
+                input.push(b'u');
+                input.extend(v.to_le_bytes());
+            }
         }
     }
     assert_eq!(used, bufs.len(), "plan {}: every buffer passed", plan.name);
@@ -300,5 +304,24 @@ fn layer_norm_forward_and_backward_match_the_f64_composite() {
         assert!(e < 5e-5, "layer norm dw {rows}x{d}: {e}");
         let e = rel_err(&sums[1][d..], &as_f64(grads.get(bv.as_tensor()).unwrap()));
         assert!(e < 5e-5, "layer norm db {rows}x{d}: {e}");
+    }
+}
+
+/// The keyed normal stream on the emulator gives the host's bits (rng::keyed_normal_vec, with
+/// its own ln, sin and cos polynomials): same key, same values, for an odd count, counts over
+/// several blocks and a grid smaller than the pairs (the kernel strides).
+#[test]
+fn keyed_normal_stream_matches_the_host_bit_for_bit() {
+    for (key, n) in [(11u64, 1usize), (3, 4097), (0xDEAD_BEEF_u64, 100_001), (u64::MAX, 513)] {
+        let want = klspeech::rng::keyed_normal_vec(key, n);
+        let mut plans = vec![kernels::keyed_normal(n, key)];
+        let mut small = kernels::keyed_normal(n, key);
+        small.grid = 2;
+        plans.push(small);
+        for plan in plans {
+            let got = run(&plan, &[vec![f32::NAN; n]]);
+            let differ = got[0].iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "key {key}, n {n}, grid {}: {differ} values differ (first {:?} vs {:?})", plan.grid, &got[0][..n.min(4)], &want[..n.min(4)]);
+        }
     }
 }

@@ -215,6 +215,10 @@ impl ForwardCtx {
 
     /// Standard normal noise shaped like `x`, from the seeded generator.
     pub fn normal_like(&mut self, x: &Tensor) -> Result<Tensor> {
+        if crate::ops::kernels::apply(x) {
+            // f32 on a GPU: the same values, drawn there (no host draw and copy per site).
+            return Ok(crate::ops::kernels::keyed_normal_like(x, self.rng.next_u64())?);
+        }
         let v = self.rng.normal_vec(x.elem_count());
         Ok(Tensor::from_vec(v, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?)
     }

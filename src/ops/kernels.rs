@@ -22,6 +22,7 @@ pub enum Arg {
     Null,
     I32(i32),
     F32(f32),
+    U64(u64),
 }
 
 /// A kernel's launch: `name<<<grid, block>>>(args)`, 1-D.
@@ -175,6 +176,12 @@ pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64) -> Launch {
             Arg::I32(i32_of(chunk)),
         ],
     }
+}
+
+/// `n` values of klspeech's keyed standard normal stream (`rng::keyed_normal_vec`, the same
+/// bits): buffers [out]; one thread per Box-Muller pair.
+pub fn keyed_normal(n: usize, key: u64) -> Launch {
+    Launch { name: "kl_keyed_normal", grid: n.div_ceil(2).div_ceil(256).clamp(1, 4096) as u32, block: 256, args: vec![Arg::Buf(0), Arg::I32(i32_of(n)), Arg::U64(key)] }
 }
 
 // 0 = not read yet, 1 = on, 2 = off.
@@ -574,6 +581,38 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormKernel { d, eps, backward: false })
 }
 
+/// Fills a tensor shaped like its input (only its shape and device are read) with the keyed
+/// normal stream at `key`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct KeyedNormal(u64);
+
+impl candle_core::CustomOp1 for KeyedNormal {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-keyed-normal"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("klspeech-kernel-keyed-normal: a CUDA kernel (the CPU has rng::keyed_normal_vec)")
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            gpu::launch_fill(s, &keyed_normal(l.shape().elem_count(), self.0), l.shape())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech keyed normal kernel: built without CUDA")
+        }
+    }
+}
+
+/// Standard normal f32 values shaped like `like`, on its GPU: `rng::keyed_normal_vec(key, n)`
+/// to the bit, generated on the device instead of on the host and copied ([`apply`] must hold
+/// for `like`).
+pub fn keyed_normal_like(like: &Tensor, key: u64) -> candle_core::Result<Tensor> {
+    like.detach().apply_op1_no_bwd(&KeyedNormal(key))
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
@@ -586,12 +625,20 @@ mod gpu {
     /// The kernels, compiled to PTX by build.rs.
     pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/klspeech_kernels.ptx"));
 
+    /// Runs `plan` whose only buffer is a new output of `shape` (f32) on `like`'s device.
+    pub(crate) fn launch_fill(like: &CudaStorage, plan: &Launch, shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+        launch(like.device().clone(), plan, &[], shape)
+    }
+
     /// Runs `plan` with `inputs` (each with its layout, contiguous) as its first buffers and one
     /// new output of `out` elements of f32 as its last; returns the output as a storage of shape
     /// `shape`.
     pub(crate) fn launch_op(plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
         let Some((first, _)) = inputs.first() else { bail!("klspeech kernel {}: no inputs", plan.name) };
-        let dev: CudaDevice = first.device().clone();
+        launch(first.device().clone(), plan, inputs, shape)
+    }
+
+    fn launch(dev: CudaDevice, plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
         let stream = dev.cuda_stream();
         // SAFETY: the kernel writes every element of its output (each plan covers the shape).
         let out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
@@ -609,16 +656,17 @@ mod gpu {
         guards.push(g);
         let f = dev.get_or_load_custom_func(plan.name, "klspeech_kernels", PTX)?;
         let mut b = f.builder();
-        let (mut ints, mut floats) = (Vec::new(), Vec::new());
+        let (mut ints, mut floats, mut longs) = (Vec::new(), Vec::new(), Vec::new());
         for a in &plan.args {
             match *a {
                 Arg::I32(v) => ints.push(v),
                 Arg::F32(v) => floats.push(v),
+                Arg::U64(v) => longs.push(v),
                 _ => {}
             }
         }
         let null = 0u64;
-        let (mut i, mut fl) = (0, 0);
+        let (mut i, mut fl, mut lo) = (0, 0, 0);
         for a in &plan.args {
             match *a {
                 Arg::Buf(k) => match ptrs.get(k) {
@@ -637,6 +685,10 @@ mod gpu {
                 Arg::F32(_) => {
                     b.arg(&floats[fl]);
                     fl += 1;
+                }
+                Arg::U64(_) => {
+                    b.arg(&longs[lo]);
+                    lo += 1;
                 }
             }
         }

@@ -7,6 +7,7 @@
 
 #include <barrier>
 #include <cmath>
+#include <cstring>
 #include <math.h>
 #include <thread>
 #include <vector>
@@ -26,6 +27,27 @@ inline std::barrier<>* emu_block_barrier = nullptr;
 #define __shared__ static
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+// CUDA's explicitly rounded f32 arithmetic (never contracted into FMA) and bit casts. Built
+// without -mfma and in ISO C++ (no contraction), plain operators round the same way.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __double2float_rn(double a) { return (float)a; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 // CUDA's integer min / max (device functions in the global namespace).
 inline int min(int a, int b) { return a < b ? a : b; }

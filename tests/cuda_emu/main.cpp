@@ -3,7 +3,7 @@
 // stdin (little-endian): u32 name length, the name, u32 grid, u32 block, u32 argument count,
 // then per argument a tag byte and its value: 'b' a float buffer (u32 n, n f32), 'n' a null
 // pointer, 'i' an i32, 'f' an f32. stdout: every buffer after the launch, in order (u32 n,
-// n f32). Arguments must match the kernel's parameters in number and kind, or it exits 2.
+// n f32). ('u': a u64.) Arguments must match the kernel's parameters in number and kind, or it exits 2.
 #include "emu.h"
 
 #include "../../src/ops/cuda/kernels.cu"
@@ -21,6 +21,7 @@ struct Arg {
     std::vector<float> buf;
     int32_t i = 0;
     float f = 0.0f;
+    uint64_t u = 0;
 };
 
 [[noreturn]] static void fail(const std::string& what) {
@@ -50,6 +51,12 @@ template <> struct Get<int> {
     static int from(Arg& a) {
         if (a.tag != 'i') fail("expected an i32");
         return a.i;
+    }
+};
+template <> struct Get<unsigned long long> {
+    static unsigned long long from(Arg& a) {
+        if (a.tag != 'u') fail("expected a u64");
+        return a.u;
     }
 };
 template <> struct Get<float> {
@@ -85,6 +92,7 @@ int main() {
         {"kl_colsum", runner(kl_colsum)},
         {"kl_layer_norm_fwd", runner(kl_layer_norm_fwd)},
         {"kl_layer_norm_bwd", runner(kl_layer_norm_bwd)},
+        {"kl_keyed_normal", runner(kl_keyed_normal)},
     };
     uint32_t len;
     read_exact(&len, 4);
@@ -106,6 +114,8 @@ int main() {
             read_exact(&a.i, 4);
         } else if (a.tag == 'f') {
             read_exact(&a.f, 4);
+        } else if (a.tag == 'u') {
+            read_exact(&a.u, 8);
         } else if (a.tag != 'n') {
             fail("unknown argument tag");
         }

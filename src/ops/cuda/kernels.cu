@@ -261,3 +261,68 @@ extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, con
         partial[d + j] = sb[j];
     }
 }
+
+// klspeech's keyed standard normal stream (src/rng.rs: keyed_normal_vec), bit for bit: value i
+// depends only on the key and i. One thread per Box-Muller pair p (values 2p, 2p + 1). Every
+// f32 operation is an explicitly rounded intrinsic in the order of the Rust source, so that
+// nvcc cannot contract a product and a sum into one FMA (the host code has no FMA either).
+__device__ unsigned long long kl_keyed_u64(unsigned long long key, unsigned long long i) {
+    unsigned long long z = key + (i + 1ULL) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+__device__ double kl_keyed_uniform(unsigned long long key, unsigned long long i) {
+    return __dmul_rn((double)(kl_keyed_u64(key, i) >> 11), 1.0 / 9007199254740992.0);
+}
+
+// fastmath.rs: FastExp::fln for f32 (positive normal x).
+__device__ float kl_fln(float x) {
+    const float LN2_HI = 0.693359375f;
+    const float LN2_LO = -2.1219444e-4f;
+    unsigned int bits = __float_as_uint(x);
+    float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+    int big = m > 1.41421356237309504880f;
+    if (big) m = __fmul_rn(m, 0.5f);
+    float e = (float)((int)((bits >> 23) & 0xffu) - 127 + big);
+    float s = __fdiv_rn(__fsub_rn(m, 1.0f), __fadd_rn(m, 1.0f));
+    float s2 = __fmul_rn(s, s);
+    float q = __fadd_rn(1.0f / 7.0f, __fmul_rn(s2, 1.0f / 9.0f));
+    q = __fadd_rn(1.0f / 5.0f, __fmul_rn(s2, q));
+    q = __fadd_rn(1.0f / 3.0f, __fmul_rn(s2, q));
+    q = __fadd_rn(1.0f, __fmul_rn(s2, q));
+    float p = __fmul_rn(__fmul_rn(2.0f, s), q);
+    return __fadd_rn(__fmul_rn(e, LN2_HI), __fadd_rn(__fmul_rn(e, LN2_LO), p));
+}
+
+extern "C" __global__ void kl_keyed_normal(float* out, int n, unsigned long long key) {
+    int pairs = (n + 1) / 2;
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += gridDim.x * blockDim.x) {
+        unsigned long long pp = (unsigned long long)p;
+        float u1 = __double2float_rn(__dsub_rn(1.0, kl_keyed_uniform(key, 2ULL * pp)));
+        float a = __double2float_rn(__dmul_rn(kl_keyed_uniform(key, 2ULL * pp + 1ULL), 4.0));
+        float r = __fsqrt_rn(__fmul_rn(-2.0f, kl_fln(u1)));
+        unsigned int k = (unsigned int)a;
+        if (k > 3u) k = 3u;
+        float phi = __fmul_rn(__fsub_rn(__fsub_rn(a, (float)k), 0.5f), 1.57079632679489661923f);
+        float p2 = __fmul_rn(phi, phi);
+        // sin = phi (1 - p2/6 (1 - p2/20 (1 - p2/42 (1 - p2/72)))), the Rust source's order.
+        float t = __fsub_rn(1.0f, __fmul_rn(p2, 1.0f / 72.0f));
+        t = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 1.0f / 42.0f), t));
+        t = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 1.0f / 20.0f), t));
+        t = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 1.0f / 6.0f), t));
+        float sn = __fmul_rn(phi, t);
+        // cos = 1 - p2/2 (1 - p2/12 (1 - p2/30 (1 - p2/56 (1 - p2/90)))).
+        float c = __fsub_rn(1.0f, __fmul_rn(p2, 1.0f / 90.0f));
+        c = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 1.0f / 56.0f), c));
+        c = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 1.0f / 30.0f), c));
+        c = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 1.0f / 12.0f), c));
+        float cs = __fsub_rn(1.0f, __fmul_rn(__fmul_rn(p2, 0.5f), c));
+        float x = (k & 1u) == 0u ? cs : -sn;
+        float y = (k & 1u) == 0u ? sn : cs;
+        float sign = k >= 2u ? -1.0f : 1.0f;
+        out[2 * (long long)p] = __fmul_rn(__fmul_rn(r, x), sign);
+        if (2 * p + 1 < n) out[2 * (long long)p + 1] = __fmul_rn(__fmul_rn(r, y), sign);
+    }
+}
