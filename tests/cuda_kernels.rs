@@ -325,3 +325,22 @@ fn keyed_normal_stream_matches_the_host_bit_for_bit() {
         }
     }
 }
+
+/// The dropout mask on the emulator is the host's (`ops::dropout_mask`) bit for bit, for rates
+/// whose threshold ceil(p 2^53) is exact and not, p = 0 (keep all) and a strided grid.
+#[test]
+fn dropout_mask_matches_the_host_bit_for_bit() {
+    for (key, n, p) in [(7u64, 1000usize, 0.1f64), (99, 70_001, 0.5), (1, 257, 0.0), (u64::MAX, 4099, 0.3333333333333333)] {
+        let x = Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        let want: Vec<f32> = klspeech::ops::dropout_mask(&x, p, key).unwrap().to_vec1().unwrap();
+        let mut small = kernels::dropout_mask(n, p, key);
+        small.grid = 3;
+        for plan in [kernels::dropout_mask(n, p, key), small] {
+            let got = run(&plan, &[vec![f32::NAN; n]]);
+            let differ = got[0].iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "key {key}, n {n}, p {p}, grid {}: {differ} values differ", plan.grid);
+        }
+        let kept = want.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+        assert!((kept - (1.0 - p)).abs() < 0.06, "kept {kept} at p {p}");
+    }
+}

@@ -791,3 +791,16 @@ fn noise_on_the_test_device_is_the_hosts_to_the_bit() {
         assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "noise on {dev:?} differs from the host's");
     }
 }
+
+/// Dropout masks on the test device (on a GPU: built there by klspeech's kernel) are the
+/// host's, bit for bit.
+#[test]
+fn dropout_masks_on_the_test_device_are_the_hosts_to_the_bit() {
+    let dev = test_device();
+    for (p, key) in [(0.1, 5u64), (0.5, 77)] {
+        let x = Tensor::zeros((2, 3, 41, 41), DType::F32, &dev).unwrap();
+        let got: Vec<f32> = ops::dropout_mask(&x, p, key).unwrap().flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
+        let host: Vec<f32> = ops::dropout_mask(&x.to_device(&Device::Cpu).unwrap(), p, key).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(got.iter().zip(&host).all(|(g, h)| g.to_bits() == h.to_bits()), "dropout mask on {dev:?} differs from the host's");
+    }
+}

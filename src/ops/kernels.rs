@@ -184,6 +184,19 @@ pub fn keyed_normal(n: usize, key: u64) -> Launch {
     Launch { name: "kl_keyed_normal", grid: n.div_ceil(2).div_ceil(256).clamp(1, 4096) as u32, block: 256, args: vec![Arg::Buf(0), Arg::I32(i32_of(n)), Arg::U64(key)] }
 }
 
+/// The f32 dropout mask of `ops::dropout_mask` (rate `p`, keyed stream `key`), bit for bit:
+/// buffers [out] of n. The kernel compares the uniform's 53-bit integer with ceil(p 2^53).
+pub fn dropout_mask(n: usize, p: f64, key: u64) -> Launch {
+    let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    Launch {
+        name: "kl_dropout_mask",
+        grid: n.div_ceil(256).clamp(1, 4096) as u32,
+        block: 256,
+        args: vec![Arg::Buf(0), Arg::I32(i32_of(n)), Arg::U64(key), Arg::U64(threshold), Arg::F32(scale)],
+    }
+}
+
 // 0 = not read yet, 1 = on, 2 = off.
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
@@ -581,23 +594,32 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormKernel { d, eps, backward: false })
 }
 
-/// Fills a tensor shaped like its input (only its shape and device are read) with the keyed
-/// normal stream at `key`.
+/// Fills a tensor shaped like its input (only its shape and device are read) with a keyed
+/// stream: the normal stream at the key, or a dropout mask (rate, key).
+#[derive(Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct KeyedNormal(u64);
+enum KeyedFill {
+    Normal(u64),
+    DropoutMask(f64, u64),
+}
 
-impl candle_core::CustomOp1 for KeyedNormal {
+impl candle_core::CustomOp1 for KeyedFill {
     fn name(&self) -> &'static str {
-        "klspeech-kernel-keyed-normal"
+        "klspeech-kernel-keyed-fill"
     }
     fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("klspeech-kernel-keyed-normal: a CUDA kernel (the CPU has rng::keyed_normal_vec)")
+        candle_core::bail!("klspeech-kernel-keyed-fill: a CUDA kernel (the CPU draws on the host)")
     }
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         #[cfg(feature = "cuda")]
         {
-            gpu::launch_fill(s, &keyed_normal(l.shape().elem_count(), self.0), l.shape())
+            let n = l.shape().elem_count();
+            let plan = match *self {
+                KeyedFill::Normal(key) => keyed_normal(n, key),
+                KeyedFill::DropoutMask(p, key) => dropout_mask(n, p, key),
+            };
+            gpu::launch_fill(s, &plan, l.shape())
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -610,7 +632,13 @@ impl candle_core::CustomOp1 for KeyedNormal {
 /// to the bit, generated on the device instead of on the host and copied ([`apply`] must hold
 /// for `like`).
 pub fn keyed_normal_like(like: &Tensor, key: u64) -> candle_core::Result<Tensor> {
-    like.detach().apply_op1_no_bwd(&KeyedNormal(key))
+    like.detach().apply_op1_no_bwd(&KeyedFill::Normal(key))
+}
+
+/// `ops::dropout_mask(like, p, key)` for f32 on a GPU, built there to the bit ([`apply`] must
+/// hold for `like`).
+pub fn dropout_mask_like(like: &Tensor, p: f64, key: u64) -> candle_core::Result<Tensor> {
+    like.detach().apply_op1_no_bwd(&KeyedFill::DropoutMask(p, key))
 }
 
 #[cfg(feature = "cuda")]

@@ -958,9 +958,13 @@ impl CustomOp1 for Dropout {
 
 /// The dropout mask of [`dropout`] as a tensor of x's shape, dtype and device: built on the CPU
 /// in parallel (element i depends only on the key and i), in f32 for f32 tensors (what the f64
-/// factor rounds to) and else in f64, converted on the device. On a GPU the host builds the
-/// next mask while the device still runs the kernels queued before it.
+/// factor rounds to) and else in f64, converted on the device; for f32 on a GPU, built there
+/// by klspeech's kernel (`ops::kernels::dropout_mask`, the same bits).
 pub fn dropout_mask(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    if kernels::apply(x) {
+        // f32 on a GPU: built there by klspeech's kernel, the same bits.
+        return Ok(kernels::dropout_mask_like(x, p, key)?);
+    }
     let d = Dropout { p, key };
     fn build<T: WithDType>(d: &Dropout, n: usize, f: impl Fn(f64) -> T + Sync) -> Vec<T> {
         let mut m = vec![T::zero(); n];

@@ -93,6 +93,7 @@ int main() {
         {"kl_layer_norm_fwd", runner(kl_layer_norm_fwd)},
         {"kl_layer_norm_bwd", runner(kl_layer_norm_bwd)},
         {"kl_keyed_normal", runner(kl_keyed_normal)},
+        {"kl_dropout_mask", runner(kl_dropout_mask)},
     };
     uint32_t len;
     read_exact(&len, 4);

@@ -326,3 +326,12 @@ extern "C" __global__ void kl_keyed_normal(float* out, int n, unsigned long long
         if (2 * p + 1 < n) out[2 * (long long)p + 1] = __fmul_rn(__fmul_rn(r, y), sign);
     }
 }
+
+// The dropout mask of ops::dropout_mask, bit for bit: element i is `scale` (1 / (1 - p) in
+// f32) when the i-th uniform of the keyed stream is >= p, else 0. With u = m 2^-53 exactly,
+// u >= p is m >= threshold, threshold = ceil(p 2^53) (computed on the host).
+extern "C" __global__ void kl_dropout_mask(float* out, int n, unsigned long long key, unsigned long long threshold, float scale) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        out[i] = (kl_keyed_u64(key, (unsigned long long)i) >> 11) >= threshold ? scale : 0.0f;
+    }
+}
