@@ -344,3 +344,39 @@ fn dropout_mask_matches_the_host_bit_for_bit() {
         assert!((kept - (1.0 - p)).abs() < 0.06, "kept {kept} at p {p}");
     }
 }
+
+/// AdamW's two in-place kernels give the CPU's fused update (`ops::adamw_in_place`) bit for
+/// bit, over three steps from zero moments, with and without weight decay, and with gradients
+/// that hold zeros of both signs.
+#[test]
+fn adamw_kernels_match_the_cpu_update_bit_for_bit() {
+    let n = 5_003;
+    for decay in [None, Some(1.0 - 1e-3 * 0.01)] {
+        let mut theta = normal(n, 601, 0.5, 0.0);
+        let mut mv = vec![0f32; 2 * n];
+        let theta_t = Tensor::from_vec(theta.clone(), n, &Device::Cpu).unwrap();
+        let mv_t = Tensor::zeros((2, n), DType::F32, &Device::Cpu).unwrap();
+        for t in 1..=3 {
+            let mut g = normal(n, 610 + t as u64, 0.1, 0.0);
+            g[0] = 0.0;
+            g[1] = -0.0;
+            let p = klspeech::ops::AdamWScalars {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                decay,
+                bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+            };
+            let gt = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap();
+            assert!(klspeech::ops::adamw_in_place(&theta_t, &gt, &mv_t, p).unwrap());
+            mv = run(&kernels::adam_moments(n, &p), &[mv, g])[0].clone();
+            theta = run(&kernels::adam_apply(n, &p), &[theta, mv.clone()])[0].clone();
+            let want_theta: Vec<f32> = theta_t.to_vec1().unwrap();
+            let want_mv: Vec<f32> = mv_t.flatten_all().unwrap().to_vec1().unwrap();
+            let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(bits(&mv, &want_mv), 0, "moments differ at step {t}, decay {decay:?}");
+            assert_eq!(bits(&theta, &want_theta), 0, "parameters differ at step {t}, decay {decay:?}");
+        }
+    }
+}

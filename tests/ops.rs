@@ -804,3 +804,35 @@ fn dropout_masks_on_the_test_device_are_the_hosts_to_the_bit() {
         assert!(got.iter().zip(&host).all(|(g, h)| g.to_bits() == h.to_bits()), "dropout mask on {dev:?} differs from the host's");
     }
 }
+
+/// The fused AdamW update on the test device (on a GPU: klspeech's two in-place kernels) gives
+/// the CPU's bits over three steps, parameters and moments.
+#[test]
+fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
+    let dev = test_device();
+    let n = 4_099;
+    let theta0 = rand(&[n], 700, DType::F32);
+    let run = |dev: &Device| {
+        // A copy: the update is in place (to_device on the same device would share storage).
+        let theta = theta0.copy().unwrap().to_device(dev).unwrap();
+        let mv = Tensor::zeros((2, n), DType::F32, dev).unwrap();
+        for t in 1..=3 {
+            let g = (rand(&[n], 710 + t as u64, DType::F32) * 0.1).unwrap().to_device(dev).unwrap();
+            let p = ops::AdamWScalars {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                decay: Some(1.0 - 1e-3 * 0.01),
+                bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+            };
+            assert!(ops::adamw_in_place(&theta, &g, &mv, p).unwrap(), "the fused update applies on {dev:?}");
+        }
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        (v(&theta), v(&mv))
+    };
+    let (th, mv) = run(&dev);
+    let (th_cpu, mv_cpu) = run(&Device::Cpu);
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(&th, &th_cpu) && same(&mv, &mv_cpu), "AdamW on {dev:?} differs from the CPU's");
+}

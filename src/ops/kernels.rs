@@ -197,6 +197,36 @@ pub fn dropout_mask(n: usize, p: f64, key: u64) -> Launch {
     }
 }
 
+/// AdamW's moments in place: buffers [mv, g], mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
+/// rounded to f32 as the CPU kernel rounds them).
+pub fn adam_moments(n: usize, p: &super::AdamWScalars) -> Launch {
+    Launch {
+        name: "kl_adam_moments",
+        grid: n.div_ceil(256).clamp(1, 4096) as u32,
+        block: 256,
+        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(n)), Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)],
+    }
+}
+
+/// AdamW's parameter update in place: buffers [theta (n), mv (2n)].
+pub fn adam_apply(n: usize, p: &super::AdamWScalars) -> Launch {
+    Launch {
+        name: "kl_adam_apply",
+        grid: n.div_ceil(256).clamp(1, 4096) as u32,
+        block: 256,
+        args: vec![
+            Arg::Buf(0),
+            Arg::Buf(1),
+            Arg::I32(i32_of(n)),
+            Arg::I32(p.decay.is_some() as i32),
+            Arg::F32(p.decay.unwrap_or(1.0) as f32),
+            Arg::F32((1.0 / p.bias_correction2_sqrt) as f32),
+            Arg::F32(p.eps as f32),
+            Arg::F32(p.step_size as f32),
+        ],
+    }
+}
+
 // 0 = not read yet, 1 = on, 2 = off.
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
@@ -642,9 +672,12 @@ pub fn dropout_mask_like(like: &Tensor, p: f64, key: u64) -> candle_core::Result
 }
 
 #[cfg(feature = "cuda")]
+pub(crate) use gpu::launch_in_place;
+
+#[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{bail, Layout, Shape};
 
@@ -652,6 +685,29 @@ mod gpu {
 
     /// The kernels, compiled to PTX by build.rs.
     pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/klspeech_kernels.ptx"));
+
+    /// Runs `plan` on `target` in place (its first buffer, contiguous f32) with `inputs` after
+    /// it.
+    pub(crate) fn launch_in_place(plan: &Launch, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
+        let Some((a, _)) = tl.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous in-place target", plan.name) };
+        let dev = target.device().clone();
+        let stream = dev.cuda_stream();
+        let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 1);
+        let t = target.as_cuda_slice_mut::<f32>()?;
+        let (p, tg) = t.device_ptr_mut(&stream);
+        ptrs.push(p + 4 * a as u64);
+        let mut guards = Vec::with_capacity(inputs.len());
+        for (s, l) in inputs {
+            let Some((a, _)) = l.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous input", plan.name) };
+            let (p, g) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            ptrs.push(p + 4 * a as u64);
+            guards.push(g);
+        }
+        run_plan(&dev, plan, &ptrs)?;
+        drop(guards);
+        drop(tg);
+        Ok(())
+    }
 
     /// Runs `plan` whose only buffer is a new output of `shape` (f32) on `like`'s device.
     pub(crate) fn launch_fill(like: &CudaStorage, plan: &Launch, shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
@@ -682,6 +738,13 @@ mod gpu {
         let (p, g) = out.device_ptr(&stream);
         ptrs.push(p);
         guards.push(g);
+        run_plan(&dev, plan, &ptrs)?;
+        drop(guards);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
+    }
+
+    /// Launches `plan` with `ptrs` as its buffers (device addresses, in order).
+    fn run_plan(dev: &CudaDevice, plan: &Launch, ptrs: &[u64]) -> candle_core::Result<()> {
         let f = dev.get_or_load_custom_func(plan.name, "klspeech_kernels", PTX)?;
         let mut b = f.builder();
         let (mut ints, mut floats, mut longs) = (Vec::new(), Vec::new(), Vec::new());
@@ -725,7 +788,6 @@ mod gpu {
         // runs the same plans against the same source), pointers are live device buffers of
         // the sizes the plan covers.
         unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-        drop(guards);
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
+        Ok(())
     }
 }

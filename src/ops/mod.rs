@@ -1043,6 +1043,18 @@ impl candle_core::InplaceOp2 for AdamMoments {
     fn name(&self) -> &'static str {
         "klspeech-adamw-moments"
     }
+    /// f32 on a GPU: klspeech's kernel, the same float operations (`ops::kernels`).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            kernels::launch_in_place(&kernels::adam_moments(l2.shape().elem_count(), &self.0), s1, l1, &[(s2, l2)])
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            bail!("klspeech-adamw-moments: built without CUDA")
+        }
+    }
     /// The composite's exact float operations (candle's `x * c` is `x * c + 0`):
     /// m' = ((g - m) (1 - b1) + 0) + m; v' = (v b2 + 0) + (g g (1 - b2) + 0).
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
@@ -1069,6 +1081,18 @@ fn moments_chunk<T: WithDType + Float>(m: &mut [T], v: &mut [T], g: &[T], p: Ada
 impl candle_core::InplaceOp2 for AdamApply {
     fn name(&self) -> &'static str {
         "klspeech-adamw-apply"
+    }
+    /// f32 on a GPU: klspeech's kernel, the same float operations (`ops::kernels`).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            kernels::launch_in_place(&kernels::adam_apply(l1.shape().elem_count(), &self.0), s1, l1, &[(s2, l2)])
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            bail!("klspeech-adamw-apply: built without CUDA")
+        }
     }
     /// theta' = (theta (1 - lr wd) + 0) - ((m / ((sqrt(v) (1 / bc2) + 0) 1 + eps)) step + 0).
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
@@ -1103,6 +1127,12 @@ fn apply_chunk<T: WithDType + Float>(theta: &mut [T], m: &[T], v: &[T], p: AdamW
 /// the same order), one parallel pass over the moments and one over the parameter.
 /// Returns `false` (and changes nothing) where the fused path does not apply.
 pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalars) -> Result<bool> {
+    if kernels::apply(theta) && kernels::apply(grad) && kernels::apply(mv) && theta.is_contiguous() && mv.is_contiguous() {
+        // f32 on a GPU: two kernels, the moments then the parameter (the same bits as here).
+        mv.inplace_op2(&grad.contiguous()?, &AdamMoments(p))?;
+        theta.inplace_op2(mv, &AdamApply(p))?;
+        return Ok(true);
+    }
     if !fused(theta) || grad.dtype() != theta.dtype() || mv.dtype() != theta.dtype() || !theta.is_contiguous() || !mv.is_contiguous() {
         return Ok(false);
     }

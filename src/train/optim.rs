@@ -260,7 +260,10 @@ impl AdamW {
         let lr = lr * lr_scale;
         // A GPU, or its path rehearsed on the CPU (crate::ops::with_gpu_path).
         let gpu = crate::ops::gpu_path_active() || self.params.first().is_some_and(|p| !p.var.device().is_cpu());
-        let fused_applies = self.fused && !gpu && self.params.iter().all(|p| matches!(p.var.dtype(), DType::F32 | DType::F64));
+        // The fused update: on the CPU (f32, f64), and on a GPU with klspeech's kernels (f32):
+        // two launches per parameter, in place, the CPU's bits.
+        let kernels = self.params.iter().all(|p| crate::ops::kernels::apply(p.var.as_tensor()));
+        let fused_applies = self.fused && ((!gpu && self.params.iter().all(|p| matches!(p.var.dtype(), DType::F32 | DType::F64))) || kernels);
         if !fused_applies && self.grouped.unwrap_or(gpu && crate::ops::enabled()) {
             return self.step_grouped(grads, lr);
         }

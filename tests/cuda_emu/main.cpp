@@ -94,6 +94,8 @@ int main() {
         {"kl_layer_norm_bwd", runner(kl_layer_norm_bwd)},
         {"kl_keyed_normal", runner(kl_keyed_normal)},
         {"kl_dropout_mask", runner(kl_dropout_mask)},
+        {"kl_adam_moments", runner(kl_adam_moments)},
+        {"kl_adam_apply", runner(kl_adam_apply)},
     };
     uint32_t len;
     read_exact(&len, 4);

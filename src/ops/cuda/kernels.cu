@@ -335,3 +335,25 @@ extern "C" __global__ void kl_dropout_mask(float* out, int n, unsigned long long
         out[i] = (kl_keyed_u64(key, (unsigned long long)i) >> 11) >= threshold ? scale : 0.0f;
     }
 }
+
+// AdamW in place, the float operations of ops::adamw_in_place (and of candle's composite,
+// whose `x * c` is `x * c + 0`) in their order, explicitly rounded (no FMA): the same bits as
+// the CPU. mv = [m (n); v (n)]:
+// m' = ((g - m) c1 + 0) + m, v' = (v b2 + 0) + (g g c2 + 0), with c1 = 1 - b1, c2 = 1 - b2.
+extern "C" __global__ void kl_adam_moments(float* mv, const float* g, int n, float c1, float b2, float c2) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float gi = g[i], m = mv[i], v = mv[(long long)n + i];
+        mv[i] = __fadd_rn(__fadd_rn(__fmul_rn(__fsub_rn(gi, m), c1), 0.0f), m);
+        mv[(long long)n + i] = __fadd_rn(__fadd_rn(__fmul_rn(v, b2), 0.0f), __fadd_rn(__fmul_rn(__fmul_rn(gi, gi), c2), 0.0f));
+    }
+}
+
+// theta' = (theta d + 0 when decaying) - ((m / ((sqrt(v) inv_bc2 + 0) 1 + eps)) step + 0).
+extern "C" __global__ void kl_adam_apply(float* theta, const float* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float th = theta[i];
+        float t = decay ? __fadd_rn(__fmul_rn(th, d), 0.0f) : th;
+        float denom = __fadd_rn(__fmul_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(mv[(long long)n + i]), inv_bc2), 0.0f), 1.0f), eps);
+        theta[i] = __fsub_rn(t, __fadd_rn(__fmul_rn(__fdiv_rn(mv[i], denom), step), 0.0f));
+    }
+}
