@@ -231,13 +231,14 @@ impl CustomOp3 for LinearDevice {
 /// [`super::attention`] off the CPU: one graph node for the whole attention of a layer, from
 /// the packed projection qkv [B, T, 3H] (q | k | v, heads of `hd` features) to o [B, T, H].
 /// The forward is candle's (cuBLAS products, the fused softmax kernel, the keyed dropout mask
-/// of [`super::dropout_mask`]); the backward recomputes the probabilities from q and k instead
-/// of keeping [B, heads, T, T] of them per layer, then runs the product rule in ten tensor ops.
-/// The composite is about 20 graph nodes per layer.
+/// of [`super::dropout_mask`]); the op keeps q, k, v, the probabilities and the mask for its
+/// backward (on a GPU about 45 MB per layer of a base 8 x 4 s step, as PyTorch keeps them;
+/// recomputing them cost ten launches per layer), which runs the product rule in about ten
+/// tensor ops. The composite is about 20 graph nodes per layer.
 pub fn attention_device(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>, dropout: Option<(f64, u64)>) -> Result<Tensor> {
-    let op = AttentionDevice { heads, scale, key_bias: key_bias.map(Tensor::detach), dropout: dropout.filter(|d| d.0 > 0.0), o: None };
-    let fwd = op.forward(&qkv.detach())?;
-    Ok(qkv.apply_op1(AttentionDevice { o: Some(Pending::new(fwd.o)), ..op })?)
+    let op = AttentionDevice { heads, scale, key_bias: key_bias.map(Tensor::detach), dropout: dropout.filter(|d| d.0 > 0.0), o: None, saved: Mutex::new(None) };
+    let (parts, o) = op.forward(&qkv.detach())?;
+    Ok(qkv.apply_op1(AttentionDevice { o: Some(Pending::new(o)), saved: Mutex::new(Some(parts)), ..op })?)
 }
 
 struct AttentionDevice {
@@ -247,6 +248,8 @@ struct AttentionDevice {
     key_bias: Option<Tensor>,
     dropout: Option<(f64, u64)>,
     o: Option<Pending>,
+    /// The forward's q, k, v, probabilities and mask, taken by the backward.
+    saved: Mutex<Option<AttentionParts>>,
 }
 
 /// What the forward computes and the backward needs again.
@@ -257,11 +260,11 @@ struct AttentionParts {
     /// Softmax probabilities [B, nh, T, T] and, with dropout, the mask factors.
     p: Tensor,
     mask: Option<Tensor>,
-    o: Tensor,
 }
 
 impl AttentionDevice {
-    fn forward(&self, qkv: &Tensor) -> candle_core::Result<AttentionParts> {
+    /// The parts and the output o [B, T, H].
+    fn forward(&self, qkv: &Tensor) -> candle_core::Result<(AttentionParts, Tensor)> {
         let (b, t, h3) = qkv.dims3()?;
         let hd = h3 / 3 / self.heads;
         // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
@@ -281,7 +284,7 @@ impl AttentionDevice {
             None => p.clone(),
         };
         let o = pd.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h3 / 3))?;
-        Ok(AttentionParts { q, k, v, p, mask, o })
+        Ok((AttentionParts { q, k, v, p, mask }, o))
     }
 }
 
@@ -303,7 +306,12 @@ impl CustomOp1 for AttentionDevice {
     fn bwd(&self, qkv: &Tensor, _o: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (b, t, h3) = qkv.dims3()?;
         let hd = h3 / 3 / self.heads;
-        let AttentionParts { q, k, v, p, mask, .. } = self.forward(&qkv.detach())?;
+        // The forward's values (recomputed only if the backward runs twice).
+        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
+        let AttentionParts { q, k, v, p, mask } = match saved {
+            Some(parts) => parts,
+            None => self.forward(&qkv.detach())?.0,
+        };
         let g = g.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
         let pd = match &mask {
             Some(m) => p.mul(m)?,
