@@ -44,68 +44,72 @@ fn i32_of(n: usize) -> i32 {
     i32::try_from(n).expect("klspeech kernels: a dimension over 2^31")
 }
 
+/// A row kernel's plan: one block per row of `d`, buffers 0..`buffers`, then rows, d and
+/// `extra`.
+fn row_plan(name: &'static str, rows: usize, d: usize, buffers: usize, extra: &[Arg]) -> Launch {
+    let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
+    args.extend([Arg::I32(i32_of(rows)), Arg::I32(i32_of(d))]);
+    args.extend_from_slice(extra);
+    Launch { name, grid: rows as u32, block: row_block(d), args }
+}
+
+/// A column-summing backward's plan: [`klnorm_bwd_chunk`] rows per block, buffers
+/// 0..`buffers`, then rows, d, `extra` and the chunk.
+fn chunked_plan(name: &'static str, rows: usize, d: usize, buffers: usize, extra: &[Arg]) -> Launch {
+    let chunk = klnorm_bwd_chunk(rows);
+    let mut plan = row_plan(name, rows, d, buffers, extra);
+    plan.grid = rows.div_ceil(chunk).max(1) as u32;
+    plan.args.push(Arg::I32(i32_of(chunk)));
+    plan
+}
+
+/// An elementwise plan over `n` items (the kernels stride): 256 threads a block, at most 4096
+/// blocks; buffers 0..`buffers`, then n and `extra`.
+fn elementwise(name: &'static str, n: usize, buffers: usize, extra: &[Arg]) -> Launch {
+    let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
+    args.push(Arg::I32(i32_of(n)));
+    args.extend_from_slice(extra);
+    Launch { name, grid: n.div_ceil(256).clamp(1, 4096) as u32, block: 256, args }
+}
+
 /// y = (x - mean) / sqrt(var + eps) per row: buffers [x, y], each [rows, d].
 pub fn standardize_fwd(rows: usize, d: usize, eps: f64) -> Launch {
-    Launch {
-        name: "kl_standardize_fwd",
-        grid: rows as u32,
-        block: row_block(d),
-        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(eps as f32)],
-    }
+    row_plan("kl_standardize_fwd", rows, d, 2, &[Arg::F32(eps as f32)])
 }
 
 /// The standardization's backward: buffers [x, y, g, dx], each [rows, d].
 pub fn standardize_bwd(rows: usize, d: usize, eps: f64) -> Launch {
-    Launch {
-        name: "kl_standardize_bwd",
-        grid: rows as u32,
-        block: row_block(d),
-        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(eps as f32)],
-    }
+    row_plan("kl_standardize_bwd", rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
 /// The softmax's backward, dx = scale y (g m - sum(g m y)) per row: buffers [y, g, mask, dx]
-/// with a dropout mask m, [y, g, dx] without.
+/// with a dropout mask m, [y, g, dx] without (the mask argument is then a null pointer).
 pub fn softmax_bwd(rows: usize, d: usize, scale: f64, masked: bool) -> Launch {
-    let (mask, dx) = if masked { (Arg::Buf(2), Arg::Buf(3)) } else { (Arg::Null, Arg::Buf(2)) };
-    Launch {
-        name: "kl_softmax_bwd",
-        grid: rows as u32,
-        block: row_block(d),
-        args: vec![Arg::Buf(0), Arg::Buf(1), mask, dx, Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(scale as f32)],
+    let mut plan = row_plan("kl_softmax_bwd", rows, d, if masked { 4 } else { 3 }, &[Arg::F32(scale as f32)]);
+    if !masked {
+        plan.args.insert(2, Arg::Null);
     }
-}
-
-/// Elementwise launches: 256 threads a block, at most 4096 blocks (the kernels stride).
-fn elementwise(name: &'static str, n: usize, buffers: usize) -> Launch {
-    let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
-    args.push(Arg::I32(i32_of(n)));
-    Launch { name, grid: n.div_ceil(256).clamp(1, 4096) as u32, block: 256, args }
+    plan
 }
 
 /// The exact GELU: buffers [x, y] of n.
 pub fn gelu_fwd(n: usize) -> Launch {
-    elementwise("kl_gelu_fwd", n, 2)
+    elementwise("kl_gelu_fwd", n, 2, &[])
 }
 
 /// The GELU's backward: buffers [x, g, dx] of n.
 pub fn gelu_bwd(n: usize) -> Launch {
-    elementwise("kl_gelu_bwd", n, 3)
+    elementwise("kl_gelu_bwd", n, 3, &[])
 }
 
 /// A KL-Norm site after its standardization: buffers [xh, p, noise, out], xh and noise
 /// [rows, d], p [4, d] ([6, d] with a `learned` prior), out [rows * d + rows] (y, then the KL
 /// per row).
 pub fn klnorm_fwd(rows: usize, d: usize, learned: bool) -> Launch {
-    Launch {
-        name: "kl_klnorm_fwd",
-        grid: rows as u32,
-        block: row_block(d),
-        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::I32(learned as i32)],
-    }
+    row_plan("kl_klnorm_fwd", rows, d, 4, &[Arg::I32(learned as i32)])
 }
 
-/// Rows per block of [`klnorm_bwd`]: about 256 blocks over the rows.
+/// Rows per block of the column-summing backwards: about 256 blocks over the rows.
 pub fn klnorm_bwd_chunk(rows: usize) -> usize {
     rows.div_ceil(256).max(1)
 }
@@ -114,33 +118,12 @@ pub fn klnorm_bwd_chunk(rows: usize) -> usize {
 /// out [rows * d + blocks * np * d]: the gradient of xh, then each block's column sums of the
 /// parameters' gradients (np = 4 or 6), for [`colsum`] over the blocks.
 pub fn klnorm_bwd(rows: usize, d: usize, learned: bool) -> Launch {
-    let chunk = klnorm_bwd_chunk(rows);
-    Launch {
-        name: "kl_klnorm_bwd",
-        grid: rows.div_ceil(chunk).max(1) as u32,
-        block: row_block(d),
-        args: vec![
-            Arg::Buf(0),
-            Arg::Buf(1),
-            Arg::Buf(2),
-            Arg::Buf(3),
-            Arg::Buf(4),
-            Arg::I32(i32_of(rows)),
-            Arg::I32(i32_of(d)),
-            Arg::I32(learned as i32),
-            Arg::I32(i32_of(chunk)),
-        ],
-    }
+    chunked_plan("kl_klnorm_bwd", rows, d, 5, &[Arg::I32(learned as i32)])
 }
 
 /// Column sums over `blocks` partial rows of `width`: buffers [partial, out].
 pub fn colsum(blocks: usize, width: usize) -> Launch {
-    Launch {
-        name: "kl_colsum",
-        grid: width.div_ceil(256).clamp(1, 4096) as u32,
-        block: 256,
-        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(blocks)), Arg::I32(i32_of(width))],
-    }
+    elementwise("kl_colsum", width, 2, &[Arg::I32(i32_of(blocks))])
 }
 
 /// The widest rows the LayerNorm backward takes (its column sums live in shared memory).
@@ -148,83 +131,41 @@ pub const LAYER_NORM_MAX_D: usize = 4096;
 
 /// LayerNorm: buffers [x, w, b, y], x and y [rows, d], w and b [d].
 pub fn layer_norm_fwd(rows: usize, d: usize, eps: f64) -> Launch {
-    Launch {
-        name: "kl_layer_norm_fwd",
-        grid: rows as u32,
-        block: row_block(d),
-        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::F32(eps as f32)],
-    }
+    row_plan("kl_layer_norm_fwd", rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
 /// Its backward: buffers [x, w, g, out], out [rows * d + blocks * 2 * d]: dx, then each
-/// block's column sums [g x̂; g] for [`colsum`] (dw, db). Rows per block as
-/// [`klnorm_bwd_chunk`].
+/// block's column sums [g x̂; g] for [`colsum`] (dw, db).
 pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64) -> Launch {
-    let chunk = klnorm_bwd_chunk(rows);
-    Launch {
-        name: "kl_layer_norm_bwd",
-        grid: rows.div_ceil(chunk).max(1) as u32,
-        block: row_block(d),
-        args: vec![
-            Arg::Buf(0),
-            Arg::Buf(1),
-            Arg::Buf(2),
-            Arg::Buf(3),
-            Arg::I32(i32_of(rows)),
-            Arg::I32(i32_of(d)),
-            Arg::F32(eps as f32),
-            Arg::I32(i32_of(chunk)),
-        ],
-    }
+    chunked_plan("kl_layer_norm_bwd", rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
 /// `n` values of klspeech's keyed standard normal stream (`rng::keyed_normal_vec`, the same
 /// bits): buffers [out]; one thread per Box-Muller pair.
 pub fn keyed_normal(n: usize, key: u64) -> Launch {
-    Launch { name: "kl_keyed_normal", grid: n.div_ceil(2).div_ceil(256).clamp(1, 4096) as u32, block: 256, args: vec![Arg::Buf(0), Arg::I32(i32_of(n)), Arg::U64(key)] }
+    let mut plan = elementwise("kl_keyed_normal", n, 1, &[Arg::U64(key)]);
+    plan.grid = n.div_ceil(2).div_ceil(256).clamp(1, 4096) as u32;
+    plan
 }
 
 /// The f32 dropout mask of `ops::dropout_mask` (rate `p`, keyed stream `key`), bit for bit:
 /// buffers [out] of n. The kernel compares the uniform's 53-bit integer with ceil(p 2^53).
 pub fn dropout_mask(n: usize, p: f64, key: u64) -> Launch {
     let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
-    let scale = (1.0 / (1.0 - p)) as f32;
-    Launch {
-        name: "kl_dropout_mask",
-        grid: n.div_ceil(256).clamp(1, 4096) as u32,
-        block: 256,
-        args: vec![Arg::Buf(0), Arg::I32(i32_of(n)), Arg::U64(key), Arg::U64(threshold), Arg::F32(scale)],
-    }
+    elementwise("kl_dropout_mask", n, 1, &[Arg::U64(key), Arg::U64(threshold), Arg::F32((1.0 / (1.0 - p)) as f32)])
 }
 
 /// AdamW's moments in place: buffers [mv, g], mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
 /// rounded to f32 as the CPU kernel rounds them).
 pub fn adam_moments(n: usize, p: &super::AdamWScalars) -> Launch {
-    Launch {
-        name: "kl_adam_moments",
-        grid: n.div_ceil(256).clamp(1, 4096) as u32,
-        block: 256,
-        args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(n)), Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)],
-    }
+    elementwise("kl_adam_moments", n, 2, &[Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)])
 }
 
 /// AdamW's parameter update in place: buffers [theta (n), mv (2n)].
 pub fn adam_apply(n: usize, p: &super::AdamWScalars) -> Launch {
-    Launch {
-        name: "kl_adam_apply",
-        grid: n.div_ceil(256).clamp(1, 4096) as u32,
-        block: 256,
-        args: vec![
-            Arg::Buf(0),
-            Arg::Buf(1),
-            Arg::I32(i32_of(n)),
-            Arg::I32(p.decay.is_some() as i32),
-            Arg::F32(p.decay.unwrap_or(1.0) as f32),
-            Arg::F32((1.0 / p.bias_correction2_sqrt) as f32),
-            Arg::F32(p.eps as f32),
-            Arg::F32(p.step_size as f32),
-        ],
-    }
+    let decay = [Arg::I32(p.decay.is_some() as i32), Arg::F32(p.decay.unwrap_or(1.0) as f32)];
+    let rest = [Arg::F32((1.0 / p.bias_correction2_sqrt) as f32), Arg::F32(p.eps as f32), Arg::F32(p.step_size as f32)];
+    elementwise("kl_adam_apply", n, 2, &[decay.as_slice(), rest.as_slice()].concat())
 }
 
 // 0 = not read yet, 1 = on, 2 = off.

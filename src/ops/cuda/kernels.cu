@@ -202,7 +202,7 @@ extern "C" __global__ void kl_klnorm_bwd(const float* xh, const float* p, const 
 }
 
 // out[i] = sum over b < nblocks of partial[b * width + i], in block order (deterministic).
-extern "C" __global__ void kl_colsum(const float* partial, float* out, int nblocks, int width) {
+extern "C" __global__ void kl_colsum(const float* partial, float* out, int width, int nblocks) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < width; i += gridDim.x * blockDim.x) {
         float s = 0.0f;
         for (int b = 0; b < nblocks; ++b) s += partial[(long long)b * width + i];
