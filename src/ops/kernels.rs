@@ -196,6 +196,34 @@ pub fn apply(x: &Tensor) -> bool {
     x.device().is_cuda() && x.dtype() == candle_core::DType::F32 && x.elem_count() > 0 && enabled() && super::enabled()
 }
 
+/// The CPU side of a CUDA-only candle op (`cpu_fwd` for 1, 2 or 3 inputs): an error naming
+/// the op; the CPU runs klspeech's fused ops or draws on the host instead.
+macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{}: a CUDA kernel", <Self as candle_core::CustomOp1>::name(self))
+        }
+    };
+    (2) => {
+        fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{}: a CUDA kernel", <Self as candle_core::CustomOp2>::name(self))
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{}: a CUDA kernel", <Self as candle_core::CustomOp3>::name(self))
+        }
+    };
+}
+
 /// What a [`KernelOp`] computes.
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -258,17 +286,11 @@ impl KernelOp {
     }
 }
 
-fn cpu_only<T>(op: &KernelOp) -> candle_core::Result<T> {
-    candle_core::bail!("{}: a CUDA kernel (the CPU has klspeech's fused ops)", op.name())
-}
-
 impl candle_core::CustomOp1 for KernelOp {
     fn name(&self) -> &'static str {
         KernelOp::name(self)
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_only(self)
-    }
+    cuda_only!(1);
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         self.run(&[(s, l)], false)
     }
@@ -286,9 +308,7 @@ impl candle_core::CustomOp2 for KernelOp {
     fn name(&self) -> &'static str {
         KernelOp::name(self)
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_only(self)
-    }
+    cuda_only!(2);
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         self.run(&[(s1, l1), (s2, l2)], false)
     }
@@ -298,17 +318,7 @@ impl candle_core::CustomOp3 for KernelOp {
     fn name(&self) -> &'static str {
         KernelOp::name(self)
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_only(self)
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -402,9 +412,7 @@ impl candle_core::CustomOp2 for KlNormKernel {
     fn name(&self) -> &'static str {
         "klspeech-kernel-kl-norm"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("klspeech-kernel-kl-norm: a CUDA kernel")
-    }
+    cuda_only!(2);
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         self.run(&[(s1, l1), (s2, l2)])
     }
@@ -425,17 +433,7 @@ impl candle_core::CustomOp3 for KlNormKernel {
     fn name(&self) -> &'static str {
         "klspeech-kernel-kl-norm-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("klspeech-kernel-kl-norm-bwd: a CUDA kernel")
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -460,9 +458,7 @@ impl candle_core::CustomOp1 for ColSum {
     fn name(&self) -> &'static str {
         "klspeech-kernel-colsum"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("klspeech-kernel-colsum: a CUDA kernel")
-    }
+    cuda_only!(1);
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         #[cfg(feature = "cuda")]
@@ -503,17 +499,7 @@ impl candle_core::CustomOp3 for LayerNormKernel {
             "klspeech-kernel-layer-norm"
         }
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{}: a CUDA kernel (the CPU has klspeech's fused LayerNorm)", candle_core::CustomOp3::name(self))
-    }
+    cuda_only!(3);
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn cuda_fwd(
         &self,
@@ -578,9 +564,7 @@ impl candle_core::CustomOp1 for KeyedFill {
     fn name(&self) -> &'static str {
         "klspeech-kernel-keyed-fill"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("klspeech-kernel-keyed-fill: a CUDA kernel (the CPU draws on the host)")
-    }
+    cuda_only!(1);
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         #[cfg(feature = "cuda")]
