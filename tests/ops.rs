@@ -449,6 +449,52 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(one, three);
 }
 
+/// A training installed on candle's pool takes its caller's path even when a worker that is
+/// in the middle of a GPU-path job runs it (a waiting rayon worker runs other queued jobs):
+/// the cause of a once-seen mismatch in train::same_seed_same_run_and_resume_is_exact, whose
+/// runs could be picked up by the worker of the concurrent GPU-path test. Before the fix,
+/// the second thread saw the GPU path about once per job of the first.
+#[test]
+fn a_pool_job_keeps_its_callers_path_when_a_gpu_path_worker_runs_it() {
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // What the trainer and the bench do: read the caller's setting, carry it into the pool.
+    let in_pool = |f: &(dyn Fn() -> bool + Sync)| {
+        let on = ops::gpu_path_active();
+        Device::Cpu.with_context(|| ops::with_gpu_path_if(on, f))
+    };
+    let (done, runs, leaked) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..100 {
+                ops::with_gpu_path(|| {
+                    in_pool(&|| {
+                        let v: Vec<f64> = (0..1_000_000).into_par_iter().map(|i| (i as f64).sqrt()).collect();
+                        std::hint::black_box(v);
+                        ops::gpu_path_active()
+                    })
+                });
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                runs.fetch_add(1, Ordering::Relaxed);
+                if in_pool(&ops::gpu_path_active) {
+                    leaked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    });
+    let (runs, leaked) = (runs.into_inner(), leaked.into_inner());
+    println!("{runs} CPU-path jobs beside 100 GPU-path jobs, {leaked} ran on the GPU path");
+    assert!(runs > 100, "the two threads did not overlap ({runs} jobs)");
+    assert_eq!(leaked, 0);
+    // And the setting is restored both ways.
+    assert!(ops::with_gpu_path(|| ops::with_gpu_path_if(false, ops::gpu_path_active) == false && ops::gpu_path_active()));
+    assert!(!ops::gpu_path_active());
+}
+
 fn softplus(z: &Tensor) -> Tensor {
     (z.relu().unwrap() + (z.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap()
 }

@@ -11,8 +11,13 @@
 //! same bits (tests/gradients.rs compares every parameter's gradient with plain `backward()`).
 //!
 //! Without the sink (plain `loss.backward()`, other threads) the ops return their gradients
-//! as before. Off the CPU the ops that route are the training convolution
-//! (`conv1d_cl_recompute`) and the linear layer (`ops::device::linear_device`).
+//! as before. The sink belongs to the thread, not to the loss: a plain `backward()` that a
+//! thread runs while it is inside [`backward`] (possible for jobs on one rayon pool, whose
+//! waiting workers run other queued jobs) would hand its parameter gradients to that sink;
+//! run concurrent backward passes through [`backward`], which installs a sink of its own.
+//!
+//! Off the CPU the ops that route are the training convolution (`conv1d_cl_recompute`) and the
+//! linear layer (`ops::device::linear_device`).
 
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;

@@ -69,14 +69,7 @@ thread_local! {
 /// training path of a CUDA device, checked on a machine without one. (The GPU's inference
 /// path, candle's fused kernels without a backward, is not switched.)
 pub fn with_gpu_path<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            GPU_PATH.with(|g| g.set(self.0));
-        }
-    }
-    let _restore = Restore(GPU_PATH.with(|g| g.replace(true)));
-    f()
+    with_gpu_path_if(true, f)
 }
 
 /// Whether the fused CPU ops run for a tensor like `x` (CPU, f32/f64, switched on).
@@ -84,13 +77,21 @@ pub fn fused_applies(x: &Tensor) -> bool {
     fused(x)
 }
 
-/// [`with_gpu_path`] when `on`, else `f()`: to carry the setting onto another thread.
+/// Runs `f` with this thread on the GPU's path exactly when `on` (see [`with_gpu_path`]), and
+/// restores the thread's setting afterwards: to carry the setting onto a pool thread.
+///
+/// Both ways, not only `on`: a rayon worker that waits inside one job runs other jobs queued
+/// on its pool, so a training installed on candle's pool by a CPU-path caller can start on a
+/// worker that is in the middle of a GPU-path training and would inherit its setting.
 pub fn with_gpu_path_if<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    if on {
-        with_gpu_path(f)
-    } else {
-        f()
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GPU_PATH.with(|g| g.set(self.0));
+        }
     }
+    let _restore = Restore(GPU_PATH.with(|g| g.replace(on)));
+    f()
 }
 
 /// Whether this thread runs the GPU's path on the CPU ([`with_gpu_path`]).
