@@ -3,6 +3,8 @@
 # (built here by tools/cuda_build.sh; the GPU machines have no Rust toolchain):
 #   - parity, gradient, KL-Norm, optimizer, loss, convolution and op tests with KLSPEECH_TEST_DEVICE=cuda
 #     (tests/ops.rs: klspeech's CUDA kernels against f64 composites);
+#     the ops suite runs first: if it fails with klspeech's CUDA kernels and passes without, the
+#     rest runs without them (KLSPEECH_NO_CUDA_KERNELS=1), said in the log with "!!";
 #   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side),
 #     and the keyword_spotting example on CUDA (its figures and wall time against the README's);
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
@@ -36,9 +38,21 @@ head -3 target/cuda-dist/MANIFEST.txt
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
 ldd target/cuda-dist/klspeech | grep 'not found' && echo "MISSING LIBRARIES"
 D=target/cuda-dist
-t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; echo "($name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - s )) s)"; }
+# t NAME CMD...: runs CMD with a timeout, prints its tail and exit status; RC = that status.
+t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; RC=${PIPESTATUS[0]}; echo "($name: exit $RC, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
-for name in parity gradients klnorm optim loss conv ops; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
+# klspeech's own CUDA kernels first (they have only run on the CPU's emulator): if their tests
+# fail with them and pass without them, everything after runs without them
+# (KLSPEECH_NO_CUDA_KERNELS=1, candle's kernels), so that one run still gives every figure.
+t "ops on cuda" $D/ops-* --nocapture --test-threads 1
+if [ "$RC" != 0 ]; then
+  KLSPEECH_NO_CUDA_KERNELS=1 t "ops on cuda without klspeech's CUDA kernels" $D/ops-* --nocapture --test-threads 1
+  if [ "$RC" = 0 ]; then
+    export KLSPEECH_NO_CUDA_KERNELS=1
+    echo "!! klspeech's CUDA kernels failed their tests: everything below runs with KLSPEECH_NO_CUDA_KERNELS=1"
+  fi
+fi
+for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
 # The keyword-spotting example end to end on the GPU (dropout, SpecAugment, KL-Norm noise: the
