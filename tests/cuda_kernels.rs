@@ -93,11 +93,16 @@ fn as_f64(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
 }
 
-/// max |got - want| / max(1, max |want|).
+/// max |got - want| / max(1, max |want|); infinite where a value is NaN (an element the
+/// kernel never wrote stays NaN, and `f64::max` would pass over it).
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale
+    let diff = |(g, w): (&f32, &f64)| {
+        let d = (*g as f64 - w).abs();
+        if d.is_nan() { f64::INFINITY } else { d }
+    };
+    got.iter().zip(want).map(diff).fold(0.0, f64::max) / scale
 }
 
 /// Rows of d with mean `shift`; some shapes leave threads idle (d < block), some give each
@@ -304,6 +309,47 @@ fn layer_norm_forward_and_backward_match_the_f64_composite() {
         assert!(e < 5e-5, "layer norm dw {rows}x{d}: {e}");
         let e = rel_err(&sums[1][d..], &as_f64(grads.get(bv.as_tensor()).unwrap()));
         assert!(e < 5e-5, "layer norm db {rows}x{d}: {e}");
+    }
+}
+
+/// Per-channel GroupNorm on channels-last [B, T, C] (wav2vec2's first conv layer): forward with
+/// and without the fused GELU, backward (dx, and dw / db through the per-clip sums and
+/// kl_colsum), against the f64 composite (`ops::group_norm_cl_composite`) and its autograd.
+/// Shapes: channels not a multiple of the 32-channel tile (idle threads), frames not a multiple
+/// of the 8 time lanes, one frame (x̂ = 0), clips whose mean is 1000 and 10^7 times their
+/// spread (one-pass sums need the shift; the mean rounded to f32 would be off by the spread).
+#[test]
+fn channels_last_group_norm_forward_and_backward_match_the_f64_composite() {
+    let eps = 1e-5;
+    for (case, &(b, t, c, shift)) in [(2usize, 37usize, 40usize, 0.3f32), (3, 300, 64, 1000.0), (1, 1, 7, 0.0), (2, 1001, 96, 2.0), (2, 64, 33, 1e7)].iter().enumerate() {
+        let seed = 700 + 10 * case as u64;
+        let x = normal(b * t * c, seed, 1.5, shift);
+        let w = normal(c, seed + 1, 0.3, 1.0);
+        let bias = normal(c, seed + 2, 0.2, 0.0);
+        let g = normal(b * t * c, seed + 3, 1.0, 0.0);
+        let f64_t = |v: &[f32], shape: &[usize]| Tensor::from_vec(v.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap();
+        let (xv, wv, bv) = (Var::from_tensor(&f64_t(&x, &[b, t, c])).unwrap(), Var::from_tensor(&f64_t(&w, &[c])).unwrap(), Var::from_tensor(&f64_t(&bias, &[c])).unwrap());
+        let y_ref = klspeech::ops::group_norm_cl_composite(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps).unwrap();
+        let grads = y_ref.mul(&f64_t(&g, &[b, t, c])).unwrap().sum_all().unwrap().backward().unwrap();
+        let gelu_ref = y_ref.gelu_erf().unwrap();
+
+        let what = format!("[{b}, {t}, {c}]");
+        for (gelu, want) in [(false, &y_ref), (true, &gelu_ref)] {
+            let fwd = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; b * t * c]]);
+            let e = rel_err(&fwd[3], &as_f64(want));
+            assert!(e < 2e-5, "group norm forward {what} (GELU {gelu}): {e}");
+        }
+        let plan = kernels::group_norm_cl_bwd(b, t, c, eps);
+        let bwd = run(&plan, &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; b * t * c + b * 2 * c]]);
+        let e = rel_err(&bwd[3][..b * t * c], &as_f64(grads.get(xv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "group norm dx {what}: {e}");
+        let sums = run(&kernels::colsum(b, 2 * c), &[bwd[3][b * t * c..].to_vec(), vec![f32::NAN; 2 * c]]);
+        let e = rel_err(&sums[1][..c], &as_f64(grads.get(wv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "group norm dw {what}: {e}");
+        let e = rel_err(&sums[1][c..], &as_f64(grads.get(bv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "group norm db {what}: {e}");
+        assert_eq!(bwd[0], x);
+        assert_eq!(bwd[2], g);
     }
 }
 

@@ -28,7 +28,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape");
     let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
     let b = b.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    common::nan_aware_max_abs(&(a - b).unwrap()) as f32
 }
 
 fn lengths_of(mask: &Tensor) -> Vec<usize> {

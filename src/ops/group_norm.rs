@@ -386,9 +386,13 @@ pub fn conv1_group_norm_gelu(x: &Tensor, w: &Tensor, stride: usize, gn_w: &Tenso
 
 /// Per-channel GroupNorm on channels-last x [B, T, C]: `(x - mean) / sqrt(var + eps) * w + b`
 /// with mean and (biased) variance over T per clip and channel; differentiable in x, w and b.
-/// Fused on the CPU, else [`group_norm_cl_composite`].
+/// Fused on the CPU, klspeech's CUDA kernels for f32 on a GPU (one launch forward, two
+/// backward), else [`group_norm_cl_composite`].
 pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims3()?;
+    if super::kernels::apply(x) && super::kernels::apply(w) && super::kernels::apply(b) {
+        return Ok(super::kernels::group_norm_cl(x, w, b, eps, false)?);
+    }
     if !fused(x) {
         return group_norm_cl_composite(x, w, b, eps);
     }
@@ -397,9 +401,13 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
 
 /// Inference: [`group_norm_cl`] followed by the erf GELU, applied to each output strip while
 /// it is in cache (one pass over the activation instead of two; the same values as the two
-/// ops). No gradient flows through it. Fused on the CPU, else the two ops.
+/// ops). No gradient flows through it. Fused on the CPU, one CUDA kernel for f32 on a GPU,
+/// else the two ops.
 pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims3()?;
+    if super::kernels::apply(x) && super::kernels::apply(w) && super::kernels::apply(b) {
+        return Ok(super::kernels::group_norm_cl(x, w, b, eps, true)?);
+    }
     if !fused(x) {
         return super::gelu_erf(&group_norm_cl_composite(x, w, b, eps)?);
     }

@@ -140,6 +140,29 @@ pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64) -> Launch {
     chunked_plan("kl_layer_norm_bwd", rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
+/// Channels per block of the channels-last GroupNorm kernels (threads: 8 time lanes of these).
+const GROUP_NORM_TILE: usize = 32;
+
+/// A channels-last GroupNorm plan: one block of 256 threads per (clip, tile of 32 channels).
+fn group_norm_plan(name: &'static str, b: usize, t: usize, c: usize, buffers: usize, extra: &[Arg]) -> Launch {
+    let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
+    args.extend([Arg::I32(i32_of(b)), Arg::I32(i32_of(t)), Arg::I32(i32_of(c))]);
+    args.extend_from_slice(extra);
+    Launch { name, grid: u32::try_from(b * c.div_ceil(GROUP_NORM_TILE)).expect("klspeech kernels: grid over 2^32"), block: 256, args }
+}
+
+/// Per-channel GroupNorm over the frames of channels-last x [b, t, c], then the exact GELU when
+/// `gelu`: buffers [x, w, b, y], w and b [c].
+pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool) -> Launch {
+    group_norm_plan("kl_group_norm_cl_fwd", b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
+}
+
+/// Its backward (without GELU): buffers [x, w, g, out], out [b t c + b 2 c]: dx, then each
+/// clip's sums [g x̂; g] over its frames, for [`colsum`] over the clips (dw, db).
+pub fn group_norm_cl_bwd(b: usize, t: usize, c: usize, eps: f64) -> Launch {
+    group_norm_plan("kl_group_norm_cl_bwd", b, t, c, 4, &[Arg::F32(eps as f32)])
+}
+
 /// `n` values of klspeech's keyed standard normal stream (`rng::keyed_normal_vec`, the same
 /// bits): buffers [out]; one thread per Box-Muller pair.
 pub fn keyed_normal(n: usize, key: u64) -> Launch {
@@ -482,21 +505,59 @@ pub(crate) fn kl_norm_site(x_hat: &Tensor, p: &Tensor, noise: &Tensor) -> candle
     x_hat.contiguous()?.apply_op2(&p.contiguous()?, op)
 }
 
-/// LayerNorm as klspeech's kernels: (x, w, b) -> y forward; (x, w, g) -> [dx; per-block
-/// column sums] backward (`backward`), then [`ColSum`] for dw and db.
+/// Which normalization with weight and bias an [`AffineNormKernel`] runs.
+#[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct LayerNormKernel {
-    d: usize,
+enum AffineNorm {
+    /// LayerNorm over rows of `d` (the last dimension).
+    Layer { d: usize },
+    /// Per-channel GroupNorm over the frames of channels-last [b, t, c], the exact GELU after
+    /// it when `gelu` (inference only: no backward then).
+    GroupCl { b: usize, t: usize, c: usize, gelu: bool },
+}
+
+/// A normalization with weight and bias as klspeech's kernels: (x, w, b) -> y forward;
+/// (x, w, g) -> [dx; partial column sums [g x̂; g]] backward (`backward`), then [`ColSum`]
+/// for dw and db.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AffineNormKernel {
+    norm: AffineNorm,
     eps: f64,
     backward: bool,
 }
 
-impl candle_core::CustomOp3 for LayerNormKernel {
+impl AffineNormKernel {
+    /// The launch plan, and the backward's number of partial-sum blocks.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn plan(&self, n: usize) -> (Launch, usize) {
+        match (self.norm, self.backward) {
+            (AffineNorm::Layer { d }, false) => (layer_norm_fwd(n / d.max(1), d, self.eps), 0),
+            (AffineNorm::Layer { d }, true) => {
+                let plan = layer_norm_bwd(n / d.max(1), d, self.eps);
+                let blocks = plan.grid as usize;
+                (plan, blocks)
+            }
+            (AffineNorm::GroupCl { b, t, c, gelu }, false) => (group_norm_cl_fwd(b, t, c, self.eps, gelu), 0),
+            (AffineNorm::GroupCl { b, t, c, .. }, true) => (group_norm_cl_bwd(b, t, c, self.eps), b),
+        }
+    }
+
+    /// Width of the normalized axis (the weight's length).
+    fn width(&self) -> usize {
+        match self.norm {
+            AffineNorm::Layer { d } => d,
+            AffineNorm::GroupCl { c, .. } => c,
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for AffineNormKernel {
     fn name(&self) -> &'static str {
-        if self.backward {
-            "klspeech-kernel-layer-norm-bwd"
-        } else {
-            "klspeech-kernel-layer-norm"
+        match (self.norm, self.backward) {
+            (AffineNorm::Layer { .. }, false) => "klspeech-kernel-layer-norm",
+            (AffineNorm::Layer { .. }, true) => "klspeech-kernel-layer-norm-bwd",
+            (AffineNorm::GroupCl { .. }, false) => "klspeech-kernel-group-norm-cl",
+            (AffineNorm::GroupCl { .. }, true) => "klspeech-kernel-group-norm-cl-bwd",
         }
     }
     cuda_only!(3);
@@ -512,31 +573,32 @@ impl candle_core::CustomOp3 for LayerNormKernel {
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         #[cfg(feature = "cuda")]
         {
-            let rows = l1.shape().elem_count() / self.d.max(1);
+            let n = l1.shape().elem_count();
+            let (plan, blocks) = self.plan(n);
             let inputs = [(s1, l1), (s2, l2), (s3, l3)];
             if self.backward {
-                let plan = layer_norm_bwd(rows, self.d, self.eps);
-                let len = rows * self.d + plan.grid as usize * 2 * self.d;
-                gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(len))
+                gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(n + blocks * 2 * self.width()))
             } else {
-                gpu::launch_op(&layer_norm_fwd(rows, self.d, self.eps), &inputs, l1.shape())
+                gpu::launch_op(&plan, &inputs, l1.shape())
             }
         }
         #[cfg(not(feature = "cuda"))]
         {
-            candle_core::bail!("klspeech LayerNorm kernel: built without CUDA")
+            candle_core::bail!("{}: built without CUDA", <Self as candle_core::CustomOp3>::name(self))
         }
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = self.d;
-        let rows = x.elem_count() / d.max(1);
-        let op = LayerNormKernel { d, eps: self.eps, backward: true };
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if matches!(self.norm, AffineNorm::GroupCl { gelu: true, .. }) {
+            candle_core::bail!("klspeech-kernel-group-norm-cl with GELU: inference only, no backward");
+        }
+        let (n, d) = (x.elem_count(), self.width());
+        let op = AffineNormKernel { norm: self.norm, eps: self.eps, backward: true };
         let packed = x.detach().apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &op)?;
-        let dx = packed.narrow(0, 0, rows * d)?.reshape(x.shape())?;
-        let blocks = (packed.elem_count() - rows * d) / (2 * d).max(1);
-        let sums = packed.narrow(0, rows * d, blocks * 2 * d)?.apply_op1_no_bwd(&ColSum { blocks, width: 2 * d })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let blocks = (packed.elem_count() - n) / (2 * d).max(1);
+        let sums = packed.narrow(0, n, blocks * 2 * d)?.apply_op1_no_bwd(&ColSum { blocks, width: 2 * d })?;
         let dw = super::grads::route(w, Some(sums.narrow(0, 0, d)?.reshape(w.shape())?))?;
-        let db = super::grads::route(_b, Some(sums.narrow(0, d, d)?.reshape(_b.shape())?))?;
+        let db = super::grads::route(b, Some(sums.narrow(0, d, d)?.reshape(b.shape())?))?;
         Ok((Some(dx), dw, db))
     }
 }
@@ -548,7 +610,24 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle
     if d > LAYER_NORM_MAX_D || w.elem_count() != d || b.elem_count() != d {
         candle_core::bail!("klspeech LayerNorm kernel: rows of {d} with weights of {} and {}", w.elem_count(), b.elem_count());
     }
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormKernel { d, eps, backward: false })
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, AffineNormKernel { norm: AffineNorm::Layer { d }, eps, backward: false })
+}
+
+/// Per-channel GroupNorm over the frames of channels-last x [B, T, C] (w, b [C]), the exact
+/// GELU after it when `gelu` (then without a backward): one kernel forward, two backward
+/// ([`apply`] must hold for x, w and b).
+pub(crate) fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, gelu: bool) -> candle_core::Result<Tensor> {
+    let (nb, t, c) = x.dims3()?;
+    if w.elem_count() != c || b.elem_count() != c || t == 0 {
+        candle_core::bail!("klspeech GroupNorm kernel: [{nb}, {t}, {c}] with weights of {} and {}", w.elem_count(), b.elem_count());
+    }
+    let op = AffineNormKernel { norm: AffineNorm::GroupCl { b: nb, t, c, gelu }, eps, backward: false };
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    if gelu {
+        x.detach().apply_op3_no_bwd(&w.detach(), &b.detach(), &op)
+    } else {
+        x.apply_op3(&w, &b, op)
+    }
 }
 
 /// Fills a tensor shaped like its input (only its shape and device are read) with a keyed

@@ -61,7 +61,15 @@ pub fn waves(lengths: &[usize], dtype: DType, dev: &Device) -> Tensor {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    nan_aware_max_abs(&(a - b).unwrap())
+}
+
+/// The largest |element| of `t` (any device, any float type), infinite when an element is NaN:
+/// candle's `max` passes over a NaN that is not the first element, so a comparison through it
+/// could not fail on NaN.
+pub fn nan_aware_max_abs(t: &Tensor) -> f64 {
+    let v = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+    v.into_iter().fold(0.0, |m, x| if x.is_nan() { f64::INFINITY } else { m.max(x.abs()) })
 }
 
 /// Writes a mono 16 kHz 16-bit WAV.

@@ -92,6 +92,8 @@ int main() {
         {"kl_colsum", runner(kl_colsum)},
         {"kl_layer_norm_fwd", runner(kl_layer_norm_fwd)},
         {"kl_layer_norm_bwd", runner(kl_layer_norm_bwd)},
+        {"kl_group_norm_cl_fwd", runner(kl_group_norm_cl_fwd)},
+        {"kl_group_norm_cl_bwd", runner(kl_group_norm_cl_bwd)},
         {"kl_keyed_normal", runner(kl_keyed_normal)},
         {"kl_dropout_mask", runner(kl_dropout_mask)},
         {"kl_adam_moments", runner(kl_adam_moments)},

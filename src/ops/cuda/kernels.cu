@@ -262,6 +262,114 @@ extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, con
     }
 }
 
+// Per-channel GroupNorm on channels-last x [nb, t, c] (wav2vec2's first feature-encoder layer):
+// mean and variance over the t frames of each (clip, channel). One block per (clip, tile of 32
+// channels), 256 threads: channel tile * 32 + (threadIdx.x & 31), time lane threadIdx.x >> 5
+// (frames lane, lane + 8, ...), so that each warp reads 32 consecutive channels of a frame
+// (coalesced) where a reduction over a strided axis would read one float per 32-byte sector.
+// Sums in f64 (a lane adds t / 8 values: 4 000 for 10 s of audio), lanes combined in order;
+// the forward reads x twice (statistics, output), the backward three times.
+#define KL_GN_CH 32
+#define KL_GN_LANES 8
+
+// The sums of (a, b) over the 8 time lanes of this thread's channel; every thread gets them.
+__device__ void gn_lane_sum2(double* a, double* b) {
+    __shared__ double sa[KL_GN_LANES][KL_GN_CH];
+    __shared__ double sb[KL_GN_LANES][KL_GN_CH];
+    unsigned int ch = threadIdx.x & (KL_GN_CH - 1), lane = threadIdx.x / KL_GN_CH;
+    sa[lane][ch] = *a;
+    sb[lane][ch] = *b;
+    __syncthreads();
+    double ta = 0.0, tb = 0.0;
+    for (int l = 0; l < KL_GN_LANES; ++l) {
+        ta += sa[l][ch];
+        tb += sb[l][ch];
+    }
+    *a = ta;
+    *b = tb;
+    __syncthreads();
+}
+
+// Mean and 1 / sqrt(var + eps) of channel j of clip xb [t, c] (j >= c: unused), in one pass:
+// f64 sums of x - x0 and (x - x0)^2 with x0 the channel's first frame (as the CPU's fused op),
+// so that a mean far from zero does not cancel the variance.
+__device__ void gn_moments(const float* xb, int t, int c, int j, float eps, double* mean, float* rstd) {
+    bool on = j < c;
+    int lane = (int)(threadIdx.x / KL_GN_CH);
+    double x0 = on ? (double)xb[j] : 0.0;
+    double s = 0.0, q = 0.0;
+    if (on)
+        for (int i = lane; i < t; i += KL_GN_LANES) {
+            double d = (double)xb[(long long)i * c + j] - x0;
+            s += d;
+            q += d * d;
+        }
+    gn_lane_sum2(&s, &q);
+    double ms = s / (double)t;
+    double var = q / (double)t - ms * ms;
+    *mean = x0 + ms;
+    *rstd = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + (double)eps));
+}
+
+// y = (x - mean) rstd w + b per (clip, channel), then the exact GELU when `gelu`.
+extern "C" __global__ void kl_group_norm_cl_fwd(const float* x, const float* w, const float* b, float* y, int nb, int t, int c, float eps, int gelu) {
+    int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
+    int clip = blockIdx.x / tiles;
+    if (clip >= nb) return;
+    int j = (blockIdx.x % tiles) * KL_GN_CH + (int)(threadIdx.x & (KL_GN_CH - 1));
+    long long o = (long long)clip * t * c;
+    double m;
+    float rs;
+    gn_moments(x + o, t, c, j, eps, &m, &rs);
+    if (j >= c) return;
+    float wj = w[j], bj = b[j];
+    for (int i = (int)(threadIdx.x / KL_GN_CH); i < t; i += KL_GN_LANES) {
+        long long k = o + (long long)i * c + j;
+        // Centred in f64: the mean rounded to f32 could be off by more than the spread.
+        float v = (float)((double)x[k] - m) * rs * wj + bj;
+        if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        y[k] = v;
+    }
+}
+
+// Its backward (no GELU): with x̂ the normalized input and gy = g w,
+// dx = rstd (gy - mean_t(gy) - x̂ mean_t(gy x̂)); out = [dx (nb t c); per clip [sum_t g x̂ (c);
+// sum_t g (c)]] for kl_colsum over the clips (dw, db).
+extern "C" __global__ void kl_group_norm_cl_bwd(const float* x, const float* w, const float* g, float* out, int nb, int t, int c, float eps) {
+    int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
+    int clip = blockIdx.x / tiles;
+    if (clip >= nb) return;
+    int j = (blockIdx.x % tiles) * KL_GN_CH + (int)(threadIdx.x & (KL_GN_CH - 1));
+    int lane = (int)(threadIdx.x / KL_GN_CH);
+    bool on = j < c;
+    long long o = (long long)clip * t * c;
+    double m;
+    float rs;
+    gn_moments(x + o, t, c, j, eps, &m, &rs);
+    double sg = 0.0, sgx = 0.0;
+    if (on)
+        for (int i = lane; i < t; i += KL_GN_LANES) {
+            long long k = o + (long long)i * c + j;
+            float gi = g[k];
+            sg += (double)gi;
+            sgx += (double)(gi * ((float)((double)x[k] - m) * rs));
+        }
+    gn_lane_sum2(&sg, &sgx);
+    if (!on) return;
+    float wj = w[j];
+    float mg = (float)(sg / (double)t) * wj, mgx = (float)(sgx / (double)t) * wj;
+    for (int i = lane; i < t; i += KL_GN_LANES) {
+        long long k = o + (long long)i * c + j;
+        float xh = (float)((double)x[k] - m) * rs;
+        out[k] = (g[k] * wj - mg - xh * mgx) * rs;
+    }
+    if (lane == 0) {
+        float* partial = out + (long long)nb * t * c + (long long)clip * 2 * c;
+        partial[j] = (float)sgx;
+        partial[c + j] = (float)sg;
+    }
+}
+
 // klspeech's keyed standard normal stream (src/rng.rs: keyed_normal_vec), bit for bit: value i
 // depends only on the key and i. One thread per Box-Muller pair p (values 2p, 2p + 1). Every
 // f32 operation is an explicitly rounded intrinsic in the order of the Rust source, so that
