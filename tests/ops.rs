@@ -493,7 +493,7 @@ fn a_pool_job_keeps_its_callers_path_when_a_gpu_path_worker_runs_it() {
     assert!(runs > 100, "the two threads did not overlap ({runs} jobs)");
     assert_eq!(leaked, 0);
     // And the setting is restored both ways.
-    assert!(ops::with_gpu_path(|| ops::with_gpu_path_if(false, ops::gpu_path_active) == false && ops::gpu_path_active()));
+    assert!(ops::with_gpu_path(|| !ops::with_gpu_path_if(false, ops::gpu_path_active) && ops::gpu_path_active()));
     assert!(!ops::gpu_path_active());
 }
 
