@@ -32,9 +32,29 @@ fn emulator() -> &'static PathBuf {
     })
 }
 
+/// A buffer of a launch: f32, or the 16-bit bits of bf16 / f16 values.
+#[derive(Debug, Clone, PartialEq)]
+enum Buf {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
 /// Runs `plan` on the emulator with `bufs` (outputs as NaN-filled buffers); returns every
 /// buffer after the launch.
 fn run(plan: &Launch, bufs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let bufs: Vec<Buf> = bufs.iter().map(|v| Buf::F32(v.clone())).collect();
+    run_bufs(plan, &bufs)
+        .into_iter()
+        .map(|b| match b {
+            Buf::F32(v) => v,
+            other => panic!("plan {}: an f32 buffer came back as {other:?}", plan.name),
+        })
+        .collect()
+}
+
+/// [`run`] with buffers of any type.
+fn run_bufs(plan: &Launch, bufs: &[Buf]) -> Vec<Buf> {
     let mut input = Vec::new();
     input.extend((plan.name.len() as u32).to_le_bytes());
     input.extend(plan.name.as_bytes());
@@ -47,9 +67,17 @@ fn run(plan: &Launch, bufs: &[Vec<f32>]) -> Vec<Vec<f32>> {
             Arg::Buf(k) => {
                 assert_eq!(k, used, "plan {}: buffers in order", plan.name);
                 used += 1;
-                input.push(b'b');
-                input.extend((bufs[k].len() as u32).to_le_bytes());
-                bufs[k].iter().for_each(|v| input.extend(v.to_le_bytes()));
+                let (tag, n) = match &bufs[k] {
+                    Buf::F32(v) => (b'b', v.len()),
+                    Buf::Bf16(v) => (b'h', v.len()),
+                    Buf::F16(v) => (b'e', v.len()),
+                };
+                input.push(tag);
+                input.extend((n as u32).to_le_bytes());
+                match &bufs[k] {
+                    Buf::F32(v) => v.iter().for_each(|v| input.extend(v.to_le_bytes())),
+                    Buf::Bf16(v) | Buf::F16(v) => v.iter().for_each(|v| input.extend(v.to_le_bytes())),
+                }
             }
             Arg::Null => input.push(b'n'),
             Arg::I32(v) => {
@@ -71,12 +99,21 @@ fn run(plan: &Launch, bufs: &[Vec<f32>]) -> Vec<Vec<f32>> {
     child.stdin.take().unwrap().write_all(&input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "emulator: {}", String::from_utf8_lossy(&out.stderr));
-    let (mut res, mut at) = (Vec::new(), 0);
-    while at < out.stdout.len() {
-        let n = u32::from_le_bytes(out.stdout[at..at + 4].try_into().unwrap()) as usize;
-        at += 4;
-        res.push(out.stdout[at..at + 4 * n].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
-        at += 4 * n;
+    let (mut res, mut at, o) = (Vec::new(), 0, &out.stdout);
+    while at < o.len() {
+        let tag = o[at];
+        let n = u32::from_le_bytes(o[at + 1..at + 5].try_into().unwrap()) as usize;
+        at += 5;
+        let width = if tag == b'b' { 4 } else { 2 };
+        let bytes = &o[at..at + width * n];
+        at += width * n;
+        let u16s = || bytes.chunks(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect();
+        res.push(match tag {
+            b'b' => Buf::F32(bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            b'h' => Buf::Bf16(u16s()),
+            b'e' => Buf::F16(u16s()),
+            t => panic!("emulator: buffer tag {t}"),
+        });
     }
     res
 }
@@ -335,7 +372,7 @@ fn channels_last_group_norm_forward_and_backward_match_the_f64_composite() {
 
         let what = format!("[{b}, {t}, {c}]");
         for (gelu, want) in [(false, &y_ref), (true, &gelu_ref)] {
-            let fwd = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; b * t * c]]);
+            let fwd = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, candle_core::DType::F32), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; b * t * c]]);
             let e = rel_err(&fwd[3], &as_f64(want));
             assert!(e < 2e-5, "group norm forward {what} (GELU {gelu}): {e}");
         }
@@ -350,6 +387,47 @@ fn channels_last_group_norm_forward_and_backward_match_the_f64_composite() {
         assert!(e < 5e-5, "group norm db {what}: {e}");
         assert_eq!(bwd[0], x);
         assert_eq!(bwd[2], g);
+    }
+}
+
+/// The GroupNorm forward in bf16 and f16 (inference in those types): each output is the f32
+/// kernel's result on the same (exactly representable) inputs, rounded to the type to nearest
+/// even, bit for bit; with and without the GELU. (The f32 kernel is checked against f64 above.)
+#[test]
+fn channels_last_group_norm_in_bf16_and_f16_is_the_f32_kernel_rounded() {
+    use candle_core::DType;
+    let eps = 1e-5;
+    for (case, &(b, t, c, shift)) in [(2usize, 37usize, 40usize, 0.3f32), (3, 300, 64, 1000.0), (1, 1, 7, 0.0)].iter().enumerate() {
+        let seed = 900 + 10 * case as u64;
+        for dtype in [DType::BF16, DType::F16] {
+            // Values of the type, as f32 and as its bits.
+            let of = |v: Vec<f32>| -> (Vec<f32>, Buf) {
+                match dtype {
+                    DType::BF16 => {
+                        let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                        (h.iter().map(|x| x.to_f32()).collect(), Buf::Bf16(h.iter().map(|x| x.to_bits()).collect()))
+                    }
+                    _ => {
+                        let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                        (h.iter().map(|x| x.to_f32()).collect(), Buf::F16(h.iter().map(|x| x.to_bits()).collect()))
+                    }
+                }
+            };
+            let (x, xh) = of(normal(b * t * c, seed, 1.5, shift));
+            let (w, wh) = of(normal(c, seed + 1, 0.3, 1.0));
+            let (bias, bh) = of(normal(c, seed + 2, 0.2, 0.0));
+            let empty = match dtype {
+                DType::BF16 => Buf::Bf16(vec![0xffff; b * t * c]),
+                _ => Buf::F16(vec![0xffff; b * t * c]),
+            };
+            for gelu in [false, true] {
+                let y32 = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, DType::F32), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; b * t * c]]);
+                let (_, want) = of(y32[3].clone());
+                let got = run_bufs(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, dtype), &[xh.clone(), wh.clone(), bh.clone(), empty.clone()]);
+                assert_eq!(got[3], want, "group norm forward [{b}, {t}, {c}] in {dtype:?} (GELU {gelu})");
+                assert_eq!(got[0], xh);
+            }
+        }
     }
 }
 

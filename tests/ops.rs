@@ -846,6 +846,33 @@ fn channels_last_group_norm_on_the_test_device_matches_f64() {
     }
 }
 
+/// Inference in bf16 and f16 through the first layer's GroupNorm + GELU
+/// (`ops::group_norm_cl_gelu`: on a GPU klspeech's kernel, statistics in f64 whatever the
+/// type) against the f64 op on the same (representable) values: within a few units of the
+/// type's rounding. [2, 3000, 40] gives each (clip, channel) 3 000 frames to average.
+#[test]
+fn channels_last_group_norm_in_bf16_and_f16_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (dtype, tol) in [(DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+        for (case, &(b, t, c, offset)) in [(2usize, 37usize, 40usize, 0.5f64), (2, 3000, 40, 20.0)].iter().enumerate() {
+            let seed = 860 + 10 * case as u64;
+            // Values of the type, in f64 for the reference.
+            let of = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let x = of((rand(&[b, t, c], seed, DType::F64) * 1.5).unwrap().affine(1.0, offset).unwrap());
+            let w = of(rand(&[c], seed + 1, DType::F64).affine(0.3, 1.0).unwrap());
+            let bias = of(rand(&[c], seed + 2, DType::F64).affine(0.2, 0.0).unwrap());
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let y = ops::group_norm_cl_gelu(&on(&x), &on(&w), &on(&bias), 1e-5).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let y = y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            let yr = ops::group_norm_cl_composite(&x, &w, &bias, 1e-5).unwrap().gelu_erf().unwrap();
+            let e = rel(&y, &yr);
+            println!("group norm + GELU [{b}, {t}, {c}] in {dtype:?} on {dev:?}: {e:e}");
+            assert!(e <= tol, "group norm + GELU [{b}, {t}, {c}] in {dtype:?} on {dev:?}: {e:e}");
+        }
+    }
+}
+
 /// KL-Norm's noise on the test device (`ForwardCtx::normal_like`: on a GPU, drawn there by
 /// klspeech's kernel) is the host's keyed stream to the bit, at the same position of the run's
 /// random stream, so a seeded run draws the same noise on either device.

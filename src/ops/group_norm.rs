@@ -12,7 +12,7 @@
 //! pass for the statistics, one for the output (GELU fused for inference); backward: one for
 //! the gradient sums, one for dx.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use num_traits::{Float, Zero};
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
@@ -401,11 +401,14 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
 
 /// Inference: [`group_norm_cl`] followed by the erf GELU, applied to each output strip while
 /// it is in cache (one pass over the activation instead of two; the same values as the two
-/// ops). No gradient flows through it. Fused on the CPU, one CUDA kernel for f32 on a GPU,
-/// else the two ops.
+/// ops). No gradient flows through it. Fused on the CPU, one CUDA kernel on a GPU (f32, bf16
+/// or f16), else the two ops.
 pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims3()?;
-    if super::kernels::apply(x) && super::kernels::apply(w) && super::kernels::apply(b) {
+    let same = w.dtype() == x.dtype() && b.dtype() == x.dtype();
+    if super::kernels::apply_any_float(x) && same && w.device().same_device(x.device()) && b.device().same_device(x.device()) {
+        // f32, bf16 or f16 (inference in those types): f64 statistics whatever the type,
+        // where candle's f16 reduction sums in f16.
         return Ok(super::kernels::group_norm_cl(x, w, b, eps, true)?);
     }
     if !fused(x) {
@@ -414,8 +417,15 @@ pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
     Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNormCl { eps, gelu: true })?)
 }
 
-/// [`group_norm_cl`] from candle ops (the reference, and the path off the CPU).
+/// [`group_norm_cl`] from candle ops (the reference, and the path off the CPU). bf16 and f16
+/// are computed in f32 and rounded back (as PyTorch's GroupNorm accumulates in f32): candle's
+/// reductions sum in the storage type, so a mean over thousands of frames in bf16 was off by
+/// tens of percent.
 pub fn group_norm_cl_composite(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(group_norm_cl_composite(&f(x)?, &f(w)?, &f(b)?, eps)?.to_dtype(x.dtype())?);
+    }
     let mean = x.mean_keepdim(1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(1)?;

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// One argument of a kernel launch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -152,9 +152,15 @@ fn group_norm_plan(name: &'static str, b: usize, t: usize, c: usize, buffers: us
 }
 
 /// Per-channel GroupNorm over the frames of channels-last x [b, t, c], then the exact GELU when
-/// `gelu`: buffers [x, w, b, y], w and b [c].
-pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool) -> Launch {
-    group_norm_plan("kl_group_norm_cl_fwd", b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
+/// `gelu`: buffers [x, w, b, y], w and b [c], all of `dtype`: f32, or bf16 / f16 (inference in
+/// those types; the kernel computes in f32 with f64 statistics all the same).
+pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool, dtype: DType) -> Launch {
+    let name = match dtype {
+        DType::BF16 => "kl_group_norm_cl_fwd_bf16",
+        DType::F16 => "kl_group_norm_cl_fwd_f16",
+        _ => "kl_group_norm_cl_fwd",
+    };
+    group_norm_plan(name, b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
 }
 
 /// Its backward (without GELU): buffers [x, w, g, out], out [b t c + b 2 c]: dx, then each
@@ -216,7 +222,13 @@ pub fn set_enabled(on: bool) {
 /// Whether a kernel runs for `x`: a non-empty f32 tensor on a CUDA device, kernels and fused
 /// ops on.
 pub fn apply(x: &Tensor) -> bool {
-    x.device().is_cuda() && x.dtype() == candle_core::DType::F32 && x.elem_count() > 0 && enabled() && super::enabled()
+    x.dtype() == DType::F32 && apply_any_float(x)
+}
+
+/// [`apply`] for the kernels that also have bf16 and f16 versions (the channels-last GroupNorm
+/// forward): a non-empty f32, bf16 or f16 tensor on a CUDA device.
+pub fn apply_any_float(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.elem_count() > 0 && enabled() && super::enabled()
 }
 
 /// The CPU side of a CUDA-only candle op (`cpu_fwd` for 1, 2 or 3 inputs): an error naming
@@ -529,7 +541,7 @@ struct AffineNormKernel {
 impl AffineNormKernel {
     /// The launch plan, and the backward's number of partial-sum blocks.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn plan(&self, n: usize) -> (Launch, usize) {
+    fn plan(&self, n: usize, dtype: DType) -> (Launch, usize) {
         match (self.norm, self.backward) {
             (AffineNorm::Layer { d }, false) => (layer_norm_fwd(n / d.max(1), d, self.eps), 0),
             (AffineNorm::Layer { d }, true) => {
@@ -537,7 +549,7 @@ impl AffineNormKernel {
                 let blocks = plan.grid as usize;
                 (plan, blocks)
             }
-            (AffineNorm::GroupCl { b, t, c, gelu }, false) => (group_norm_cl_fwd(b, t, c, self.eps, gelu), 0),
+            (AffineNorm::GroupCl { b, t, c, gelu }, false) => (group_norm_cl_fwd(b, t, c, self.eps, gelu, dtype), 0),
             (AffineNorm::GroupCl { b, t, c, .. }, true) => (group_norm_cl_bwd(b, t, c, self.eps), b),
         }
     }
@@ -574,7 +586,7 @@ impl candle_core::CustomOp3 for AffineNormKernel {
         #[cfg(feature = "cuda")]
         {
             let n = l1.shape().elem_count();
-            let (plan, blocks) = self.plan(n);
+            let (plan, blocks) = self.plan(n, candle_core::backend::BackendStorage::dtype(s1));
             let inputs = [(s1, l1), (s2, l2), (s3, l3)];
             if self.backward {
                 gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(n + blocks * 2 * self.width()))
@@ -615,11 +627,15 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle
 
 /// Per-channel GroupNorm over the frames of channels-last x [B, T, C] (w, b [C]), the exact
 /// GELU after it when `gelu` (then without a backward): one kernel forward, two backward
-/// ([`apply`] must hold for x, w and b).
+/// ([`apply`] must hold for x, w and b; for a forward without gradient, [`apply_any_float`]
+/// with the three of one type).
 pub(crate) fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, gelu: bool) -> candle_core::Result<Tensor> {
     let (nb, t, c) = x.dims3()?;
     if w.elem_count() != c || b.elem_count() != c || t == 0 {
         candle_core::bail!("klspeech GroupNorm kernel: [{nb}, {t}, {c}] with weights of {} and {}", w.elem_count(), b.elem_count());
+    }
+    if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
+        candle_core::bail!("klspeech GroupNorm kernel: x of {:?} with weights of {:?} and {:?}", x.dtype(), w.dtype(), b.dtype());
     }
     let op = AffineNormKernel { norm: AffineNorm::GroupCl { b: nb, t, c, gelu }, eps, backward: false };
     let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
@@ -681,9 +697,9 @@ pub(crate) use gpu::launch_in_place;
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-    use candle_core::{bail, Layout, Shape};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+    use candle_core::{bail, DType, Layout, Shape};
 
     use super::{Arg, Launch};
 
@@ -715,28 +731,36 @@ mod gpu {
 
     /// Runs `plan` whose only buffer is a new output of `shape` (f32) on `like`'s device.
     pub(crate) fn launch_fill(like: &CudaStorage, plan: &Launch, shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
-        launch(like.device().clone(), plan, &[], shape)
+        launch::<f32>(like.device().clone(), plan, &[], shape)
     }
 
     /// Runs `plan` with `inputs` (each with its layout, contiguous) as its first buffers and one
-    /// new output of `out` elements of f32 as its last; returns the output as a storage of shape
-    /// `shape`.
+    /// new output of `out` elements as its last, all of the first input's type (f32; bf16 or
+    /// f16 for the kernels that take them); returns the output as a storage of shape `shape`.
     pub(crate) fn launch_op(plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
         let Some((first, _)) = inputs.first() else { bail!("klspeech kernel {}: no inputs", plan.name) };
-        launch(first.device().clone(), plan, inputs, shape)
+        let dev = first.device().clone();
+        match first.dtype() {
+            DType::F32 => launch::<f32>(dev, plan, inputs, shape),
+            DType::BF16 => launch::<half::bf16>(dev, plan, inputs, shape),
+            DType::F16 => launch::<half::f16>(dev, plan, inputs, shape),
+            other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
+        }
     }
 
-    fn launch(dev: CudaDevice, plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(dev: CudaDevice, plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
         let stream = dev.cuda_stream();
+        let size = std::mem::size_of::<T>() as u64;
         // SAFETY: the kernel writes every element of its output (each plan covers the shape).
-        let out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
+        let out = unsafe { dev.alloc::<T>(shape.elem_count())? };
         let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 1);
         let mut guards = Vec::with_capacity(inputs.len() + 1);
         for (s, l) in inputs {
             let Some((a, _)) = l.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous input", plan.name) };
-            let slice = s.as_cuda_slice::<f32>()?;
+            // (An input of another type is an error here, not a misread buffer.)
+            let slice = s.as_cuda_slice::<T>()?;
             let (p, g) = slice.device_ptr(&stream);
-            ptrs.push(p + 4 * a as u64);
+            ptrs.push(p + size * a as u64);
             guards.push(g);
         }
         let (p, g) = out.device_ptr(&stream);

@@ -7,6 +7,7 @@
 
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <math.h>
 #include <thread>
@@ -47,6 +48,39 @@ inline float __uint_as_float(unsigned int u) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
+}
+
+// CUDA's bf16 and f16 storage types (cuda_bf16.h, cuda_fp16.h) and their conversions, which
+// round to nearest, ties to even (f16 through GCC's _Float16, subnormals included).
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+struct __half {
+    uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t u = (uint32_t)h.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x0040u)}; // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {(uint16_t)(u >> 16)};
+}
+inline float __half2float(__half h) {
+    _Float16 v;
+    std::memcpy(&v, &h.bits, 2);
+    return (float)v;
+}
+inline __half __float2half_rn(float f) {
+    _Float16 v = (_Float16)f;
+    __half h;
+    std::memcpy(&h.bits, &v, 2);
+    return h;
 }
 
 // CUDA's integer min / max (device functions in the global namespace).

@@ -1,9 +1,10 @@
 // Runs one launch of a klspeech kernel on the CPU emulator (emu.h), for tests/cuda_kernels.rs.
 //
 // stdin (little-endian): u32 name length, the name, u32 grid, u32 block, u32 argument count,
-// then per argument a tag byte and its value: 'b' a float buffer (u32 n, n f32), 'n' a null
-// pointer, 'i' an i32, 'f' an f32. stdout: every buffer after the launch, in order (u32 n,
-// n f32). ('u': a u64.) Arguments must match the kernel's parameters in number and kind, or it exits 2.
+// then per argument a tag byte and its value: 'b' an f32 buffer (u32 n, n f32), 'h' a bf16 and
+// 'e' an f16 buffer (u32 n, n u16), 'n' a null pointer, 'i' an i32, 'f' an f32, 'u' a u64.
+// stdout: every buffer after the launch, in order (tag byte, u32 n, its n values). Arguments
+// must match the kernel's parameters in number and kind, or it exits 2.
 #include "emu.h"
 
 #include "../../src/ops/cuda/kernels.cu"
@@ -19,6 +20,8 @@
 struct Arg {
     char tag;
     std::vector<float> buf;
+    std::vector<__nv_bfloat16> bf;
+    std::vector<__half> hf;
     int32_t i = 0;
     float f = 0.0f;
     uint64_t u = 0;
@@ -45,6 +48,30 @@ template <> struct Get<float*> {
     static float* from(Arg& a) {
         if (a.tag != 'b') fail("expected an output buffer");
         return a.buf.data();
+    }
+};
+template <> struct Get<const __nv_bfloat16*> {
+    static const __nv_bfloat16* from(Arg& a) {
+        if (a.tag != 'h') fail("expected a bf16 buffer");
+        return a.bf.data();
+    }
+};
+template <> struct Get<__nv_bfloat16*> {
+    static __nv_bfloat16* from(Arg& a) {
+        if (a.tag != 'h') fail("expected a bf16 output buffer");
+        return a.bf.data();
+    }
+};
+template <> struct Get<const __half*> {
+    static const __half* from(Arg& a) {
+        if (a.tag != 'e') fail("expected an f16 buffer");
+        return a.hf.data();
+    }
+};
+template <> struct Get<__half*> {
+    static __half* from(Arg& a) {
+        if (a.tag != 'e') fail("expected an f16 output buffer");
+        return a.hf.data();
     }
 };
 template <> struct Get<int> {
@@ -93,6 +120,8 @@ int main() {
         {"kl_layer_norm_fwd", runner(kl_layer_norm_fwd)},
         {"kl_layer_norm_bwd", runner(kl_layer_norm_bwd)},
         {"kl_group_norm_cl_fwd", runner(kl_group_norm_cl_fwd)},
+        {"kl_group_norm_cl_fwd_bf16", runner(kl_group_norm_cl_fwd_bf16)},
+        {"kl_group_norm_cl_fwd_f16", runner(kl_group_norm_cl_fwd_f16)},
         {"kl_group_norm_cl_bwd", runner(kl_group_norm_cl_bwd)},
         {"kl_keyed_normal", runner(kl_keyed_normal)},
         {"kl_dropout_mask", runner(kl_dropout_mask)},
@@ -115,6 +144,16 @@ int main() {
             read_exact(&n, 4);
             a.buf.resize(n);
             read_exact(a.buf.data(), 4 * (size_t)n);
+        } else if (a.tag == 'h') {
+            uint32_t n;
+            read_exact(&n, 4);
+            a.bf.resize(n);
+            read_exact(a.bf.data(), 2 * (size_t)n);
+        } else if (a.tag == 'e') {
+            uint32_t n;
+            read_exact(&n, 4);
+            a.hf.resize(n);
+            read_exact(a.hf.data(), 2 * (size_t)n);
         } else if (a.tag == 'i') {
             read_exact(&a.i, 4);
         } else if (a.tag == 'f') {
@@ -130,10 +169,21 @@ int main() {
     if (block == 0 || (block & (block - 1)) != 0 || block > 1024) fail("block size must be a power of two up to 1024");
     k->second(grid, block, args);
     for (auto& a : args) {
-        if (a.tag != 'b') continue;
-        uint32_t n = (uint32_t)a.buf.size();
+        uint32_t n;
+        if (a.tag == 'b') {
+            n = (uint32_t)a.buf.size();
+        } else if (a.tag == 'h') {
+            n = (uint32_t)a.bf.size();
+        } else if (a.tag == 'e') {
+            n = (uint32_t)a.hf.size();
+        } else {
+            continue;
+        }
+        std::fwrite(&a.tag, 1, 1, stdout);
         std::fwrite(&n, 4, 1, stdout);
-        std::fwrite(a.buf.data(), 4, n, stdout);
+        if (a.tag == 'b') std::fwrite(a.buf.data(), 4, n, stdout);
+        if (a.tag == 'h') std::fwrite(a.bf.data(), 2, n, stdout);
+        if (a.tag == 'e') std::fwrite(a.hf.data(), 2, n, stdout);
     }
     return 0;
 }

@@ -12,6 +12,21 @@
 
 #define KL_MAX_THREADS 1024
 
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+// Storage types of the kernels that also take bf16 / f16 (computing in f32 or f64 all the
+// same): a value as f32, and an f32 rounded to the nearest storable value (ties to even).
+__device__ inline float kl_ld(float v) { return v; }
+__device__ inline float kl_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float kl_ld(__half v) { return __half2float(v); }
+template <typename T> __device__ inline T kl_st(float v);
+template <> __device__ inline float kl_st<float>(float v) { return v; }
+template <> __device__ inline __nv_bfloat16 kl_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ inline __half kl_st<__half>(float v) { return __float2half_rn(v); }
+
 // Two block-wide sums at once; every thread gets both. The shared arrays are reused at once
 // by the next call: the trailing barrier keeps a fast thread from overwriting them early.
 __device__ void block_sum2(float* a, float* b) {
@@ -293,14 +308,15 @@ __device__ void gn_lane_sum2(double* a, double* b) {
 // Mean and 1 / sqrt(var + eps) of channel j of clip xb [t, c] (j >= c: unused), in one pass:
 // f64 sums of x - x0 and (x - x0)^2 with x0 the channel's first frame (as the CPU's fused op),
 // so that a mean far from zero does not cancel the variance.
-__device__ void gn_moments(const float* xb, int t, int c, int j, float eps, double* mean, float* rstd) {
+template <typename T>
+__device__ void gn_moments(const T* xb, int t, int c, int j, float eps, double* mean, float* rstd) {
     bool on = j < c;
     int lane = (int)(threadIdx.x / KL_GN_CH);
-    double x0 = on ? (double)xb[j] : 0.0;
+    double x0 = on ? (double)kl_ld(xb[j]) : 0.0;
     double s = 0.0, q = 0.0;
     if (on)
         for (int i = lane; i < t; i += KL_GN_LANES) {
-            double d = (double)xb[(long long)i * c + j] - x0;
+            double d = (double)kl_ld(xb[(long long)i * c + j]) - x0;
             s += d;
             q += d * d;
         }
@@ -311,8 +327,11 @@ __device__ void gn_moments(const float* xb, int t, int c, int j, float eps, doub
     *rstd = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + (double)eps));
 }
 
-// y = (x - mean) rstd w + b per (clip, channel), then the exact GELU when `gelu`.
-extern "C" __global__ void kl_group_norm_cl_fwd(const float* x, const float* w, const float* b, float* y, int nb, int t, int c, float eps, int gelu) {
+// y = (x - mean) rstd w + b per (clip, channel), then the exact GELU when `gelu`; x, w, b, y
+// of one storage type T (f32, or bf16 / f16 for inference in those types), arithmetic in f32
+// and the statistics in f64 whatever T.
+template <typename T>
+__device__ void group_norm_cl_fwd(const T* x, const T* w, const T* b, T* y, int nb, int t, int c, float eps, int gelu) {
     int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
     int clip = blockIdx.x / tiles;
     if (clip >= nb) return;
@@ -322,14 +341,24 @@ extern "C" __global__ void kl_group_norm_cl_fwd(const float* x, const float* w, 
     float rs;
     gn_moments(x + o, t, c, j, eps, &m, &rs);
     if (j >= c) return;
-    float wj = w[j], bj = b[j];
+    float wj = kl_ld(w[j]), bj = kl_ld(b[j]);
     for (int i = (int)(threadIdx.x / KL_GN_CH); i < t; i += KL_GN_LANES) {
         long long k = o + (long long)i * c + j;
         // Centred in f64: the mean rounded to f32 could be off by more than the spread.
-        float v = (float)((double)x[k] - m) * rs * wj + bj;
+        float v = (float)((double)kl_ld(x[k]) - m) * rs * wj + bj;
         if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-        y[k] = v;
+        y[k] = kl_st<T>(v);
     }
+}
+
+extern "C" __global__ void kl_group_norm_cl_fwd(const float* x, const float* w, const float* b, float* y, int nb, int t, int c, float eps, int gelu) {
+    group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
+}
+extern "C" __global__ void kl_group_norm_cl_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, __nv_bfloat16* y, int nb, int t, int c, float eps, int gelu) {
+    group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
+}
+extern "C" __global__ void kl_group_norm_cl_fwd_f16(const __half* x, const __half* w, const __half* b, __half* y, int nb, int t, int c, float eps, int gelu) {
+    group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
 }
 
 // Its backward (no GELU): with x̂ the normalized input and gy = g w,
