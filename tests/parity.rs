@@ -97,23 +97,24 @@ fn pretraining_checkpoint_in_bf16_loads_as_an_encoder() {
 }
 
 /// A model run in bf16 or f16 (parameters and activations, `LoadOptions::dtype`) stays within
-/// the rounding of its type of transformers' f32 output: the last hidden state within 3 % (bf16)
-/// and 0.5 % (f16) of its largest value, for a group-norm and a layer-norm checkpoint (measured
-/// 1.7 % and 0.3 %). The first layer's GroupNorm over 12 799 frames once summed in the storage
+/// the rounding of its type of transformers' f32 output: within 3 % (bf16) and 0.5 % (f16) of
+/// its largest value, the last hidden state of a group-norm and a layer-norm checkpoint and the
+/// logits of a classification one (measured at most 1.7 % and 0.3 %). The first layer's GroupNorm over 12 799 frames once summed in the storage
 /// type, candle's reductions' way: 13 % and 1.4 % off.
 #[test]
 fn bf16_and_f16_models_stay_within_their_rounding_of_transformers() {
-    for variant in ["base-group-oldwn", "stable-ctc-f16"] {
+    for (variant, output) in [("base-group-oldwn", "last_hidden_state"), ("stable-ctc-f16", "last_hidden_state"), ("cls-weighted", "logits")] {
         let r = reference(variant);
-        let want = &r["single.last_hidden_state"];
+        let want = &r[&format!("single.{output}")];
         let scale = common::nan_aware_max_abs(want);
         for (dtype, tol) in [(DType::BF16, 0.03), (DType::F16, 0.005)] {
             let model = SpeechModel::load(&dir(variant), &LoadOptions { dtype, ..opts() }).unwrap();
             let out = run(&model, &r["single.input_values"].to_dtype(dtype).unwrap(), None, false);
-            assert_eq!(out.encoder.last_hidden_state.dtype(), dtype);
-            let e = max_abs_diff(&out.encoder.last_hidden_state, want) as f64 / scale;
-            println!("{variant} in {dtype:?}: max abs diff {:.2} % of the largest value", 100.0 * e);
-            assert!(e <= tol, "{variant} in {dtype:?}: {:.2} % off transformers' f32 output", 100.0 * e);
+            let got = if output == "logits" { out.logits.unwrap() } else { out.encoder.last_hidden_state };
+            assert_eq!(got.dtype(), dtype);
+            let e = max_abs_diff(&got, want) as f64 / scale;
+            println!("{variant} {output} in {dtype:?}: max abs diff {:.2} % of the largest value", 100.0 * e);
+            assert!(e <= tol, "{variant} {output} in {dtype:?}: {:.2} % off transformers' f32 output", 100.0 * e);
         }
     }
 }

@@ -99,14 +99,22 @@ impl ClassificationHead {
             None => out.last_hidden_state.clone(),
         };
         let h = self.projector.forward(&h)?; // [B, T, P]
-        match &out.frame_mask {
-            Some(m) => {
-                let summed = h.broadcast_mul(&m.unsqueeze(2)?)?.sum(1)?; // [B, P]
-                let n = m.sum_keepdim(1)?; // [B, 1]
-                Ok(summed.broadcast_div(&n)?)
+        let pool = |h: &Tensor, m: Option<&Tensor>| -> Result<Tensor> {
+            match m {
+                Some(m) => {
+                    let m = m.to_dtype(h.dtype())?;
+                    let summed = h.broadcast_mul(&m.unsqueeze(2)?)?.sum(1)?; // [B, P]
+                    let n = m.sum_keepdim(1)?; // [B, 1]
+                    Ok(summed.broadcast_div(&n)?)
+                }
+                None => Ok(h.mean(1)?),
             }
-            None => Ok(h.mean(1)?),
+        };
+        if crate::ops::half_on_cpu(&h) {
+            // bf16 / f16 on the CPU: the sums over frames in f32 (see ops::half_on_cpu).
+            return Ok(pool(&h.to_dtype(candle_core::DType::F32)?, out.frame_mask.as_ref())?.to_dtype(h.dtype())?);
         }
+        pool(&h, out.frame_mask.as_ref())
     }
 
     /// Logits [B, num_labels]. With VIB in training mode, `classifier` sees a sample of the

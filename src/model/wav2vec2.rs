@@ -333,7 +333,7 @@ impl Attention {
             scores = scores.broadcast_add(bias)?;
         }
         // candle's fused softmax has no backward: only when no gradient is taken.
-        let probs = if ctx.grad { softmax_last(&scores)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+        let probs = if ctx.grad { softmax_last(&scores)? } else { crate::ops::softmax_last_dim_infer(&scores)? };
         let p = ctx.dropout(&probs, ctx.attention_dropout)?;
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         self.out_proj.forward(&o)

@@ -153,7 +153,7 @@ pub fn attention_composite(qkv: &Tensor, heads: usize, scale: f64, key_bias: Opt
         scores = scores.broadcast_add(&kb.reshape((b, 1, 1, t))?)?;
     }
     // candle's fused softmax (no gradient is taken here; on a GPU it is one kernel).
-    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    let p = super::softmax_last_dim_infer(&scores)?;
     Ok(p.matmul(&split(2)?)?.transpose(1, 2)?.reshape((b, t, h))?)
 }
 

@@ -77,6 +77,30 @@ pub fn fused_applies(x: &Tensor) -> bool {
     fused(x)
 }
 
+/// bf16 / f16 on the CPU: candle's CPU reductions (sums, means, softmax's denominator) add in
+/// the storage type, so a sum of 36 864 small bf16 values comes out 98 % low. The ops with a
+/// reduction compute such tensors in f32 and round the result back, as PyTorch's CPU kernels
+/// accumulate half types in f32. (candle's GPU kernels sum bf16 in f32 already.)
+pub fn half_on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+/// `f` applied to `xs` converted to f32, its result converted back to the first input's type.
+pub(crate) fn in_f32(xs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+    let dtype = xs.first().map_or(DType::F32, |x| x.dtype());
+    let up = xs.iter().map(|x| x.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(f(&up)?.to_dtype(dtype)?)
+}
+
+/// candle's fused softmax over the last dimension (no backward), in f32 for bf16 / f16 on the
+/// CPU ([`half_on_cpu`]).
+pub fn softmax_last_dim_infer(x: &Tensor) -> Result<Tensor> {
+    if half_on_cpu(x) {
+        return in_f32(&[x], |v| Ok(candle_nn::ops::softmax_last_dim(&v[0])?));
+    }
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
+}
+
 /// Runs `f` with this thread on the GPU's path exactly when `on` (see [`with_gpu_path`]), and
 /// restores the thread's setting afterwards: to carry the setting onto a pool thread.
 ///
@@ -610,8 +634,12 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(Softmax)?)
 }
 
-/// The composite softmax (candle's fused `softmax_last_dim` has no backward).
+/// The composite softmax (candle's fused `softmax_last_dim` has no backward); bf16 / f16 on the
+/// CPU in f32 ([`half_on_cpu`]).
 pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
+    if half_on_cpu(x) {
+        return in_f32(&[x], |v| softmax_last_composite(&v[0]));
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -706,6 +734,9 @@ impl CustomOp2 for StandardizeBwd {
 pub fn standardize_last(x: &Tensor, eps: f64) -> Result<Tensor> {
     if device_op_applies(x) {
         return device::standardize_last_device(x, eps);
+    }
+    if half_on_cpu(x) {
+        return in_f32(&[x], |v| standardize_last(&v[0], eps));
     }
     if !fused(x) {
         let mean = x.mean_keepdim(D::Minus1)?;

@@ -153,8 +153,12 @@ pub fn weight_norm_last(v: &Tensor, g: &Tensor) -> Result<Tensor> {
     Ok(v.contiguous()?.apply_op2(&g.contiguous()?, WeightNorm)?)
 }
 
-/// [`weight_norm_last`] from candle ops (the reference, and the path off the CPU).
+/// [`weight_norm_last`] from candle ops (the reference, and the path off the CPU); bf16 / f16
+/// on the CPU in f32 (the norm sums C_out C_g values per tap: 36 864 in wav2vec2-base).
 pub fn weight_norm_last_composite(v: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if super::half_on_cpu(v) {
+        return super::in_f32(&[v, g], |t| weight_norm_last_composite(&t[0], &t[1]));
+    }
     let k = v.dims().last().copied().unwrap_or(0);
     let rows = v.elem_count() / k.max(1);
     let v2 = v.reshape((rows, k))?;
