@@ -36,42 +36,35 @@ static void read_exact(void* p, size_t n) {
     if (std::fread(p, 1, n, stdin) != n) fail("short input");
 }
 
+// A buffer argument's storage and tag by element type: f32 'b', bf16 'h', f16 'e'.
+template <typename T> struct Buf;
+template <> struct Buf<float> {
+    static constexpr char tag = 'b';
+    static std::vector<float>& of(Arg& a) { return a.buf; }
+};
+template <> struct Buf<__nv_bfloat16> {
+    static constexpr char tag = 'h';
+    static std::vector<__nv_bfloat16>& of(Arg& a) { return a.bf; }
+};
+template <> struct Buf<__half> {
+    static constexpr char tag = 'e';
+    static std::vector<__half>& of(Arg& a) { return a.hf; }
+};
+
 template <typename T> struct Get;
-template <> struct Get<const float*> {
-    static const float* from(Arg& a) {
+// An input buffer of the kernel's element type, or a null pointer ('n').
+template <typename T> struct Get<const T*> {
+    static const T* from(Arg& a) {
         if (a.tag == 'n') return nullptr;
-        if (a.tag != 'b') fail("expected a buffer");
-        return a.buf.data();
+        if (a.tag != Buf<T>::tag) fail(std::string("expected a buffer tagged ") + Buf<T>::tag);
+        return Buf<T>::of(a).data();
     }
 };
-template <> struct Get<float*> {
-    static float* from(Arg& a) {
-        if (a.tag != 'b') fail("expected an output buffer");
-        return a.buf.data();
-    }
-};
-template <> struct Get<const __nv_bfloat16*> {
-    static const __nv_bfloat16* from(Arg& a) {
-        if (a.tag != 'h') fail("expected a bf16 buffer");
-        return a.bf.data();
-    }
-};
-template <> struct Get<__nv_bfloat16*> {
-    static __nv_bfloat16* from(Arg& a) {
-        if (a.tag != 'h') fail("expected a bf16 output buffer");
-        return a.bf.data();
-    }
-};
-template <> struct Get<const __half*> {
-    static const __half* from(Arg& a) {
-        if (a.tag != 'e') fail("expected an f16 buffer");
-        return a.hf.data();
-    }
-};
-template <> struct Get<__half*> {
-    static __half* from(Arg& a) {
-        if (a.tag != 'e') fail("expected an f16 output buffer");
-        return a.hf.data();
+// An output buffer of the kernel's element type.
+template <typename T> struct Get<T*> {
+    static T* from(Arg& a) {
+        if (a.tag != Buf<T>::tag) fail(std::string("expected an output buffer tagged ") + Buf<T>::tag);
+        return Buf<T>::of(a).data();
     }
 };
 template <> struct Get<int> {
@@ -139,21 +132,19 @@ int main() {
     std::vector<Arg> args(nargs);
     for (auto& a : args) {
         read_exact(&a.tag, 1);
+        // A buffer: u32 n, then its n values.
+        auto read_buf = [](auto& v) {
+            uint32_t n;
+            read_exact(&n, 4);
+            v.resize(n);
+            read_exact(v.data(), sizeof(v[0]) * (size_t)n);
+        };
         if (a.tag == 'b') {
-            uint32_t n;
-            read_exact(&n, 4);
-            a.buf.resize(n);
-            read_exact(a.buf.data(), 4 * (size_t)n);
+            read_buf(a.buf);
         } else if (a.tag == 'h') {
-            uint32_t n;
-            read_exact(&n, 4);
-            a.bf.resize(n);
-            read_exact(a.bf.data(), 2 * (size_t)n);
+            read_buf(a.bf);
         } else if (a.tag == 'e') {
-            uint32_t n;
-            read_exact(&n, 4);
-            a.hf.resize(n);
-            read_exact(a.hf.data(), 2 * (size_t)n);
+            read_buf(a.hf);
         } else if (a.tag == 'i') {
             read_exact(&a.i, 4);
         } else if (a.tag == 'f') {
@@ -169,21 +160,15 @@ int main() {
     if (block == 0 || (block & (block - 1)) != 0 || block > 1024) fail("block size must be a power of two up to 1024");
     k->second(grid, block, args);
     for (auto& a : args) {
-        uint32_t n;
-        if (a.tag == 'b') {
-            n = (uint32_t)a.buf.size();
-        } else if (a.tag == 'h') {
-            n = (uint32_t)a.bf.size();
-        } else if (a.tag == 'e') {
-            n = (uint32_t)a.hf.size();
-        } else {
-            continue;
-        }
-        std::fwrite(&a.tag, 1, 1, stdout);
-        std::fwrite(&n, 4, 1, stdout);
-        if (a.tag == 'b') std::fwrite(a.buf.data(), 4, n, stdout);
-        if (a.tag == 'h') std::fwrite(a.bf.data(), 2, n, stdout);
-        if (a.tag == 'e') std::fwrite(a.hf.data(), 2, n, stdout);
+        auto write_buf = [&](const auto& v) {
+            uint32_t n = (uint32_t)v.size();
+            std::fwrite(&a.tag, 1, 1, stdout);
+            std::fwrite(&n, 4, 1, stdout);
+            std::fwrite(v.data(), sizeof(v[0]), n, stdout);
+        };
+        if (a.tag == 'b') write_buf(a.buf);
+        if (a.tag == 'h') write_buf(a.bf);
+        if (a.tag == 'e') write_buf(a.hf);
     }
     return 0;
 }
