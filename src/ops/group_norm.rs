@@ -12,7 +12,7 @@
 //! pass for the statistics, one for the output (GELU fused for inference); backward: one for
 //! the gradient sums, one for dx.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::{Float, Zero};
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
@@ -405,8 +405,7 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
 /// or f16), else the two ops.
 pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims3()?;
-    let same = w.dtype() == x.dtype() && b.dtype() == x.dtype();
-    if super::kernels::apply_any_float(x) && same && w.device().same_device(x.device()) && b.device().same_device(x.device()) {
+    if super::kernels::apply_any_float(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
         // f32, bf16 or f16 (inference in those types): f64 statistics whatever the type,
         // where candle's f16 reduction sums in f16.
         return Ok(super::kernels::group_norm_cl(x, w, b, eps, true)?);
@@ -417,14 +416,12 @@ pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
     Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNormCl { eps, gelu: true })?)
 }
 
-/// [`group_norm_cl`] from candle ops (the reference, and the path off the CPU). bf16 and f16
-/// are computed in f32 and rounded back (as PyTorch's GroupNorm accumulates in f32): candle's
-/// reductions sum in the storage type, so a mean over thousands of frames in bf16 was off by
-/// tens of percent.
+/// [`group_norm_cl`] from candle ops (the reference, and the path off the CPU); bf16 / f16 on
+/// the CPU in f32 ([`super::half_on_cpu`]: a mean over thousands of frames summed in bf16 was
+/// off by tens of percent).
 pub fn group_norm_cl_composite(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if matches!(x.dtype(), DType::BF16 | DType::F16) {
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        return Ok(group_norm_cl_composite(&f(x)?, &f(w)?, &f(b)?, eps)?.to_dtype(x.dtype())?);
+    if super::half_on_cpu(x) {
+        return super::in_f32(&[x, w, b], |t| group_norm_cl_composite(&t[0], &t[1], &t[2], eps));
     }
     let mean = x.mean_keepdim(1)?;
     let xc = x.broadcast_sub(&mean)?;
