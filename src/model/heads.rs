@@ -112,7 +112,7 @@ impl ClassificationHead {
         };
         if crate::ops::half_on_cpu(&h) {
             // bf16 / f16 on the CPU: the sums over frames in f32 (see ops::half_on_cpu).
-            return Ok(pool(&h.to_dtype(candle_core::DType::F32)?, out.frame_mask.as_ref())?.to_dtype(h.dtype())?);
+            return crate::ops::in_f32(&[&h], |v| pool(&v[0], out.frame_mask.as_ref()));
         }
         pool(&h, out.frame_mask.as_ref())
     }
