@@ -21,6 +21,10 @@
 //! stderr. `KLSPEECH_PYTHON=none` leaves the PyTorch side out. `KLSPEECH_BENCH_GPU_PATH=1` runs
 //! a child row on the CPU through the GPU's training path (`ops::with_gpu_path`), to rehearse
 //! it; training rows print their graph size (nodes candle's backward walks).
+//! On a GPU, steps synchronize once, at their end, as PyTorch's side does;
+//! `KLSPEECH_BENCH_STAGES=1` synchronizes after each stage too and prints the stage split.
+//! `KLSPEECH_GPU_POOL_RELEASE=1` runs with the driver's memory-pool default (free memory handed
+//! back at every synchronization; `device::gpu_pool_release_threshold`).
 //! `KLSPEECH_BENCH_ROWS` (comma-separated row names) selects rows; klspeech ("after") and PyTorch
 //! alternate `KLSPEECH_BENCH_ROUNDS` times per row (default 3), and the table reports the
 //! medians and the median of the per-round ratios, so a slow spell of a shared machine does
@@ -100,6 +104,11 @@ fn sync(dev: &Device) {
     let _ = dev.synchronize();
 }
 
+/// `KLSPEECH_BENCH_STAGES=1`: per-stage times on a GPU (a synchronization after each stage).
+fn stages_asked() -> bool {
+    std::env::var_os("KLSPEECH_BENCH_STAGES").is_some_and(|v| v != "0")
+}
+
 fn config_of(row: &Row) -> Wav2Vec2Config {
     let mut cfg = if row.config == "tiny" { tiny() } else { Wav2Vec2Config::default() };
     cfg.num_labels = Some(12);
@@ -126,6 +135,9 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
     // KLSPEECH_BENCH_PROFILE=1: a kernel-level GPU profile of the timed steps, on stderr.
     let profile = std::env::var_os("KLSPEECH_BENCH_PROFILE").is_some_and(|v| v != "0") && !dev.is_cpu();
     let mut profiler = None;
+    // Stage marks synchronize; on a GPU that drains the queue five times a step (PyTorch's
+    // side synchronizes once), so only with KLSPEECH_BENCH_STAGES=1 there. (A no-op on the CPU.)
+    let stage_sync = dev.is_cpu() || stages_asked();
     for i in 0..iters + 2 {
         sync(dev);
         if i == 2 && profile {
@@ -136,7 +148,9 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
         let mut buffers = Vec::new();
         let buffers0 = BUFFERS.load(std::sync::atomic::Ordering::Relaxed);
         let mut mark = |name: &'static str, marks: &mut Vec<(&'static str, f64)>| {
-            sync(dev);
+            if stage_sync {
+                sync(dev);
+            }
             let b = BUFFERS.load(std::sync::atomic::Ordering::Relaxed) - buffers0;
             buffers.push(b); // cumulative
             let now = t.elapsed().as_secs_f64();
@@ -449,7 +463,13 @@ fn gpu_table(dev: &Device, wanted: &Option<Vec<String>>, threads: usize, py: Opt
         klspeech::device::set_tf32(false);
         let k = match result {
             Ok((k, stages)) => {
-                eprintln!("{}: {stages:?}", row.name);
+                if stages_asked() {
+                    eprintln!("{}: {stages:?}", row.name);
+                }
+                if let Some(r) = klspeech::device::gpu_reserved_memory(dev) {
+                    eprintln!("{}: the memory pool holds {:.0} MiB (release threshold {:?})", row.name, r as f64 / 1048576.0,
+                        klspeech::device::gpu_pool_release_threshold(dev));
+                }
                 k
             }
             Err(e) => {

@@ -76,7 +76,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 /// GPU `ordinal` as klspeech runs it: candle's device (one stream, the calling thread's default
-/// stream) without cudarc's per-buffer event tracking.
+/// stream) without cudarc's per-buffer event tracking, and with a memory pool that keeps what
+/// it has (see [`gpu_pool_release_threshold`]).
 ///
 /// cudarc creates two CUDA events with every buffer it allocates and destroys them when the
 /// buffer is freed, so that it can order a buffer's uses across streams; it records and waits
@@ -92,8 +93,46 @@ pub fn new_cuda(ordinal: usize) -> Result<Device> {
             // by that stream; cudarc's events only order uses across streams (see above).
             unsafe { c.disable_event_tracking() };
         }
+        // KLSPEECH_GPU_POOL_RELEASE=1: the driver's default (for before/after measurements).
+        let release = std::env::var_os("KLSPEECH_GPU_POOL_RELEASE").is_some_and(|v| !v.is_empty() && v != "0");
+        if !release && c.cuda_stream().context().has_async_alloc() {
+            cuda_pool::set_release_threshold(c, u64::MAX)
+                .map_err(|e| Error::Unsupported { what: format!("the memory pool of GPU {ordinal}"), detail: e.to_string() })?;
+        }
     }
     Ok(d)
+}
+
+/// The release threshold of the memory pool that candle (through cudarc's `cuMemAllocAsync`)
+/// allocates every tensor of `dev` from: how many bytes of freed memory the pool keeps when the
+/// host synchronizes with the GPU. `None` off the GPU or where the pool cannot be queried.
+///
+/// The driver's default is 0: at every synchronization (reading a loss, a norm or a result back
+/// is one) the pool hands all its free memory back to the driver, and the next step's
+/// allocations map it again, page by page (NVIDIA's CUDA guide, "Physical Page Caching
+/// Behavior"; RAPIDS' pool and llama.cpp raise the threshold for the same reason: stalls of
+/// hundreds of milliseconds when large buffers come back). [`new_cuda`] sets it to
+/// `u64::MAX`: freed memory stays in the pool for the next allocation, as in PyTorch's caching
+/// allocator (nvidia-smi then shows the peak, as it does for PyTorch; other processes cannot
+/// use it until klspeech exits). `KLSPEECH_GPU_POOL_RELEASE=1` keeps the driver's default.
+pub fn gpu_pool_release_threshold(dev: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return cuda_pool::attribute(d, cuda_pool::RELEASE_THRESHOLD).ok();
+    }
+    let _ = dev;
+    None
+}
+
+/// Bytes the memory pool of `dev` holds from the driver now, in use or free for reuse
+/// (PyTorch's `torch.cuda.memory_reserved()`). `None` off the GPU.
+pub fn gpu_reserved_memory(dev: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return cuda_pool::attribute(d, cuda_pool::RESERVED_MEM_CURRENT).ok();
+    }
+    let _ = dev;
+    None
 }
 
 /// Whether cudarc tracks buffer uses with events on `dev` (see [`new_cuda`]): `Some(false)` for
@@ -148,15 +187,42 @@ mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::{result, sys, DriverError};
     use candle_core::cuda_backend::CudaDevice;
 
+    pub(super) const RELEASE_THRESHOLD: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    pub(super) const RESERVED_MEM_CURRENT: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
+
+    /// The device's default pool (the one `cuMemAllocAsync` draws from: klspeech never sets
+    /// another), with the context bound to this thread.
+    fn default_pool(d: &CudaDevice) -> Result<sys::CUmemoryPool, DriverError> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread()?;
+        // SAFETY: the device comes from a live context.
+        unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
+    }
+
+    /// Sets the default pool's `RELEASE_THRESHOLD` (bytes; see `gpu_pool_release_threshold`).
+    pub(super) fn set_release_threshold(d: &CudaDevice, bytes: u64) -> Result<(), DriverError> {
+        let pool = default_pool(d)?;
+        let mut v = bytes;
+        // SAFETY: RELEASE_THRESHOLD is a cuuint64_t attribute; the driver reads `v` during the call.
+        unsafe { result::mem_pool::set_attribute(pool, RELEASE_THRESHOLD, (&mut v as *mut u64).cast()) }
+    }
+
+    /// One cuuint64_t attribute of the default pool (`RELEASE_THRESHOLD`, `RESERVED_MEM_CURRENT`).
+    pub(super) fn attribute(d: &CudaDevice, attr: sys::CUmemPool_attribute) -> Result<u64, DriverError> {
+        let pool = default_pool(d)?;
+        let mut v: u64 = 0;
+        // SAFETY: both attributes callers pass are cuuint64_t; the driver writes one into `v`.
+        unsafe { result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())? };
+        Ok(v)
+    }
+
     /// The default pool's `USED_MEM_HIGH` (bytes); with `reset`, zeroes it first (the only value
     /// the driver accepts for it).
     pub(super) fn used_high(d: &CudaDevice, reset: bool) -> Result<u64, DriverError> {
-        let ctx = d.cuda_stream().context().clone();
-        ctx.bind_to_thread()?;
+        let pool = default_pool(d)?;
         let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-        // SAFETY: the device comes from a live context; USED_MEM_HIGH is a cuuint64_t attribute.
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute.
         unsafe {
-            let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
             let mut v: u64 = 0;
             if reset {
                 d.synchronize().ok();

@@ -170,3 +170,25 @@ fn gpu_devices_run_without_cudarcs_per_buffer_events() {
     let name = if dev.is_cpu() { "cpu" } else { "cuda" };
     assert_eq!(klspeech::device::cuda_event_tracking(&klspeech::device::parse_device(name).unwrap()), want);
 }
+
+/// A GPU device from `device::new_cuda` keeps freed memory in its pool across synchronizations
+/// (release threshold u64::MAX; the driver's default 0 hands it all back at every sync, and the
+/// next step maps it again). Checked by effect too: 256 MiB freed and synchronized stay
+/// reserved. Off the GPU there is no pool.
+#[test]
+fn gpu_memory_pool_keeps_freed_memory_across_synchronizations() {
+    let dev = common::device();
+    let threshold = klspeech::device::gpu_pool_release_threshold(&dev);
+    if dev.is_cpu() {
+        assert_eq!((threshold, klspeech::device::gpu_reserved_memory(&dev)), (None, None));
+        return;
+    }
+    assert_eq!(threshold, Some(u64::MAX));
+    let bytes = 256u64 << 20;
+    let t = candle_core::Tensor::zeros((bytes / 4) as usize, candle_core::DType::F32, &dev).unwrap();
+    dev.synchronize().unwrap();
+    drop(t);
+    dev.synchronize().unwrap();
+    let reserved = klspeech::device::gpu_reserved_memory(&dev).expect("the pool's reserved memory");
+    assert!(reserved >= bytes, "the pool kept {reserved} bytes after freeing {bytes} and synchronizing");
+}

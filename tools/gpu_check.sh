@@ -10,6 +10,7 @@
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
 #     peak GPU memory on both sides; training rows again without klspeech's CUDA kernels and
 #     with the composites (before/after in one binary);
+#   - the f32 rows with the memory pool at the driver's default, and with a per-stage split;
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
@@ -68,6 +69,15 @@ KLSPEECH_NO_CUSTOM_OPS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10
 # backward, GELU): candle's kernels with the device ops' composed backward, as before them.
 KLSPEECH_NO_CUDA_KERNELS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-train-8x4-f32-klnorm KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "benchmarks on cuda, without klspeech's CUDA kernels (KLSPEECH_NO_CUDA_KERNELS=1)" $D/inference-*
+# The memory pool at the driver's default (free memory handed back at every synchronization,
+# mapped again by the next step) against klspeech's (kept, as PyTorch's caching allocator):
+# before/after of device::new_cuda's release threshold in one binary.
+KLSPEECH_GPU_POOL_RELEASE=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+  t "benchmarks on cuda, pool released at every sync (KLSPEECH_GPU_POOL_RELEASE=1)" $D/inference-*
+# Where a step's time goes: a synchronization after each stage (the rows above synchronize once
+# a step, as PyTorch's side).
+KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+  t "stage split on cuda (KLSPEECH_BENCH_STAGES=1)" $D/inference-*
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 for row in base-train-8x4-f32 base-infer-16x10-f32 base-train-8x4-f32-klnorm; do
   KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \

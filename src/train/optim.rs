@@ -473,34 +473,61 @@ fn sum_sq(g: &Tensor) -> Result<Tensor> {
     Ok(g.to_dtype(acc)?.sqr()?.sum_all()?.to_dtype(DType::F64)?)
 }
 
-/// Global L2 norm of the gradients of `vars` (those that have one), with one device sync.
-fn global_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+/// Sum of the squares of every gradient of `vars` (those that have one) as a 0-d f64 tensor on
+/// the gradients' device, each gradient's part accumulated in f32 (f64 for f64 gradients); `None`
+/// when no var has a gradient. Nothing is read back: the trainer reads it with the step's other
+/// figures in one synchronization. The global norm is its square root.
+pub fn grad_sq_sum(grads: &GradStore, vars: &[(String, Var)]) -> Result<Option<Tensor>> {
+    let parts: Vec<Tensor> = vars.iter().filter_map(|(_, v)| grads.get(v.as_tensor())).map(sum_sq).collect::<Result<_>>()?;
+    stack_sum(parts)
+}
+
+/// 0 when every gradient of `vars` present in `grads` is finite, NaN when one is not (a 0-d f64
+/// tensor on the gradients' device; `None` without gradients). Read it with the step's other
+/// figures; [`grads_finite`] reads it alone.
+pub fn nonfinite_probe(grads: &GradStore, vars: &[(String, Var)]) -> Result<Option<Tensor>> {
+    // g - g is 0 where g is finite and NaN where it is not; its sum is 0 or NaN, never a
+    // false alarm from overflow.
     let parts: Vec<Tensor> = vars
         .iter()
         .filter_map(|(_, v)| grads.get(v.as_tensor()))
-        .map(sum_sq)
+        .map(|g| -> Result<Tensor> { Ok(g.sub(g)?.sum_all()?.to_dtype(DType::F32)?.to_dtype(DType::F64)?) })
         .collect::<Result<_>>()?;
-    if parts.is_empty() {
-        return Ok(0.0);
-    }
-    // Partial sums may sit on different devices only in exotic setups; gather on the first's.
-    let dev = parts[0].device().clone();
+    stack_sum(parts)
+}
+
+/// The sum of 0-d tensors, on the first one's device (partial sums sit on different devices
+/// only in exotic setups).
+fn stack_sum(parts: Vec<Tensor>) -> Result<Option<Tensor>> {
+    let Some(first) = parts.first() else { return Ok(None) };
+    let dev = first.device().clone();
     let parts: Vec<Tensor> = parts.into_iter().map(|t| t.to_device(&dev)).collect::<candle_core::Result<_>>()?;
-    let total = Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?;
-    Ok(total.sqrt())
+    Ok(Some(Tensor::stack(&parts, 0)?.sum_all()?))
 }
 
 /// Global L2 norm of all gradients of `vars` (those with a gradient), then clipping as
 /// `torch.nn.utils.clip_grad_norm_`: with `coef = max_norm / (norm + 1e-6)`, every gradient is
 /// multiplied by `coef` if `coef < 1` (the entries of `grads` are replaced). Returns the
-/// pre-clip norm. `vars` should hold each variable once (a repeated one counts twice).
+/// pre-clip norm. `vars` should hold each variable once (a repeated one counts twice). One
+/// device sync.
 ///
 /// A non-finite norm leaves the gradients untouched (PyTorch would scale them by 0 or NaN);
 /// check [`grads_finite`] first and skip the update instead.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads, vars)?;
+    let norm = match grad_sq_sum(grads, vars)? {
+        Some(sq) => sq.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    };
+    clip_to_norm(grads, vars, max_norm, norm)?;
+    Ok(norm)
+}
+
+/// The clipping of [`clip_grad_norm`] for a global norm already read back (the square root of
+/// [`grad_sq_sum`]): scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1;
+/// a non-finite norm leaves them untouched. Queues the scaling, reads nothing.
+pub fn clip_to_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64, norm: f64) -> Result<()> {
     if !norm.is_finite() {
-        return Ok(norm);
+        return Ok(());
     }
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -510,26 +537,16 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
             }
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 /// Whether every gradient of `vars` present in `grads` is finite (no NaN, no ±inf). One device
 /// sync in all.
 pub fn grads_finite(grads: &GradStore, vars: &[(String, Var)]) -> Result<bool> {
-    // g - g is 0 where g is finite and NaN where it is not; its sum is 0 or NaN, never a
-    // false alarm from overflow.
-    let parts: Vec<Tensor> = vars
-        .iter()
-        .filter_map(|(_, v)| grads.get(v.as_tensor()))
-        .map(|g| -> Result<Tensor> { Ok(g.sub(g)?.sum_all()?.to_dtype(DType::F32)?) })
-        .collect::<Result<_>>()?;
-    if parts.is_empty() {
-        return Ok(true);
-    }
-    let dev = parts[0].device().clone();
-    let parts: Vec<Tensor> = parts.into_iter().map(|t| t.to_device(&dev)).collect::<candle_core::Result<_>>()?;
-    let s = Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f32>()?;
-    Ok(s.is_finite())
+    Ok(match nonfinite_probe(grads, vars)? {
+        Some(p) => p.to_scalar::<f64>()?.is_finite(),
+        None => true,
+    })
 }
 
 /// Sums the parameter gradients of several micro-batches (gradient accumulation).

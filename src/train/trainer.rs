@@ -284,8 +284,10 @@ impl Run<'_> {
         self.epoch_cache.entry(epoch).or_insert_with(|| epoch_batches(split, cfg, epoch))[pos].clone()
     }
 
-    /// Loss of one micro-batch (task + beta * KL) and its parts.
-    fn micro_loss(&mut self, micro: usize, step: usize, total_steps: usize) -> Result<(Tensor, f64, f64)> {
+    /// Loss of one micro-batch (task + beta * KL) and its parts, the task loss and the KL term
+    /// (0-d f64, detached, on the model's device; no KL term: 0). Nothing is read back here: the
+    /// step reads all its figures in one synchronization (see the training loop).
+    fn micro_loss(&mut self, micro: usize, step: usize, total_steps: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = self.cfg;
         let idx = self.batch(micro);
         let mut rng = Rng::new(mix(cfg.seed, 0xBA7C, micro as u64));
@@ -336,16 +338,16 @@ impl Run<'_> {
             }
             crate::model::Head::None => return Err(Error::InvalidInput("training needs a head".into())),
         };
-        let task_v = task_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let task_v = task_loss.detach().to_dtype(DType::F64)?;
         let beta = if cfg.kl_warmup_steps == 0 { cfg.kl_beta } else { cfg.kl_beta * (step as f64 / cfg.kl_warmup_steps as f64).min(1.0) };
         let _ = total_steps;
         let (loss, kl_v) = match ctx.kl_total()? {
             // A frozen encoder runs in evaluation mode and adds no KL-Norm terms; VIB's may be here.
             Some(kl) => {
-                let kl_v = kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let kl_v = kl.detach().to_dtype(DType::F64)?;
                 ((task_loss + (kl * beta)?)?, kl_v)
             }
-            _ => (task_loss, 0.0),
+            _ => (task_loss, task_v.zeros_like()?),
         };
         Ok((loss, task_v, kl_v))
     }
@@ -533,25 +535,31 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         }
         let step = state.step;
         let mut acc = optim::GradAccumulator::new();
-        let (mut task_sum, mut kl_sum, mut finite) = (0.0, 0.0, true);
+        // The step's figures stay on the device until one read after the last backward: the
+        // task loss, KL term and loss of each micro-batch, then a probe that is NaN if a
+        // gradient is not finite and the gradients' sum of squares (for clipping). On a GPU
+        // every read is a synchronization: the queue drains and the host waits on it.
+        let mut figures: Vec<Tensor> = Vec::with_capacity(3 * accum + 2);
         for k in 0..accum {
             let micro = step * accum + k;
             let (loss, task_v, kl_v) = run.micro_loss(micro, step, total_steps)?;
-            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !lv.is_finite() {
-                finite = false;
-                break;
-            }
+            figures.extend([task_v, kl_v, loss.detach().to_dtype(DType::F64)?]);
             // Parameter gradients stored as the fused ops compute them (ops::grads).
             let grads = crate::ops::backward(&(loss / accum as f64)?)?;
-            if !optim::grads_finite(&grads, &vars)? {
-                finite = false;
-                break;
-            }
-            acc.add(&grads, &vars, 1.0)?;
-            task_sum += task_v / accum as f64;
-            kl_sum += kl_v / accum as f64;
+            acc.add(grads, &vars, 1.0)?;
         }
+        let mut grads = acc.into_grads();
+        let probes = [optim::nonfinite_probe(&grads, &vars)?, if cfg.max_grad_norm > 0.0 { optim::grad_sq_sum(&grads, &vars)? } else { None }];
+        let n_micro = figures.len();
+        figures.extend(probes.iter().map(|p| p.clone().map_or_else(|| Tensor::zeros((), DType::F64, &run.model.store.device), Ok)).collect::<candle_core::Result<Vec<_>>>()?);
+        let values: Vec<f64> = Tensor::stack(&figures, 0)?.to_device(&candle_core::Device::Cpu)?.to_vec1()?;
+        let (mut task_sum, mut kl_sum) = (0.0, 0.0);
+        for m in values[..n_micro].chunks(3) {
+            task_sum += m[0] / accum as f64;
+            kl_sum += m[1] / accum as f64;
+        }
+        // Skipped: a non-finite loss in any micro-batch, or a non-finite gradient.
+        let finite = values[..n_micro].chunks(3).all(|m| m[2].is_finite()) && values[n_micro].is_finite();
         state.step += 1;
         if !finite {
             state.nonfinite_skipped += 1;
@@ -569,8 +577,16 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
             continue;
         }
         state.consecutive_nonfinite = 0;
-        let mut grads = acc.into_grads();
-        let grad_norm = if cfg.max_grad_norm > 0.0 { optim::clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)? } else { f64::NAN };
+        let grad_norm = match &probes[1] {
+            Some(_) => {
+                let norm = values[n_micro + 1].sqrt();
+                optim::clip_to_norm(&mut grads, &vars, cfg.max_grad_norm, norm)?;
+                norm
+            }
+            // No gradient at all (nothing trainable got one): clip_grad_norm's 0.
+            None if cfg.max_grad_norm > 0.0 => 0.0,
+            None => f64::NAN,
+        };
         let lr_scale = optim::lr_factor(schedule, step, warmup, total_steps);
         opt.step(&grads, lr_scale)?;
         let total = task_sum + kl_sum * cfg.kl_beta * if cfg.kl_warmup_steps == 0 { 1.0 } else { (step as f64 / cfg.kl_warmup_steps as f64).min(1.0) };
