@@ -124,6 +124,17 @@ pub fn gpu_pool_release_threshold(dev: &Device) -> Option<u64> {
     None
 }
 
+/// Bytes of the memory pool of `dev` that tensors use now (PyTorch's
+/// `torch.cuda.memory_allocated()`). `None` off the GPU.
+pub fn gpu_memory_in_use(dev: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return cuda_pool::attribute(d, cuda_pool::USED_MEM_CURRENT).ok();
+    }
+    let _ = dev;
+    None
+}
+
 /// Bytes the memory pool of `dev` holds from the driver now, in use or free for reuse
 /// (PyTorch's `torch.cuda.memory_reserved()`). `None` off the GPU.
 pub fn gpu_reserved_memory(dev: &Device) -> Option<u64> {
@@ -189,6 +200,7 @@ mod cuda_pool {
 
     pub(super) const RELEASE_THRESHOLD: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
     pub(super) const RESERVED_MEM_CURRENT: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
+    pub(super) const USED_MEM_CURRENT: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
 
     /// The device's default pool (the one `cuMemAllocAsync` draws from: klspeech never sets
     /// another), with the context bound to this thread.
@@ -207,11 +219,11 @@ mod cuda_pool {
         unsafe { result::mem_pool::set_attribute(pool, RELEASE_THRESHOLD, (&mut v as *mut u64).cast()) }
     }
 
-    /// One cuuint64_t attribute of the default pool (`RELEASE_THRESHOLD`, `RESERVED_MEM_CURRENT`).
+    /// One cuuint64_t attribute of the default pool (the three constants above).
     pub(super) fn attribute(d: &CudaDevice, attr: sys::CUmemPool_attribute) -> Result<u64, DriverError> {
         let pool = default_pool(d)?;
         let mut v: u64 = 0;
-        // SAFETY: both attributes callers pass are cuuint64_t; the driver writes one into `v`.
+        // SAFETY: the attributes callers pass are cuuint64_t; the driver writes one into `v`.
         unsafe { result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())? };
         Ok(v)
     }
