@@ -184,8 +184,9 @@ pub fn reset_gpu_peak_memory(dev: &Device) {
 
 /// TF32 tensor-core matrix products for f32 on the GPU (10-bit mantissa products, f32 sums),
 /// PyTorch's `torch.backends.cuda.matmul.allow_tf32`. Off by default, as in PyTorch: f32 stays
-/// f32 unless asked. cuDNN convolutions (the `cudnn` feature) use TF32 by default on Ampere and
-/// newer, as PyTorch's `torch.backends.cudnn.allow_tf32` does. No effect on the CPU.
+/// f32 unless asked. klspeech's cuDNN convolutions (the `cudnn` feature, `ops::cudnn`) follow
+/// this switch too (PyTorch's `torch.backends.cudnn.allow_tf32` is on by default; candle's own
+/// cuDNN path, left for f64, uses cuDNN's default). No effect on the CPU.
 pub fn set_tf32(on: bool) {
     #[cfg(feature = "cuda")]
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(on);

@@ -967,3 +967,65 @@ fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
     assert!(same(&th, &th_cpu) && same(&mv, &mv_cpu), "AdamW on {dev:?} differs from the CPU's");
 }
+
+/// Convolutions on the test device against the f64 composite on the CPU, channels-last
+/// throughout: the kinds the model has (the positional conv's grouped "same" convolution with
+/// its dropped frame, the first feature-encoder layer, K = 3 and K = 2 with stride 2). Without
+/// gradient (`ops::conv1d_cl`) in f32, bf16 and f16; with gradients (`ops::conv1d_cl_recompute`,
+/// the training op) in f32. On a GPU in a `cudnn` build these run cuDNN on channels-last data
+/// (`ops::cudnn`), and the test insists that they did (cuDNN refusing a configuration falls
+/// back to candle's convolution, which would hide here otherwise); on the CPU the CPU paths.
+#[test]
+fn channels_last_convolutions_on_the_test_device_match_f64() {
+    let dev = test_device();
+    let nhwc_switched_off = std::env::var_os("KLSPEECH_NO_CUDNN_NHWC").is_some_and(|v| !v.is_empty() && v != "0");
+    let cases = [
+        // (b, l, c_in, c_out, k, stride, padding, groups, max_t)
+        (2usize, 50usize, 32usize, 32usize, 16usize, 1usize, 8usize, 4usize, Some(50usize)),
+        (2, 400, 1, 16, 10, 5, 0, 1, None),
+        (3, 101, 24, 20, 3, 2, 0, 1, None),
+        (2, 64, 16, 16, 2, 2, 0, 1, None),
+    ];
+    for (case, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
+        let what = format!("conv [{b}, {l}, {ci}] -> {co}, K {k}, stride {s}, padding {p}, {g} groups, max_t {max_t:?} on {dev:?}");
+        let seed = 900 + 10 * case as u64;
+        let x = rand(&[b, l, ci], seed, DType::F64);
+        let w = rand(&[co, ci / g, k], seed + 1, DType::F64).affine(1.0 / ((ci / g * k) as f64).sqrt(), 0.0).unwrap();
+        let reference = |x: &Tensor, w: &Tensor| {
+            let y = ops::conv1d_cl_composite(x, w, s, p, g).unwrap();
+            let t = max_t.map_or(y.dim(1).unwrap(), |m| m.min(y.dim(1).unwrap()));
+            y.narrow(1, 0, t).unwrap()
+        };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+            // Values of the type, in f64 for the reference.
+            let of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let (xd, wd) = (on(&x), on(&w));
+            let cudnn = ops::cudnn::applies(&xd);
+            assert_eq!(cudnn, dev.is_cuda() && cfg!(feature = "cudnn") && !nhwc_switched_off, "{what}: where cuDNN applies");
+            assert_eq!(ops::cudnn::conv1d_cl(&xd, &wd, s, p, g).unwrap().is_some(), cudnn, "{what} in {dtype:?}: cuDNN refused it");
+            let y = ops::conv1d_cl(&xd, &wd, s, p, g, max_t).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let y = y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            let e = rel(&y, &reference(&of(&x), &of(&w)));
+            println!("{what} in {dtype:?}: {e:e}");
+            assert!(e <= tol, "{what} in {dtype:?}: {e:e}");
+        }
+        // The training op in f32: values and both gradients for the loss sum(y * r).
+        let run = |x: &Tensor, w: &Tensor, f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+            let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+            let y = f(xv.as_tensor(), wv.as_tensor());
+            let r = rand(y.dims(), seed + 2, DType::F64).to_dtype(y.dtype()).unwrap().to_device(y.device()).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            (cpu(&y), cpu(grads.get(xv.as_tensor()).unwrap()), cpu(grads.get(wv.as_tensor()).unwrap()))
+        };
+        let on = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap();
+        let got = run(&on(&x), &on(&w), &|x, w| ops::conv1d_cl_recompute(x, w, s, p, g, max_t).unwrap());
+        let want = run(&x, &w, &|x, w| reference(x, w));
+        for (name, a, r) in [("value", &got.0, &want.0), ("input gradient", &got.1, &want.1), ("weight gradient", &got.2, &want.2)] {
+            let e = rel(a, r);
+            assert!(e <= 1e-5, "{what}, training op: {name} rel. error {e:e}");
+        }
+    }
+}

@@ -10,7 +10,10 @@
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
 #     peak GPU memory on both sides; training rows again without klspeech's CUDA kernels and
 #     with the composites (before/after in one binary);
-#   - the f32 rows with the memory pool at the driver's default, and with a per-stage split;
+#   - the f32 rows with the memory pool at the driver's default, with candle's convolutions
+#     instead of cuDNN's channels-last ones, and with a per-stage split;
+#     cuDNN's channels-last convolutions are tested first too (KLSPEECH_NO_CUDNN_NHWC=1 after
+#     a failure, "!!" in the log);
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
@@ -45,6 +48,13 @@ export KLSPEECH_TEST_DEVICE=cuda
 # klspeech's own CUDA kernels first (they have only run on the CPU's emulator): if their tests
 # fail with them and pass without them, everything after runs without them
 # (KLSPEECH_NO_CUDA_KERNELS=1, candle's kernels), so that one run still gives every figure.
+# cuDNN's channels-last (NHWC) grouped convolutions (src/ops/cudnn.rs) likewise: if their test
+# fails, everything after runs with candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1).
+t "cuDNN channels-last convolutions on cuda" $D/ops-* channels_last_convolutions --nocapture
+if [ "$RC" != 0 ]; then
+  export KLSPEECH_NO_CUDNN_NHWC=1
+  echo "!! cuDNN's channels-last convolutions failed their test: everything below runs with KLSPEECH_NO_CUDNN_NHWC=1"
+fi
 t "ops on cuda" $D/ops-* --nocapture --test-threads 1
 if [ "$RC" != 0 ]; then
   KLSPEECH_NO_CUDA_KERNELS=1 t "ops on cuda without klspeech's CUDA kernels" $D/ops-* --nocapture --test-threads 1
@@ -74,6 +84,10 @@ KLSPEECH_NO_CUDA_KERNELS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-train-8x4
 # before/after of device::new_cuda's release threshold in one binary.
 KLSPEECH_GPU_POOL_RELEASE=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
   t "benchmarks on cuda, pool released at every sync (KLSPEECH_GPU_POOL_RELEASE=1)" $D/inference-*
+# candle's convolutions (channels-first on transposed views, one per group) instead of cuDNN's
+# channels-last ones: before/after of src/ops/cudnn.rs.
+KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+  t "benchmarks on cuda, candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1)" $D/inference-*
 # Where a step's time goes: a synchronization after each stage (the rows above synchronize once
 # a step, as PyTorch's side).
 KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \

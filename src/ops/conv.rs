@@ -371,8 +371,12 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         let y = conv1d_cl_composite(x, w, stride, padding, groups)?;
         return Ok(if t < full_t { y.narrow(1, 0, t)? } else { y });
     }
-    // No gradient: candle's own kernel (its forward is right; its backward is not).
-    let y = x.transpose(1, 2)?.conv1d(w, padding, stride, 1, groups)?.transpose(1, 2)?;
+    // No gradient: cuDNN on channels-last data where it applies, else candle's own kernel (its
+    // forward is right; its backward is not).
+    let y = match super::cudnn::conv1d_cl(x, w, stride, padding, groups)? {
+        Some(y) => y,
+        None => x.transpose(1, 2)?.conv1d(w, padding, stride, 1, groups)?.transpose(1, 2)?,
+    };
     Ok(if t < full_t { y.narrow(1, 0, t)? } else { y })
 }
 
@@ -387,10 +391,16 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
 /// Runs on any device (the tests check it on the CPU against the composite's gradients).
 pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
     let (geom, full_t) = geometry(x, w, stride, padding, groups, max_t)?;
-    // [B, C_out, T] from candle; the op hands it out channels-last (one strided copy).
-    let y = x.detach().transpose(1, 2)?.conv1d(&w.detach(), padding, stride, 1, groups)?;
-    let y = if geom.t < full_t { y.narrow(2, 0, geom.t)? } else { y };
-    Ok(x.apply_op2(w, ConvRecompute { geom, y: super::device::Pending::new(y) })?)
+    // [B, T, C_out] from cuDNN on channels-last data, or [B, C_out, T] from candle; the op hands
+    // it out channels-last (one copy, strided in the second case).
+    let (y, channels_first) = match super::cudnn::conv1d_cl(x, w, stride, padding, groups)? {
+        Some(y) => (if geom.t < full_t { y.narrow(1, 0, geom.t)? } else { y }, false),
+        None => {
+            let y = x.detach().transpose(1, 2)?.conv1d(&w.detach(), padding, stride, 1, groups)?;
+            (if geom.t < full_t { y.narrow(2, 0, geom.t)? } else { y }, true)
+        }
+    };
+    Ok(x.apply_op2(w, ConvRecompute { geom, y: super::device::Pending::new(y), channels_first })?)
 }
 
 /// The input gradient dx [B, L, C_in] of [`conv1d_cl_recompute`] from dy [B, T, C_out], in
@@ -415,7 +425,13 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
         let wt = w.reshape((groups, og, cg, k))?.transpose(1, 2)?.reshape((g.c_in, og, k))?;
         let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<u32>>(), k, w.device())?;
         let wt = wt.index_select(&rev, 2)?.contiguous()?;
-        let dx = dy.transpose(1, 2)?.conv1d(&wt, k - 1 - g.padding, 1, 1, groups)?; // [B, C_in, Lp - 2p]
+        let pad = k - 1 - g.padding;
+        // [B, Lp - 2p, C_in] straight from cuDNN on channels-last data where it applies
+        let dx = super::cudnn::conv1d_cl(&dy, &wt, 1, pad, groups).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if let Some(dx) = dx {
+            return Ok(dx);
+        }
+        let dx = dy.transpose(1, 2)?.conv1d(&wt, pad, 1, 1, groups)?; // [B, C_in, Lp - 2p]
         return dx.transpose(1, 2)?.contiguous();
     }
     // column gradient [G, B T, og] x [G, og, C_g K] -> [G, B, T, C_g, K] -> [B, T, K, C_in]
@@ -448,6 +464,8 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
 struct ConvRecompute {
     geom: Geom,
     y: super::device::Pending,
+    /// `y` is [B, C_out, T] (candle's convolution), else [B, T, C_out] (cuDNN's NHWC one).
+    channels_first: bool,
 }
 
 impl CustomOp2 for ConvRecompute {
@@ -456,11 +474,11 @@ impl CustomOp2 for ConvRecompute {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        super::device::handout_cpu(&self.y, true)
+        super::device::handout_cpu(&self.y, self.channels_first)
     }
 
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::device::handout_cuda(&self.y, true)
+        super::device::handout_cuda(&self.y, self.channels_first)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {

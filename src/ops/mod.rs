@@ -275,6 +275,7 @@ pub(crate) unsafe fn mm<T: 'static + Float>(
 
 mod attention;
 mod conv;
+pub mod cudnn;
 pub mod device;
 pub mod grads;
 pub mod kernels;
