@@ -48,16 +48,22 @@ export KLSPEECH_TEST_DEVICE=cuda
 # klspeech's own CUDA kernels first (they have only run on the CPU's emulator): if their tests
 # fail with them and pass without them, everything after runs without them
 # (KLSPEECH_NO_CUDA_KERNELS=1, candle's kernels), so that one run still gives every figure.
-# cuDNN's channels-last (NHWC) grouped convolutions (src/ops/cudnn.rs) likewise: if their test
-# fails, everything after runs with candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1).
-t "cuDNN channels-last convolutions on cuda" $D/ops-* channels_last_convolutions --nocapture
-if [ "$RC" != 0 ]; then
+# cuDNN's channels-last (NHWC) grouped convolutions (src/ops/cudnn.rs) likewise: if their
+# values are wrong, everything after runs with candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1);
+# if cuDNN only refused a pass, each process falls back for that pass by itself (a warning).
+echo "== cuDNN channels-last convolutions on cuda"
+timeout 240 $D/ops-* channels_last_convolutions --nocapture > /tmp/nhwc.log 2>&1; RC=$?
+grep -vE "^test .* \.\.\. ok$" /tmp/nhwc.log | tail -30; echo "(exit $RC)"
+if [ "$RC" != 0 ] && ! grep -q "cuDNN refused" /tmp/nhwc.log; then
   export KLSPEECH_NO_CUDNN_NHWC=1
   echo "!! cuDNN's channels-last convolutions failed their test: everything below runs with KLSPEECH_NO_CUDNN_NHWC=1"
+elif [ "$RC" != 0 ]; then
+  echo "!! cuDNN refused some convolution passes: they fall back to candle's / klspeech's in every run below"
 fi
-t "ops on cuda" $D/ops-* --nocapture --test-threads 1
+# (the convolution test above is skipped here: its outcome is settled)
+t "ops on cuda" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions
 if [ "$RC" != 0 ]; then
-  KLSPEECH_NO_CUDA_KERNELS=1 t "ops on cuda without klspeech's CUDA kernels" $D/ops-* --nocapture --test-threads 1
+  KLSPEECH_NO_CUDA_KERNELS=1 t "ops on cuda without klspeech's CUDA kernels" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions
   if [ "$RC" = 0 ]; then
     export KLSPEECH_NO_CUDA_KERNELS=1
     echo "!! klspeech's CUDA kernels failed their tests: everything below runs with KLSPEECH_NO_CUDA_KERNELS=1"

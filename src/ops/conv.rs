@@ -380,9 +380,11 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
     Ok(if t < full_t { y.narrow(1, 0, t)? } else { y })
 }
 
-/// Differentiable [`conv1d_cl`] for devices without klspeech's CPU kernels: the forward is
-/// candle's `conv1d` (cuDNN in a `cudnn` build, else candle's im2col + cuBLAS), the backward is
-/// klspeech's, and nothing of the forward but x and w is kept for it. The backward rebuilds the
+/// Differentiable [`conv1d_cl`] for devices without klspeech's CPU kernels, keeping nothing of
+/// the forward but x and w. On a GPU in a `cudnn` build (f32, bf16, f16) cuDNN's forward,
+/// backward-data and backward-filter convolutions on the channels-last tensors
+/// ([`super::cudnn`]). Otherwise the forward is candle's `conv1d` (im2col + cuBLAS, or candle's
+/// cuDNN call) and the backward klspeech's below. The backward rebuilds the
 /// im2col columns of this one layer for the weight gradient (one batched gemm over the groups)
 /// and gets the input gradient from a transposed convolution or the column gradient
 /// ([`recompute_input_grad`]). The composite ([`conv1d_cl_composite`]) instead keeps every layer's columns,
@@ -425,13 +427,7 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
         let wt = w.reshape((groups, og, cg, k))?.transpose(1, 2)?.reshape((g.c_in, og, k))?;
         let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<u32>>(), k, w.device())?;
         let wt = wt.index_select(&rev, 2)?.contiguous()?;
-        let pad = k - 1 - g.padding;
-        // [B, Lp - 2p, C_in] straight from cuDNN on channels-last data where it applies
-        let dx = super::cudnn::conv1d_cl(&dy, &wt, 1, pad, groups).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        if let Some(dx) = dx {
-            return Ok(dx);
-        }
-        let dx = dy.transpose(1, 2)?.conv1d(&wt, pad, 1, 1, groups)?; // [B, C_in, Lp - 2p]
+        let dx = dy.transpose(1, 2)?.conv1d(&wt, k - 1 - g.padding, 1, 1, groups)?; // [B, C_in, Lp - 2p]
         return dx.transpose(1, 2)?.contiguous();
     }
     // column gradient [G, B T, og] x [G, og, C_g K] -> [G, B, T, C_g, K] -> [B, T, K, C_in]
@@ -483,6 +479,17 @@ impl CustomOp2 for ConvRecompute {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geom;
+        // cuDNN's backward data and filter on channels-last data where they apply (dy with
+        // zero frames up to the full output length when fewer were used).
+        if super::cudnn::applies(dy) {
+            let full_t = (g.lp() - g.k) / g.stride + 1;
+            let dy_full = if g.t < full_t { dy.pad_with_zeros(1, 0, full_t - g.t)? } else { dy.clone() };
+            let want = (x.track_op(), w.track_op());
+            let r = super::cudnn::conv1d_cl_backward(x, w, &dy_full, (g.stride, g.padding, g.groups), want);
+            if let Some((dx, dw)) = r.map_err(|e| candle_core::Error::Msg(e.to_string()))? {
+                return Ok((dx, super::grads::route(w, dw)?));
+            }
+        }
         let (groups, og, kc, bt) = (g.groups, g.og(), g.kc(), g.b * g.t);
         // dy [B, T, C_out] -> [G, B T, og]
         let dy_g = dy.reshape((bt, groups, og))?.transpose(0, 1)?.contiguous()?;

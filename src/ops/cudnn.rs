@@ -1,4 +1,5 @@
-//! Channels-last grouped 1-D convolution through cuDNN, in one call (the `cudnn` feature).
+//! Channels-last grouped 1-D convolution through cuDNN, in one call each for the forward pass,
+//! the input gradient and the weight gradient (the `cudnn` feature).
 //!
 //! klspeech keeps activations channels-last, [B, L, C], from the waveform to the projection.
 //! candle's `conv1d` takes channels-first input: on a GPU every convolution ran on a transposed
@@ -17,11 +18,13 @@
 //! so the bench's plain f32 rows give PyTorch TF32 convolutions and klspeech f32 ones.
 //!
 //! Used where [`applies`]: a CUDA tensor in f32, bf16 or f16 in a `cudnn` build, with the fused
-//! ops and klspeech's GPU kernels on, unless `KLSPEECH_NO_CUDNN_NHWC=1`. f64 keeps candle's
+//! ops on (not `KLSPEECH_NO_CUSTOM_OPS=1`), unless `KLSPEECH_NO_CUDNN_NHWC=1` (independent of
+//! `KLSPEECH_NO_CUDA_KERNELS`, so that `tools/gpu_check.sh` can switch either off alone). f64 keeps candle's
 //! path (NHWC double convolutions are not among cuDNN's supported configurations). Should
-//! cuDNN refuse a call (a configuration this cuDNN does not support), the convolution falls
-//! back to candle's for the rest of the process, with one warning on stderr;
-//! `tests/ops.rs` fails in that case, so a GPU check shows it.
+//! cuDNN refuse a call (a configuration this cuDNN does not support), that pass (forward,
+//! backward data or backward filter) falls back to candle's convolution or klspeech's backward
+//! for the rest of the process, with one warning on stderr ([`refused`] names them);
+//! `tests/ops.rs` fails in that case ("cuDNN refused"), so a GPU check shows it.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -29,24 +32,40 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
-// 0 = not read yet, 1 = on, 2 = off (KLSPEECH_NO_CUDNN_NHWC, or cuDNN refused a call).
-static STATE: AtomicU8 = AtomicU8::new(0);
+// KLSPEECH_NO_CUDNN_NHWC: 0 = not read yet, 1 = cuDNN on, 2 = off.
+static SWITCH: AtomicU8 = AtomicU8::new(0);
+// The passes cuDNN refused (bits: 1 forward, 2 backward data, 4 backward filter).
+static REFUSED: AtomicU8 = AtomicU8::new(0);
+
+const PASS_NAMES: [&str; 3] = ["forward", "backward data", "backward filter"];
 
 fn on() -> bool {
-    match STATE.load(Ordering::Relaxed) {
+    match SWITCH.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
         _ => {
             let on = std::env::var_os("KLSPEECH_NO_CUDNN_NHWC").is_none_or(|v| v.is_empty() || v == "0");
-            STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            SWITCH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
             on
         }
     }
 }
 
+/// The passes cuDNN refused in this process (each then runs the fallback).
+pub fn refused() -> Vec<&'static str> {
+    let bits = REFUSED.load(Ordering::Relaxed);
+    (0..3).filter(|i| bits & (1 << i) != 0).map(|i| PASS_NAMES[i]).collect()
+}
+
 /// Whether [`conv1d_cl`] runs for `x`: see the module documentation.
 pub fn applies(x: &Tensor) -> bool {
-    cfg!(feature = "cudnn") && super::kernels::apply_any_float(x) && on()
+    use candle_core::DType;
+    cfg!(feature = "cudnn")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && x.elem_count() > 0
+        && super::enabled()
+        && on()
 }
 
 /// y [B, T_full, C_out] = conv1d(x [B, L, C_in], w [C_out, C_in / groups, K]) with `stride` and
@@ -59,18 +78,13 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
     }
     #[cfg(feature = "cudnn")]
     {
-        // [C_out, C_g, K] -> [C_out, K, C_g]: the NHWC (KRSC) filter.
-        let w = w.detach().transpose(1, 2)?.contiguous()?;
-        let x = x.detach().contiguous()?;
-        match x.apply_op2_no_bwd(&w, &ConvNhwc { stride, padding, groups }) {
-            Ok(y) => Ok(Some(y)),
-            Err(e) => {
-                if STATE.swap(2, Ordering::Relaxed) == 1 {
-                    eprintln!("klspeech: {e}; convolutions use candle's from now on (KLSPEECH_NO_CUDNN_NHWC=1 skips this attempt)");
-                }
-                Ok(None)
-            }
+        let geom = Geom { stride, padding, groups, pass: Pass::Forward };
+        if !geom.pass.allowed() {
+            return Ok(None);
         }
+        let w = krsc(w)?;
+        let x = x.detach().contiguous()?;
+        Ok(geom.attempt(x.apply_op2_no_bwd(&w, &geom)))
     }
     #[cfg(not(feature = "cudnn"))]
     {
@@ -79,18 +93,123 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
     }
 }
 
-/// The op: inputs x [B, L, C_in] and w [C_out, K, C_g], both contiguous.
+/// The gradients of [`conv1d_cl`] for dy [B, T_full, C_out] (every output frame the
+/// convolution yields; zero frames where fewer were used): dx [B, L, C_in] (cuDNN's backward
+/// data: the transposed convolution) when `want_dx`, and dw [C_out, C_in / groups, K] (backward
+/// filter, straight from x and dy: no im2col columns) when `want_dw`, each a new tensor without
+/// gradient; `conv` is (stride, padding, groups). `None` where cuDNN does not apply (or
+/// refused: see the module documentation).
+pub fn conv1d_cl_backward(x: &Tensor, w: &Tensor, dy: &Tensor, conv: (usize, usize, usize), (want_dx, want_dw): (bool, bool)) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+    let (stride, padding, groups) = conv;
+    if !applies(dy) || x.dtype() != dy.dtype() || w.dtype() != dy.dtype() {
+        return Ok(None);
+    }
+    #[cfg(feature = "cudnn")]
+    {
+        let (_, l, _) = x.dims3()?;
+        let k = w.dim(2)?;
+        let data = Geom { stride, padding, groups, pass: Pass::BackwardData { l } };
+        let filter = Geom { stride, padding, groups, pass: Pass::BackwardFilter { k } };
+        // Both from cuDNN or both from the fallback.
+        if (want_dx && !data.pass.allowed()) || (want_dw && !filter.pass.allowed()) {
+            return Ok(None);
+        }
+        let dy = dy.detach().contiguous()?;
+        let dx = if want_dx {
+            match data.attempt(dy.apply_op2_no_bwd(&krsc(w)?, &data)) {
+                Some(dx) => Some(dx),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        let dw = if want_dw {
+            // [C_out, K, C_g] (KRSC) -> [C_out, C_g, K]
+            match filter.attempt(x.detach().contiguous()?.apply_op2_no_bwd(&dy, &filter)) {
+                Some(dw) => Some(dw.transpose(1, 2)?.contiguous()?),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        Ok(Some((dx, dw)))
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        let _ = (x, w, stride, padding, groups, want_dx, want_dw);
+        Ok(None)
+    }
+}
+
+/// [C_out, C_g, K] (PyTorch's layout) -> [C_out, K, C_g]: the NHWC (KRSC) filter.
 #[cfg(feature = "cudnn")]
-struct ConvNhwc {
-    stride: usize,
-    padding: usize,
-    groups: usize,
+fn krsc(w: &Tensor) -> Result<Tensor> {
+    Ok(w.detach().transpose(1, 2)?.contiguous()?)
 }
 
 #[cfg(feature = "cudnn")]
-impl candle_core::CustomOp2 for ConvNhwc {
+impl Pass {
+    fn bit(self) -> u8 {
+        match self {
+            Pass::Forward => 1,
+            Pass::BackwardData { .. } => 2,
+            Pass::BackwardFilter { .. } => 4,
+        }
+    }
+
+    /// Not refused by cuDNN so far.
+    fn allowed(self) -> bool {
+        REFUSED.load(Ordering::Relaxed) & self.bit() == 0
+    }
+}
+
+#[cfg(feature = "cudnn")]
+impl Geom {
+    /// A cuDNN call's result; an error marks this pass refused for the rest of the process
+    /// (one warning), and the caller falls back.
+    fn attempt(&self, r: candle_core::Result<Tensor>) -> Option<Tensor> {
+        match r {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let bit = self.pass.bit();
+                if REFUSED.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                    eprintln!("klspeech: {e}; this pass uses the fallback from now on (KLSPEECH_NO_CUDNN_NHWC=1 skips cuDNN)");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Which cuDNN call, and the sizes its two inputs do not give.
+#[cfg(feature = "cudnn")]
+#[derive(Clone, Copy, Debug)]
+enum Pass {
+    /// inputs x [B, L, C_in], w [C_out, K, C_g] -> y [B, T, C_out]
+    Forward,
+    /// inputs dy [B, T, C_out], w [C_out, K, C_g] -> dx [B, L, C_in]
+    BackwardData { l: usize },
+    /// inputs x [B, L, C_in], dy [B, T, C_out] -> dw [C_out, K, C_g]
+    BackwardFilter { k: usize },
+}
+
+/// The op: a convolution's geometry and the pass; inputs contiguous.
+#[cfg(feature = "cudnn")]
+struct Geom {
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    pass: Pass,
+}
+
+#[cfg(feature = "cudnn")]
+impl candle_core::CustomOp2 for Geom {
     fn name(&self) -> &'static str {
-        "conv1d-nhwc-cudnn"
+        match self.pass {
+            Pass::Forward => "conv1d-nhwc-cudnn",
+            Pass::BackwardData { .. } => "conv1d-nhwc-cudnn-backward-data",
+            Pass::BackwardFilter { .. } => "conv1d-nhwc-cudnn-backward-filter",
+        }
     }
 
     fn cpu_fwd(
@@ -105,17 +224,17 @@ impl candle_core::CustomOp2 for ConvNhwc {
 
     fn cuda_fwd(
         &self,
-        xs: &candle_core::CudaStorage,
-        xl: &candle_core::Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &candle_core::Layout,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
         use candle_core::DType;
-        match xs.dtype() {
-            DType::F32 => gpu::run::<f32>(self, xs, xl, ws, wl),
-            DType::BF16 => gpu::run::<half::bf16>(self, xs, xl, ws, wl),
-            DType::F16 => gpu::run::<half::f16>(self, xs, xl, ws, wl),
+        match s1.dtype() {
+            DType::F32 => gpu::run::<f32>(self, s1, l1, s2, l2),
+            DType::BF16 => gpu::run::<half::bf16>(self, s1, l1, s2, l2),
+            DType::F16 => gpu::run::<half::f16>(self, s1, l1, s2, l2),
             other => candle_core::bail!("{}: no {other:?} version", self.name()),
         }
     }
@@ -128,12 +247,12 @@ mod gpu {
     use std::sync::Arc;
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::cudnn::{sys, ConvForward, Cudnn, CudnnDataType};
+    use candle_core::cuda_backend::cudarc::cudnn::{sys, ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn, CudnnDataType};
     use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
     use candle_core::cuda_backend::{CudaDType, CudaStorage, DeviceId};
     use candle_core::{bail, CustomOp2, Layout, Shape, WithDType};
 
-    use super::ConvNhwc;
+    use super::{Geom, Pass};
 
     thread_local! {
         /// One cuDNN handle per device and thread (creating one takes milliseconds), bound to
@@ -141,26 +260,51 @@ mod gpu {
         static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
     }
 
-    fn err(op: &ConvNhwc, e: impl std::fmt::Debug) -> candle_core::Error {
+    fn err(op: &Geom, e: impl std::fmt::Debug) -> candle_core::Error {
         candle_core::Error::Msg(format!("{}: cuDNN: {e:?}", op.name()))
     }
 
     pub(super) fn run<T: CudaDType + CudnnDataType + DeviceRepr + WithDType>(
-        op: &ConvNhwc,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
+        op: &Geom,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (b, l, c_in) = xl.shape().dims3()?;
-        let (c_out, k, c_g) = wl.shape().dims3()?;
         let (s, p, g) = (op.stride, op.padding, op.groups);
-        if !xl.is_contiguous() || !wl.is_contiguous() || g == 0 || c_in != c_g * g || c_out % g != 0 || s == 0 || l + 2 * p < k {
-            bail!("{}: input {:?}, filter {:?} (KRSC), {g} groups, stride {s}, padding {p}", op.name(), xl.shape(), wl.shape());
+        // Every size of the convolution from the two inputs and the pass.
+        let (b, l, c_in, c_out, k, t) = match op.pass {
+            Pass::Forward => {
+                let (b, l, c_in) = l1.shape().dims3()?;
+                let (c_out, k, _) = l2.shape().dims3()?;
+                (b, l, c_in, c_out, k, if s > 0 && l + 2 * p >= k { (l + 2 * p - k) / s + 1 } else { 0 })
+            }
+            Pass::BackwardData { l } => {
+                let (b, t, c_out) = l1.shape().dims3()?;
+                let (_, k, c_g) = l2.shape().dims3()?;
+                (b, l, c_g * g, c_out, k, t)
+            }
+            Pass::BackwardFilter { k } => {
+                let (b, l, c_in) = l1.shape().dims3()?;
+                let (_, t, c_out) = l2.shape().dims3()?;
+                (b, l, c_in, c_out, k, t)
+            }
+        };
+        let c_g = c_in.checked_div(g).unwrap_or(0);
+        let consistent = g > 0 && s > 0 && c_in == c_g * g && c_out % g == 0 && l + 2 * p >= k && t == (l + 2 * p - k) / s + 1;
+        let dims = |pass: Pass, a: &Layout, bl: &Layout| -> bool {
+            let (x_or_dy, w_or_dy) = (a.dims(), bl.dims());
+            match pass {
+                Pass::Forward => x_or_dy == [b, l, c_in] && w_or_dy == [c_out, k, c_g],
+                Pass::BackwardData { .. } => x_or_dy == [b, t, c_out] && w_or_dy == [c_out, k, c_g],
+                Pass::BackwardFilter { .. } => x_or_dy == [b, l, c_in] && w_or_dy == [b, t, c_out],
+            }
+        };
+        if !consistent || !l1.is_contiguous() || !l2.is_contiguous() || !dims(op.pass, l1, l2) {
+            bail!("{}: inputs {:?} and {:?}, {g} groups, stride {s}, padding {p}", op.name(), l1.shape(), l2.shape());
         }
-        let t = (l + 2 * p - k) / s + 1;
         let i = |v: usize| -> candle_core::Result<i32> { i32::try_from(v).map_err(|_| err(op, format!("dimension {v} exceeds i32"))) };
-        let dev = xs.device().clone();
+        let dev = s1.device().clone();
         let cudnn = HANDLES.with(|h| -> candle_core::Result<Arc<Cudnn>> {
             if let Some(c) = h.borrow().get(&dev.id()) {
                 return Ok(c.clone());
@@ -169,8 +313,6 @@ mod gpu {
             h.borrow_mut().insert(dev.id(), c.clone());
             Ok(c)
         })?;
-        let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
         let mut conv = cudnn
             .create_conv2d::<f32>([i(p)?, 0], [i(s)?, 1], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
@@ -184,19 +326,46 @@ mod gpu {
             };
             conv.set_math_type(math).map_err(|e| err(op, e))?;
         }
-        // Logical dims are always [N, C, H, W]; the format says the memory is [N, H, W, C].
+        // Logical dims are always [N, C, H, W]; the format says the memory is [N, H, W, C]
+        // (for the filter [K, R, S, C]).
         let xd = cudnn.create_4d_tensor::<T>(nhwc, [i(b)?, i(c_in)?, i(l)?, 1]).map_err(|e| err(op, e))?;
         let wd = cudnn.create_4d_filter::<T>(nhwc, [i(c_out)?, i(c_g)?, i(k)?, 1]).map_err(|e| err(op, e))?;
         let yd = cudnn.create_4d_tensor::<T>(nhwc, [i(b)?, i(c_out)?, i(t)?, 1]).map_err(|e| err(op, e))?;
-        let fwd = ConvForward { conv: &conv, x: &xd, w: &wd, y: &yd };
-        let algo = fwd.pick_algorithm().map_err(|e| err(op, e))?;
-        let bytes = fwd.get_workspace_size(algo).map_err(|e| err(op, e))?;
-        // SAFETY: cuDNN writes every output element (beta = 0); the workspace is scratch.
-        let mut y = unsafe { dev.alloc::<T>(b * t * c_out)? };
-        let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
-        // SAFETY: the descriptors above describe exactly these buffers: x [B, L, C_in] and
-        // y [B, T, C_out] contiguous of type T, w [C_out, K, C_g] contiguous of type T.
-        unsafe { fwd.launch(algo, Some(&mut scratch), (T::from_f64(1.0), T::from_f64(0.0)), &x, &w, &mut y) }.map_err(|e| err(op, e))?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((b, t, c_out))))
+        let a = s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..);
+        let c = s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..);
+        let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
+        // SAFETY (every launch below): the descriptors describe exactly these buffers, all
+        // contiguous of type T: x [B, L, C_in], y / dy [B, T, C_out], w / dw [C_out, K, C_g]
+        // (checked above); cuDNN writes every output element (beta = 0); the workspace is scratch.
+        let (out, shape) = match op.pass {
+            Pass::Forward => {
+                let call = ConvForward { conv: &conv, x: &xd, w: &wd, y: &yd };
+                let algo = call.pick_algorithm().map_err(|e| err(op, e))?;
+                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
+                let mut out = unsafe { dev.alloc::<T>(b * t * c_out)? };
+                let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
+                unsafe { call.launch(algo, Some(&mut scratch), (one, zero), &a, &c, &mut out) }.map_err(|e| err(op, e))?;
+                (out, Shape::from((b, t, c_out)))
+            }
+            Pass::BackwardData { .. } => {
+                let call = ConvBackwardData { conv: &conv, dx: &xd, w: &wd, dy: &yd };
+                let algo = call.pick_algorithm().map_err(|e| err(op, e))?;
+                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
+                let mut out = unsafe { dev.alloc::<T>(b * l * c_in)? };
+                let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
+                unsafe { call.launch(algo, Some(&mut scratch), (one, zero), &mut out, &c, &a) }.map_err(|e| err(op, e))?;
+                (out, Shape::from((b, l, c_in)))
+            }
+            Pass::BackwardFilter { .. } => {
+                let call = ConvBackwardFilter { conv: &conv, x: &xd, dw: &wd, dy: &yd };
+                let algo = call.pick_algorithm().map_err(|e| err(op, e))?;
+                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
+                let mut out = unsafe { dev.alloc::<T>(c_out * k * c_g)? };
+                let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
+                unsafe { call.launch(algo, Some(&mut scratch), (one, zero), &a, &mut out, &c) }.map_err(|e| err(op, e))?;
+                (out, Shape::from((c_out, k, c_g)))
+            }
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 }
