@@ -32,24 +32,11 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
-// KLSPEECH_NO_CUDNN_NHWC: 0 = not read yet, 1 = cuDNN on, 2 = off.
-static SWITCH: AtomicU8 = AtomicU8::new(0);
+static SWITCH: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_CUDNN_NHWC");
 // The passes cuDNN refused (bits: 1 forward, 2 backward data, 4 backward filter).
 static REFUSED: AtomicU8 = AtomicU8::new(0);
 
 const PASS_NAMES: [&str; 3] = ["forward", "backward data", "backward filter"];
-
-fn on() -> bool {
-    match SWITCH.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var_os("KLSPEECH_NO_CUDNN_NHWC").is_none_or(|v| v.is_empty() || v == "0");
-            SWITCH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
-}
 
 /// The passes cuDNN refused in this process (each then runs the fallback).
 pub fn refused() -> Vec<&'static str> {
@@ -65,7 +52,7 @@ pub fn applies(x: &Tensor) -> bool {
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && x.elem_count() > 0
         && super::enabled()
-        && on()
+        && SWITCH.on()
 }
 
 /// y [B, T_full, C_out] = conv1d(x [B, L, C_in], w [C_out, C_in / groups, K]) with `stride` and
@@ -212,15 +199,7 @@ impl candle_core::CustomOp2 for Geom {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{}: a cuDNN convolution (GPU only)", self.name())
-    }
+    super::kernels::cuda_only!(2);
 
     fn cuda_fwd(
         &self,

@@ -9,7 +9,6 @@
 //! use them on a CUDA device for f32 tensors, unless `KLSPEECH_NO_CUDA_KERNELS=1` (then
 //! candle's kernels, as before).
 
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Tensor};
 
@@ -197,26 +196,17 @@ pub fn adam_apply(n: usize, p: &super::AdamWScalars) -> Launch {
     elementwise("kl_adam_apply", n, 2, &[decay.as_slice(), rest.as_slice()].concat())
 }
 
-// 0 = not read yet, 1 = on, 2 = off.
-static KERNELS: AtomicU8 = AtomicU8::new(0);
+static KERNELS: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_CUDA_KERNELS");
 
 /// Whether the device ops use these kernels on a GPU (default: yes, unless
 /// `KLSPEECH_NO_CUDA_KERNELS` is set; they also need `ops::enabled()`).
 pub fn enabled() -> bool {
-    match KERNELS.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var_os("KLSPEECH_NO_CUDA_KERNELS").is_none_or(|v| v.is_empty() || v == "0");
-            KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    KERNELS.on()
 }
 
 /// Turns the kernels on or off for the whole process (before/after benchmarks).
 pub fn set_enabled(on: bool) {
-    KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    KERNELS.set(on);
 }
 
 /// Whether a kernel runs for `x`: a non-empty f32 tensor on a CUDA device, kernels and fused
@@ -258,6 +248,8 @@ macro_rules! cuda_only {
         }
     };
 }
+#[allow(unused_imports)] // (ops::cudnn uses it in a `cudnn` build)
+pub(crate) use cuda_only;
 
 /// What a [`KernelOp`] computes.
 #[derive(Debug, Clone, Copy)]

@@ -32,25 +32,46 @@ use crate::error::Result;
 const ROW_GRAIN: usize = 64;
 const ELEM_GRAIN: usize = 1 << 14;
 
-// 0 = not read yet, 1 = on, 2 = off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// A process-wide on/off switch, on unless its environment variable (read at the first use)
+/// is set to something other than "" or "0"; [`EnvSwitch::set`] overrides it.
+pub(crate) struct EnvSwitch {
+    /// 0 = not read yet, 1 = on, 2 = off.
+    state: AtomicU8,
+    var: &'static str,
+}
+
+impl EnvSwitch {
+    pub(crate) const fn new(var: &'static str) -> Self {
+        EnvSwitch { state: AtomicU8::new(0), var }
+    }
+
+    pub(crate) fn on(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = std::env::var_os(self.var).is_none_or(|v| v.is_empty() || v == "0");
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
+static ENABLED: EnvSwitch = EnvSwitch::new("KLSPEECH_NO_CUSTOM_OPS");
 
 /// Whether the fused ops are used (default: yes, unless `KLSPEECH_NO_CUSTOM_OPS` is set).
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var_os("KLSPEECH_NO_CUSTOM_OPS").is_none_or(|v| v.is_empty() || v == "0");
-            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    ENABLED.on()
 }
 
 /// Turns the fused ops on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// The fused path applies: CPU, f32/f64, switched on (and this thread not running the GPU's
