@@ -78,6 +78,121 @@ pub enum Prediction {
     Text(String),
 }
 
+/// Long recordings transcribed in overlapping chunks, as transformers'
+/// `AutomaticSpeechRecognitionPipeline` does for CTC models (`chunk_length_s`,
+/// `stride_length_s`): each chunk is normalized and run alone, the logit frames of its strides
+/// (context on each side, shared with the neighbouring chunk) are dropped, the rest are joined
+/// and decoded as one. Attention then costs chunk², not length²: a 30-minute file in one piece
+/// needs a [90 000, 90 000] score matrix per head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chunking {
+    /// Chunk length in seconds (`chunk_length_s`).
+    pub chunk_s: f64,
+    /// Context dropped from the left and the right of each chunk's output, in seconds
+    /// (`stride_length_s`; transformers' default is chunk / 6 on both sides).
+    pub stride_s: (f64, f64),
+}
+
+impl Chunking {
+    /// `stride_s`: None for transformers' default (chunk / 6 each side).
+    pub fn new(chunk_s: f64, stride_s: Option<(f64, f64)>) -> Result<Self> {
+        let stride_s = stride_s.unwrap_or((chunk_s / 6.0, chunk_s / 6.0));
+        if !(chunk_s.is_finite() && chunk_s > 0.0 && stride_s.0.is_finite() && stride_s.1.is_finite() && stride_s.0 >= 0.0 && stride_s.1 >= 0.0) {
+            return Err(Error::InvalidInput(format!("--chunk-s {chunk_s} --stride-s {},{}: expected a positive chunk and non-negative strides (seconds)", stride_s.0, stride_s.1)));
+        }
+        Ok(Chunking { chunk_s, stride_s })
+    }
+}
+
+/// One chunk of [`chunk_plan`]: samples `start..end` of the recording, its strides in samples
+/// (0 at the recording's ends), and the logit frames kept: `token_left..token_n - token_right`
+/// of the chunk's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPlan {
+    pub start: usize,
+    pub end: usize,
+    pub left: usize,
+    pub right: usize,
+    pub token_n: usize,
+    pub token_left: usize,
+    pub token_right: usize,
+}
+
+/// The chunks of a recording of `n` samples at `rate` Hz for a model with `align` samples per
+/// logit frame (the product of the conv strides), with transformers' arithmetic (chunk and
+/// strides rounded to whole frames, half to even as Python's `round`; a chunk no longer than
+/// its left stride is skipped; the chunk that reaches the end is the last).
+pub fn chunk_plan(n: usize, rate: u32, align: usize, c: &Chunking) -> Result<Vec<ChunkPlan>> {
+    let frames = |s: f64| (s * rate as f64 / align as f64).round_ties_even() as usize * align;
+    let (chunk_len, sl, sr) = (frames(c.chunk_s), frames(c.stride_s.0), frames(c.stride_s.1));
+    if chunk_len <= sl + sr {
+        return Err(Error::InvalidInput(format!(
+            "--chunk-s {} is {chunk_len} samples, not longer than its strides ({sl} + {sr}): lengthen the chunk or shorten --stride-s",
+            c.chunk_s
+        )));
+    }
+    let ratio = 1.0 / align as f64;
+    let mut plan = Vec::new();
+    for start in (0..n).step_by(chunk_len - sl - sr) {
+        let end = (start + chunk_len).min(n);
+        let is_last = start + chunk_len >= n;
+        let left = if start == 0 { 0 } else { sl };
+        let right = if is_last { 0 } else { sr };
+        let len = end - start;
+        if len > left {
+            // transformers' rescale_stride, in its order of operations.
+            let token_n = (len as f64 * ratio).round_ties_even() as usize;
+            let token_left = (left as f64 / len as f64 * token_n as f64).round_ties_even() as usize;
+            let token_right = (right as f64 / len as f64 * token_n as f64).round_ties_even() as usize;
+            plan.push(ChunkPlan { start, end, left, right, token_n, token_left, token_right });
+        }
+        if is_last {
+            break;
+        }
+    }
+    Ok(plan)
+}
+
+/// The greedy CTC frame ids of `path` transcribed in chunks ([`Chunking`]), joined: what
+/// [`predict_file_chunked`] decodes. A chunk shorter than one model frame (possible only at
+/// the end, with strides under a frame) is skipped; transformers fails on it.
+pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking) -> Result<Vec<usize>> {
+    if !matches!(model.head, Head::Ctc(_)) {
+        return Err(Error::Unsupported {
+            what: "--chunk-s on a model without a CTC head".into(),
+            detail: "chunked prediction joins CTC frames (transcription); classify a long recording by cutting it into clips".into(),
+        });
+    }
+    let rate = model.feature_extractor.config.sampling_rate;
+    let a = audio::load_resampled(path, rate)?;
+    let align: usize = model.config.conv_stride.iter().product();
+    let min = model.config.receptive_field();
+    let mut ids = Vec::new();
+    for c in chunk_plan(a.samples.len(), rate, align, chunking)? {
+        if c.end - c.start < min {
+            continue;
+        }
+        let x = model.feature_extractor.batch(&[a.samples[c.start..c.end].to_vec()])?.input_tensor(&model.store.device)?.to_dtype(model.store.dtype)?;
+        let logits = model.forward(&x, None, &mut ForwardCtx::eval())?.logits.ok_or_else(|| Error::InvalidInput("a CTC head gives logits".into()))?;
+        let chunk_ids: Vec<u32> = logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
+        // Python's items[left : token_n - right], clipped to the frames there are.
+        let stop = c.token_n.saturating_sub(c.token_right).min(chunk_ids.len());
+        ids.extend(chunk_ids.get(c.token_left.min(stop)..stop).unwrap_or(&[]).iter().map(|&i| i as usize));
+    }
+    Ok(ids)
+}
+
+/// Transcribes one file in chunks ([`Chunking`]; CTC models only).
+pub fn predict_file_chunked(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>, chunking: &Chunking) -> Result<Prediction> {
+    let ids = ctc_ids_chunked(model, path, chunking)?;
+    let vocab = vocab.ok_or_else(no_vocab)?;
+    Ok(Prediction::Text(vocab.decode(&ctc_greedy(&ids, vocab.pad_id))))
+}
+
+fn no_vocab() -> Error {
+    Error::Unsupported { what: "transcribing without vocab.json".into(), detail: "a CTC model folder needs vocab.json to turn ids into text".into() }
+}
+
 /// Classifies or transcribes one file.
 pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>) -> Result<Prediction> {
     let out = run_file(model, path)?;
@@ -97,10 +212,7 @@ pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>)
             Ok(Prediction::Label { label, probability, scores })
         }
         Head::Ctc(_) => {
-            let vocab = vocab.ok_or_else(|| Error::Unsupported {
-                what: "transcribing without vocab.json".into(),
-                detail: "a CTC model folder needs vocab.json to turn ids into text".into(),
-            })?;
+            let vocab = vocab.ok_or_else(no_vocab)?;
             let ids: Vec<u32> = logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
             let ids: Vec<usize> = ids.into_iter().map(|i| i as usize).collect();
             Ok(Prediction::Text(vocab.decode(&ctc_greedy(&ids, vocab.pad_id))))

@@ -125,3 +125,30 @@ fn kl_norm_where_it_would_silently_do_nothing_is_refused() {
     assert!(e.contains("--norm kl with --freeze-encoder"), "{e}");
     assert!(e.contains("use --norm layer (optionally with --vib), or drop --freeze-encoder"), "{e}");
 }
+
+/// `predict --chunk-s`: a chunk longer than the recording gives the unchunked transcript; the
+/// flags are checked with messages that name the fix (the chunked arithmetic itself is
+/// `tests/parity.rs::chunked_ctc_transcription_matches_transformers_pipeline`).
+#[test]
+fn chunked_prediction_flags() {
+    let m = "models/klspeech-small";
+    let clip = "audio_fixtures/asr/clips/test-1b4ae5a6-0003.flac";
+    let whole = ok(&klspeech(&["predict", "--model", m, clip]));
+    let chunked = ok(&klspeech(&["predict", "--model", m, "--chunk-s", "30", clip]));
+    assert_eq!(chunked, whole);
+    let err = |args: &[&str]| {
+        let o = klspeech(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(&["predict", "--model", m, "--stride-s", "1", clip]);
+    assert!(e.contains("--stride-s needs --chunk-s"), "{e}");
+    let e = err(&["predict", "--model", m, "--chunk-s", "1", "--stride-s", "0.5", clip]);
+    assert!(e.contains("--chunk-s 1 is 16000 samples, not longer than its strides (8000 + 8000)"), "{e}");
+    let e = err(&["predict", "--model", m, "--chunk-s", "2", "--stride-s", "0.2,x", clip]);
+    assert!(e.contains("--stride-s `0.2,x`: expected SECONDS or LEFT,RIGHT"), "{e}");
+    let e = err(&["predict", "--model", m, "--chunk-s", "0", clip]);
+    assert!(e.contains("expected a positive chunk and non-negative strides"), "{e}");
+    let e = err(&["predict", "--model", "tests/fixtures/w2v2/cls-weighted", "--chunk-s", "2", A]);
+    assert!(e.contains("--chunk-s on a model without a CTC head"), "{e}");
+}

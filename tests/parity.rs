@@ -193,3 +193,58 @@ fn gpu_memory_pool_keeps_freed_memory_across_synchronizations() {
     let used = klspeech::device::gpu_memory_in_use(&dev).expect("the pool's memory in use");
     assert!(reserved >= used + bytes, "the pool kept {reserved} bytes ({used} in use) after freeing {bytes} and synchronizing");
 }
+
+/// `predict --chunk-s` (`infer::chunk_plan`, `infer::ctc_ids_chunked`) against transformers'
+/// ASR pipeline with `chunk_length_s` / `stride_length_s` (tools/gen_chunked_ctc_fixture.py): on
+/// the bundled CTC model and four test clips joined (9.4 s), the same chunks, strides and kept
+/// frames, the same joined frame ids and the same text, for the default stride (chunk / 6), one
+/// stride, unequal left / right strides, and one chunk longer than the recording.
+#[test]
+fn chunked_ctc_transcription_matches_transformers_pipeline() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/chunked_ctc.json")).unwrap()).unwrap();
+    let mut x: Vec<f32> = Vec::new();
+    for c in r["clips"].as_array().unwrap() {
+        x.extend(klspeech::audio::load_resampled(&root.join(c.as_str().unwrap()), 16000).unwrap().samples);
+    }
+    // The same samples as soundfile's (lossless 16-bit FLAC).
+    assert_eq!(x.len() as u64, r["samples"].as_u64().unwrap());
+    let sum: f64 = x.iter().map(|&v| v as f64).sum();
+    let sum_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    assert!((sum - r["sum"].as_f64().unwrap()).abs() < 1e-9 && (sum_sq - r["sum_sq"].as_f64().unwrap()).abs() < 1e-6, "{sum} {sum_sq}");
+    let d = tempfile::tempdir().unwrap();
+    let wav = d.path().join("joined.wav");
+    let spec = hound::WavSpec { channels: 1, sample_rate: 16000, bits_per_sample: 32, sample_format: hound::SampleFormat::Float };
+    let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+    x.iter().for_each(|&v| w.write_sample(v).unwrap());
+    w.finalize().unwrap();
+
+    let model = SpeechModel::load(&root.join(r["model"].as_str().unwrap()), &opts()).unwrap();
+    let vocab = klspeech::vocab::CharVocab::from_map(model.vocab.as_ref().unwrap(), Path::new("vocab.json")).unwrap();
+    let align: usize = model.config.conv_stride.iter().product();
+    for case in r["cases"].as_array().unwrap() {
+        let chunk_s = case["chunk_s"].as_f64().unwrap();
+        let stride = match &case["stride_s"] {
+            serde_json::Value::Null => None,
+            serde_json::Value::Array(v) => Some((v[0].as_f64().unwrap(), v[1].as_f64().unwrap())),
+            v => Some((v.as_f64().unwrap(), v.as_f64().unwrap())),
+        };
+        let chunking = klspeech::infer::Chunking::new(chunk_s, stride).unwrap();
+        let plan = klspeech::infer::chunk_plan(x.len(), 16000, align, &chunking).unwrap();
+        let want = case["chunks"].as_array().unwrap();
+        assert_eq!(plan.len(), want.len(), "chunk {chunk_s} s: number of chunks");
+        let mut want_ids: Vec<usize> = Vec::new();
+        for (p, w) in plan.iter().zip(want) {
+            let got = [p.end - p.start, p.left, p.right, p.token_n, p.token_left, p.token_right];
+            let exp = ["samples", "left", "right", "token_n", "token_left", "token_right"].map(|k| w[k].as_u64().unwrap() as usize);
+            assert_eq!(got, exp, "chunk {chunk_s} s, stride {stride:?}: chunk at sample {}", p.start);
+            let ids: Vec<usize> = w["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let stop = (p.token_n - p.token_right).min(ids.len());
+            want_ids.extend_from_slice(&ids[p.token_left.min(stop)..stop]);
+        }
+        let ids = klspeech::infer::ctc_ids_chunked(&model, &wav, &chunking).unwrap();
+        assert_eq!(ids, want_ids, "chunk {chunk_s} s, stride {stride:?}: joined frame ids");
+        let text = vocab.decode(&klspeech::vocab::ctc_greedy(&ids, vocab.pad_id));
+        assert_eq!(text, case["text"].as_str().unwrap(), "chunk {chunk_s} s, stride {stride:?}");
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use klspeech::device::parse_device;
-use klspeech::infer::{self, LayerChoice, Prediction};
+use klspeech::infer::{self, Chunking, LayerChoice, Prediction};
 use klspeech::model::{HeadKind, KlSites, LoadOptions, SpeechModel, Wav2Vec2Config};
 use klspeech::vocab::CharVocab;
 
@@ -41,9 +41,36 @@ pub struct PredictArgs {
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CTC: transcribe in overlapping chunks of this many seconds, for long recordings
+    /// (transformers' ASR pipeline `chunk_length_s`; attention then costs chunk², not length²).
+    #[arg(long, value_name = "SECONDS")]
+    pub chunk_s: Option<f64>,
+    /// With --chunk-s: context on each side of a chunk whose output is dropped (`stride_length_s`):
+    /// SECONDS for both sides or LEFT,RIGHT [default: chunk / 6].
+    #[arg(long, value_name = "SECONDS")]
+    pub stride_s: Option<String>,
     /// Audio files.
     #[arg(required = true)]
     pub audio: Vec<PathBuf>,
+}
+
+/// `--chunk-s` / `--stride-s` as a [`Chunking`], or None without `--chunk-s`.
+fn chunking(chunk_s: Option<f64>, stride_s: Option<&str>) -> anyhow::Result<Option<Chunking>> {
+    let stride = match stride_s {
+        None => None,
+        Some(s) => {
+            let parse = |v: &str| v.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("--stride-s `{s}`: expected SECONDS or LEFT,RIGHT"));
+            Some(match s.split_once(',') {
+                Some((l, r)) => (parse(l)?, parse(r)?),
+                None => (parse(s)?, parse(s)?),
+            })
+        }
+    };
+    match chunk_s {
+        Some(c) => Ok(Some(Chunking::new(c, stride)?)),
+        None if stride.is_some() => bail!("--stride-s needs --chunk-s (the chunk length it applies to)"),
+        None => Ok(None),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +110,7 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
 }
 
 pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    let chunks = chunking(a.chunk_s, a.stride_s.as_deref())?;
     let model = load(&a.model, &a.device)?;
     let vocab = match &model.vocab {
         Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),
@@ -90,7 +118,11 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     };
     let mut failures = 0;
     for p in &a.audio {
-        let pred = match infer::predict_file(&model, p, vocab.as_ref()) {
+        let pred = match &chunks {
+            Some(c) => infer::predict_file_chunked(&model, p, vocab.as_ref(), c),
+            None => infer::predict_file(&model, p, vocab.as_ref()),
+        };
+        let pred = match pred {
             Ok(x) => x,
             Err(e @ klspeech::Error::Unsupported { .. }) => return Err(e.into()),
             Err(e) => {
