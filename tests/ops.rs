@@ -547,7 +547,7 @@ fn kl_norm_matches_the_composite() {
                     let kl = per.sum(2).unwrap();
                     Tensor::cat(&[y.flatten_all().unwrap(), kl.flatten_all().unwrap()], 0).unwrap()
                 };
-                compare(&format!("kl_norm {s:?} learned={learned}"), &inputs, &fused, &composite);
+                compare(&format!("kl_norm {s:?} learned={learned}"), &inputs, fused, composite);
                 // The GPU's KL-Norm site (ops::device), here on the CPU (f32: candle's fused
                 // LayerNorm kernel on the CPU has no f64).
                 if dtype == DType::F32 {
@@ -557,7 +557,7 @@ fn kl_norm_matches_the_composite() {
                         let (y, kl) = ops::device::kl_norm_last_device(&t[0], &t[1], &t[2], &t[3], &t[4], prior, &nz3, 1e-5).unwrap();
                         Tensor::cat(&[y.flatten_all().unwrap(), kl.flatten_all().unwrap()], 0).unwrap()
                     };
-                    compare_within(&format!("device kl_norm {s:?} learned={learned}"), &inputs, 2e-5, device, &composite);
+                    compare_within(&format!("device kl_norm {s:?} learned={learned}"), &inputs, 2e-5, device, composite);
                 }
             }
         }

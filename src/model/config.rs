@@ -215,14 +215,14 @@ impl Wav2Vec2Config {
         if self.conv_kernel.iter().chain(&self.conv_stride).chain(&self.conv_dim).any(|&v| v == 0) {
             return Err("conv_dim, conv_kernel and conv_stride must be positive".into());
         }
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size ({}) must be a positive multiple of num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
         let g = self.num_conv_pos_embedding_groups;
-        if g == 0 || self.hidden_size % g != 0 || self.num_conv_pos_embeddings == 0 {
+        if g == 0 || !self.hidden_size.is_multiple_of(g) || self.num_conv_pos_embeddings == 0 {
             return Err(format!(
                 "hidden_size ({}) must be a multiple of num_conv_pos_embedding_groups ({g}), and num_conv_pos_embeddings positive",
                 self.hidden_size

@@ -34,10 +34,12 @@ use crate::rng::Rng;
 
 /// Where KL-Norm replaces the normalization layers (`../shared/KLNORM.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Default)]
 pub enum KlSites {
     /// Plain LayerNorm/GroupNorm everywhere (the baseline).
     None,
     /// Every transformer LayerNorm, the encoder's LayerNorm and `feature_projection.layer_norm`.
+    #[default]
     Encoder,
     /// `Encoder` plus the feature encoder's GroupNorm/LayerNorm sites.
     All,
@@ -45,11 +47,6 @@ pub enum KlSites {
     Last(usize),
 }
 
-impl Default for KlSites {
-    fn default() -> Self {
-        KlSites::Encoder
-    }
-}
 
 impl FromStr for KlSites {
     type Err = Error;

@@ -263,7 +263,7 @@ fn input_grad<T: WithDType + Float>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
             let out = unsafe { std::slice::from_raw_parts_mut(dst, lp * cg) };
             for (t, row) in cols.chunks_exact(kc).enumerate() {
                 let o = &mut out[t * s * cg..][..kc];
-                o.iter_mut().zip(row).for_each(|(a, &v)| *a = *a + v);
+                o.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
             }
         }
     });

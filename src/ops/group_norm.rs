@@ -269,8 +269,8 @@ impl CustomOp3 for GroupNormClBwd {
             for (bi, s) in sums.iter().enumerate() {
                 for ci in 0..ch {
                     let r = f64_of(rstd[bi * ch + ci]);
-                    dw[ci] = dw[ci] + c::<T>(r * s[ch + ci]);
-                    db[ci] = db[ci] + c::<T>(s[ci]);
+                    dw[ci] += c::<T>(r * s[ch + ci]);
+                    db[ci] += c::<T>(s[ci]);
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from(n + 2 * ch)))

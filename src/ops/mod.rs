@@ -322,7 +322,7 @@ fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
             let mut acc = vec![T::zero(); d];
             for row in block.chunks_exact(d) {
                 for (a, &v) in acc.iter_mut().zip(row) {
-                    *a = *a + v;
+                    *a += v;
                 }
             }
             acc
@@ -331,7 +331,7 @@ fn column_sums<T: WithDType + Float>(g: &[T], d: usize) -> Vec<T> {
     let mut out = vec![T::zero(); d];
     for p in partial {
         for (o, v) in out.iter_mut().zip(p) {
-            *o = *o + v;
+            *o += v;
         }
     }
     out
@@ -606,10 +606,10 @@ impl CustomOp1 for Softmax {
                     let mut sum = T::zero();
                     for (y, &x) in y.iter_mut().zip(x) {
                         *y = (x - m).fexp();
-                        sum = sum + *y;
+                        sum += *y;
                     }
                     let inv = T::one() / sum;
-                    y.iter_mut().for_each(|y| *y = *y * inv);
+                    y.iter_mut().for_each(|y| *y *= inv);
                 }
             });
             Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
@@ -722,8 +722,8 @@ fn standardize_row_bwd<T: WithDType + Float>(x: &[T], g: impl Fn(usize) -> T, dx
     let (mut sg, mut sgx) = (T::zero(), T::zero());
     for (i, &x) in x.iter().enumerate() {
         let gi = g(i);
-        sg = sg + gi;
-        sgx = sgx + gi * (x - m) * r;
+        sg += gi;
+        sgx += gi * (x - m) * r;
     }
     let (mg, mgx) = (sg / n, sgx / n);
     for (i, (d, &x)) in dx.iter_mut().zip(x).enumerate() {
@@ -851,8 +851,8 @@ impl CustomOp3 for LayerNormBwd {
                     for (dx, (x, g)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d).zip(g.chunks_exact(d))) {
                         let (m, r) = row_stats(x, self.eps);
                         for i in 0..d {
-                            dw[i] = dw[i] + g[i] * (x[i] - m) * r;
-                            db[i] = db[i] + g[i];
+                            dw[i] += g[i] * (x[i] - m) * r;
+                            db[i] += g[i];
                         }
                         standardize_row_bwd(x, |i| g[i] * w[i], dx, self.eps);
                     }
@@ -862,8 +862,8 @@ impl CustomOp3 for LayerNormBwd {
             let (dw, db) = tail.split_at_mut(d);
             for (pw, pb) in partial {
                 for i in 0..d {
-                    dw[i] = dw[i] + pw[i];
-                    db[i] = db[i] + pb[i];
+                    dw[i] += pw[i];
+                    db[i] += pb[i];
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from((rows + 2, d))))
@@ -903,7 +903,7 @@ impl CustomOp2 for AddBias {
             let mut y = x.to_vec();
             y.par_chunks_mut(d * ROW_GRAIN).for_each(|y| {
                 for row in y.chunks_exact_mut(d) {
-                    row.iter_mut().zip(b).for_each(|(y, &b)| *y = *y + b);
+                    row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
                 }
             });
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
@@ -1495,8 +1495,7 @@ impl CustomOp2 for KlNormOp {
                                 let mu = xh * w[i] + b[i];
                                 let sigma = softplus_t(xh * a[i] + b2[i]);
                                 y[i] = mu + sigma * nz[i];
-                                acc = acc
-                                    + match prior {
+                                acc += match prior {
                                         None => half * (mu * mu + sigma * sigma - one - two * sigma.fln()),
                                         Some((mp, sr)) => {
                                             let s = softplus_t(sr[i]);
@@ -1587,25 +1586,25 @@ impl CustomOp3 for KlNormBwd {
                                         let iv = one / (s * s);
                                         let dm = mu - mp[i];
                                         // d/dm_p and d/ds of the KL, into the prior rows.
-                                        dp[4 * d + i] = dp[4 * d + i] - gk * dm * iv;
+                                        dp[4 * d + i] -= gk * dm * iv;
                                         let ds = gk * (one / s - (sigma * sigma + dm * dm) * iv / s);
-                                        dp[5 * d + i] = dp[5 * d + i] + ds * sigmoid_t(sr[i]);
+                                        dp[5 * d + i] += ds * sigmoid_t(sr[i]);
                                         (gy[i] + gk * dm * iv, gy[i] * nz[i] + gk * (sigma * iv - one / sigma))
                                     }
                                 };
                                 let dz = dsigma * sigmoid_t(z);
-                                dp[i] = dp[i] + dmu * xh; // w
-                                dp[d + i] = dp[d + i] + dmu; // b
-                                dp[2 * d + i] = dp[2 * d + i] + dz * xh; // a
-                                dp[3 * d + i] = dp[3 * d + i] + dz; // b2
+                                dp[i] += dmu * xh; // w
+                                dp[d + i] += dmu; // b
+                                dp[2 * d + i] += dz * xh; // a
+                                dp[3 * d + i] += dz; // b2
                                 dxh[i] = dmu * w[i] + dz * a[i];
                             }
                             // Standardization backward: r (dxh - mean(dxh) - x_hat mean(dxh x_hat)).
                             let n: T = c(d as f64);
                             let (mut s1, mut s2) = (T::zero(), T::zero());
                             for i in 0..d {
-                                s1 = s1 + dxh[i];
-                                s2 = s2 + dxh[i] * xh_row[i];
+                                s1 += dxh[i];
+                                s2 += dxh[i] * xh_row[i];
                             }
                             let (m1, m2) = (s1 / n, s2 / n);
                             for i in 0..d {
@@ -1617,7 +1616,7 @@ impl CustomOp3 for KlNormBwd {
                     .collect();
                 for part in partial {
                     for (o, v) in dp_out.iter_mut().zip(part) {
-                        *o = *o + v;
+                        *o += v;
                     }
                 }
                 Ok((T::to_cpu_storage_owned(out), Shape::from(rows * d + np)))
@@ -1756,8 +1755,8 @@ impl CustomOp3 for ChannelAffineBwd {
                     let (mut sw, mut sb) = (T::zero(), T::zero());
                     for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
                         *d = g * w;
-                        sw = sw + g * x;
-                        sb = sb + g;
+                        sw += g * x;
+                        sb += g;
                     }
                     (sw, sb)
                 })
@@ -1766,8 +1765,8 @@ impl CustomOp3 for ChannelAffineBwd {
             for bi in 0..bsz {
                 for ci in 0..c {
                     let (sw, sb) = sums[bi * c + ci];
-                    dw[ci] = dw[ci] + sw;
-                    db[ci] = db[ci] + sb;
+                    dw[ci] += sw;
+                    db[ci] += sb;
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from(n + 2 * c)))
