@@ -6,7 +6,7 @@
 #     the ops suite runs first: if it fails with klspeech's CUDA kernels and passes without, the
 #     rest runs without them (KLSPEECH_NO_CUDA_KERNELS=1), said in the log with "!!";
 #   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side),
-#     and the keyword_spotting example on CUDA (its figures and wall time against the README's);
+#     and, last, the keyword_spotting example on CUDA (its figures and wall time against the README's);
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
 #     peak GPU memory on both sides; training rows again without klspeech's CUDA kernels and
 #     with the composites (before/after in one binary);
@@ -21,7 +21,9 @@
 #   KL_FEATURES=cudnn KL_DIST_ONLY='^(klspeech|parity|gradients|klnorm|optim|loss|conv|ops|train|inference|keyword_spotting)$' \
 #     bash tools/cuda_build.sh
 # and run it with the device tool: carry ["target/cuda-dist.tar.xz"], command
-# `bash tools/gpu_check.sh`, timeout ~540 s (it needs about 6 minutes on an H200).
+# `bash tools/gpu_check.sh`, timeout ~540 s (estimated 6-9 minutes on an H200; the steps run in order
+# of importance, tests and the PyTorch comparison first, so a run cut off still has them, and the
+# log under $OUT comes back either way).
 set -u
 LOG=${OUT:-/tmp}/gpu_check.log
 exec > >(tee "$LOG") 2>&1
@@ -72,10 +74,14 @@ fi
 for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
-# The keyword-spotting example end to end on the GPU (dropout, SpecAugment, KL-Norm noise: the
-# real fine-tuning path), to compare with its CPU figures in the README (1.4 min on 2 cores).
-T=240 TAIL=12 t "keyword_spotting example on cuda" $D/keyword_spotting --device cuda --out /tmp/kws-cuda
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
+# Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
+profile() {
+  KLSPEECH_BENCH_CHILD=$1 KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \
+    t "kernel profile $1" $D/inference-*
+}
+profile base-train-8x4-f32
+profile base-infer-16x10-f32
 # The f32 rows again with KLSPEECH_NO_CUSTOM_OPS=1: candle's composites (im2col convolutions
 # keeping their columns, ~2 500 graph nodes a KL-Norm step, AdamW per parameter) instead of
 # ops::device, conv1d_cl_recompute and the grouped AdamW: before/after in the same binary.
@@ -98,8 +104,9 @@ KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10
 # a step, as PyTorch's side).
 KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
   t "stage split on cuda (KLSPEECH_BENCH_STAGES=1)" $D/inference-*
-# Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
-for row in base-train-8x4-f32 base-infer-16x10-f32 base-train-8x4-f32-klnorm; do
-  KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \
-    t "kernel profile $row" $D/inference-*
-done
+profile base-train-8x4-f32-klnorm
+# Last (the rows above come first if time runs short): the keyword-spotting example end to end
+# on the GPU (dropout, SpecAugment, KL-Norm noise: the real fine-tuning path), to compare with
+# its CPU figures in the README (1.2 min on 2 cores).
+T=180 TAIL=12 t "keyword_spotting example on cuda" $D/keyword_spotting --device cuda --out /tmp/kws-cuda
+echo "== gpu_check done in $SECONDS s"
