@@ -13,8 +13,9 @@ pub struct Cli {
     /// CPU threads (default: RAYON_NUM_THREADS, else the number of physical cores)
     #[arg(long, global = true)]
     pub threads: Option<usize>,
-    /// GPU only: TF32 tensor cores for f32 matrix products (PyTorch's
-    /// `torch.backends.cuda.matmul.allow_tf32`; off by default, as in PyTorch)
+    /// GPU only: TF32 tensor cores for f32 matrix products and cuDNN convolutions (PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32`, off by default as here; PyTorch's
+    /// `cudnn.allow_tf32` is on by default, klspeech keeps f32 convolutions exact unless asked)
     #[arg(long, global = true)]
     pub tf32: bool,
     #[command(subcommand)]
