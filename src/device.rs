@@ -118,33 +118,40 @@ pub fn new_cuda(ordinal: usize) -> Result<Device> {
 /// allocator (nvidia-smi then shows the peak, as it does for PyTorch; other processes cannot
 /// use it until klspeech exits). `KLSPEECH_GPU_POOL_RELEASE=1` keeps the driver's default.
 pub fn gpu_pool_release_threshold(dev: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = dev {
-        return cuda_pool::attribute(d, cuda_pool::RELEASE_THRESHOLD).ok();
-    }
-    let _ = dev;
-    None
+    pool_figure(dev, PoolFigure::ReleaseThreshold)
 }
 
 /// Bytes of the memory pool of `dev` that tensors use now (PyTorch's
 /// `torch.cuda.memory_allocated()`). `None` off the GPU.
 pub fn gpu_memory_in_use(dev: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = dev {
-        return cuda_pool::attribute(d, cuda_pool::USED_MEM_CURRENT).ok();
-    }
-    let _ = dev;
-    None
+    pool_figure(dev, PoolFigure::InUse)
 }
 
 /// Bytes the memory pool of `dev` holds from the driver now, in use or free for reuse
 /// (PyTorch's `torch.cuda.memory_reserved()`). `None` off the GPU.
 pub fn gpu_reserved_memory(dev: &Device) -> Option<u64> {
+    pool_figure(dev, PoolFigure::Reserved)
+}
+
+/// The pool attributes the three functions above read.
+#[derive(Clone, Copy)]
+enum PoolFigure {
+    ReleaseThreshold,
+    InUse,
+    Reserved,
+}
+
+fn pool_figure(dev: &Device, which: PoolFigure) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = dev {
-        return cuda_pool::attribute(d, cuda_pool::RESERVED_MEM_CURRENT).ok();
+        let attr = match which {
+            PoolFigure::ReleaseThreshold => cuda_pool::RELEASE_THRESHOLD,
+            PoolFigure::InUse => cuda_pool::USED_MEM_CURRENT,
+            PoolFigure::Reserved => cuda_pool::RESERVED_MEM_CURRENT,
+        };
+        return cuda_pool::attribute(d, attr).ok();
     }
-    let _ = dev;
+    let _ = (dev, which);
     None
 }
 
