@@ -19,8 +19,9 @@
 //!
 //! Used where [`applies`]: a CUDA tensor in f32, bf16 or f16 in a `cudnn` build, with the fused
 //! ops on (not `KLSPEECH_NO_CUSTOM_OPS=1`), unless `KLSPEECH_NO_CUDNN_NHWC=1` (independent of
-//! `KLSPEECH_NO_CUDA_KERNELS`, so that `tools/gpu_check.sh` can switch either off alone). f64 keeps candle's
-//! path (NHWC double convolutions are not among cuDNN's supported configurations). Should
+//! `KLSPEECH_NO_CUDA_KERNELS`, so that `tools/gpu_check.sh` can switch either off alone). f64
+//! (the finite-difference tests) keeps candle's path, whose NCHW double convolutions cuDNN
+//! supports everywhere. Should
 //! cuDNN refuse a call (a configuration this cuDNN does not support), that pass (forward,
 //! backward data or backward filter) falls back to candle's convolution or klspeech's backward
 //! for the rest of the process, with one warning on stderr ([`refused`] names them);
