@@ -154,9 +154,11 @@ pub fn chunk_plan(n: usize, rate: u32, align: usize, c: &Chunking) -> Result<Vec
 }
 
 /// The greedy CTC frame ids of `path` transcribed in chunks ([`Chunking`]), joined: what
-/// [`predict_file_chunked`] decodes. A chunk shorter than one model frame (possible only at
-/// the end, with strides under a frame) is skipped; transformers fails on it.
-pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking) -> Result<Vec<usize>> {
+/// [`predict_file_chunked`] decodes. Up to `batch` chunks of the same length run as one batch
+/// (no padding, so each chunk's frames are what it gives alone; only the last chunk is shorter).
+/// A chunk shorter than one model frame (possible only at the end, with strides under a frame)
+/// is skipped; transformers fails on it.
+pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, batch: usize) -> Result<Vec<usize>> {
     if !matches!(model.head, Head::Ctc(_)) {
         return Err(Error::Unsupported {
             what: "--chunk-s on a model without a CTC head".into(),
@@ -167,24 +169,25 @@ pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking) ->
     let a = audio::load_resampled(path, rate)?;
     let align: usize = model.config.conv_stride.iter().product();
     let min = model.config.receptive_field();
+    let plan: Vec<ChunkPlan> = chunk_plan(a.samples.len(), rate, align, chunking)?.into_iter().filter(|c| c.end - c.start >= min).collect();
     let mut ids = Vec::new();
-    for c in chunk_plan(a.samples.len(), rate, align, chunking)? {
-        if c.end - c.start < min {
-            continue;
-        }
-        let x = model.feature_extractor.batch(&[a.samples[c.start..c.end].to_vec()])?.input_tensor(&model.store.device)?.to_dtype(model.store.dtype)?;
+    for group in plan.chunk_by(|p, q| p.end - p.start == q.end - q.start).flat_map(|g| g.chunks(batch.max(1))) {
+        let clips: Vec<&[f32]> = group.iter().map(|c| &a.samples[c.start..c.end]).collect();
+        let x = model.feature_extractor.batch(&clips)?.input_tensor(&model.store.device)?.to_dtype(model.store.dtype)?;
         let logits = model.forward(&x, None, &mut ForwardCtx::eval())?.logits.ok_or_else(|| Error::InvalidInput("a CTC head gives logits".into()))?;
-        let chunk_ids: Vec<u32> = logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
-        // Python's items[left : token_n - right], clipped to the frames there are.
-        let stop = c.token_n.saturating_sub(c.token_right).min(chunk_ids.len());
-        ids.extend(chunk_ids.get(c.token_left.min(stop)..stop).unwrap_or(&[]).iter().map(|&i| i as usize));
+        let all: Vec<Vec<u32>> = logits.argmax(D::Minus1)?.to_vec2()?;
+        for (c, chunk_ids) in group.iter().zip(all) {
+            // Python's items[left : token_n - right], clipped to the frames there are.
+            let stop = c.token_n.saturating_sub(c.token_right).min(chunk_ids.len());
+            ids.extend(chunk_ids.get(c.token_left.min(stop)..stop).unwrap_or(&[]).iter().map(|&i| i as usize));
+        }
     }
     Ok(ids)
 }
 
-/// Transcribes one file in chunks ([`Chunking`]; CTC models only).
-pub fn predict_file_chunked(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>, chunking: &Chunking) -> Result<Prediction> {
-    let ids = ctc_ids_chunked(model, path, chunking)?;
+/// Transcribes one file in chunks ([`Chunking`], `batch` chunks at a time; CTC models only).
+pub fn predict_file_chunked(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>, chunking: &Chunking, batch: usize) -> Result<Prediction> {
+    let ids = ctc_ids_chunked(model, path, chunking, batch)?;
     let vocab = vocab.ok_or_else(no_vocab)?;
     Ok(Prediction::Text(vocab.decode(&ctc_greedy(&ids, vocab.pad_id))))
 }

@@ -147,6 +147,10 @@ fn chunked_prediction_flags() {
     assert!(e.contains("--chunk-s 1 is 16000 samples, not longer than its strides (8000 + 8000)"), "{e}");
     let e = err(&["predict", "--model", m, "--chunk-s", "2", "--stride-s", "0.2,x", clip]);
     assert!(e.contains("--stride-s `0.2,x`: expected SECONDS or LEFT,RIGHT"), "{e}");
+    let e = err(&["predict", "--model", m, "--chunk-s", "2", "--batch-size", "0", clip]);
+    assert!(e.contains("--batch-size must be at least 1"), "{e}");
+    let batched = ok(&klspeech(&["predict", "--model", m, "--chunk-s", "0.5", "--batch-size", "4", clip]));
+    assert_eq!(batched, ok(&klspeech(&["predict", "--model", m, "--chunk-s", "0.5", clip])));
     let e = err(&["predict", "--model", m, "--chunk-s", "0", clip]);
     assert!(e.contains("expected a positive chunk and non-negative strides"), "{e}");
     let e = err(&["predict", "--model", "tests/fixtures/w2v2/cls-weighted", "--chunk-s", "2", A]);

@@ -197,8 +197,9 @@ fn gpu_memory_pool_keeps_freed_memory_across_synchronizations() {
 /// `predict --chunk-s` (`infer::chunk_plan`, `infer::ctc_ids_chunked`) against transformers'
 /// ASR pipeline with `chunk_length_s` / `stride_length_s` (tools/gen_chunked_ctc_fixture.py): on
 /// the bundled CTC model and four test clips joined (9.4 s), the same chunks, strides and kept
-/// frames, the same joined frame ids and the same text, for the default stride (chunk / 6), one
-/// stride, unequal left / right strides, and one chunk longer than the recording.
+/// frames, the same joined frame ids (chunks one by one and three to a batch) and the same
+/// text, for the default stride (chunk / 6), one stride, unequal left / right strides, and one
+/// chunk longer than the recording.
 #[test]
 fn chunked_ctc_transcription_matches_transformers_pipeline() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -242,8 +243,11 @@ fn chunked_ctc_transcription_matches_transformers_pipeline() {
             let stop = (p.token_n - p.token_right).min(ids.len());
             want_ids.extend_from_slice(&ids[p.token_left.min(stop)..stop]);
         }
-        let ids = klspeech::infer::ctc_ids_chunked(&model, &wav, &chunking).unwrap();
+        let ids = klspeech::infer::ctc_ids_chunked(&model, &wav, &chunking, 1).unwrap();
         assert_eq!(ids, want_ids, "chunk {chunk_s} s, stride {stride:?}: joined frame ids");
+        // Equal-length chunks batched (no padding): the same frames.
+        let batched = klspeech::infer::ctc_ids_chunked(&model, &wav, &chunking, 3).unwrap();
+        assert_eq!(batched, want_ids, "chunk {chunk_s} s, stride {stride:?}, 3 chunks a batch: joined frame ids");
         let text = vocab.decode(&klspeech::vocab::ctc_greedy(&ids, vocab.pad_id));
         assert_eq!(text, case["text"].as_str().unwrap(), "chunk {chunk_s} s, stride {stride:?}");
     }

@@ -49,6 +49,10 @@ pub struct PredictArgs {
     /// SECONDS for both sides or LEFT,RIGHT [default: chunk / 6].
     #[arg(long, value_name = "SECONDS")]
     pub stride_s: Option<String>,
+    /// With --chunk-s: chunks per forward pass (equal-length chunks batch without padding, so
+    /// the transcript does not change; larger is faster on a GPU and takes more memory).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub batch_size: usize,
     /// Audio files.
     #[arg(required = true)]
     pub audio: Vec<PathBuf>,
@@ -111,6 +115,9 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
 
 pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     let chunks = chunking(a.chunk_s, a.stride_s.as_deref())?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let model = load(&a.model, &a.device)?;
     let vocab = match &model.vocab {
         Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),
@@ -119,7 +126,7 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     let mut failures = 0;
     for p in &a.audio {
         let pred = match &chunks {
-            Some(c) => infer::predict_file_chunked(&model, p, vocab.as_ref(), c),
+            Some(c) => infer::predict_file_chunked(&model, p, vocab.as_ref(), c, a.batch_size),
             None => infer::predict_file(&model, p, vocab.as_ref()),
         };
         let pred = match pred {
