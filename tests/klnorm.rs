@@ -148,7 +148,18 @@ fn loss(model: &SpeechModel, x: &Tensor, lengths: &[usize], w: &Tensor) -> (Tens
 
 #[test]
 fn gradients_match_finite_differences() {
-    let dev = common::device();
+    gradients_match_finite_differences_on(&common::device());
+}
+
+/// The same through the GPU's training path (device ops, channels-last recompute convolution),
+/// taken on the CPU (`ops::with_gpu_path`), so that a machine without a GPU checks it too.
+#[test]
+fn gpu_path_gradients_match_finite_differences() {
+    klspeech::ops::with_gpu_path(|| gradients_match_finite_differences_on(&candle_core::Device::Cpu));
+}
+
+fn gradients_match_finite_differences_on(dev: &candle_core::Device) {
+    let dev = dev.clone();
     for (stable, prior) in [(false, KlPrior::Standard), (true, KlPrior::Learned)] {
         let cfg = common::tiny_config(stable);
         let opts = LoadOptions {

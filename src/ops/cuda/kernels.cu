@@ -256,7 +256,7 @@ extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, con
         row_moments(x + o, d, eps, &m, &rs);
         float s1 = 0.0f, s2 = 0.0f;
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float gw = g[o + j] * w[j];
+            float gw = __fmul_rn(g[o + j], w[j]);
             s1 += gw;
             s2 += gw * (x[o + j] - m) * rs;
         }
@@ -265,7 +265,10 @@ extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, con
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
             float xh = (x[o + j] - m) * rs;
             float gj = g[o + j];
-            out[o + j] = (gj * w[j] - m1 - xh * m2) * rs;
+            // __fmul_rn: g w rounded as in m1's sum, not fused with the subtraction into an
+            // FMA (whose exact product would leave its rounding error where a row of one
+            // value has a gradient of exactly 0).
+            out[o + j] = (__fmul_rn(gj, w[j]) - m1 - xh * m2) * rs;
             sw[j] += gj * xh;
             sb[j] += gj;
         }
@@ -390,7 +393,8 @@ extern "C" __global__ void kl_group_norm_cl_bwd(const float* x, const float* w, 
     for (int i = lane; i < t; i += KL_GN_LANES) {
         long long k = o + (long long)i * c + j;
         float xh = (float)((double)x[k] - m) * rs;
-        out[k] = (g[k] * wj - mg - xh * mgx) * rs;
+        // (__fmul_rn as in kl_layer_norm_bwd: one frame gives exactly 0, not an FMA residual.)
+        out[k] = (__fmul_rn(g[k], wj) - mg - xh * mgx) * rs;
     }
     if (lane == 0) {
         float* partial = out + (long long)nb * t * c + (long long)clip * 2 * c;
