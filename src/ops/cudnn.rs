@@ -34,6 +34,20 @@ use candle_core::Tensor;
 use crate::error::Result;
 
 static SWITCH: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_CUDNN_NHWC");
+// On unless KLSPEECH_CUDNN_BENCHMARK is set: cuDNN's heuristic picks each call's algorithm.
+static HEURISTIC: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_CUDNN_BENCHMARK");
+
+/// Whether each convolution's algorithm is chosen by timing every algorithm cuDNN offers on
+/// the first call of each geometry (PyTorch's `torch.backends.cudnn.benchmark`), instead of
+/// cuDNN's heuristic: `KLSPEECH_CUDNN_BENCHMARK=1` or [`set_benchmark`].
+pub fn benchmark() -> bool {
+    !HEURISTIC.on()
+}
+
+/// Turns [`benchmark`] on or off for the whole process.
+pub fn set_benchmark(on: bool) {
+    HEURISTIC.set(!on);
+}
 // The passes cuDNN refused (bits: 1 forward, 2 backward data, 4 backward filter).
 static REFUSED: AtomicU8 = AtomicU8::new(0);
 
@@ -90,6 +104,13 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
 pub fn conv1d_cl_backward(x: &Tensor, w: &Tensor, dy: &Tensor, conv: (usize, usize, usize), (want_dx, want_dw): (bool, bool)) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
     let (stride, padding, groups) = conv;
     if !applies(dy) || x.dtype() != dy.dtype() || w.dtype() != dy.dtype() {
+        return Ok(None);
+    }
+    if matches!(dy.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) && !benchmark() {
+        // cuDNN 9's heuristic picks `dgrad2d_grouped_direct_kernel` for the input gradient of
+        // every bf16 NHWC convolution here: 63 ms a call on an H200, 443 ms of a 522 ms
+        // wav2vec2-base step (PyTorch's whole step: 29 ms). The fallback's backward took the
+        // step to 117 ms. With the algorithms timed ([`benchmark`]) cuDNN is used.
         return Ok(None);
     }
     #[cfg(feature = "cudnn")]
@@ -244,6 +265,95 @@ mod gpu {
         candle_core::Error::Msg(format!("{}: cuDNN: {e:?}", op.name()))
     }
 
+    /// A geometry: pass bit, type, (b, l, c_in, c_out, k, t, stride, padding, groups), TF32.
+    type Key = (u8, &'static str, [usize; 9], bool);
+
+    /// The index (in the pass's algorithm list) that [`super::benchmark`] chose per geometry.
+    static CHOSEN: std::sync::Mutex<Option<HashMap<Key, usize>>> = std::sync::Mutex::new(None);
+
+    /// Workspaces above this are not tried (FFT algorithms can ask for gigabytes).
+    const MAX_WORKSPACE: usize = 1 << 30;
+
+    const FWD: [sys::cudnnConvolutionFwdAlgo_t; 8] = {
+        use sys::cudnnConvolutionFwdAlgo_t::*;
+        [
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+        ]
+    };
+    const BWD_DATA: [sys::cudnnConvolutionBwdDataAlgo_t; 6] = {
+        use sys::cudnnConvolutionBwdDataAlgo_t::*;
+        [
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+        ]
+    };
+    const BWD_FILTER: [sys::cudnnConvolutionBwdFilterAlgo_t; 7] = {
+        use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+        [
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+        ]
+    };
+
+    /// The algorithm for `key`: cuDNN's heuristic (`heuristic`), or, in benchmark mode, the
+    /// fastest of `algos` by wall time on this stream, each run twice (the first run loads its
+    /// kernels) by `run` (which returns `None` where the algorithm does not apply), the choice
+    /// kept for the process. Runs write the pass's output buffer, which the caller then
+    /// overwrites with the chosen algorithm's result.
+    fn choose<A: Copy>(
+        key: Key,
+        algos: &[A],
+        stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+        heuristic: impl FnOnce() -> candle_core::Result<A>,
+        mut run: impl FnMut(A) -> Option<()>,
+    ) -> candle_core::Result<A> {
+        if !super::benchmark() {
+            return heuristic();
+        }
+        if let Some(&i) = CHOSEN.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).get(&key) {
+            return Ok(algos[i]);
+        }
+        let sync = || stream.synchronize().map_err(|e| candle_core::Error::Msg(format!("cuDNN benchmark: {e:?}")));
+        let mut best: Option<(f64, usize)> = None;
+        for (i, &algo) in algos.iter().enumerate() {
+            sync()?;
+            if run(algo).is_none() {
+                continue;
+            }
+            sync()?;
+            let t0 = std::time::Instant::now();
+            if run(algo).is_none() {
+                continue;
+            }
+            sync()?;
+            let dt = t0.elapsed().as_secs_f64();
+            if best.is_none_or(|(b, _)| dt < b) {
+                best = Some((dt, i));
+            }
+        }
+        let Some((_, i)) = best else {
+            return heuristic();
+        };
+        CHOSEN.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).insert(key, i);
+        Ok(algos[i])
+    }
+
     pub(super) fn run<T: CudaDType + CudnnDataType + DeviceRepr + WithDType>(
         op: &Geom,
         s1: &CudaStorage,
@@ -317,30 +427,46 @@ mod gpu {
         // SAFETY (every launch below): the descriptors describe exactly these buffers, all
         // contiguous of type T: x [B, L, C_in], y / dy [B, T, C_out], w / dw [C_out, K, C_g]
         // (checked above); cuDNN writes every output element (beta = 0); the workspace is scratch.
+        let key: Key = (op.pass.bit(), T::DTYPE.as_str(), [b, l, c_in, c_out, k, t, s, p, g], candle_core::cuda_backend::gemm_reduced_precision_f32());
+        let stream = dev.cuda_stream();
+        // One benchmark run of `algo` (see `choose`): its workspace, then the launch.
+        macro_rules! trial {
+            ($call:ident, $algo:ident, |$scratch:ident| $launch:expr) => {{
+                let bytes = $call.get_workspace_size($algo).ok().filter(|&n| n <= MAX_WORKSPACE)?;
+                let mut $scratch = unsafe { dev.alloc::<u8>(bytes.max(1)) }.ok()?;
+                unsafe { $launch }.ok()
+            }};
+        }
         let (out, shape) = match op.pass {
             Pass::Forward => {
                 let call = ConvForward { conv: &conv, x: &xd, w: &wd, y: &yd };
-                let algo = call.pick_algorithm().map_err(|e| err(op, e))?;
-                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
                 let mut out = unsafe { dev.alloc::<T>(b * t * c_out)? };
+                let algo = choose(key, &FWD, &stream, || call.pick_algorithm().map_err(|e| err(op, e)), |algo| {
+                    trial!(call, algo, |scratch| call.launch(algo, Some(&mut scratch), (one, zero), &a, &c, &mut out))
+                })?;
+                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
                 let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
                 unsafe { call.launch(algo, Some(&mut scratch), (one, zero), &a, &c, &mut out) }.map_err(|e| err(op, e))?;
                 (out, Shape::from((b, t, c_out)))
             }
             Pass::BackwardData { .. } => {
                 let call = ConvBackwardData { conv: &conv, dx: &xd, w: &wd, dy: &yd };
-                let algo = call.pick_algorithm().map_err(|e| err(op, e))?;
-                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
                 let mut out = unsafe { dev.alloc::<T>(b * l * c_in)? };
+                let algo = choose(key, &BWD_DATA, &stream, || call.pick_algorithm().map_err(|e| err(op, e)), |algo| {
+                    trial!(call, algo, |scratch| call.launch(algo, Some(&mut scratch), (one, zero), &mut out, &c, &a))
+                })?;
+                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
                 let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
                 unsafe { call.launch(algo, Some(&mut scratch), (one, zero), &mut out, &c, &a) }.map_err(|e| err(op, e))?;
                 (out, Shape::from((b, l, c_in)))
             }
             Pass::BackwardFilter { .. } => {
                 let call = ConvBackwardFilter { conv: &conv, x: &xd, dw: &wd, dy: &yd };
-                let algo = call.pick_algorithm().map_err(|e| err(op, e))?;
-                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
                 let mut out = unsafe { dev.alloc::<T>(c_out * k * c_g)? };
+                let algo = choose(key, &BWD_FILTER, &stream, || call.pick_algorithm().map_err(|e| err(op, e)), |algo| {
+                    trial!(call, algo, |scratch| call.launch(algo, Some(&mut scratch), (one, zero), &a, &mut out, &c))
+                })?;
+                let bytes = call.get_workspace_size(algo).map_err(|e| err(op, e))?;
                 let mut scratch = unsafe { dev.alloc::<u8>(bytes.max(1))? };
                 unsafe { call.launch(algo, Some(&mut scratch), (one, zero), &a, &mut out, &c) }.map_err(|e| err(op, e))?;
                 (out, Shape::from((c_out, k, c_g)))
