@@ -94,8 +94,10 @@ struct Row {
     train: bool,
     /// KL-Norm at its default sites (training rows).
     kl: bool,
-    /// GPU: TF32 tensor cores for f32 matrix products, on both sides
-    /// (`klspeech --tf32`, `torch.backends.cuda.matmul.allow_tf32`).
+    /// GPU: TF32 tensor cores for f32 matrix products and convolutions, on both sides
+    /// (`klspeech --tf32`; `torch.backends.cuda.matmul.allow_tf32` and
+    /// `torch.backends.cudnn.allow_tf32`, the latter on by default in PyTorch and set off here
+    /// for the f32 rows).
     tf32: bool,
     iters: usize,
 }

@@ -30,9 +30,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--train", action="store_true")
-    ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 matmuls (cuDNN convs use TF32 by default)")
+    ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 matmuls and convolutions (klspeech --tf32)")
     a = ap.parse_args()
+    # Both switches, as klspeech's: PyTorch's default lets cuDNN run f32 convolutions in TF32
+    # (torch.backends.cudnn.allow_tf32 = True) while its matmuls stay f32, so its "f32" rows
+    # were a mix; without --tf32 both sides now compute f32 convolutions in f32.
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    torch.backends.cudnn.allow_tf32 = a.tf32
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]

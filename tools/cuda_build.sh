@@ -81,10 +81,14 @@ while IFS=$'\t' read -r kind name exe; do
 done <"$DIST/.artifacts.tsv"
 rm -f "$DIST/.artifacts.tsv"
 
-# One solid archive to ship: the binaries share ~38 MB of identical kernel code (.nv_fatbin, PTX),
-# which a 64 MiB LZMA window folds away (~385 MB -> ~18 MB). KL_DIST_PACK=0 skips it.
+# One solid archive to ship: the binaries share most of their bytes (candle, cudarc, the
+# .nv_fatbin kernels), which one LZMA block with a window over the whole tar folds away
+# (651 MB -> 17.4 MB at preset 1 in ~50 s, 15.3 MB at KL_DIST_XZ_PRESET=6 in ~7 min).
+# Multi-threaded xz (-T2) cuts the stream into blocks and lost the sharing (42.5 MB), too much
+# beside the ~45 MB of tracked files under the device tool's 64 MiB limit. KL_DIST_PACK=0 skips it.
 if [[ "${KL_DIST_PACK:-1}" != 0 ]]; then
-    tar -C "$ROOT/target" -cf - cuda-dist | nice -n "$NICE" xz -T2 --lzma2=preset=1,dict=64MiB >"$DIST.tar.xz"
+    tar -C "$ROOT/target" -cf - cuda-dist \
+        | nice -n "$NICE" xz -T1 --lzma2=preset="${KL_DIST_XZ_PRESET:-1}",dict=768MiB >"$DIST.tar.xz"
 fi
 
 echo "== target/cuda-dist ($(du -sh "$DIST" | cut -f1) total)"

@@ -47,6 +47,23 @@ D=target/cuda-dist
 # t NAME CMD...: runs CMD with a timeout, prints its tail and exit status; RC = that status.
 t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; RC=${PIPESTATUS[0]}; echo "($name: exit $RC, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
+if [ -n "${KL_GPU_QUICK:-}" ]; then
+  # A short second call (KL_GPU_QUICK=1): the convolution tests (cuDNN's heuristic and timed
+  # algorithms), the op suite, and klspeech's side of every bench row with cuDNN's heuristic
+  # (half-precision backward on the fallback) and with timed algorithms
+  # (KLSPEECH_CUDNN_BENCHMARK=1), for rows whose PyTorch side the full check measured.
+  T=200 TAIL=60 t "convolutions on cuda (heuristic, then timed algorithms)" $D/ops-* channels_last_convolutions --nocapture
+  t "ops on cuda" $D/ops-* --test-threads 1 --skip channels_last_convolutions
+  t "conv on cuda" $D/conv-*
+  KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 t "bench rows, cuDNN's heuristic" $D/inference-*
+  KLSPEECH_CUDNN_BENCHMARK=1 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 t "bench rows, timed cuDNN algorithms (KLSPEECH_CUDNN_BENCHMARK=1)" $D/inference-*
+  for row in base-train-8x4-f32 base-train-8x4-bf16; do
+    KLSPEECH_CUDNN_BENCHMARK=1 KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=25 \
+      t "kernel profile $row, timed cuDNN algorithms" $D/inference-*
+  done
+  echo "== gpu_check (quick) done in $SECONDS s"
+  exit 0
+fi
 # klspeech's own CUDA kernels first (they have only run on the CPU's emulator): if their tests
 # fail with them and pass without them, everything after runs without them
 # (KLSPEECH_NO_CUDA_KERNELS=1, candle's kernels), so that one run still gives every figure.
@@ -82,6 +99,10 @@ profile() {
 }
 profile base-train-8x4-f32
 profile base-infer-16x10-f32
+# bf16 training ran at 0.06x PyTorch on the H200 (526.6 ms a step against f32's 79.3): where it goes.
+profile base-train-8x4-bf16
+KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-bf16,base-infer-16x10-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+  t "bf16 rows with candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1)" $D/inference-*
 # The f32 rows again with KLSPEECH_NO_CUSTOM_OPS=1: candle's composites (im2col convolutions
 # keeping their columns, ~2 500 graph nodes a KL-Norm step, AdamW per parameter) instead of
 # ops::device, conv1d_cl_recompute and the grouped AdamW: before/after in the same binary.
@@ -102,7 +123,7 @@ KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10
   t "benchmarks on cuda, candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1)" $D/inference-*
 # Where a step's time goes: a synchronization after each stage (the rows above synchronize once
 # a step, as PyTorch's side).
-KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
   t "stage split on cuda (KLSPEECH_BENCH_STAGES=1)" $D/inference-*
 profile base-train-8x4-f32-klnorm
 # Last (the rows above come first if time runs short): the keyword-spotting example end to end
