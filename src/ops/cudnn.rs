@@ -26,6 +26,11 @@
 //! backward data or backward filter) falls back to candle's convolution or klspeech's backward
 //! for the rest of the process, with one warning on stderr ([`refused`] names them);
 //! `tests/ops.rs` fails in that case ("cuDNN refused"), so a GPU check shows it.
+//!
+//! Each call's algorithm is cuDNN's heuristic choice, or with `KLSPEECH_CUDNN_BENCHMARK=1`
+//! ([`set_benchmark`]) the fastest by timing, per geometry, as PyTorch's `cudnn.benchmark`
+//! (on the H200 it changed no row by more than the run-to-run noise). bf16 / f16 backward
+//! passes stay on the fallback: cuDNN's input gradient of those types ran 60x slower there.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -106,11 +111,12 @@ pub fn conv1d_cl_backward(x: &Tensor, w: &Tensor, dy: &Tensor, conv: (usize, usi
     if !applies(dy) || x.dtype() != dy.dtype() || w.dtype() != dy.dtype() {
         return Ok(None);
     }
-    if matches!(dy.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) && !benchmark() {
-        // cuDNN 9's heuristic picks `dgrad2d_grouped_direct_kernel` for the input gradient of
-        // every bf16 NHWC convolution here: 63 ms a call on an H200, 443 ms of a 522 ms
-        // wav2vec2-base step (PyTorch's whole step: 29 ms). The fallback's backward took the
-        // step to 117 ms. With the algorithms timed ([`benchmark`]) cuDNN is used.
+    if matches!(dy.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) {
+        // cuDNN 9 runs the input gradient of every bf16 NHWC convolution here as
+        // `dgrad2d_grouped_direct_kernel`: 63 ms a call on an H200, 443 ms of a 522 ms
+        // wav2vec2-base step (PyTorch's whole step: 29 ms), with the heuristic's algorithm and
+        // with the fastest by timing ([`benchmark`]: 516 ms) alike. The fallback's backward
+        // (forward still on cuDNN) takes the step to 108 ms.
         return Ok(None);
     }
     #[cfg(feature = "cudnn")]
