@@ -53,40 +53,92 @@ fn recompute_conv_values_and_gradients() {
         (1, 1, 4, 6, 20, None),
     ];
     for (stride, pad, groups, k, l, max_t) in cases {
-        let (b, cin, cout) = (2usize, 4usize, 8usize);
-        let mut r = Rng::new(7);
-        let mk = |r: &mut Rng, shape: &[usize]| {
-            Tensor::from_vec(r.normal_vec(shape.iter().product()), shape, &dev).unwrap().to_dtype(DType::F64).unwrap()
-        };
-        let x = Var::from_tensor(&mk(&mut r, &[b, l, cin])).unwrap(); // channels-last
-        let w = Var::from_tensor(&mk(&mut r, &[cout, cin / groups, k])).unwrap();
-        let conv = |xt: &Tensor, wt: &Tensor| klspeech::ops::conv1d_cl_recompute(xt, wt, stride, pad, groups, max_t).unwrap();
-        let y = conv(x.as_tensor(), w.as_tensor());
-        let full = x.as_tensor().transpose(1, 2).unwrap().conv1d(w.as_tensor(), pad, stride, 1, groups).unwrap().transpose(1, 2).unwrap();
-        let t = max_t.map_or(full.dim(1).unwrap(), |m| m.min(full.dim(1).unwrap()));
-        assert_eq!(y.dims(), &[b, t, cout]);
-        assert!(common::max_abs_diff(&y, &full.narrow(1, 0, t).unwrap()) < 1e-12, "values (stride {stride} pad {pad} groups {groups})");
-        let gw = mk(&mut r, y.dims());
-        let f = |xt: &Tensor, wt: &Tensor| -> f64 { (conv(xt, wt) * &gw).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
-        let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_finite_differences(&f, &x, &w, &grads, &format!("stride {stride} pad {pad} groups {groups} max_t {max_t:?}"));
-        // An input that takes no gradient (the waveform into the first layer): only w's.
-        let y = conv(&x.as_tensor().detach(), w.as_tensor());
-        let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
-        let want = grads_w_of(&(conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap(), &w);
-        assert!(common::max_abs_diff(grads.get(w.as_tensor()).unwrap(), &want) < 1e-12);
-        assert!(grads.get(x.as_tensor()).is_none());
-        // The trainer's backward takes w's gradient as the op computes it (routed, not added
-        // onto zeros by candle): the same bits as plain backward.
-        let loss = (conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap().sum_all().unwrap();
-        let (stored, routed) = klspeech::ops::grads::backward_counted(&loss).unwrap();
-        let plain = loss.backward().unwrap();
-        assert_eq!(routed, vec![w.as_tensor().id()]);
-        for v in [&x, &w] {
-            let a: Vec<f64> = stored.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f64> = plain.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(a, b);
+        recompute_case(&dev, (stride, pad, groups, k, l, max_t));
+    }
+}
+
+/// The same claims for the gathered-column gemm convolution (`ops::conv_gemm`, the GPU's
+/// `KLSPEECH_CONV_GEMM` path, run here on the CPU): whole batches, blocks of one clip (a budget
+/// below two clips' columns) and chunks of taps within a clip (a budget below one clip's: the
+/// partial gemms accumulate, and so do the weight gradient's blocks).
+#[test]
+fn gemm_conv_values_and_gradients() {
+    use klspeech::ops::conv_gemm::{with_budget, with_mode, Mode};
+    let dev = common::device();
+    let cases = [
+        (1usize, 0usize, 1usize, 3usize, 23usize, None),
+        (2, 0, 1, 3, 23, Some(9usize)),
+        (2, 0, 1, 2, 16, None),
+        (5, 0, 1, 10, 57, None),
+        (1, 2, 2, 4, 17, None),
+        (3, 1, 4, 5, 31, Some(4)),
+        (1, 4, 2, 8, 19, Some(19)),
+        (2, 3, 2, 7, 16, None),
+        (1, 1, 4, 6, 20, None),
+    ];
+    for case in cases {
+        let (stride, pad, _groups, k, l, _) = case;
+        // Columns of one tap of one clip (f64, 4 input channels).
+        let per_tap = ((l + 2 * pad - k) / stride + 1) * 4 * 8;
+        for budget in [usize::MAX, per_tap * k, 2 * per_tap] {
+            let calls = with_mode(Mode::All, || with_budget(budget, || {
+                let before = klspeech::ops::conv_gemm::calls();
+                recompute_case(&dev, case);
+                klspeech::ops::conv_gemm::calls().since(&before)
+            }));
+            // It ran the gemm path (forward, both gradients), in blocks and chunks as budgeted.
+            assert!(calls.forward > 0 && calls.weight_grad > 0 && calls.input_grad > 0, "{case:?}: {calls:?}");
+            if budget == 2 * per_tap {
+                assert!(calls.gemms > calls.forward + calls.weight_grad, "{case:?}, budget {budget}: no tap chunks ({calls:?})");
+            }
         }
+    }
+    // The modes choose by stride: `pos` only stride 1, `fe` only strided, `0` none.
+    let x = Tensor::zeros((1, 8, 2), DType::F32, &dev).unwrap();
+    for (mode, s1, s2) in [(Mode::All, true, true), (Mode::Stride1, true, false), (Mode::Strided, false, true), (Mode::Off, false, false)] {
+        with_mode(mode, || assert_eq!((klspeech::ops::conv_gemm::applies(&x, 1), klspeech::ops::conv_gemm::applies(&x, 2)), (s1, s2), "{mode:?}"));
+    }
+    assert_eq!(Mode::parse("pos"), Some(Mode::Stride1));
+    assert_eq!(Mode::parse("1"), Some(Mode::All));
+    assert_eq!(Mode::parse("fe"), Some(Mode::Strided));
+    assert_eq!(Mode::parse("0"), Some(Mode::Off));
+    assert_eq!(Mode::parse("cudnn"), None);
+}
+
+fn recompute_case(dev: &Device, (stride, pad, groups, k, l, max_t): (usize, usize, usize, usize, usize, Option<usize>)) {
+    let (b, cin, cout) = (2usize, 4usize, 8usize);
+    let mut r = Rng::new(7);
+    let mk = |r: &mut Rng, shape: &[usize]| {
+        Tensor::from_vec(r.normal_vec(shape.iter().product()), shape, dev).unwrap().to_dtype(DType::F64).unwrap()
+    };
+    let x = Var::from_tensor(&mk(&mut r, &[b, l, cin])).unwrap(); // channels-last
+    let w = Var::from_tensor(&mk(&mut r, &[cout, cin / groups, k])).unwrap();
+    let conv = |xt: &Tensor, wt: &Tensor| klspeech::ops::conv1d_cl_recompute(xt, wt, stride, pad, groups, max_t).unwrap();
+    let y = conv(x.as_tensor(), w.as_tensor());
+    let full = x.as_tensor().transpose(1, 2).unwrap().conv1d(w.as_tensor(), pad, stride, 1, groups).unwrap().transpose(1, 2).unwrap();
+    let t = max_t.map_or(full.dim(1).unwrap(), |m| m.min(full.dim(1).unwrap()));
+    assert_eq!(y.dims(), &[b, t, cout]);
+    assert!(common::max_abs_diff(&y, &full.narrow(1, 0, t).unwrap()) < 1e-12, "values (stride {stride} pad {pad} groups {groups})");
+    let gw = mk(&mut r, y.dims());
+    let f = |xt: &Tensor, wt: &Tensor| -> f64 { (conv(xt, wt) * &gw).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
+    let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_finite_differences(&f, &x, &w, &grads, &format!("stride {stride} pad {pad} groups {groups} max_t {max_t:?}"));
+    // An input that takes no gradient (the waveform into the first layer): only w's.
+    let y = conv(&x.as_tensor().detach(), w.as_tensor());
+    let grads = (y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = grads_w_of(&(conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap(), &w);
+    assert!(common::max_abs_diff(grads.get(w.as_tensor()).unwrap(), &want) < 1e-12);
+    assert!(grads.get(x.as_tensor()).is_none());
+    // The trainer's backward takes w's gradient as the op computes it (routed, not added
+    // onto zeros by candle): the same bits as plain backward.
+    let loss = (conv(x.as_tensor(), w.as_tensor()) * &gw).unwrap().sum_all().unwrap();
+    let (stored, routed) = klspeech::ops::grads::backward_counted(&loss).unwrap();
+    let plain = loss.backward().unwrap();
+    assert_eq!(routed, vec![w.as_tensor().id()]);
+    for v in [&x, &w] {
+        let a: Vec<f64> = stored.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f64> = plain.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
     }
 }
 

@@ -97,15 +97,28 @@ fn gpu_training_path_matches_the_cpu_path() {
     for (stable, head, sites) in [(false, HeadKind::Ctc, KlSites::All), (true, HeadKind::Classification, KlSites::Encoder)] {
         let fused = check_on(&cpu, stable, head, sites, None);
         let gpu_path = klspeech::ops::with_gpu_path(|| check_on(&cpu, stable, head, sites, None));
-        assert_eq!(fused.len(), gpu_path.len());
-        // Relative to each gradient's size, with a floor for the gradients that are zero in
-        // exact arithmetic (the key projection's bias: softmax ignores a shift common to all
-        // keys) and rounding noise in both paths.
-        let largest = fused.iter().flat_map(|(_, g)| g.iter()).fold(0f32, |m, v| m.max(v.abs()));
-        for ((name, a), (_, b)) in gpu_path.iter().zip(&fused) {
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) });
-            assert!(err <= 1e-4 * scale + 1e-6 * largest, "{name} (stable={stable}, {head:?}, {sites}): GPU path differs by {err:e} of {scale:e}");
+        // And with every convolution (feature encoder, positional conv) on the gathered-column
+        // gemms (`KLSPEECH_CONV_GEMM=all`), which must have run for every feature-encoder layer
+        // and the positional conv: their forwards, weight gradients and (but for the first
+        // layer, whose input is the waveform) input gradients, in each of check_on's two
+        // backward passes.
+        use klspeech::ops::conv_gemm::{calls, with_mode, Mode};
+        let convs = common::tiny_config(stable).conv_dim.len() + 1;
+        let before = calls();
+        let gemm_path = with_mode(Mode::All, || klspeech::ops::with_gpu_path(|| check_on(&cpu, stable, head, sites, None)));
+        let ran = calls().since(&before);
+        assert!(ran.forward == convs && ran.weight_grad == 2 * convs && ran.input_grad == 2 * (convs - 1), "column gemms: {ran:?}");
+        for (what, path) in [("GPU path", &gpu_path), ("GPU path with column-gemm convolutions", &gemm_path)] {
+            assert_eq!(fused.len(), path.len());
+            // Relative to each gradient's size, with a floor for the gradients that are zero in
+            // exact arithmetic (the key projection's bias: softmax ignores a shift common to all
+            // keys) and rounding noise in both paths.
+            let largest = fused.iter().flat_map(|(_, g)| g.iter()).fold(0f32, |m, v| m.max(v.abs()));
+            for ((name, a), (_, b)) in path.iter().zip(&fused) {
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) });
+                assert!(err <= 1e-4 * scale + 1e-6 * largest, "{name} (stable={stable}, {head:?}, {sites}): {what} differs by {err:e} of {scale:e}");
+            }
         }
     }
 }

@@ -1000,11 +1000,17 @@ fn channels_last_convolutions_on_the_test_device_match_f64() {
         (2, 64, 16, 16, 2, 2, 0, 1, None),
     ];
     // cuDNN's heuristic choice of algorithm, then each geometry's fastest by timing
-    // (`ops::cudnn::set_benchmark`, PyTorch's cudnn.benchmark; no effect off cuDNN).
-    for timed in [false, true] {
+    // (`ops::cudnn::set_benchmark`, PyTorch's cudnn.benchmark; no effect off cuDNN), then the
+    // gathered-column gemms (`ops::conv_gemm`, `KLSPEECH_CONV_GEMM=all`) on any device.
+    use ops::conv_gemm::{with_mode, Mode};
+    for (timed, gemm) in [(false, false), (true, false), (false, true)] {
         ops::cudnn::set_benchmark(timed);
-        for (case, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
-            let what = format!("conv [{b}, {l}, {ci}] -> {co}, K {k}, stride {s}, padding {p}, {g} groups, max_t {max_t:?} on {dev:?}{}", if timed { ", timed algorithms" } else { "" });
+        with_mode(if gemm { Mode::All } else { Mode::Off }, || for (case, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
+            let what = format!(
+                "conv [{b}, {l}, {ci}] -> {co}, K {k}, stride {s}, padding {p}, {g} groups, max_t {max_t:?} on {dev:?}{}",
+                if timed { ", timed algorithms" } else if gemm { ", column gemms" } else { "" }
+            );
+            let gemm_calls = ops::conv_gemm::calls();
             let seed = 900 + 10 * case as u64;
             let x = rand(&[b, l, ci], seed, DType::F64);
             let w = rand(&[co, ci / g, k], seed + 1, DType::F64).affine(1.0 / ((ci / g * k) as f64).sqrt(), 0.0).unwrap();
@@ -1043,11 +1049,11 @@ fn channels_last_convolutions_on_the_test_device_match_f64() {
                 let e = rel(a, r);
                 assert!(e <= 1e-5, "{what}, training op: {name} rel. error {e:e}");
             }
-            if ops::cudnn::applies(&on(&x).to_dtype(DType::BF16).unwrap()) {
+            if gemm || ops::cudnn::applies(&on(&x).to_dtype(DType::BF16).unwrap()) {
                 // bf16 training where cuDNN applies (its forward on cuDNN, its backward on
                 // klspeech's fallback: cuDNN's bf16 input gradient is 60x slower, see
-                // ops::cudnn::conv1d_cl_backward): gradients within bf16's rounding of the f64
-                // ones on the same (bf16) values.
+                // ops::cudnn::conv1d_cl_backward) or on the column gemms: gradients within
+                // bf16's rounding of the f64 ones on the same (bf16) values.
                 let of = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
                 let got = run(&on(&x).to_dtype(DType::BF16).unwrap(), &on(&w).to_dtype(DType::BF16).unwrap(), &|x, w| ops::conv1d_cl_recompute(x, w, s, p, g, max_t).unwrap());
                 let want = run(&of(&x), &of(&w), &|x, w| reference(x, w));
@@ -1057,7 +1063,15 @@ fn channels_last_convolutions_on_the_test_device_match_f64() {
                     assert!(e <= 2e-2, "{what}, training op in BF16: {name} rel. error {e:e}");
                 }
             }
-        }
+            // The gemm runs took that path: the half-type forwards (and on a GPU the f32 one),
+            // the training op's forward and both gradients.
+            let ran = ops::conv_gemm::calls().since(&gemm_calls);
+            if gemm {
+                assert!(ran.forward >= 2 + 2 && ran.weight_grad >= 2 && ran.input_grad >= 2, "{what}: {ran:?}");
+            } else {
+                assert_eq!(ran, ops::conv_gemm::Calls::default(), "{what}");
+            }
+        });
     }
     ops::cudnn::set_benchmark(false);
     // Where cuDNN applies it took every call (a refused pass falls back, right but slower).

@@ -14,6 +14,8 @@
 #     instead of cuDNN's channels-last ones, and with a per-stage split;
 #     cuDNN's channels-last convolutions are tested first too (KLSPEECH_NO_CUDNN_NHWC=1 after
 #     a failure, "!!" in the log);
+#   - the bench rows and profiles again with the convolutions as gathered columns and gemms
+#     (KLSPEECH_CONV_GEMM=all|pos|fe, src/ops/conv_gemm.rs; tested in the ops and conv suites);
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
@@ -47,15 +49,31 @@ D=target/cuda-dist
 # t NAME CMD...: runs CMD with a timeout, prints its tail and exit status; RC = that status.
 t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; RC=${PIPESTATUS[0]}; echo "($name: exit $RC, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
+# The convolutions as gathered columns and cuBLAS gemms (src/ops/conv_gemm.rs, off by default)
+# against the shipped cuDNN ones: every convolution, then only the positional conv (stride 1)
+# or only the feature encoder (strided), then a profile of the f32 training step with all.
+GEMM_ROWS=base-infer-16x10-f32,base-train-8x4-f32,base-train-8x4-f32-klnorm,base-infer-16x10-f32-tf32,base-train-8x4-f32-tf32,base-infer-16x10-bf16,base-train-8x4-bf16
+conv_gemm_rows() {
+  for m in all pos fe; do
+    KLSPEECH_CONV_GEMM=$m KLSPEECH_BENCH_ROWS=$GEMM_ROWS KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+      t "bench rows, column-gemm convolutions (KLSPEECH_CONV_GEMM=$m)" $D/inference-*
+  done
+  for row in base-train-8x4-f32 base-infer-16x10-f32; do
+    KLSPEECH_CONV_GEMM=all KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=25 \
+      t "kernel profile $row, column-gemm convolutions" $D/inference-*
+  done
+}
 if [ -n "${KL_GPU_QUICK:-}" ]; then
   # A short second call (KL_GPU_QUICK=1): the convolution tests (cuDNN's heuristic and timed
-  # algorithms), the op suite, and klspeech's side of every bench row with cuDNN's heuristic
-  # (half-precision backward on the fallback) and with timed algorithms
-  # (KLSPEECH_CUDNN_BENCHMARK=1), for rows whose PyTorch side the full check measured.
+  # algorithms, the column gemms), the op suite, and klspeech's side of every bench row with
+  # cuDNN's heuristic (half-precision backward on the fallback), with the column-gemm
+  # convolutions, and with timed algorithms (KLSPEECH_CUDNN_BENCHMARK=1), for rows whose
+  # PyTorch side the full check measured.
   T=200 TAIL=60 t "convolutions on cuda (heuristic, then timed algorithms)" $D/ops-* channels_last_convolutions --nocapture
   t "ops on cuda" $D/ops-* --test-threads 1 --skip channels_last_convolutions
   t "conv on cuda" $D/conv-*
   KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 t "bench rows, cuDNN's heuristic" $D/inference-*
+  conv_gemm_rows
   KLSPEECH_CUDNN_BENCHMARK=1 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 t "bench rows, timed cuDNN algorithms (KLSPEECH_CUDNN_BENCHMARK=1)" $D/inference-*
   for row in base-train-8x4-f32 base-train-8x4-bf16; do
     KLSPEECH_CUDNN_BENCHMARK=1 KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=25 \
@@ -92,6 +110,7 @@ for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$na
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
+conv_gemm_rows
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 profile() {
   KLSPEECH_BENCH_CHILD=$1 KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \

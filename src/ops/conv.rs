@@ -371,8 +371,13 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         let y = conv1d_cl_composite(x, w, stride, padding, groups)?;
         return Ok(if t < full_t { y.narrow(1, 0, t)? } else { y });
     }
-    // No gradient: cuDNN on channels-last data where it applies, else candle's own kernel (its
-    // forward is right; its backward is not).
+    // No gradient: gathered columns and gemm where `KLSPEECH_CONV_GEMM` says so, cuDNN on
+    // channels-last data where it applies, else candle's own kernel (its forward is right; its
+    // backward is not).
+    if super::conv_gemm::applies(x, stride) {
+        let y = super::conv_gemm::forward(x, w, stride, padding, groups)?;
+        return Ok(if t < full_t { y.narrow(1, 0, t)? } else { y });
+    }
     let y = match super::cudnn::conv1d_cl(x, w, stride, padding, groups)? {
         Some(y) => y,
         None => x.transpose(1, 2)?.conv1d(w, padding, stride, 1, groups)?.transpose(1, 2)?,
@@ -393,16 +398,21 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
 /// Runs on any device (the tests check it on the CPU against the composite's gradients).
 pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize, max_t: Option<usize>) -> Result<Tensor> {
     let (geom, full_t) = geometry(x, w, stride, padding, groups, max_t)?;
-    // [B, T, C_out] from cuDNN on channels-last data, or [B, C_out, T] from candle; the op hands
-    // it out channels-last (one copy, strided in the second case).
-    let (y, channels_first) = match super::cudnn::conv1d_cl(x, w, stride, padding, groups)? {
+    // [B, T, C_out] from the column gemms or cuDNN on channels-last data, or [B, C_out, T] from
+    // candle; the op hands it out channels-last (one copy, strided in the last case).
+    let gemm = super::conv_gemm::applies(x, stride);
+    let channels_last = match gemm {
+        true => Some(super::conv_gemm::forward(x, w, stride, padding, groups)?),
+        false => super::cudnn::conv1d_cl(x, w, stride, padding, groups)?,
+    };
+    let (y, channels_first) = match channels_last {
         Some(y) => (if geom.t < full_t { y.narrow(1, 0, geom.t)? } else { y }, false),
         None => {
             let y = x.detach().transpose(1, 2)?.conv1d(&w.detach(), padding, stride, 1, groups)?;
             (if geom.t < full_t { y.narrow(2, 0, geom.t)? } else { y }, true)
         }
     };
-    Ok(x.apply_op2(w, ConvRecompute { geom, y: super::device::Pending::new(y), channels_first })?)
+    Ok(x.apply_op2(w, ConvRecompute { geom, y: super::device::Pending::new(y), channels_first, gemm })?)
 }
 
 /// The input gradient dx [B, L, C_in] of [`conv1d_cl_recompute`] from dy [B, T, C_out], in
@@ -434,25 +444,7 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
     let dy_g = dy.reshape((g.b * g.t, groups, og))?.transpose(0, 1)?.contiguous()?;
     let dcols = dy_g.matmul(&w.reshape((groups, og, g.kc()))?)?.reshape((groups, g.b, g.t, cg, k))?;
     let dcols = dcols.permute((1, 2, 4, 0, 3))?.reshape((g.b, g.t, k, g.c_in))?;
-    let lq = (g.t + (k - 1) / s).max(g.lp().div_ceil(s));
-    let mut phases = Vec::with_capacity(s);
-    for r in 0..s {
-        let mut acc: Option<Tensor> = None;
-        for q in (0..).take_while(|q| q * s + r < k) {
-            let tap = dcols.narrow(2, q * s + r, 1)?.squeeze(2)?.pad_with_zeros(1, q, lq - g.t - q)?;
-            acc = Some(match acc {
-                Some(a) => (a + tap)?,
-                None => tap,
-            });
-        }
-        let acc = match acc {
-            Some(a) => a,
-            None => Tensor::zeros((g.b, lq, g.c_in), dy.dtype(), dy.device())?,
-        };
-        phases.push(acc.unsqueeze(2)?);
-    }
-    // [B, Lq, s, C_in] -> [B, Lq s, C_in] -> the unpadded frames
-    Tensor::cat(&phases, 2)?.reshape((g.b, lq * s, g.c_in))?.narrow(1, g.padding, g.l)
+    super::conv_gemm::col2im_phases(&dcols, (g.l, s, g.padding))
 }
 
 /// [`conv1d_cl_recompute`]'s op: `y` [B, C_out, T], computed before the op is applied, is taken
@@ -460,8 +452,11 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
 struct ConvRecompute {
     geom: Geom,
     y: super::device::Pending,
-    /// `y` is [B, C_out, T] (candle's convolution), else [B, T, C_out] (cuDNN's NHWC one).
+    /// `y` is [B, C_out, T] (candle's convolution), else [B, T, C_out] (cuDNN's NHWC one or
+    /// the column gemms).
     channels_first: bool,
+    /// The forward ran [`super::conv_gemm`]: so does the backward.
+    gemm: bool,
 }
 
 impl CustomOp2 for ConvRecompute {
@@ -479,10 +474,18 @@ impl CustomOp2 for ConvRecompute {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geom;
+        let full_t = (g.lp() - g.k) / g.stride + 1;
+        if self.gemm {
+            // The column gemms' backward (dy with zero frames up to the full output length).
+            let dy_full = if g.t < full_t { dy.pad_with_zeros(1, 0, full_t - g.t)? } else { dy.clone() };
+            let conv = (g.stride, g.padding, g.groups);
+            let dw = if w.track_op() { Some(super::conv_gemm::weight_grad(x, &dy_full, w.dims3()?, conv.0, conv.1, conv.2)?) } else { None };
+            let dx = if x.track_op() { Some(super::conv_gemm::input_grad(&dy_full, w, g.l, conv.0, conv.1, conv.2)?) } else { None };
+            return Ok((dx, super::grads::route(w, dw)?));
+        }
         // cuDNN's backward data and filter on channels-last data where they apply (dy with
         // zero frames up to the full output length when fewer were used).
         if super::cudnn::applies(dy) {
-            let full_t = (g.lp() - g.k) / g.stride + 1;
             let dy_full = if g.t < full_t { dy.pad_with_zeros(1, 0, full_t - g.t)? } else { dy.clone() };
             let want = (x.track_op(), w.track_op());
             let r = super::cudnn::conv1d_cl_backward(x, w, &dy_full, (g.stride, g.padding, g.groups), want);

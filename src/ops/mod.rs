@@ -296,6 +296,7 @@ pub(crate) unsafe fn mm<T: 'static + Float>(
 
 mod attention;
 mod conv;
+pub mod conv_gemm;
 pub mod cudnn;
 pub mod device;
 pub mod grads;

@@ -1,0 +1,422 @@
+//! Channels-last grouped 1-D convolution as gathered columns and batched gemms, on any device:
+//! the GPU's alternative to cuDNN's channels-last kernels (`KLSPEECH_CONV_GEMM`, off by
+//! default until a GPU run measures it; see below).
+//!
+//! Why: on the H200 (docs/PERFORMANCE.md, 2026-11-27) cuDNN ran wav2vec2's exact-f32
+//! convolutions far from the gemm rate. The positional conv (K = 128, 16 groups of 48 channels)
+//! became 16 per-group kernels, 19.6 ms an inference batch of 16 x 10 s for 75 GFLOP (about 1.5
+//! ms at cuBLAS's f32 rate), and its input gradient 12.7 ms a training step; the feature
+//! encoder's FMA implicit gemms took 29.6 ms for 0.78 TFLOP behind layout conversions. A
+//! convolution is a gemm over gathered columns: with x [B, L, C_in] channels-last (padded by
+//! p), frame t of group g reads the K runs `x[b, t s + k, g]` of C_g values, so one gather
+//! (`index_select` along time) writes the column matrix [G, B T, K C_g] and one strided batched
+//! gemm (cuBLAS on a GPU) against the weight reordered to [G, K C_g, og] gives [G, B T, og].
+//!
+//! Memory: the columns are K / s times the input (the positional conv's 128 times), so they are
+//! built for blocks of clips of at most [`COLUMN_BUDGET`] bytes (`KLSPEECH_CONV_GEMM_MIB`), and
+//! within one clip for chunks of taps whose gemms accumulate, when a single clip's columns
+//! exceed it (long clips).
+//!
+//! Backward (the training op [`super::conv1d_cl_recompute`]): the weight gradient is
+//! dy_g^T [G, og, B T] x columns, rebuilt block by block; the input gradient of a stride-1
+//! convolution is itself a stride-1 convolution of dy with the kernel flipped in time and its
+//! channel axes swapped per group (so it runs [`forward`] too), and a strided one's is the
+//! column gradient dy_g w_g [B, T, K, C_in] (one gemm) added back by stride phase
+//! ([`col2im_phases`]).
+//!
+//! Where it runs: `KLSPEECH_CONV_GEMM` = `all` (or `1`) for every convolution off the CPU's
+//! fused path, `pos` for stride-1 convolutions (the positional conv), `fe` for strided ones
+//! (the feature encoder); unset, empty or `0`: never (cuDNN or candle's convolution as
+//! before). [`with_mode`] overrides it for one thread (the tests). Arithmetic is cuBLAS's: f32
+//! exact unless TF32 is on (`--tf32`), bf16 / f16 with f32 accumulation.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Tensor};
+
+/// Upper bound on one gathered column block (bytes) unless `KLSPEECH_CONV_GEMM_MIB` sets
+/// another: 256 MiB keeps the positional conv's columns (a 10 s clip: 196 MB in f32) to one
+/// clip at a time and adds little to the peak.
+pub const COLUMN_BUDGET: usize = 256 << 20;
+
+/// [`COLUMN_BUDGET`], or `KLSPEECH_CONV_GEMM_MIB` MiB (read once; at least 1).
+fn default_budget() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| match std::env::var("KLSPEECH_CONV_GEMM_MIB") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(mib) if mib > 0 => mib << 20,
+            _ => {
+                eprintln!("klspeech: KLSPEECH_CONV_GEMM_MIB={v:?} is not a positive number of MiB: using {}", COLUMN_BUDGET >> 20);
+                COLUMN_BUDGET
+            }
+        },
+        Err(_) => COLUMN_BUDGET,
+    })
+}
+
+/// Which convolutions run as gathered-column gemms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// None (cuDNN's or candle's convolutions).
+    Off,
+    /// Stride-1 convolutions (wav2vec2's positional conv).
+    Stride1,
+    /// Strided convolutions (wav2vec2's feature encoder).
+    Strided,
+    /// Every convolution.
+    All,
+}
+
+impl Mode {
+    /// `KLSPEECH_CONV_GEMM`'s value: `all` / `1`, `pos`, `fe`, or off (unset, "", "0").
+    pub fn parse(v: &str) -> Option<Mode> {
+        match v {
+            "" | "0" | "off" => Some(Mode::Off),
+            "1" | "all" => Some(Mode::All),
+            "pos" => Some(Mode::Stride1),
+            "fe" => Some(Mode::Strided),
+            _ => None,
+        }
+    }
+
+    fn covers(self, stride: usize) -> bool {
+        match self {
+            Mode::Off => false,
+            Mode::All => true,
+            Mode::Stride1 => stride == 1,
+            Mode::Strided => stride > 1,
+        }
+    }
+}
+
+thread_local! {
+    static OVERRIDE: Cell<Option<Mode>> = const { Cell::new(None) };
+    /// 0: the default ([`default_budget`]).
+    static BUDGET: Cell<usize> = const { Cell::new(0) };
+    static CALLS: Cell<Calls> = const { Cell::new(Calls { forward: 0, weight_grad: 0, input_grad: 0, gemms: 0 }) };
+}
+
+/// What this thread ran here so far (for tests: proof that a path was taken).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calls {
+    /// [`forward`] calls.
+    pub forward: usize,
+    /// [`weight_grad`] calls.
+    pub weight_grad: usize,
+    /// [`input_grad`] calls.
+    pub input_grad: usize,
+    /// Partial products (one per block of clips and chunk of taps) in all of them.
+    pub gemms: usize,
+}
+
+impl Calls {
+    /// The calls made after `before` was taken.
+    pub fn since(&self, before: &Calls) -> Calls {
+        Calls {
+            forward: self.forward - before.forward,
+            weight_grad: self.weight_grad - before.weight_grad,
+            input_grad: self.input_grad - before.input_grad,
+            gemms: self.gemms - before.gemms,
+        }
+    }
+}
+
+/// This thread's [`Calls`] so far.
+pub fn calls() -> Calls {
+    CALLS.with(|c| c.get())
+}
+
+fn count(f: impl FnOnce(&mut Calls)) {
+    CALLS.with(|c| {
+        let mut v = c.get();
+        f(&mut v);
+        c.set(v);
+    });
+}
+
+/// The process's mode from `KLSPEECH_CONV_GEMM` (read once; an unknown value is reported on
+/// stderr and taken as off).
+fn env_mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let v = std::env::var("KLSPEECH_CONV_GEMM").unwrap_or_default();
+        Mode::parse(&v).unwrap_or_else(|| {
+            eprintln!("klspeech: KLSPEECH_CONV_GEMM={v:?} is not one of all, 1, pos, fe, 0: convolutions keep cuDNN's / candle's kernels");
+            Mode::Off
+        })
+    })
+}
+
+/// The mode in force on this thread ([`with_mode`], else `KLSPEECH_CONV_GEMM`).
+pub fn mode() -> Mode {
+    OVERRIDE.with(|m| m.get()).unwrap_or_else(env_mode)
+}
+
+/// Runs `f` with this thread's convolutions in `mode`, then restores the thread's setting
+/// (a thread-local override, so that tests running side by side do not switch each other).
+pub fn with_mode<R>(mode: Mode, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Mode>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|m| m.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|m| m.replace(Some(mode))));
+    f()
+}
+
+/// Runs `f` with this thread's column blocks limited to `bytes` (at least 1) instead of the
+/// default (the tests: blocks of clips and chunks of taps on tiny shapes), then restores the
+/// setting.
+pub fn with_budget<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUDGET.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(BUDGET.with(|b| b.replace(bytes.max(1))));
+    f()
+}
+
+/// Whether a convolution of `stride` on `x` runs here: the mode covers it and `x` has a
+/// float type. (`ops::conv1d_cl` takes the CPU's fused kernels first, where they apply.)
+pub fn applies(x: &Tensor, stride: usize) -> bool {
+    mode().covers(stride) && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16) && x.elem_count() > 0
+}
+
+/// One convolution's sizes: x [B, L, C_in] -> y [B, T, C_out] with T the full output length.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    b: usize,
+    l: usize,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    t: usize,
+}
+
+impl Sizes {
+    /// From x's [B, L, C_in] and w's [C_out, C_g, K] (checked).
+    fn of((b, l, c_in): (usize, usize, usize), (c_out, c_g, k): (usize, usize, usize), stride: usize, padding: usize, groups: usize) -> candle_core::Result<Sizes> {
+        let lp = l + 2 * padding;
+        if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 || lp < k {
+            candle_core::bail!("klspeech conv (gemm): input [{b}, {l}, {c_in}] and kernel [{c_out}, {c_g}, {k}], {groups} groups, stride {stride}, padding {padding}")
+        }
+        Ok(Sizes { b, l, c_in, c_out, k, stride, padding, groups, t: (lp - k) / stride + 1 })
+    }
+    fn cg(&self) -> usize {
+        self.c_in / self.groups
+    }
+    fn og(&self) -> usize {
+        self.c_out / self.groups
+    }
+    fn lp(&self) -> usize {
+        self.l + 2 * self.padding
+    }
+    /// (clips per block, taps per chunk): whole clips while their columns fit the budget,
+    /// else one clip at a time and as many taps as fit (at least one).
+    fn blocking(&self, dtype: DType) -> (usize, usize) {
+        let per_tap = self.t * self.c_in * dtype.size_in_bytes();
+        let per_clip = per_tap * self.k;
+        let budget = match BUDGET.with(|b| b.get()) {
+            0 => default_budget(),
+            b => b,
+        };
+        if per_clip <= budget {
+            ((budget / per_clip.max(1)).clamp(1, self.b), self.k)
+        } else {
+            (1, (budget / per_tap.max(1)).clamp(1, self.k))
+        }
+    }
+}
+
+/// The time indices of taps `k0 .. k0 + kc` of every output frame, frame-major: entry
+/// t kc + j is `t s + k0 + j` (into the padded input).
+fn tap_indices(s: &Sizes, k0: usize, kc: usize, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = (0..s.t).flat_map(|t| (k0..k0 + kc).map(move |k| (t * s.stride + k) as u32)).collect();
+    Tensor::from_vec(idx, s.t * kc, dev)
+}
+
+/// Clips `b0 .. b0 + bc` of x [B, L, C_in] as the group-major padded block [G bc, Lp, C_g].
+fn padded_block(x: &Tensor, s: &Sizes, b0: usize, bc: usize) -> candle_core::Result<Tensor> {
+    let xb = x.narrow(0, b0, bc)?;
+    let xb = if s.groups == 1 { xb } else { xb.reshape((bc, s.l, s.groups, s.cg()))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((s.groups * bc, s.l, s.cg()))? };
+    if s.padding > 0 {
+        xb.pad_with_zeros(1, s.padding, s.padding)
+    } else {
+        Ok(xb)
+    }
+}
+
+/// The columns of taps `k0 .. k0 + kc` of a padded block [G bc, Lp, C_g]: [G, bc T, kc C_g].
+fn columns(xb: &Tensor, s: &Sizes, bc: usize, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
+    let idx = tap_indices(s, k0, kc, xb.device())?;
+    xb.index_select(&idx, 1)?.reshape((s.groups, bc * s.t, kc * s.cg()))
+}
+
+/// A PyTorch weight [C_out, C_g, K] reordered to the columns' tap-major rows: [G, K C_g, og].
+fn weight_rows(w: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
+    w.reshape((s.groups, s.og(), s.cg(), s.k))?.permute((0, 3, 2, 1))?.contiguous()?.reshape((s.groups, s.k * s.cg(), s.og()))
+}
+
+/// Rows `k0 C_g ..` of the reordered weight for a tap chunk: [G, kc C_g, og] (a strided view
+/// that cuBLAS takes as is: batch stride K C_g og, rows contiguous).
+fn weight_chunk(wr: &Tensor, s: &Sizes, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
+    if kc == s.k {
+        Ok(wr.clone())
+    } else {
+        wr.narrow(1, k0 * s.cg(), kc * s.cg())
+    }
+}
+
+/// y [B, T, C_out] (every output frame) = conv1d(x [B, L, C_in], w [C_out, C_in / groups, K]),
+/// channels-last, without recording a gradient.
+pub fn forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> candle_core::Result<Tensor> {
+    let (x, w) = (x.detach().contiguous()?, w.detach());
+    let s = Sizes::of(x.dims3()?, w.dims3()?, stride, padding, groups)?;
+    count(|c| c.forward += 1);
+    forward_rows(&x, &weight_rows(&w, &s)?, &s)
+}
+
+/// [`forward`] with the weight already reordered ([`weight_rows`]).
+fn forward_rows(x: &Tensor, wr: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
+    let (bc_max, kc_max) = s.blocking(x.dtype());
+    let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
+    let mut b0 = 0;
+    while b0 < s.b {
+        let bc = bc_max.min(s.b - b0);
+        let xb = padded_block(x, s, b0, bc)?;
+        let mut y: Option<Tensor> = None;
+        let mut k0 = 0;
+        while k0 < s.k {
+            let kc = kc_max.min(s.k - k0);
+            // [G, bc T, kc C_g] x [G, kc C_g, og] -> [G, bc T, og]
+            let part = columns(&xb, s, bc, k0, kc)?.matmul(&weight_chunk(wr, s, k0, kc)?)?;
+            count(|c| c.gemms += 1);
+            y = Some(match y {
+                Some(y) => (y + part)?,
+                None => part,
+            });
+            k0 += kc;
+        }
+        let y = y.expect("a kernel has at least one tap");
+        // [G, bc T, og] -> [bc, T, C_out] (for one group a plain reshape)
+        blocks.push(if s.groups == 1 { y.reshape((bc, s.t, s.c_out))? } else { y.reshape((s.groups, bc, s.t, s.og()))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((bc, s.t, s.c_out))? });
+        b0 += bc;
+    }
+    if blocks.len() == 1 {
+        Ok(blocks.remove(0))
+    } else {
+        Tensor::cat(&blocks, 0)
+    }
+}
+
+/// dy [B, T, C_out] as group-major rows [G, B T, og].
+fn dy_groups(dy: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
+    if s.groups == 1 {
+        dy.reshape((1, s.b * s.t, s.c_out))
+    } else {
+        dy.reshape((s.b * s.t, s.groups, s.og()))?.transpose(0, 1)?.contiguous()
+    }
+}
+
+/// The weight gradient [C_out, C_in / groups, K] of `forward(x, w)` for the output gradient
+/// dy [B, T, C_out] over every output frame (zeros for frames a caller dropped).
+pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), stride: usize, padding: usize, groups: usize) -> candle_core::Result<Tensor> {
+    let x = x.detach().contiguous()?;
+    let s = Sizes::of(x.dims3()?, w_dims, stride, padding, groups)?;
+    count(|c| c.weight_grad += 1);
+    let dyg = dy_groups(&dy.contiguous()?, &s)?; // [G, B T, og]
+    let (bc_max, kc_max) = s.blocking(x.dtype());
+    // One accumulator per tap chunk: [G, og, kc C_g].
+    let chunks: Vec<(usize, usize)> = (0..s.k).step_by(kc_max).map(|k0| (k0, kc_max.min(s.k - k0))).collect();
+    let mut acc: Vec<Option<Tensor>> = vec![None; chunks.len()];
+    let mut b0 = 0;
+    while b0 < s.b {
+        let bc = bc_max.min(s.b - b0);
+        let xb = padded_block(&x, &s, b0, bc)?;
+        // [G, og, bc T] (a transposed view that cuBLAS reads in place)
+        let dyt = dyg.narrow(1, b0 * s.t, bc * s.t)?.transpose(1, 2)?;
+        for (a, &(k0, kc)) in acc.iter_mut().zip(&chunks) {
+            let part = dyt.matmul(&columns(&xb, &s, bc, k0, kc)?)?;
+            count(|c| c.gemms += 1);
+            *a = Some(match a.take() {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+        }
+        b0 += bc;
+    }
+    let parts: Vec<Tensor> = acc.into_iter().map(|a| a.expect("every chunk saw a block")).collect();
+    let dw = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(&parts, 2)? };
+    // [G, og, K C_g] -> [G, og, K, C_g] -> [C_out, C_g, K]
+    dw.reshape((s.groups, s.og(), s.k, s.cg()))?.permute((0, 1, 3, 2))?.contiguous()?.reshape((s.c_out, s.cg(), s.k))
+}
+
+/// The input gradient dx [B, L, C_in] of `forward(x, w)` for dy [B, T, C_out] over every output
+/// frame. Stride 1: the flipped-kernel convolution of dy (padding K - 1 - p) through
+/// [`forward`]'s gemms; strided: the column gradient added back by phase.
+pub fn input_grad(dy: &Tensor, w: &Tensor, l: usize, stride: usize, padding: usize, groups: usize) -> candle_core::Result<Tensor> {
+    let (dy, w) = (dy.contiguous()?, w.detach());
+    let (b, _t, _c_out) = dy.dims3()?;
+    let (c_out, c_g, k) = w.dims3()?;
+    let s = Sizes::of((b, l, c_g * groups), (c_out, c_g, k), stride, padding, groups)?;
+    count(|c| c.input_grad += 1);
+    if stride == 1 && padding < k {
+        // The transposed convolution: input channels C_out (og per group), output C_in (C_g per
+        // group), taps reversed: rows [G, K og, C_g] with row (k, o) = w[g og + o, :, K - 1 - k].
+        let wt = flip_taps(&w.reshape((groups, c_out / groups, c_g, k))?)?.permute((0, 3, 1, 2))?.contiguous()?.reshape((groups, k * (c_out / groups), c_g))?;
+        let st = Sizes { b, l: s.t, c_in: c_out, c_out: c_g * groups, k, stride: 1, padding: k - 1 - padding, groups, t: l };
+        debug_assert_eq!(st.lp() - k + 1, l);
+        return forward_rows(&dy, &wt, &st);
+    }
+    // Column gradient [G, B T, og] x [G, og, K C_g] -> [G, B T, K C_g]; per group-free layout
+    // [B, T, K, C_in] (a permute for grouped strided convolutions, which wav2vec2 has none of).
+    let wr = weight_rows(&w, &s)?; // [G, K C_g, og]
+    let dcols = dy_groups(&dy, &s)?.matmul(&wr.transpose(1, 2)?)?;
+    let dcols = if groups == 1 {
+        dcols.reshape((s.b, s.t, s.k, s.c_in))?
+    } else {
+        dcols.reshape((groups, s.b, s.t, s.k, s.cg()))?.permute((1, 2, 3, 0, 4))?.contiguous()?.reshape((s.b, s.t, s.k, s.c_in))?
+    };
+    col2im_phases(&dcols, (l, stride, padding))
+}
+
+/// Adds a column gradient dcols [B, T, K, C] back onto the input frames it read: dx [B, L, C]
+/// for a convolution of `stride` with `padding` over L frames. Tap j = q s + r of frame t lands
+/// on padded input frame (t + q) s + r, so with the padded input viewed as [B, Lq, s, C], phase
+/// r is the sum of its taps' [B, T, C] blocks shifted by q frames.
+pub(crate) fn col2im_phases(dcols: &Tensor, (l, s, padding): (usize, usize, usize)) -> candle_core::Result<Tensor> {
+    let (b, t, k, c) = dcols.dims4()?;
+    let lq = (t + (k - 1) / s).max((l + 2 * padding).div_ceil(s));
+    let mut phases = Vec::with_capacity(s);
+    for r in 0..s {
+        let mut acc: Option<Tensor> = None;
+        for q in (0..).take_while(|q| q * s + r < k) {
+            let tap = dcols.narrow(2, q * s + r, 1)?.squeeze(2)?.pad_with_zeros(1, q, lq - t - q)?;
+            acc = Some(match acc {
+                Some(a) => (a + tap)?,
+                None => tap,
+            });
+        }
+        let acc = match acc {
+            Some(a) => a,
+            None => Tensor::zeros((b, lq, c), dcols.dtype(), dcols.device())?,
+        };
+        phases.push(acc.unsqueeze(2)?);
+    }
+    // [B, Lq, s, C] -> [B, Lq s, C] -> the unpadded frames
+    Tensor::cat(&phases, 2)?.reshape((b, lq * s, c))?.narrow(1, padding, l)
+}
+
+/// A kernel with its taps (last axis) reversed.
+fn flip_taps(w: &Tensor) -> candle_core::Result<Tensor> {
+    let k = w.dim(candle_core::D::Minus1)?;
+    let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<u32>>(), k, w.device())?;
+    w.index_select(&rev, w.rank() - 1)
+}
