@@ -431,6 +431,48 @@ fn channels_last_group_norm_in_bf16_and_f16_is_the_f32_kernel_rounded() {
     }
 }
 
+/// The linear layers' in-place bias add: y + b in f32 to the bit, and in bf16 / f16 the f32
+/// sum rounded once to nearest-even; for widths below, at and over one 256-column tile, one
+/// row and more rows than the grid's row groups (each thread walks its column down several
+/// rows). The bias buffer is left as it was.
+#[test]
+fn bias_add_in_place_matches_the_host_sum() {
+    use candle_core::DType;
+    for (case, &(rows, d)) in [(1usize, 3usize), (5, 256), (37, 300), (3, 769), (300, 1024)].iter().enumerate() {
+        let plan = kernels::bias_add(rows, d, DType::F32);
+        // Every (row, column) is reached exactly once: tiles x row groups blocks of 256.
+        let tiles = d.div_ceil(256);
+        assert_eq!(plan.grid as usize % tiles, 0, "[{rows}, {d}]");
+        assert!(plan.grid as usize / tiles <= rows && plan.grid <= 1024 + tiles as u32, "[{rows}, {d}]: grid {}", plan.grid);
+        let seed = 1300 + 10 * case as u64;
+        let y = normal(rows * d, seed, 2.0, 0.5);
+        let b = normal(d, seed + 1, 1.0, -0.25);
+        let got = run(&plan, &[y.clone(), b.clone()]);
+        let want: Vec<f32> = y.iter().enumerate().map(|(i, &v)| v + b[i % d]).collect();
+        assert!(got[0].iter().zip(&want).all(|(a, w)| a.to_bits() == w.to_bits()), "bias add [{rows}, {d}] in f32");
+        assert_eq!(got[1], b);
+        for dtype in [DType::BF16, DType::F16] {
+            let (yh, bh, want): (Buf, Buf, Buf) = match dtype {
+                DType::BF16 => {
+                    let yh: Vec<half::bf16> = y.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                    let bh: Vec<half::bf16> = b.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                    let want = yh.iter().enumerate().map(|(i, v)| half::bf16::from_f32(v.to_f32() + bh[i % d].to_f32()).to_bits()).collect();
+                    (Buf::Bf16(yh.iter().map(|v| v.to_bits()).collect()), Buf::Bf16(bh.iter().map(|v| v.to_bits()).collect()), Buf::Bf16(want))
+                }
+                _ => {
+                    let yh: Vec<half::f16> = y.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    let bh: Vec<half::f16> = b.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    let want = yh.iter().enumerate().map(|(i, v)| half::f16::from_f32(v.to_f32() + bh[i % d].to_f32()).to_bits()).collect();
+                    (Buf::F16(yh.iter().map(|v| v.to_bits()).collect()), Buf::F16(bh.iter().map(|v| v.to_bits()).collect()), Buf::F16(want))
+                }
+            };
+            let got = run_bufs(&kernels::bias_add(rows, d, dtype), &[yh, bh.clone()]);
+            assert_eq!(got[0], want, "bias add [{rows}, {d}] in {dtype:?}");
+            assert_eq!(got[1], bh);
+        }
+    }
+}
+
 /// The keyed normal stream on the emulator gives the host's bits (rng::keyed_normal_vec, with
 /// its own ln, sin and cos polynomials): same key, same values, for an odd count, counts over
 /// several blocks and a grid smaller than the pairs (the kernel strides).

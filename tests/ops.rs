@@ -394,6 +394,47 @@ fn linear_matches_the_composite() {
     }
 }
 
+/// Linear layers on the test device against f64 on the CPU: without gradient (inference) in
+/// f32, bf16 and f16, and the training op (`ops::device::linear_device`) with all three
+/// gradients in f32. On a GPU both add the bias with klspeech's in-place kernel
+/// (`ops::kernels::bias_add`, widths below, at and over one 256-column tile).
+#[test]
+fn linear_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (i, &(rows, d_in, d_out)) in [(1usize, 7usize, 5usize), (37, 64, 256), (130, 96, 769)].iter().enumerate() {
+        let seed = 1400 + 10 * i as u64;
+        let (x, w, b) = (rand(&[rows, d_in], seed, DType::F64), rand(&[d_out, d_in], seed + 1, DType::F64), rand(&[d_out], seed + 2, DType::F64));
+        let reference = |t: &[Tensor]| t[0].matmul(&t[1].t().unwrap()).unwrap().broadcast_add(&t[2]).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let y = ops::linear(&on(&x), &on(&w), Some(&on(&b))).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let e = rel(&y.to_device(&Device::Cpu).unwrap(), &reference(&[of(&x), of(&w), of(&b)]));
+            assert!(e <= tol, "linear [{rows}, {d_in}] -> {d_out} on {dev:?} in {dtype:?}: {e:e}");
+        }
+        let run = |t: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = t.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts);
+            let r = rand(y.dims(), seed + 3, DType::F64).to_dtype(y.dtype()).unwrap().to_device(y.device()).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            let mut out = vec![cpu(&y)];
+            out.extend(vars.iter().map(|v| cpu(grads.get(v.as_tensor()).unwrap())));
+            out
+        };
+        let on = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap();
+        let of = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_dtype(DType::F64).unwrap();
+        let got = run(&[on(&x), on(&w), on(&b)], &|t| ops::device::linear_device(&t[0], &t[1], Some(&t[2])).unwrap());
+        let want = run(&[of(&x), of(&w), of(&b)], &reference);
+        for (name, a, r) in ["value", "dx", "dw", "db"].iter().zip(&got).zip(&want).map(|((n, a), r)| (n, a, r)) {
+            let e = rel(a, r);
+            assert!(e <= 1e-5, "training linear [{rows}, {d_in}] -> {d_out} on {dev:?}: {name} {e:e}");
+        }
+    }
+}
+
 /// The device linear layer hands its weight and bias gradients to ops::backward's store (the
 /// same bits as plain backward), and takes none for inputs that need none.
 #[test]

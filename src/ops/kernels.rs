@@ -162,6 +162,22 @@ pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool, dty
     group_norm_plan(name, b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
 }
 
+/// y += b over y's rows in place: buffers [y [rows, d], b [d]], both of `dtype` (f32, bf16 or
+/// f16; the sum in f32, rounded once). 256 columns a block, blocks over (row groups x column
+/// tiles), about 1024 of them at most (an H100 / H200 holds some 270 000 threads at once: one
+/// wave), each thread walking its column down every `row_groups`-th row.
+pub fn bias_add(rows: usize, d: usize, dtype: DType) -> Launch {
+    let name = match dtype {
+        DType::BF16 => "kl_bias_add_bf16",
+        DType::F16 => "kl_bias_add_f16",
+        _ => "kl_bias_add",
+    };
+    let tiles = d.div_ceil(256).max(1);
+    let row_groups = (1024 / tiles).clamp(1, rows.max(1));
+    let grid = u32::try_from(tiles * row_groups).expect("klspeech kernels: grid over 2^32");
+    Launch { name, grid, block: 256, args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::I32(i32_of(row_groups))] }
+}
+
 /// Its backward (without GELU): buffers [x, w, g, out], out [b t c + b 2 c]: dx, then each
 /// clip's sums [g x̂; g] over its frames, for [`colsum`] over the clips (dw, db).
 pub fn group_norm_cl_bwd(b: usize, t: usize, c: usize, eps: f64) -> Launch {
@@ -683,6 +699,44 @@ pub fn dropout_mask_like(like: &Tensor, p: f64, key: u64) -> candle_core::Result
     like.detach().apply_op1_no_bwd(&KeyedFill::DropoutMask(p, key))
 }
 
+/// [`bias_add`] as an in-place candle op on (y, b).
+struct BiasAdd;
+
+impl candle_core::InplaceOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-bias-add"
+    }
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<()> {
+        candle_core::bail!("klspeech-kernel-bias-add: a CUDA kernel")
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, y: &mut candle_core::CudaStorage, ly: &candle_core::Layout, b: &candle_core::CudaStorage, lb: &candle_core::Layout) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let d = lb.shape().elem_count();
+            let rows = ly.shape().elem_count() / d.max(1);
+            let dtype = candle_core::backend::BackendStorage::dtype(y);
+            gpu::launch_in_place(&bias_add(rows, d, dtype), y, ly, &[(b, lb)])
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-bias-add: built without CUDA")
+        }
+    }
+}
+
+/// `y + b` over y's last axis (b [d], y [.., d]) where [`apply_any_float`] holds for y, b is of
+/// y's type and y is contiguous and outside any graph (a product just made by the caller, which
+/// nothing else holds): [`bias_add`] in place, one pass over y. Otherwise candle's broadcast add.
+pub(crate) fn add_bias_fresh(y: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let d = y.dim(candle_core::D::Minus1)?;
+    if apply_any_float(&y) && !y.track_op() && y.is_contiguous() && b.dtype() == y.dtype() && b.dims() == [d] {
+        y.inplace_op2(&b.detach().contiguous()?, &BiasAdd)?;
+        return Ok(y);
+    }
+    y.broadcast_add(b)
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) use gpu::launch_in_place;
 
@@ -698,21 +752,32 @@ mod gpu {
     /// The kernels, compiled to PTX by build.rs.
     pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/klspeech_kernels.ptx"));
 
-    /// Runs `plan` on `target` in place (its first buffer, contiguous f32) with `inputs` after
-    /// it.
+    /// Runs `plan` on `target` in place (its first buffer, contiguous f32; bf16 or f16 for the
+    /// kernels that take them) with `inputs` of the same type after it.
     pub(crate) fn launch_in_place(plan: &Launch, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
+        match target.dtype() {
+            DType::F32 => launch_in_place_as::<f32>(plan, target, tl, inputs),
+            DType::BF16 => launch_in_place_as::<half::bf16>(plan, target, tl, inputs),
+            DType::F16 => launch_in_place_as::<half::f16>(plan, target, tl, inputs),
+            other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
+        }
+    }
+
+    fn launch_in_place_as<T: CudaDType + DeviceRepr>(plan: &Launch, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
         let Some((a, _)) = tl.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous in-place target", plan.name) };
+        let size = std::mem::size_of::<T>() as u64;
         let dev = target.device().clone();
         let stream = dev.cuda_stream();
         let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 1);
-        let t = target.as_cuda_slice_mut::<f32>()?;
+        let t = target.as_cuda_slice_mut::<T>()?;
         let (p, tg) = t.device_ptr_mut(&stream);
-        ptrs.push(p + 4 * a as u64);
+        ptrs.push(p + size * a as u64);
         let mut guards = Vec::with_capacity(inputs.len());
         for (s, l) in inputs {
             let Some((a, _)) = l.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous input", plan.name) };
-            let (p, g) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
-            ptrs.push(p + 4 * a as u64);
+            // (An input of another type is an error here, not a misread buffer.)
+            let (p, g) = s.as_cuda_slice::<T>()?.device_ptr(&stream);
+            ptrs.push(p + size * a as u64);
             guards.push(g);
         }
         run_plan(&dev, plan, &ptrs)?;

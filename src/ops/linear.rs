@@ -168,7 +168,8 @@ impl CustomOp3 for LinearBwd {
 }
 
 /// `x w^T + b` for x [rows, in], w [out, in] (PyTorch's layout), b [out]: differentiable in all
-/// three. On the CPU in f32/f64 the gemm-direct op above; elsewhere candle's matmul and add.
+/// three. On the CPU in f32/f64 the gemm-direct op above; elsewhere candle's matmul and add
+/// (on a GPU without gradient klspeech's in-place bias kernel, `kernels::add_bias_fresh`).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (rows, d_in) = x.dims2()?;
     let (d_out, w_in) = w.dims2()?;
@@ -181,7 +182,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !fused(x) || w.dtype() != x.dtype() {
         let y = x.matmul(&w.t()?)?;
         return Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => super::kernels::add_bias_fresh(y, b)?,
             None => y,
         });
     }
@@ -226,7 +227,7 @@ pub fn linear_transposed(x: &Tensor, wt: &Tensor, b: Option<&Tensor>) -> Result<
     if !fused(x) || wt.dtype() != x.dtype() {
         let y = x.matmul(wt)?;
         return Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => super::kernels::add_bias_fresh(y, b)?,
             None => y,
         });
     }
