@@ -147,14 +147,18 @@ pub fn attention_infer(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<
 pub fn attention_composite(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, t, h3) = qkv.dims3()?;
     let (h, hd) = (h3 / 3, h3 / 3 / heads);
-    let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i * h, h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?) };
-    let mut scores = (split(0)?.matmul(&split(1)?.transpose(2, 3)?)? * scale)?; // [B, nh, T, T]
+    // [B, T, 3, nh, hd] -> [3, B, nh, T, hd]: one copy for q, k and v.
+    let qkv = qkv.reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+    // The scale on q ([B, nh, T, hd], T / hd times smaller than the scores; the same values
+    // when it is a power of two, as 1 / sqrt(64)), and k^T read transposed in place by gemm.
+    let q = (qkv.get(0)? * scale)?;
+    let mut scores = q.matmul(&qkv.get(1)?.transpose(2, 3)?)?; // [B, nh, T, T]
     if let Some(kb) = key_bias {
         scores = scores.broadcast_add(&kb.reshape((b, 1, 1, t))?)?;
     }
     // candle's fused softmax (no gradient is taken here; on a GPU it is one kernel).
     let p = super::softmax_last_dim_infer(&scores)?;
-    Ok(p.matmul(&split(2)?)?.transpose(1, 2)?.reshape((b, t, h))?)
+    Ok(p.matmul(&qkv.get(2)?)?.transpose(1, 2)?.reshape((b, t, h))?)
 }
 
 // ---------------------------------------------------------------------------------------------

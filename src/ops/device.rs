@@ -277,7 +277,8 @@ impl AttentionDevice {
         // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
         let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let mut s = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * self.scale)?; // [B, nh, T, T]
+        // (cuBLAS reads k^T, like the transposes below, in place.)
+        let mut s = (q.matmul(&k.transpose(2, 3)?)? * self.scale)?; // [B, nh, T, T]
         if let Some(kb) = &self.key_bias {
             s = s.broadcast_add(&kb.reshape((b, 1, 1, t))?)?;
         }
@@ -324,8 +325,8 @@ impl CustomOp1 for AttentionDevice {
             Some(m) => p.mul(m)?,
             None => p.clone(),
         };
-        let dv = pd.transpose(2, 3)?.contiguous()?.matmul(&g)?;
-        let dp = g.matmul(&v.transpose(2, 3)?.contiguous()?)?;
+        let dv = pd.transpose(2, 3)?.matmul(&g)?;
+        let dp = g.matmul(&v.transpose(2, 3)?)?;
         let ds = if super::kernels::apply(&dp) {
             // One kernel: the mask, the row sums and the scale.
             super::kernels::softmax_bwd_of(&p, &dp, mask.as_ref(), self.scale)?
@@ -337,7 +338,7 @@ impl CustomOp1 for AttentionDevice {
             (p.mul(&dp.broadcast_sub(&dp.mul(&p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?
         };
         let dq = ds.matmul(&k)?;
-        let dk = ds.transpose(2, 3)?.contiguous()?.matmul(&q)?;
+        let dk = ds.transpose(2, 3)?.matmul(&q)?;
         // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]
         Ok(Some(Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?.reshape((b, t, h3))?))
     }
