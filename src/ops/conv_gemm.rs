@@ -219,19 +219,32 @@ impl Sizes {
         self.l + 2 * self.padding
     }
     /// (clips per block, taps per chunk): whole clips while their columns fit the budget,
-    /// else one clip at a time and as many taps as fit (at least one).
-    fn blocking(&self, dtype: DType) -> (usize, usize) {
-        let per_tap = self.t * self.c_in * dtype.size_in_bytes();
-        let per_clip = per_tap * self.k;
+    /// else one clip at a time and as many taps as fit (at least one). candle's CUDA gather
+    /// indexes with 32-bit integers, so a block's input and columns also stay under 2^31
+    /// elements (an error if one clip's padded input or one tap of its columns does not).
+    fn blocking(&self, dtype: DType) -> candle_core::Result<(usize, usize)> {
+        const MAX_ELEMS: usize = (1 << 31) - 1;
+        let elt = dtype.size_in_bytes();
+        let (tap_elems, input_elems) = (self.t * self.c_in, self.lp() * self.c_in);
+        if tap_elems > MAX_ELEMS || input_elems > MAX_ELEMS {
+            candle_core::bail!(
+                "klspeech conv (gemm): one clip of {} frames x {} channels is over 2^31 values; split the audio or unset KLSPEECH_CONV_GEMM",
+                self.lp(),
+                self.c_in
+            )
+        }
         let budget = match BUDGET.with(|b| b.get()) {
             0 => default_budget(),
             b => b,
-        };
-        if per_clip <= budget {
-            ((budget / per_clip.max(1)).clamp(1, self.b), self.k)
+        }
+        .min(MAX_ELEMS * elt);
+        let (per_tap, per_clip) = (tap_elems * elt, tap_elems * elt * self.k);
+        let by_input = (MAX_ELEMS / input_elems.max(1)).max(1);
+        Ok(if per_clip <= budget {
+            ((budget / per_clip.max(1)).clamp(1, self.b).min(by_input), self.k)
         } else {
             (1, (budget / per_tap.max(1)).clamp(1, self.k))
-        }
+        })
     }
 }
 
@@ -285,7 +298,7 @@ pub fn forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: us
 
 /// [`forward`] with the weight already reordered ([`weight_rows`]).
 fn forward_rows(x: &Tensor, wr: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
-    let (bc_max, kc_max) = s.blocking(x.dtype());
+    let (bc_max, kc_max) = s.blocking(x.dtype())?;
     let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
     let mut b0 = 0;
     while b0 < s.b {
@@ -332,7 +345,7 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
     let s = Sizes::of(x.dims3()?, w_dims, stride, padding, groups)?;
     count(|c| c.weight_grad += 1);
     let dyg = dy_groups(&dy.contiguous()?, &s)?; // [G, B T, og]
-    let (bc_max, kc_max) = s.blocking(x.dtype());
+    let (bc_max, kc_max) = s.blocking(x.dtype())?;
     // One accumulator per tap chunk: [G, og, kc C_g].
     let chunks: Vec<(usize, usize)> = (0..s.k).step_by(kc_max).map(|k0| (k0, kc_max.min(s.k - k0))).collect();
     let mut acc: Vec<Option<Tensor>> = vec![None; chunks.len()];
