@@ -31,6 +31,23 @@ fn conv1d_values_and_gradients() {
     }
 }
 
+/// (stride, padding, groups, K, L, max_t) of the training-convolution tests: strides 1 to 5,
+/// kernels shorter than, as long as and much longer than their stride, padding, groups, and
+/// outputs cut short.
+const CASES: [(usize, usize, usize, usize, usize, Option<usize>); 11] = [
+    (1, 0, 1, 3, 23, None),
+    (2, 0, 1, 3, 23, Some(9)),
+    (2, 0, 1, 2, 16, None),
+    (5, 0, 1, 10, 57, None),
+    (1, 2, 2, 4, 17, None),
+    (3, 1, 4, 5, 31, Some(4)),
+    (1, 4, 2, 8, 19, None),
+    (1, 4, 2, 8, 19, Some(19)),
+    (2, 3, 2, 7, 16, None),
+    (1, 3, 2, 6, 15, Some(12)),
+    (1, 1, 4, 6, 20, None),
+];
+
 /// The GPU's training convolution (`conv1d_cl_recompute`: candle's forward, klspeech's backward
 /// from recomputed columns, a flipped-kernel convolution (stride 1, K > 3) or the column
 /// gradient added back tap by tap), run here on the CPU: values equal
@@ -41,19 +58,8 @@ fn conv1d_values_and_gradients() {
 fn recompute_conv_values_and_gradients() {
     // KLSPEECH_TEST_DEVICE=cuda runs it on the GPU (tools/gpu_check.sh): cuDNN's forward there.
     let dev = common::device();
-    let cases = [
-        (1usize, 0usize, 1usize, 3usize, 23usize, None),
-        (2, 0, 1, 3, 23, Some(9usize)),
-        (5, 0, 1, 10, 57, None),
-        (1, 2, 2, 4, 17, None),
-        (3, 1, 4, 5, 31, Some(4)),
-        (1, 4, 2, 8, 19, None),
-        (2, 3, 2, 7, 16, None),
-        (1, 3, 2, 6, 15, Some(12)),
-        (1, 1, 4, 6, 20, None),
-    ];
-    for (stride, pad, groups, k, l, max_t) in cases {
-        recompute_case(&dev, (stride, pad, groups, k, l, max_t));
+    for case in CASES {
+        recompute_case(&dev, case);
     }
 }
 
@@ -65,18 +71,7 @@ fn recompute_conv_values_and_gradients() {
 fn gemm_conv_values_and_gradients() {
     use klspeech::ops::conv_gemm::{with_budget, with_mode, Mode};
     let dev = common::device();
-    let cases = [
-        (1usize, 0usize, 1usize, 3usize, 23usize, None),
-        (2, 0, 1, 3, 23, Some(9usize)),
-        (2, 0, 1, 2, 16, None),
-        (5, 0, 1, 10, 57, None),
-        (1, 2, 2, 4, 17, None),
-        (3, 1, 4, 5, 31, Some(4)),
-        (1, 4, 2, 8, 19, Some(19)),
-        (2, 3, 2, 7, 16, None),
-        (1, 1, 4, 6, 20, None),
-    ];
-    for case in cases {
+    for case in CASES {
         let (stride, pad, _groups, k, l, _) = case;
         // Columns of one tap of one clip (f64, 4 input channels).
         let per_tap = ((l + 2 * pad - k) / stride + 1) * 4 * 8;

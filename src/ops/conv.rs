@@ -24,29 +24,29 @@ use rayon::prelude::*;
 use super::{data, fused, mm, output_buf, Ptr};
 use crate::error::{Error, Result};
 
-/// Geometry of one convolution: x [B, L, C_in] -> y [B, T, C_out].
+/// Geometry of one convolution: x [B, L, C_in] -> y [B, T, C_out] (also `super::conv_gemm`'s).
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    b: usize,
-    l: usize,
-    c_in: usize,
-    c_out: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    groups: usize,
+pub(super) struct Geom {
+    pub(super) b: usize,
+    pub(super) l: usize,
+    pub(super) c_in: usize,
+    pub(super) c_out: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
+    pub(super) groups: usize,
     /// Output frames (possibly fewer than the convolution yields, see `max_t`).
-    t: usize,
+    pub(super) t: usize,
 }
 
 impl Geom {
-    fn cg(&self) -> usize {
+    pub(super) fn cg(&self) -> usize {
         self.c_in / self.groups
     }
-    fn og(&self) -> usize {
+    pub(super) fn og(&self) -> usize {
         self.c_out / self.groups
     }
-    fn lp(&self) -> usize {
+    pub(super) fn lp(&self) -> usize {
         self.l + 2 * self.padding
     }
     /// K * C_g: one output frame's receptive field.

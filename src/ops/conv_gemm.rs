@@ -35,6 +35,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Tensor};
 
+use super::conv::Geom;
+
 /// Upper bound on one gathered column block (bytes) unless `KLSPEECH_CONV_GEMM_MIB` sets
 /// another: 256 MiB keeps the positional conv's columns (a 10 s clip: 196 MB in f32) to one
 /// clip at a time and adds little to the peak.
@@ -186,77 +188,53 @@ pub fn applies(x: &Tensor, stride: usize) -> bool {
     mode().covers(stride) && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16) && x.elem_count() > 0
 }
 
-/// One convolution's sizes: x [B, L, C_in] -> y [B, T, C_out] with T the full output length.
-#[derive(Debug, Clone, Copy)]
-struct Sizes {
-    b: usize,
-    l: usize,
-    c_in: usize,
-    c_out: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    groups: usize,
-    t: usize,
+/// The geometry of x [B, L, C_in] * w [C_out, C_g, K] (checked), T the full output length.
+fn sizes((b, l, c_in): (usize, usize, usize), (c_out, c_g, k): (usize, usize, usize), stride: usize, padding: usize, groups: usize) -> candle_core::Result<Geom> {
+    let lp = l + 2 * padding;
+    if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 || lp < k {
+        candle_core::bail!("klspeech conv (gemm): input [{b}, {l}, {c_in}] and kernel [{c_out}, {c_g}, {k}], {groups} groups, stride {stride}, padding {padding}")
+    }
+    Ok(Geom { b, l, c_in, c_out, k, stride, padding, groups, t: (lp - k) / stride + 1 })
 }
 
-impl Sizes {
-    /// From x's [B, L, C_in] and w's [C_out, C_g, K] (checked).
-    fn of((b, l, c_in): (usize, usize, usize), (c_out, c_g, k): (usize, usize, usize), stride: usize, padding: usize, groups: usize) -> candle_core::Result<Sizes> {
-        let lp = l + 2 * padding;
-        if groups == 0 || c_in != c_g * groups || c_out % groups != 0 || stride == 0 || lp < k {
-            candle_core::bail!("klspeech conv (gemm): input [{b}, {l}, {c_in}] and kernel [{c_out}, {c_g}, {k}], {groups} groups, stride {stride}, padding {padding}")
-        }
-        Ok(Sizes { b, l, c_in, c_out, k, stride, padding, groups, t: (lp - k) / stride + 1 })
+/// (clips per block, taps per chunk): whole clips while their columns fit the budget,
+/// else one clip at a time and as many taps as fit (at least one). candle's CUDA gather
+/// indexes with 32-bit integers, so a block's input and columns also stay under 2^31
+/// elements (an error if one clip's padded input or one tap of its columns does not).
+fn blocking(s: &Geom, dtype: DType) -> candle_core::Result<(usize, usize)> {
+    const MAX_ELEMS: usize = (1 << 31) - 1;
+    let elt = dtype.size_in_bytes();
+    let (tap_elems, input_elems) = (s.t * s.c_in, s.lp() * s.c_in);
+    if tap_elems > MAX_ELEMS || input_elems > MAX_ELEMS {
+        candle_core::bail!(
+            "klspeech conv (gemm): one clip of {} frames x {} channels is over 2^31 values; split the audio or unset KLSPEECH_CONV_GEMM",
+            s.lp(),
+            s.c_in
+        )
     }
-    fn cg(&self) -> usize {
-        self.c_in / self.groups
+    let budget = match BUDGET.with(|b| b.get()) {
+        0 => default_budget(),
+        b => b,
     }
-    fn og(&self) -> usize {
-        self.c_out / self.groups
-    }
-    fn lp(&self) -> usize {
-        self.l + 2 * self.padding
-    }
-    /// (clips per block, taps per chunk): whole clips while their columns fit the budget,
-    /// else one clip at a time and as many taps as fit (at least one). candle's CUDA gather
-    /// indexes with 32-bit integers, so a block's input and columns also stay under 2^31
-    /// elements (an error if one clip's padded input or one tap of its columns does not).
-    fn blocking(&self, dtype: DType) -> candle_core::Result<(usize, usize)> {
-        const MAX_ELEMS: usize = (1 << 31) - 1;
-        let elt = dtype.size_in_bytes();
-        let (tap_elems, input_elems) = (self.t * self.c_in, self.lp() * self.c_in);
-        if tap_elems > MAX_ELEMS || input_elems > MAX_ELEMS {
-            candle_core::bail!(
-                "klspeech conv (gemm): one clip of {} frames x {} channels is over 2^31 values; split the audio or unset KLSPEECH_CONV_GEMM",
-                self.lp(),
-                self.c_in
-            )
-        }
-        let budget = match BUDGET.with(|b| b.get()) {
-            0 => default_budget(),
-            b => b,
-        }
-        .min(MAX_ELEMS * elt);
-        let (per_tap, per_clip) = (tap_elems * elt, tap_elems * elt * self.k);
-        let by_input = (MAX_ELEMS / input_elems.max(1)).max(1);
-        Ok(if per_clip <= budget {
-            ((budget / per_clip.max(1)).clamp(1, self.b).min(by_input), self.k)
-        } else {
-            (1, (budget / per_tap.max(1)).clamp(1, self.k))
-        })
-    }
+    .min(MAX_ELEMS * elt);
+    let (per_tap, per_clip) = (tap_elems * elt, tap_elems * elt * s.k);
+    let by_input = (MAX_ELEMS / input_elems.max(1)).max(1);
+    Ok(if per_clip <= budget {
+        ((budget / per_clip.max(1)).clamp(1, s.b).min(by_input), s.k)
+    } else {
+        (1, (budget / per_tap.max(1)).clamp(1, s.k))
+    })
 }
 
 /// The time indices of taps `k0 .. k0 + kc` of every output frame, frame-major: entry
 /// t kc + j is `t s + k0 + j` (into the padded input).
-fn tap_indices(s: &Sizes, k0: usize, kc: usize, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+fn tap_indices(s: &Geom, k0: usize, kc: usize, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
     let idx: Vec<u32> = (0..s.t).flat_map(|t| (k0..k0 + kc).map(move |k| (t * s.stride + k) as u32)).collect();
     Tensor::from_vec(idx, s.t * kc, dev)
 }
 
 /// Clips `b0 .. b0 + bc` of x [B, L, C_in] as the group-major padded block [G bc, Lp, C_g].
-fn padded_block(x: &Tensor, s: &Sizes, b0: usize, bc: usize) -> candle_core::Result<Tensor> {
+fn padded_block(x: &Tensor, s: &Geom, b0: usize, bc: usize) -> candle_core::Result<Tensor> {
     let xb = x.narrow(0, b0, bc)?;
     let xb = if s.groups == 1 { xb } else { xb.reshape((bc, s.l, s.groups, s.cg()))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((s.groups * bc, s.l, s.cg()))? };
     if s.padding > 0 {
@@ -267,19 +245,19 @@ fn padded_block(x: &Tensor, s: &Sizes, b0: usize, bc: usize) -> candle_core::Res
 }
 
 /// The columns of taps `k0 .. k0 + kc` of a padded block [G bc, Lp, C_g]: [G, bc T, kc C_g].
-fn columns(xb: &Tensor, s: &Sizes, bc: usize, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
+fn columns(xb: &Tensor, s: &Geom, bc: usize, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
     let idx = tap_indices(s, k0, kc, xb.device())?;
     xb.index_select(&idx, 1)?.reshape((s.groups, bc * s.t, kc * s.cg()))
 }
 
 /// A PyTorch weight [C_out, C_g, K] reordered to the columns' tap-major rows: [G, K C_g, og].
-fn weight_rows(w: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
+fn weight_rows(w: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
     w.reshape((s.groups, s.og(), s.cg(), s.k))?.permute((0, 3, 2, 1))?.contiguous()?.reshape((s.groups, s.k * s.cg(), s.og()))
 }
 
 /// Rows `k0 C_g ..` of the reordered weight for a tap chunk: [G, kc C_g, og] (a strided view
 /// that cuBLAS takes as is: batch stride K C_g og, rows contiguous).
-fn weight_chunk(wr: &Tensor, s: &Sizes, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
+fn weight_chunk(wr: &Tensor, s: &Geom, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
     if kc == s.k {
         Ok(wr.clone())
     } else {
@@ -291,14 +269,14 @@ fn weight_chunk(wr: &Tensor, s: &Sizes, k0: usize, kc: usize) -> candle_core::Re
 /// channels-last, without recording a gradient.
 pub fn forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: usize) -> candle_core::Result<Tensor> {
     let (x, w) = (x.detach().contiguous()?, w.detach());
-    let s = Sizes::of(x.dims3()?, w.dims3()?, stride, padding, groups)?;
+    let s = sizes(x.dims3()?, w.dims3()?, stride, padding, groups)?;
     count(|c| c.forward += 1);
     forward_rows(&x, &weight_rows(&w, &s)?, &s)
 }
 
 /// [`forward`] with the weight already reordered ([`weight_rows`]).
-fn forward_rows(x: &Tensor, wr: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
-    let (bc_max, kc_max) = s.blocking(x.dtype())?;
+fn forward_rows(x: &Tensor, wr: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
+    let (bc_max, kc_max) = blocking(s, x.dtype())?;
     let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
     let mut b0 = 0;
     while b0 < s.b {
@@ -330,7 +308,7 @@ fn forward_rows(x: &Tensor, wr: &Tensor, s: &Sizes) -> candle_core::Result<Tenso
 }
 
 /// dy [B, T, C_out] as group-major rows [G, B T, og].
-fn dy_groups(dy: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
+fn dy_groups(dy: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
     if s.groups == 1 {
         dy.reshape((1, s.b * s.t, s.c_out))
     } else {
@@ -342,10 +320,10 @@ fn dy_groups(dy: &Tensor, s: &Sizes) -> candle_core::Result<Tensor> {
 /// dy [B, T, C_out] over every output frame (zeros for frames a caller dropped).
 pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), stride: usize, padding: usize, groups: usize) -> candle_core::Result<Tensor> {
     let x = x.detach().contiguous()?;
-    let s = Sizes::of(x.dims3()?, w_dims, stride, padding, groups)?;
+    let s = sizes(x.dims3()?, w_dims, stride, padding, groups)?;
     count(|c| c.weight_grad += 1);
     let dyg = dy_groups(&dy.contiguous()?, &s)?; // [G, B T, og]
-    let (bc_max, kc_max) = s.blocking(x.dtype())?;
+    let (bc_max, kc_max) = blocking(&s, x.dtype())?;
     // One accumulator per tap chunk: [G, og, kc C_g].
     let chunks: Vec<(usize, usize)> = (0..s.k).step_by(kc_max).map(|k0| (k0, kc_max.min(s.k - k0))).collect();
     let mut acc: Vec<Option<Tensor>> = vec![None; chunks.len()];
@@ -378,13 +356,13 @@ pub fn input_grad(dy: &Tensor, w: &Tensor, l: usize, stride: usize, padding: usi
     let (dy, w) = (dy.contiguous()?, w.detach());
     let (b, _t, _c_out) = dy.dims3()?;
     let (c_out, c_g, k) = w.dims3()?;
-    let s = Sizes::of((b, l, c_g * groups), (c_out, c_g, k), stride, padding, groups)?;
+    let s = sizes((b, l, c_g * groups), (c_out, c_g, k), stride, padding, groups)?;
     count(|c| c.input_grad += 1);
     if stride == 1 && padding < k {
         // The transposed convolution: input channels C_out (og per group), output C_in (C_g per
         // group), taps reversed: rows [G, K og, C_g] with row (k, o) = w[g og + o, :, K - 1 - k].
         let wt = flip_taps(&w.reshape((groups, c_out / groups, c_g, k))?)?.permute((0, 3, 1, 2))?.contiguous()?.reshape((groups, k * (c_out / groups), c_g))?;
-        let st = Sizes { b, l: s.t, c_in: c_out, c_out: c_g * groups, k, stride: 1, padding: k - 1 - padding, groups, t: l };
+        let st = Geom { b, l: s.t, c_in: c_out, c_out: c_g * groups, k, stride: 1, padding: k - 1 - padding, groups, t: l };
         debug_assert_eq!(st.lp() - k + 1, l);
         return forward_rows(&dy, &wt, &st);
     }
