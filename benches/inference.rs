@@ -369,6 +369,8 @@ fn main() {
     let py = python();
     println!("device: {device_name}; threads: {threads}; PyTorch: {}", py.as_deref().unwrap_or("not found (set KLSPEECH_PYTHON)"));
     if gpu {
+        // Which convolutions the rows run (the device ones; the CPU has its own).
+        println!("convolutions off the CPU: column gemms {:?} (KLSPEECH_CONV_GEMM), cuDNN channels-last elsewhere where built", klspeech::ops::conv_gemm::mode());
         gpu_table(&dev, &wanted, threads, py.as_deref());
         return;
     }
