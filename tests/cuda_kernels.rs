@@ -432,14 +432,30 @@ fn channels_last_group_norm_in_bf16_and_f16_is_the_f32_kernel_rounded() {
 }
 
 /// The linear layers' in-place bias add: y + b in f32 to the bit, and in bf16 / f16 the f32
-/// sum rounded once to nearest-even; for widths below, at and over one 256-column tile, one
-/// row and more rows than the grid's row groups (each thread walks its column down several
-/// rows). The bias buffer is left as it was.
+/// sum rounded once to nearest-even; with the GELU after it (inference's feed-forward), the
+/// bits of the two kernels one after the other (`kl_gelu_fwd` on the sum, in f32, rounded to
+/// the type). For widths below, at and over one 256-column tile, one row and more rows than
+/// the grid's row groups (each thread walks its column down several rows). The bias buffer is
+/// left as it was.
 #[test]
 fn bias_add_in_place_matches_the_host_sum() {
     use candle_core::DType;
+    // f32 values as bf16 / f16 bits and back (nearest even), by type.
+    let to_bits = |dtype: DType, v: &[f32]| -> Buf {
+        match dtype {
+            DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+            _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+        }
+    };
+    let to_f32 = |b: &Buf| -> Vec<f32> {
+        match b {
+            Buf::Bf16(v) => v.iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect(),
+            Buf::F16(v) => v.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect(),
+            Buf::F32(v) => v.clone(),
+        }
+    };
     for (case, &(rows, d)) in [(1usize, 3usize), (5, 256), (37, 300), (3, 769), (300, 1024)].iter().enumerate() {
-        let plan = kernels::bias_add(rows, d, DType::F32);
+        let plan = kernels::bias_add(rows, d, DType::F32, false);
         // Every (row, column) is reached exactly once: tiles x row groups blocks of 256.
         let tiles = d.div_ceil(256);
         assert_eq!(plan.grid as usize % tiles, 0, "[{rows}, {d}]");
@@ -451,24 +467,19 @@ fn bias_add_in_place_matches_the_host_sum() {
         let want: Vec<f32> = y.iter().enumerate().map(|(i, &v)| v + b[i % d]).collect();
         assert!(got[0].iter().zip(&want).all(|(a, w)| a.to_bits() == w.to_bits()), "bias add [{rows}, {d}] in f32");
         assert_eq!(got[1], b);
+        let gelu_of = |v: &[f32]| run(&kernels::gelu_fwd(v.len()), &[v.to_vec(), vec![f32::NAN; v.len()]])[1].clone();
+        let fused = run(&kernels::bias_add(rows, d, DType::F32, true), &[y.clone(), b.clone()]);
+        assert!(fused[0].iter().zip(&gelu_of(&want)).all(|(a, w)| a.to_bits() == w.to_bits()), "bias add + GELU [{rows}, {d}] in f32");
         for dtype in [DType::BF16, DType::F16] {
-            let (yh, bh, want): (Buf, Buf, Buf) = match dtype {
-                DType::BF16 => {
-                    let yh: Vec<half::bf16> = y.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                    let bh: Vec<half::bf16> = b.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                    let want = yh.iter().enumerate().map(|(i, v)| half::bf16::from_f32(v.to_f32() + bh[i % d].to_f32()).to_bits()).collect();
-                    (Buf::Bf16(yh.iter().map(|v| v.to_bits()).collect()), Buf::Bf16(bh.iter().map(|v| v.to_bits()).collect()), Buf::Bf16(want))
-                }
-                _ => {
-                    let yh: Vec<half::f16> = y.iter().map(|&v| half::f16::from_f32(v)).collect();
-                    let bh: Vec<half::f16> = b.iter().map(|&v| half::f16::from_f32(v)).collect();
-                    let want = yh.iter().enumerate().map(|(i, v)| half::f16::from_f32(v.to_f32() + bh[i % d].to_f32()).to_bits()).collect();
-                    (Buf::F16(yh.iter().map(|v| v.to_bits()).collect()), Buf::F16(bh.iter().map(|v| v.to_bits()).collect()), Buf::F16(want))
-                }
-            };
-            let got = run_bufs(&kernels::bias_add(rows, d, dtype), &[yh, bh.clone()]);
+            let (yh, bh) = (to_bits(dtype, &y), to_bits(dtype, &b));
+            let (yr, br) = (to_f32(&yh), to_f32(&bh));
+            let sum: Vec<f32> = yr.iter().enumerate().map(|(i, &v)| v + br[i % d]).collect();
+            let want = to_bits(dtype, &sum);
+            let got = run_bufs(&kernels::bias_add(rows, d, dtype, false), &[yh.clone(), bh.clone()]);
             assert_eq!(got[0], want, "bias add [{rows}, {d}] in {dtype:?}");
             assert_eq!(got[1], bh);
+            let got = run_bufs(&kernels::bias_add(rows, d, dtype, true), &[yh, bh]);
+            assert_eq!(got[0], to_bits(dtype, &gelu_of(&to_f32(&want))), "bias add + GELU [{rows}, {d}] in {dtype:?}");
         }
     }
 }

@@ -395,7 +395,7 @@ fn linear_matches_the_composite() {
 }
 
 /// Linear layers on the test device against f64 on the CPU: without gradient (inference) in
-/// f32, bf16 and f16, and the training op (`ops::device::linear_device`) with all three
+/// f32, bf16 and f16, with the erf GELU after it too (`ops::linear_gelu_infer`), and the training op (`ops::device::linear_device`) with all three
 /// gradients in f32. On a GPU both add the bias with klspeech's in-place kernel
 /// (`ops::kernels::bias_add`, widths below, at and over one 256-column tile).
 #[test]
@@ -412,6 +412,11 @@ fn linear_on_the_test_device_matches_f64() {
             assert_eq!(y.dtype(), dtype);
             let e = rel(&y.to_device(&Device::Cpu).unwrap(), &reference(&[of(&x), of(&w), of(&b)]));
             assert!(e <= tol, "linear [{rows}, {d_in}] -> {d_out} on {dev:?} in {dtype:?}: {e:e}");
+            // Inference's feed-forward: the bias and the erf GELU in one pass on a GPU.
+            let y = ops::linear_gelu_infer(&on(&x), &on(&w), &on(&b)).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let e = rel(&y.to_device(&Device::Cpu).unwrap(), &reference(&[of(&x), of(&w), of(&b)]).gelu_erf().unwrap());
+            assert!(e <= tol, "linear + GELU [{rows}, {d_in}] -> {d_out} on {dev:?} in {dtype:?}: {e:e}");
         }
         let run = |t: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor| {
             let vars: Vec<Var> = t.iter().map(|t| Var::from_tensor(t).unwrap()).collect();

@@ -66,6 +66,18 @@ impl Linear {
         self.apply(x, |x2| crate::ops::linear_transposed(x2, &wt, self.bias.as_ref()))
     }
 
+    /// `act(self.forward_ctx(x, ctx))`; off the CPU's fused path without a gradient, with the
+    /// erf GELU and a bias, the bias and the GELU in one pass (`ops::linear_gelu_infer`).
+    pub fn forward_ctx_act(&self, x: &Tensor, ctx: &ForwardCtx, act: Activation) -> Result<Tensor> {
+        if let (false, Activation::GeluErf, Some(b)) = (ctx.grad, act, self.bias.as_ref()) {
+            if !crate::ops::fused_applies(&self.weight) && b.dtype() == self.weight.dtype() {
+                self.release();
+                return self.apply(&x.detach(), |x2| crate::ops::linear_gelu_infer(x2, &self.weight, b));
+            }
+        }
+        act.forward(&self.forward_ctx(x, ctx)?)
+    }
+
     /// W^T [in, out] for W's current values (cached).
     pub fn transposed_weight(&self) -> Result<Tensor> {
         let epoch = super::params::parameter_version(&[&self.weight]);

@@ -356,7 +356,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let y = self.act.forward(&self.intermediate_dense.forward_ctx(x, ctx)?)?;
+        let y = self.intermediate_dense.forward_ctx_act(x, ctx, self.act)?;
         let y = ctx.dropout(&y, ctx.activation_dropout)?;
         let y = self.output_dense.forward_ctx(&y, ctx)?;
         ctx.dropout(&y, ctx.hidden_dropout)

@@ -173,7 +173,7 @@ pub fn softmax_last_device(x: &Tensor) -> Result<Tensor> {
 pub fn linear_device(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = x.detach().matmul(&w.detach().t()?)?;
     let y = match b {
-        Some(b) => super::kernels::add_bias_fresh(y, &b.detach())?,
+        Some(b) => super::kernels::add_bias_fresh(y, &b.detach(), false)?,
         None => y,
     };
     let op = LinearDevice(Pending::new(y));

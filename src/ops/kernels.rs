@@ -162,11 +162,12 @@ pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool, dty
     group_norm_plan(name, b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
 }
 
-/// y += b over y's rows in place: buffers [y [rows, d], b [d]], both of `dtype` (f32, bf16 or
-/// f16; the sum in f32, rounded once). 256 columns a block, blocks over (row groups x column
-/// tiles), about 1024 of them at most (an H100 / H200 holds some 270 000 threads at once: one
-/// wave), each thread walking its column down every `row_groups`-th row.
-pub fn bias_add(rows: usize, d: usize, dtype: DType) -> Launch {
+/// y += b over y's rows in place, then with `gelu` the exact GELU: buffers [y [rows, d], b [d]],
+/// both of `dtype` (f32, bf16 or f16; the sum in f32 rounded once, the GELU of that in f32
+/// rounded once). 256 columns a block, blocks over (row groups x column tiles), about 1024 of
+/// them at most (an H100 / H200 holds some 270 000 threads at once: one wave), each thread
+/// walking its column down every `row_groups`-th row.
+pub fn bias_add(rows: usize, d: usize, dtype: DType, gelu: bool) -> Launch {
     let name = match dtype {
         DType::BF16 => "kl_bias_add_bf16",
         DType::F16 => "kl_bias_add_f16",
@@ -175,7 +176,8 @@ pub fn bias_add(rows: usize, d: usize, dtype: DType) -> Launch {
     let tiles = d.div_ceil(256).max(1);
     let row_groups = (1024 / tiles).clamp(1, rows.max(1));
     let grid = u32::try_from(tiles * row_groups).expect("klspeech kernels: grid over 2^32");
-    Launch { name, grid, block: 256, args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::I32(i32_of(row_groups))] }
+    let args = vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(rows)), Arg::I32(i32_of(d)), Arg::I32(i32_of(row_groups)), Arg::I32(gelu as i32)];
+    Launch { name, grid, block: 256, args }
 }
 
 /// Its backward (without GELU): buffers [x, w, g, out], out [b t c + b 2 c]: dx, then each
@@ -699,8 +701,9 @@ pub fn dropout_mask_like(like: &Tensor, p: f64, key: u64) -> candle_core::Result
     like.detach().apply_op1_no_bwd(&KeyedFill::DropoutMask(p, key))
 }
 
-/// [`bias_add`] as an in-place candle op on (y, b).
-struct BiasAdd;
+/// [`bias_add`] as an in-place candle op on (y, b); `.0`: the GELU after it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct BiasAdd(bool);
 
 impl candle_core::InplaceOp2 for BiasAdd {
     fn name(&self) -> &'static str {
@@ -716,7 +719,7 @@ impl candle_core::InplaceOp2 for BiasAdd {
             let d = lb.shape().elem_count();
             let rows = ly.shape().elem_count() / d.max(1);
             let dtype = candle_core::backend::BackendStorage::dtype(y);
-            gpu::launch_in_place(&bias_add(rows, d, dtype), y, ly, &[(b, lb)])
+            gpu::launch_in_place(&bias_add(rows, d, dtype, self.0), y, ly, &[(b, lb)])
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -725,16 +728,22 @@ impl candle_core::InplaceOp2 for BiasAdd {
     }
 }
 
-/// `y + b` over y's last axis (b [d], y [.., d]) where [`apply_any_float`] holds for y, b is of
-/// y's type and y is contiguous and outside any graph (a product just made by the caller, which
-/// nothing else holds): [`bias_add`] in place, one pass over y. Otherwise candle's broadcast add.
-pub(crate) fn add_bias_fresh(y: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+/// `y + b` over y's last axis (b [d], y [.., d]), then with `gelu` the exact GELU, where
+/// [`apply_any_float`] holds for y, b is of y's type and y is contiguous and outside any graph
+/// (a product just made by the caller, which nothing else holds): [`bias_add`] in place, one
+/// pass over y. Otherwise candle's broadcast add (and `ops::gelu_erf`).
+pub(crate) fn add_bias_fresh(y: Tensor, b: &Tensor, gelu: bool) -> crate::error::Result<Tensor> {
     let d = y.dim(candle_core::D::Minus1)?;
     if apply_any_float(&y) && !y.track_op() && y.is_contiguous() && b.dtype() == y.dtype() && b.dims() == [d] {
-        y.inplace_op2(&b.detach().contiguous()?, &BiasAdd)?;
+        y.inplace_op2(&b.detach().contiguous()?, &BiasAdd(gelu))?;
         return Ok(y);
     }
-    y.broadcast_add(b)
+    let y = y.broadcast_add(b)?;
+    if gelu {
+        super::gelu_erf(&y)
+    } else {
+        Ok(y)
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -182,7 +182,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !fused(x) || w.dtype() != x.dtype() {
         let y = x.matmul(&w.t()?)?;
         return Ok(match b {
-            Some(b) => super::kernels::add_bias_fresh(y, b)?,
+            Some(b) => super::kernels::add_bias_fresh(y, b, false)?,
             None => y,
         });
     }
@@ -191,6 +191,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias)?,
         None => x.apply_op2(&w, LinearNoBias)?,
     })
+}
+
+/// Inference off the CPU's fused path: `gelu_erf(x w^T + b)` for x [rows, in], w [out, in],
+/// b [out], with nothing recorded for a backward. On a GPU the bias and the GELU are one pass
+/// after cuBLAS's product (`kernels::add_bias_fresh`), where they were two; elsewhere the ops
+/// one after the other.
+pub fn linear_gelu_infer(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (x, w) = (x.detach(), w.detach());
+    let y = x.matmul(&w.t()?)?;
+    super::kernels::add_bias_fresh(y, &b.detach(), true)
 }
 
 /// y [rows, out] = x wt (+ b) with the weight already transposed (wt [in, out]): gemm packs
@@ -227,7 +237,7 @@ pub fn linear_transposed(x: &Tensor, wt: &Tensor, b: Option<&Tensor>) -> Result<
     if !fused(x) || wt.dtype() != x.dtype() {
         let y = x.matmul(wt)?;
         return Ok(match b {
-            Some(b) => super::kernels::add_bias_fresh(y, b)?,
+            Some(b) => super::kernels::add_bias_fresh(y, b, false)?,
             None => y,
         });
     }

@@ -366,28 +366,35 @@ extern "C" __global__ void kl_group_norm_cl_fwd_f16(const __half* x, const __hal
 
 // y[r, c] += b[c] in place for y [rows, d] of one storage type T (the linear layers' bias after
 // cuBLAS's product; candle's broadcast add reads the bias through a strided index per element
-// and writes a new tensor). Blocks cover `blockDim.x` columns of every `row_groups`-th row:
-// blockIdx.x = row group * column tiles + tile; each thread keeps its bias in a register.
+// and writes a new tensor), then with `gelu` the exact GELU of the sum rounded to T (the two
+// ops' values; for f32, kl_gelu_fwd's arithmetic). Blocks cover `blockDim.x` columns of every
+// `row_groups`-th row: blockIdx.x = row group * column tiles + tile; each thread keeps its bias
+// in a register.
 template <typename T>
-__device__ void bias_add(T* y, const T* b, int rows, int d, int row_groups) {
+__device__ void bias_add(T* y, const T* b, int rows, int d, int row_groups, int gelu) {
     int tiles = (d + blockDim.x - 1) / blockDim.x;
     int c = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
     if (c >= d) return;
     float bc = kl_ld(b[c]);
     for (int r = blockIdx.x / tiles; r < rows; r += row_groups) {
         long long k = (long long)r * d + c;
-        y[k] = kl_st<T>(kl_ld(y[k]) + bc);
+        T s = kl_st<T>(kl_ld(y[k]) + bc);
+        if (gelu) {
+            float v = kl_ld(s);
+            s = kl_st<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+        }
+        y[k] = s;
     }
 }
 
-extern "C" __global__ void kl_bias_add(float* y, const float* b, int rows, int d, int row_groups) {
-    bias_add(y, b, rows, d, row_groups);
+extern "C" __global__ void kl_bias_add(float* y, const float* b, int rows, int d, int row_groups, int gelu) {
+    bias_add(y, b, rows, d, row_groups, gelu);
 }
-extern "C" __global__ void kl_bias_add_bf16(__nv_bfloat16* y, const __nv_bfloat16* b, int rows, int d, int row_groups) {
-    bias_add(y, b, rows, d, row_groups);
+extern "C" __global__ void kl_bias_add_bf16(__nv_bfloat16* y, const __nv_bfloat16* b, int rows, int d, int row_groups, int gelu) {
+    bias_add(y, b, rows, d, row_groups, gelu);
 }
-extern "C" __global__ void kl_bias_add_f16(__half* y, const __half* b, int rows, int d, int row_groups) {
-    bias_add(y, b, rows, d, row_groups);
+extern "C" __global__ void kl_bias_add_f16(__half* y, const __half* b, int rows, int d, int row_groups, int gelu) {
+    bias_add(y, b, rows, d, row_groups, gelu);
 }
 
 // Its backward (no GELU): with x̂ the normalized input and gy = g w,
