@@ -366,7 +366,7 @@ pub fn input_grad(dy: &Tensor, w: &Tensor, l: usize, stride: usize, padding: usi
         debug_assert_eq!(st.lp() - k + 1, l);
         return forward_rows(&dy, &wt, &st);
     }
-    // Column gradient [G, B T, og] x [G, og, K C_g] -> [G, B T, K C_g]; per group-free layout
+    // Column gradient [G, B T, og] x [G, og, K C_g] -> [G, B T, K C_g], laid out as
     // [B, T, K, C_in] (a permute for grouped strided convolutions, which wav2vec2 has none of).
     let wr = weight_rows(&w, &s)?; // [G, K C_g, og]
     let dcols = dy_groups(&dy, &s)?.matmul(&wr.transpose(1, 2)?)?;
