@@ -244,10 +244,19 @@ fn padded_block(x: &Tensor, s: &Geom, b0: usize, bc: usize) -> candle_core::Resu
     }
 }
 
-/// The columns of taps `k0 .. k0 + kc` of a padded block [G bc, Lp, C_g]: [G, bc T, kc C_g].
-fn columns(xb: &Tensor, s: &Geom, bc: usize, k0: usize, kc: usize) -> candle_core::Result<Tensor> {
-    let idx = tap_indices(s, k0, kc, xb.device())?;
-    xb.index_select(&idx, 1)?.reshape((s.groups, bc * s.t, kc * s.cg()))
+/// The tap chunks of a convolution, (k0, kc, their [`tap_indices`] on `dev`): built once per
+/// call, not per block (each is a host-to-device copy).
+fn tap_chunks(s: &Geom, kc_max: usize, dev: &candle_core::Device) -> candle_core::Result<Vec<(usize, usize, Tensor)>> {
+    (0..s.k).step_by(kc_max).map(|k0| {
+        let kc = kc_max.min(s.k - k0);
+        Ok((k0, kc, tap_indices(s, k0, kc, dev)?))
+    }).collect()
+}
+
+/// The columns of a tap chunk (`kc` taps, indices `idx`) of a padded block [G bc, Lp, C_g]:
+/// [G, bc T, kc C_g].
+fn columns(xb: &Tensor, s: &Geom, bc: usize, kc: usize, idx: &Tensor) -> candle_core::Result<Tensor> {
+    xb.index_select(idx, 1)?.reshape((s.groups, bc * s.t, kc * s.cg()))
 }
 
 /// A PyTorch weight [C_out, C_g, K] reordered to the columns' tap-major rows: [G, K C_g, og].
@@ -277,23 +286,21 @@ pub fn forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: us
 /// [`forward`] with the weight already reordered ([`weight_rows`]).
 fn forward_rows(x: &Tensor, wr: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
     let (bc_max, kc_max) = blocking(s, x.dtype())?;
+    let chunks = tap_chunks(s, kc_max, x.device())?;
     let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
     let mut b0 = 0;
     while b0 < s.b {
         let bc = bc_max.min(s.b - b0);
         let xb = padded_block(x, s, b0, bc)?;
         let mut y: Option<Tensor> = None;
-        let mut k0 = 0;
-        while k0 < s.k {
-            let kc = kc_max.min(s.k - k0);
+        for (k0, kc, idx) in &chunks {
             // [G, bc T, kc C_g] x [G, kc C_g, og] -> [G, bc T, og]
-            let part = columns(&xb, s, bc, k0, kc)?.matmul(&weight_chunk(wr, s, k0, kc)?)?;
+            let part = columns(&xb, s, bc, *kc, idx)?.matmul(&weight_chunk(wr, s, *k0, *kc)?)?;
             count(|c| c.gemms += 1);
             y = Some(match y {
                 Some(y) => (y + part)?,
                 None => part,
             });
-            k0 += kc;
         }
         let y = y.expect("a kernel has at least one tap");
         // [G, bc T, og] -> [bc, T, C_out] (for one group a plain reshape)
@@ -325,7 +332,7 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
     let dyg = dy_groups(&dy.contiguous()?, &s)?; // [G, B T, og]
     let (bc_max, kc_max) = blocking(&s, x.dtype())?;
     // One accumulator per tap chunk: [G, og, kc C_g].
-    let chunks: Vec<(usize, usize)> = (0..s.k).step_by(kc_max).map(|k0| (k0, kc_max.min(s.k - k0))).collect();
+    let chunks = tap_chunks(&s, kc_max, x.device())?;
     let mut acc: Vec<Option<Tensor>> = vec![None; chunks.len()];
     let mut b0 = 0;
     while b0 < s.b {
@@ -333,8 +340,8 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
         let xb = padded_block(&x, &s, b0, bc)?;
         // [G, og, bc T] (a transposed view that cuBLAS reads in place)
         let dyt = dyg.narrow(1, b0 * s.t, bc * s.t)?.transpose(1, 2)?;
-        for (a, &(k0, kc)) in acc.iter_mut().zip(&chunks) {
-            let part = dyt.matmul(&columns(&xb, &s, bc, k0, kc)?)?;
+        for (a, (_, kc, idx)) in acc.iter_mut().zip(&chunks) {
+            let part = dyt.matmul(&columns(&xb, &s, bc, *kc, idx)?)?;
             count(|c| c.gemms += 1);
             *a = Some(match a.take() {
                 Some(a) => (a + part)?,
