@@ -88,15 +88,42 @@ fn gemm_conv_values_and_gradients() {
             }
         }
     }
-    // The modes choose by stride: `pos` only stride 1, `fe` only strided, `0` none.
+    // The modes choose by stride: `pos` only stride 1, `fe` only strided, `0` none, on any
+    // device, in training or not.
     let x = Tensor::zeros((1, 8, 2), DType::F32, &dev).unwrap();
+    let applies = |stride, training| klspeech::ops::conv_gemm::applies(&x, stride, training);
     for (mode, s1, s2) in [(Mode::All, true, true), (Mode::Stride1, true, false), (Mode::Strided, false, true), (Mode::Off, false, false)] {
-        with_mode(mode, || assert_eq!((klspeech::ops::conv_gemm::applies(&x, 1), klspeech::ops::conv_gemm::applies(&x, 2)), (s1, s2), "{mode:?}"));
+        for training in [false, true] {
+            with_mode(mode, || assert_eq!((applies(1, training), applies(2, training)), (s1, s2), "{mode:?}, training {training}"));
+        }
     }
+    // `auto` (the default) as the H200 measured it: on CUDA the feature encoder's strided
+    // convolutions always, the positional conv only in training, none in f32 with TF32 on
+    // (half types are not TF32's concern); never off CUDA.
+    for (stride, training, dtype, tf32, on_cuda) in [
+        (2, false, DType::F32, false, true),
+        (5, true, DType::F32, false, true),
+        (1, false, DType::F32, false, false),
+        (1, true, DType::F32, false, true),
+        (2, false, DType::F32, true, false),
+        (1, true, DType::F32, true, false),
+        (2, false, DType::BF16, true, true),
+        (1, false, DType::F16, false, false),
+        (1, true, DType::BF16, true, true),
+    ] {
+        let case = format!("stride {stride}, training {training}, {dtype:?}, TF32 {tf32}");
+        assert_eq!(Mode::Auto.covers(stride, training, dtype, true, tf32), on_cuda, "auto on CUDA: {case}");
+        assert!(!Mode::Auto.covers(stride, training, dtype, false, tf32), "auto off CUDA: {case}");
+    }
+    with_mode(Mode::Auto, || assert_eq!(applies(2, false), dev.is_cuda(), "auto on {dev:?}"));
+    assert_eq!(Mode::parse(""), Some(Mode::Auto));
+    assert_eq!(Mode::parse("auto"), Some(Mode::Auto));
+    assert_eq!(Mode::parse("off"), Some(Mode::Off));
+    assert_eq!(Mode::parse("0"), Some(Mode::Off));
     assert_eq!(Mode::parse("pos"), Some(Mode::Stride1));
     assert_eq!(Mode::parse("1"), Some(Mode::All));
+    assert_eq!(Mode::parse("all"), Some(Mode::All));
     assert_eq!(Mode::parse("fe"), Some(Mode::Strided));
-    assert_eq!(Mode::parse("0"), Some(Mode::Off));
     assert_eq!(Mode::parse("cudnn"), None);
 }
 

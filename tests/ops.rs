@@ -942,6 +942,86 @@ fn channels_last_group_norm_in_bf16_and_f16_on_the_test_device_matches_f64() {
     }
 }
 
+/// Half-precision training through the ops a bf16 / f16 training step runs (on a GPU:
+/// klspeech's f32 kernels between casts, `ops::kernels::apply_half`; on the CPU its half-type
+/// paths, in f32 where they reduce): GELU, LayerNorm, the standardization, softmax, and on a
+/// GPU also the device ops for attention (its softmax backward) and a KL-Norm site with a
+/// learned prior (the CPU builds those two from the ops before them), on the test device
+/// against the same op in f64 on the same (representable) values: the output and every
+/// input's gradient for the loss sum(out * r), within `tol` of the largest value (a few units
+/// of the type's rounding).
+#[test]
+fn half_precision_training_ops_on_the_test_device_match_f64() {
+    let dev = test_device();
+    let half_switched_off = std::env::var_os("KLSPEECH_NO_HALF_KERNELS").is_some_and(|v| !v.is_empty() && v != "0");
+    type Op = Box<dyn Fn(&[&Tensor]) -> Vec<Tensor>>;
+    let one = |f: fn(&Tensor) -> Tensor| -> Op { Box::new(move |v: &[&Tensor]| vec![f(v[0])]) };
+    let heads = 2;
+    let mut cases: Vec<(&str, Vec<Vec<usize>>, Op)> = vec![
+        ("gelu", vec![vec![3, 50, 64]], one(|x| ops::gelu_erf(x).unwrap())),
+        ("softmax", vec![vec![4, 37, 101]], one(|x| ops::softmax_last(x).unwrap())),
+        ("standardization", vec![vec![3, 40, 768]], one(|x| ops::standardize_last(x, 1e-5).unwrap())),
+        ("layer norm", vec![vec![3, 40, 768], vec![768], vec![768]], Box::new(|v: &[&Tensor]| vec![ops::layer_norm(v[0], v[1], v[2], 1e-5).unwrap()])),
+    ];
+    let device_ops: Vec<(&str, Vec<Vec<usize>>, Op)> = vec![
+        ("attention", vec![vec![2, 45, 3 * heads * 16]], Box::new(move |v: &[&Tensor]| vec![ops::device::attention_device(v[0], heads, 0.25, None, None).unwrap()])),
+        (
+            "KL-Norm site",
+            vec![vec![2, 30, 64], vec![64], vec![64], vec![64], vec![64], vec![64], vec![64], vec![2, 30, 64]],
+            Box::new(|v: &[&Tensor]| {
+                let (y, kl) = ops::device::kl_norm_last_device(v[0], v[1], v[2], v[3], v[4], Some((v[5], v[6])), &v[7].detach(), 1e-5).unwrap();
+                vec![y, kl]
+            }),
+        ),
+    ];
+    if dev.is_cuda() {
+        cases.extend(device_ops);
+    }
+    for (dtype, tol) in [(DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+        for (case, (name, shapes, op)) in cases.iter().enumerate() {
+            let seed = 1200 + 20 * case as u64;
+            // Values of the type, in f64; KL-Norm's scales (inputs 1 and 4-6) kept positive-ish.
+            let of = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let inputs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| {
+                let r = rand(s, seed + i as u64, DType::F64);
+                of(if *name == "KL-Norm site" && matches!(i, 1 | 6) { r.affine(0.2, 1.0).unwrap() } else if *name == "layer norm" && i == 1 { r.affine(0.3, 1.0).unwrap() } else { (r * 1.5).unwrap() })
+            }).collect();
+            let run = |dtype: DType, dev: &Device| {
+                let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+                let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&on(t)).unwrap()).collect();
+                let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+                let outs = op(&v);
+                let mut loss: Option<Tensor> = None;
+                for (j, o) in outs.iter().enumerate() {
+                    assert_eq!(o.dtype(), dtype, "{name}");
+                    let r = on(&of(rand(o.dims(), seed + 10 + j as u64, DType::F64)));
+                    let l = o.mul(&r).unwrap().sum_all().unwrap().to_dtype(DType::F32).unwrap();
+                    loss = Some(match loss {
+                        Some(a) => (a + l).unwrap(),
+                        None => l,
+                    });
+                }
+                let grads = loss.unwrap().backward().unwrap();
+                let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+                // The noise (the site's last input) is not trained.
+                let trained = if *name == "KL-Norm site" { &v[..7] } else { &v[..] };
+                let g: Vec<Tensor> = trained.iter().map(|t| cpu(grads.get(t).expect("every trained input gets a gradient"))).collect();
+                (outs.iter().map(cpu).collect::<Vec<_>>(), g)
+            };
+            if dev.is_cuda() && !half_switched_off {
+                assert!(ops::kernels::apply_half(&inputs[0].to_dtype(dtype).unwrap().to_device(&dev).unwrap()), "{name}: the f32 kernels apply");
+            }
+            let ((y, g), (yr, gr)) = (run(dtype, &dev), run(DType::F64, &Device::Cpu));
+            let what = format!("{name} training in {dtype:?} on {dev:?}");
+            let errs: Vec<String> = y.iter().zip(&yr).chain(g.iter().zip(&gr)).map(|(a, r)| format!("{:.1e}", rel(a, r))).collect();
+            println!("{what}: outputs then gradients {}", errs.join(" "));
+            for (i, (a, r)) in y.iter().zip(&yr).chain(g.iter().zip(&gr)).enumerate() {
+                assert!(rel(a, r) <= tol, "{what}: item {i} (outputs then gradients) {:e}; all: {}", rel(a, r), errs.join(" "));
+            }
+        }
+    }
+}
+
 /// bf16 and f16 through the ops with a reduction, at wav2vec2-base's sizes: the positional
 /// conv's weight norm (36 864 values per tap), the attention's softmax over 499 keys (10 s),
 /// a standardization over 768 channels, on the test device against f64 on the same values,
@@ -1048,6 +1128,49 @@ fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
     let (th_cpu, mv_cpu) = run(&Device::Cpu);
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
     assert!(same(&th, &th_cpu) && same(&mv, &mv_cpu), "AdamW on {dev:?} differs from the CPU's");
+}
+
+/// AdamW on bf16 / f16 parameters and moments (pure half-precision training): on a GPU the
+/// f32 kernels on f32 copies, written back rounded once (`ops::kernels::apply_half`), which
+/// must be, to the bit, the CPU's f32 update of the same values rounded to the type, step after
+/// step (moments and parameter rounded each time). On the CPU the fused update does not take
+/// half types (the optimizer's composite runs) and must leave the parameter alone.
+#[test]
+fn half_precision_adamw_on_the_test_device_is_the_f32_update_rounded() {
+    let dev = test_device();
+    let n = 4_099;
+    let scalars = |t: i32| ops::AdamWScalars {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay: Some(1.0 - 1e-3 * 0.01),
+        bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
+        step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        let theta0 = rand(&[n], 720, DType::F32).to_dtype(dtype).unwrap();
+        let grad = |t: i32| (rand(&[n], 730 + t as u64, DType::F32) * 0.1).unwrap().to_dtype(dtype).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let theta = theta0.copy().unwrap().to_device(&dev).unwrap();
+        let mv = Tensor::zeros((2, n), dtype, &dev).unwrap();
+        if !(dev.is_cuda() && ops::kernels::apply_half(&theta)) {
+            assert!(!ops::adamw_in_place(&theta, &grad(1).to_device(&dev).unwrap(), &mv, scalars(1)).unwrap(), "no fused {dtype:?} update on {dev:?}");
+            assert_eq!(bits(&theta), bits(&theta0), "a refused update must not touch the parameter");
+            continue;
+        }
+        // The reference: the CPU's fused f32 update of the values, rounded to the type after each step.
+        let (mut theta_r, mut mv_r) = (theta0.to_dtype(DType::F32).unwrap(), Tensor::zeros((2, n), DType::F32, &Device::Cpu).unwrap());
+        for t in 1..=3 {
+            assert!(ops::adamw_in_place(&theta, &grad(t).to_device(&dev).unwrap(), &mv, scalars(t)).unwrap(), "the {dtype:?} update applies on {dev:?}");
+            assert!(ops::adamw_in_place(&theta_r, &grad(t).to_dtype(DType::F32).unwrap(), &mv_r, scalars(t)).unwrap());
+            theta_r = theta_r.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            mv_r = mv_r.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(theta.dtype(), dtype);
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&bits(&theta), &bits(&theta_r)) && same(&bits(&mv), &bits(&mv_r)), "{dtype:?} AdamW step {t} on {dev:?} differs from the CPU's f32 update rounded");
+        }
+        assert_ne!(bits(&theta), bits(&theta0), "the update moved the parameter");
+    }
 }
 
 /// Convolutions on the test device against the f64 composite on the CPU, channels-last

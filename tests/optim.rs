@@ -477,3 +477,74 @@ fn inference_after_an_optimizer_step_sees_the_new_weights() {
     assert!(max_abs_diff(&after, &before) > 1e-3, "the step changed nothing");
     assert!(max_abs_diff(&after, &reference) < 1e-5, "inference used stale weights: {}", max_abs_diff(&after, &reference));
 }
+
+/// Pure half-precision AdamW (bf16 / f16 parameters and moments, as the GPU benchmark's bf16
+/// training) on the test device, grouped as a GPU steps it: the f32 update of the stored
+/// values rounded once to the type, step after step. On a GPU that is klspeech's fused f32
+/// kernels between casts (`ops::kernels::apply_half`) and must be the CPU's fused f32 update of
+/// the rounded values, rounded, to the bit (parameters and moments); on the CPU the half-type
+/// composite rounds after each operation and must stay within a few units of the type's
+/// rounding of it.
+#[test]
+fn half_precision_grouped_adamw_is_the_f32_update_rounded() {
+    let dev = common::device();
+    for dtype in [DType::BF16, DType::F16] {
+        let f = fixtures(&Device::Cpu);
+        let cfg = config(&f);
+        let round = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let grads = |vars: &[(String, Var)], k: usize, ty: DType, dev: &Device| {
+            let mut g = GradStore::default();
+            for (n, v) in vars {
+                g.insert(v.as_tensor(), f[&format!("grad.{k}.{n}")].to_dtype(ty).unwrap().to_device(dev).unwrap());
+            }
+            g
+        };
+        // The run under test: grouped, in the type, on the test device.
+        let vars: Vec<(String, Var)> = NAMES.iter().map(|n| (n.to_string(), Var::from_tensor(&f[&format!("init.{n}")].to_dtype(dtype).unwrap().to_device(&dev).unwrap()).unwrap())).collect();
+        let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+        opt.set_grouped(true);
+        // The reference: f32 on the CPU (the fused update), values and moments rounded after each step.
+        let ref_vars: Vec<(String, Var)> = NAMES.iter().map(|n| (n.to_string(), Var::from_tensor(&round(&f[&format!("init.{n}")])).unwrap())).collect();
+        let mut ref_state: Option<HashMap<String, Tensor>> = None;
+        let exact = dev.is_cuda() && klspeech::ops::kernels::apply_half(vars[0].1.as_tensor());
+        // A few units of the type's rounding of the largest value (f16: 2^-11).
+        let tol = if dtype == DType::BF16 { 8e-3 } else { 2e-3 };
+        for k in 0..STEPS {
+            let lr = lr_factor(Schedule::Linear, k, WARMUP, STEPS);
+            klspeech::ops::with_gpu_path(|| opt.step(&grads(&vars, k, dtype, &dev), lr)).unwrap();
+            let mut r = AdamW::new(ref_vars.clone(), cfg).unwrap();
+            if let Some(s) = &ref_state {
+                r.load_state(s).unwrap();
+            }
+            r.step(&grads(&ref_vars, k, DType::F32, &Device::Cpu), lr).unwrap();
+            for (_, v) in &ref_vars {
+                v.set(&round(v.as_tensor())).unwrap();
+            }
+            let state: HashMap<String, Tensor> = r.state().unwrap().into_iter().map(|(n, t)| {
+                let t = if n.starts_with("m.") || n.starts_with("v.") { round(&t) } else { t };
+                (n, t)
+            }).collect();
+            let got: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+            let mut compared = vec![];
+            for ((n, v), (_, rv)) in vars.iter().zip(&ref_vars) {
+                compared.push((n.clone(), v.as_tensor().clone(), rv.as_tensor().clone()));
+                for s in ["m", "v"] {
+                    let key = format!("{s}.{n}");
+                    compared.push((key.clone(), got[&key].clone(), state[&key].clone()));
+                }
+            }
+            for (what, a, b) in compared {
+                assert_eq!(a.dtype(), dtype, "{what}");
+                let (a, b) = (vec1(&a), vec1(&b));
+                if exact {
+                    assert_eq!(a, b, "{dtype:?} step {k}: {what} on {dev:?} is not the f32 update rounded");
+                } else {
+                    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+                    let err = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(err <= tol * scale, "{dtype:?} step {k}: {what} on {dev:?} off by {err:e} of {scale:e}");
+                }
+            }
+            ref_state = Some(state);
+        }
+    }
+}

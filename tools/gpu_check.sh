@@ -14,8 +14,9 @@
 #     instead of cuDNN's channels-last ones, and with a per-stage split;
 #     cuDNN's channels-last convolutions are tested first too (KLSPEECH_NO_CUDNN_NHWC=1 after
 #     a failure, "!!" in the log);
-#   - the bench rows and profiles again with the convolutions as gathered columns and gemms
-#     (KLSPEECH_CONV_GEMM=all|pos|fe, src/ops/conv_gemm.rs; tested in the ops and conv suites);
+#   - the bench rows again with each other choice of convolutions as gathered columns and gemms
+#     (KLSPEECH_CONV_GEMM=off|all|pos|fe, src/ops/conv_gemm.rs, default auto; tested in the ops
+#     and conv suites) and with larger column blocks;
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
@@ -49,19 +50,19 @@ D=target/cuda-dist
 # t NAME CMD...: runs CMD with a timeout, prints its tail and exit status; RC = that status.
 t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-240}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; RC=${PIPESTATUS[0]}; echo "($name: exit $RC, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
-# The convolutions as gathered columns and cuBLAS gemms (src/ops/conv_gemm.rs, off by default)
-# against the shipped cuDNN ones: every convolution, then only the positional conv (stride 1)
-# or only the feature encoder (strided), then a profile of the f32 training step with all.
+# The convolutions as gathered columns and cuBLAS gemms (src/ops/conv_gemm.rs): its default
+# (`auto`: on CUDA the feature encoder always, the positional conv in training, nothing in f32
+# with TF32) is what every other row runs; here each other choice: `off` (cuDNN's channels-last
+# kernels everywhere, the default before 2026-11-27), `all`, `pos` (only the positional conv),
+# `fe` (only the feature encoder), then `auto` with 1 GiB column blocks instead of 256 MiB.
 GEMM_ROWS=base-infer-16x10-f32,base-train-8x4-f32,base-train-8x4-f32-klnorm,base-infer-16x10-f32-tf32,base-train-8x4-f32-tf32,base-infer-16x10-bf16,base-train-8x4-bf16
 conv_gemm_rows() {
-  for m in all pos fe; do
+  for m in off all pos fe; do
     KLSPEECH_CONV_GEMM=$m KLSPEECH_BENCH_ROWS=$GEMM_ROWS KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
-      t "bench rows, column-gemm convolutions (KLSPEECH_CONV_GEMM=$m)" $D/inference-*
+      t "bench rows, KLSPEECH_CONV_GEMM=$m" $D/inference-*
   done
-  for row in base-train-8x4-f32 base-infer-16x10-f32; do
-    KLSPEECH_CONV_GEMM=all KLSPEECH_BENCH_CHILD=$row KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=25 \
-      t "kernel profile $row, column-gemm convolutions" $D/inference-*
-  done
+  KLSPEECH_CONV_GEMM_MIB=1024 KLSPEECH_BENCH_ROWS=$GEMM_ROWS KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+    t "bench rows, column blocks of 1 GiB (KLSPEECH_CONV_GEMM_MIB=1024)" $D/inference-*
 }
 if [ -n "${KL_GPU_QUICK:-}" ]; then
   # A short second call (KL_GPU_QUICK=1): the convolution tests (cuDNN's heuristic and timed
@@ -97,6 +98,14 @@ if [ "$RC" != 0 ] && ! grep -q "cuDNN refused" /tmp/nhwc.log; then
 elif [ "$RC" != 0 ]; then
   echo "!! cuDNN refused some convolution passes: they fall back to candle's / klspeech's in every run below"
 fi
+# Half-precision training through klspeech's f32 kernels between casts (ops::kernels::apply_half):
+# if its tests fail, everything below runs with candle's half-type composites instead
+# (KLSPEECH_NO_HALF_KERNELS=1, "!!" in the log).
+t "half-precision training ops on cuda" $D/ops-* half_precision --nocapture --test-threads 1
+if [ "$RC" != 0 ]; then
+  export KLSPEECH_NO_HALF_KERNELS=1
+  echo "!! half-precision training through the f32 kernels failed its tests: everything below runs with KLSPEECH_NO_HALF_KERNELS=1"
+fi
 # (the convolution test above is skipped here: its outcome is settled)
 t "ops on cuda" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions
 if [ "$RC" != 0 ]; then
@@ -111,6 +120,10 @@ TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
 conv_gemm_rows
+# bf16 training with candle's half-type composites (KLSPEECH_NO_HALF_KERNELS=1) instead of
+# klspeech's f32 kernels between casts: before/after in one binary.
+KLSPEECH_NO_HALF_KERNELS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+  t "bf16 training with candle's half-type composites (KLSPEECH_NO_HALF_KERNELS=1)" $D/inference-*
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 profile() {
   KLSPEECH_BENCH_CHILD=$1 KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \
@@ -120,7 +133,7 @@ profile base-train-8x4-f32
 profile base-infer-16x10-f32
 # bf16 training ran at 0.06x PyTorch on the H200 (526.6 ms a step against f32's 79.3): where it goes.
 profile base-train-8x4-bf16
-KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-bf16,base-infer-16x10-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+KLSPEECH_CONV_GEMM=off KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-bf16,base-infer-16x10-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "bf16 rows with candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1)" $D/inference-*
 # The f32 rows again with KLSPEECH_NO_CUSTOM_OPS=1: candle's composites (im2col convolutions
 # keeping their columns, ~2 500 graph nodes a KL-Norm step, AdamW per parameter) instead of
@@ -138,13 +151,15 @@ KLSPEECH_GPU_POOL_RELEASE=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16
   t "benchmarks on cuda, pool released at every sync (KLSPEECH_GPU_POOL_RELEASE=1)" $D/inference-*
 # candle's convolutions (channels-first on transposed views, one per group) instead of cuDNN's
 # channels-last ones: before/after of src/ops/cudnn.rs.
-KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+KLSPEECH_CONV_GEMM=off KLSPEECH_NO_CUDNN_NHWC=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
   t "benchmarks on cuda, candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1)" $D/inference-*
 # Where a step's time goes: a synchronization after each stage (the rows above synchronize once
 # a step, as PyTorch's side).
 KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-f32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
   t "stage split on cuda (KLSPEECH_BENCH_STAGES=1)" $D/inference-*
 profile base-train-8x4-f32-klnorm
+profile base-infer-16x10-bf16
+profile base-infer-16x10-f32-tf32
 # Last (the rows above come first if time runs short): the keyword-spotting example end to end
 # on the GPU (dropout, SpecAugment, KL-Norm noise: the real fine-tuning path), to compare with
 # its CPU figures in the README (1.2 min on 2 cores).

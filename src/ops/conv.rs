@@ -371,10 +371,10 @@ pub fn conv1d_cl(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: 
         let y = conv1d_cl_composite(x, w, stride, padding, groups)?;
         return Ok(if t < full_t { y.narrow(1, 0, t)? } else { y });
     }
-    // No gradient: gathered columns and gemm where `KLSPEECH_CONV_GEMM` says so, cuDNN on
+    // No gradient: gathered columns and gemm where `conv_gemm::mode` says so, cuDNN on
     // channels-last data where it applies, else candle's own kernel (its forward is right; its
     // backward is not).
-    if super::conv_gemm::applies(x, stride) {
+    if super::conv_gemm::applies(x, stride, false) {
         let y = super::conv_gemm::forward(x, w, stride, padding, groups)?;
         return Ok(if t < full_t { y.narrow(1, 0, t)? } else { y });
     }
@@ -400,7 +400,7 @@ pub fn conv1d_cl_recompute(x: &Tensor, w: &Tensor, stride: usize, padding: usize
     let (geom, full_t) = geometry(x, w, stride, padding, groups, max_t)?;
     // [B, T, C_out] from the column gemms or cuDNN on channels-last data, or [B, C_out, T] from
     // candle; the op hands it out channels-last (one copy, strided in the last case).
-    let gemm = super::conv_gemm::applies(x, stride);
+    let gemm = super::conv_gemm::applies(x, stride, true);
     let channels_last = match gemm {
         true => Some(super::conv_gemm::forward(x, w, stride, padding, groups)?),
         false => super::cudnn::conv1d_cl(x, w, stride, padding, groups)?,

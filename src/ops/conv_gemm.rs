@@ -1,6 +1,6 @@
 //! Channels-last grouped 1-D convolution as gathered columns and batched gemms, on any device:
-//! the GPU's alternative to cuDNN's channels-last kernels (`KLSPEECH_CONV_GEMM`, off by
-//! default until a GPU run measures it; see below).
+//! the GPU's alternative to cuDNN's channels-last kernels (`KLSPEECH_CONV_GEMM`; where it runs
+//! by default: see below).
 //!
 //! Why: on the H200 (docs/PERFORMANCE.md, 2026-11-27) cuDNN ran wav2vec2's exact-f32
 //! convolutions far from the gemm rate. The positional conv (K = 128, 16 groups of 48 channels)
@@ -24,11 +24,16 @@
 //! column gradient dy_g w_g [B, T, K, C_in] (one gemm) added back by stride phase
 //! ([`col2im_phases`]).
 //!
-//! Where it runs: `KLSPEECH_CONV_GEMM` = `all` (or `1`) for every convolution off the CPU's
-//! fused path, `pos` for stride-1 convolutions (the positional conv), `fe` for strided ones
-//! (the feature encoder); unset, empty or `0`: never (cuDNN or candle's convolution as
-//! before). [`with_mode`] overrides it for one thread (the tests). Arithmetic is cuBLAS's: f32
-//! exact unless TF32 is on (`--tf32`), bf16 / f16 with f32 accumulation.
+//! Where it runs: unset (or `auto`), on a CUDA device, the choice the H200 run of 2026-11-27
+//! measured best against cuDNN's channels-last kernels (docs/PERFORMANCE.md): strided
+//! convolutions (the feature encoder) always, stride-1 ones (the positional conv) only when a
+//! gradient is taken (cuDNN's per-group input gradient was the slow part; its forward alone is
+//! faster than these gemms), and none in f32 with TF32 on (`--tf32`: cuDNN's tensor-core
+//! convolutions win). Elsewhere `auto` means never (the CPU keeps its fused kernels).
+//! `KLSPEECH_CONV_GEMM` = `all` (or `1`) for every convolution off the CPU's fused path, `pos`
+//! for stride-1 convolutions, `fe` for strided ones, `0` (or `off`) for none (cuDNN or
+//! candle's convolution). [`with_mode`] overrides it for one thread (the tests). Arithmetic is
+//! cuBLAS's: f32 exact unless TF32 is on, bf16 / f16 with f32 accumulation.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -60,6 +65,9 @@ fn default_budget() -> usize {
 /// Which convolutions run as gathered-column gemms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// The default: on a CUDA device, strided convolutions, and stride-1 ones when a gradient
+    /// is taken, unless f32 runs with TF32 on; never on other devices ([`Mode::covers`]).
+    Auto,
     /// None (cuDNN's or candle's convolutions).
     Off,
     /// Stride-1 convolutions (wav2vec2's positional conv).
@@ -71,10 +79,12 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// `KLSPEECH_CONV_GEMM`'s value: `all` / `1`, `pos`, `fe`, or off (unset, "", "0").
+    /// `KLSPEECH_CONV_GEMM`'s value: `auto` (or unset, ""), `all` / `1`, `pos`, `fe`, or
+    /// `0` / `off`.
     pub fn parse(v: &str) -> Option<Mode> {
         match v {
-            "" | "0" | "off" => Some(Mode::Off),
+            "" | "auto" => Some(Mode::Auto),
+            "0" | "off" => Some(Mode::Off),
             "1" | "all" => Some(Mode::All),
             "pos" => Some(Mode::Stride1),
             "fe" => Some(Mode::Strided),
@@ -82,14 +92,27 @@ impl Mode {
         }
     }
 
-    fn covers(self, stride: usize) -> bool {
+    /// Whether a convolution of `stride` runs as gemms in this mode: on a CUDA device
+    /// (`cuda`) or not, in `dtype`, with TF32 on for f32 or not, taking a gradient (`training`)
+    /// or not.
+    pub fn covers(self, stride: usize, training: bool, dtype: DType, cuda: bool, tf32: bool) -> bool {
         match self {
+            Mode::Auto => cuda && !(tf32 && dtype == DType::F32) && (stride > 1 || training),
             Mode::Off => false,
             Mode::All => true,
             Mode::Stride1 => stride == 1,
             Mode::Strided => stride > 1,
         }
     }
+}
+
+/// Whether f32 products may use TF32 (`device::set_tf32`; candle's switch, also read by
+/// cuDNN's channels-last path).
+fn tf32_on() -> bool {
+    #[cfg(feature = "cuda")]
+    return candle_core::cuda_backend::gemm_reduced_precision_f32();
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 thread_local! {
@@ -138,14 +161,14 @@ fn count(f: impl FnOnce(&mut Calls)) {
 }
 
 /// The process's mode from `KLSPEECH_CONV_GEMM` (read once; an unknown value is reported on
-/// stderr and taken as off).
+/// stderr and taken as `auto`).
 fn env_mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
     *MODE.get_or_init(|| {
         let v = std::env::var("KLSPEECH_CONV_GEMM").unwrap_or_default();
         Mode::parse(&v).unwrap_or_else(|| {
-            eprintln!("klspeech: KLSPEECH_CONV_GEMM={v:?} is not one of all, 1, pos, fe, 0: convolutions keep cuDNN's / candle's kernels");
-            Mode::Off
+            eprintln!("klspeech: KLSPEECH_CONV_GEMM={v:?} is not one of auto, all, 1, pos, fe, 0, off: using auto");
+            Mode::Auto
         })
     })
 }
@@ -182,10 +205,13 @@ pub fn with_budget<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Whether a convolution of `stride` on `x` runs here: the mode covers it and `x` has a
-/// float type. (`ops::conv1d_cl` takes the CPU's fused kernels first, where they apply.)
-pub fn applies(x: &Tensor, stride: usize) -> bool {
-    mode().covers(stride) && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16) && x.elem_count() > 0
+/// Whether a convolution of `stride` on `x` runs here, in the forward pass of a training step
+/// (`training`, [`super::conv1d_cl_recompute`]) or without a gradient: the mode covers it and `x`
+/// has a float type. (`ops::conv1d_cl` takes the CPU's fused kernels first, where they apply.)
+pub fn applies(x: &Tensor, stride: usize, training: bool) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+        && x.elem_count() > 0
+        && mode().covers(stride, training, x.dtype(), x.device().is_cuda(), tf32_on())
 }
 
 /// The geometry of x [B, L, C_in] * w [C_out, C_g, K] (checked), T the full output length.

@@ -117,6 +117,7 @@ impl CustomOp1 for Precomputed {
         let y = y.detach();
         Ok(Some(match self.kind {
             Kind::Softmax if super::kernels::apply(g) => super::kernels::softmax_bwd_of(&y, g, None, 1.0)?,
+            Kind::Softmax if super::kernels::apply_half(g) => super::kernels::softmax_bwd_of(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?, None, 1.0)?.to_dtype(g.dtype())?,
             Kind::Softmax => y.mul(&g.broadcast_sub(&g.mul(&y)?.sum_keepdim(D::Minus1)?)?)?,
             Kind::Standardize { eps } => {
                 let x = x.detach();
@@ -143,6 +144,10 @@ impl CustomOp1 for Precomputed {
 pub fn standardize_last_device(x: &Tensor, eps: f64) -> Result<Tensor> {
     if super::kernels::apply(x) {
         return Ok(super::kernels::standardize(x, eps)?);
+    }
+    if super::kernels::apply_half(x) && x.track_op() {
+        // bf16 / f16 training: the f32 kernel between casts.
+        return super::in_f32(&[x], |v| Ok(super::kernels::standardize(&v[0], eps)?));
     }
     let d = x.dim(D::Minus1)?;
     let xd = x.detach();
@@ -330,6 +335,10 @@ impl CustomOp1 for AttentionDevice {
         let ds = if super::kernels::apply(&dp) {
             // One kernel: the mask, the row sums and the scale.
             super::kernels::softmax_bwd_of(&p, &dp, mask.as_ref(), self.scale)?
+        } else if super::kernels::apply_half(&dp) {
+            // bf16 / f16: the same kernel on the values cast to f32, rounded once.
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            super::kernels::softmax_bwd_of(&f(&p)?, &f(&dp)?, mask.as_ref().map(f).transpose()?.as_ref(), self.scale)?.to_dtype(dp.dtype())?
         } else {
             let dp = match &mask {
                 Some(m) => dp.mul(m)?,
@@ -360,6 +369,19 @@ pub fn kl_norm_last_device(
     noise: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
+    let tracked = [x, w, b, a, c].iter().any(|t| t.track_op()) || prior.is_some_and(|(m, s)| m.track_op() || s.track_op());
+    let same_type = [w, b, a, c, noise].iter().all(|t| t.dtype() == x.dtype()) && prior.is_none_or(|(m, s)| m.dtype() == x.dtype() && s.dtype() == x.dtype());
+    if super::kernels::apply_half(x) && tracked && same_type {
+        // bf16 / f16 training: the site's f32 kernels on the values cast to f32 (the casts carry
+        // the gradients back), y and the KL rounded once.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let prior32 = match prior {
+            Some((m, s)) => Some((f(m)?, f(s)?)),
+            None => None,
+        };
+        let (y, kl) = kl_norm_last_device(&f(x)?, &f(w)?, &f(b)?, &f(a)?, &f(c)?, prior32.as_ref().map(|(m, s)| (m, s)), &f(noise)?, eps)?;
+        return Ok((y.to_dtype(x.dtype())?, kl.to_dtype(x.dtype())?));
+    }
     let x_hat = standardize_last_device(x, eps)?;
     let mut parts = vec![w.clone(), b.clone(), a.clone(), c.clone()];
     if let Some((m, s)) = prior {

@@ -233,6 +233,23 @@ pub fn apply(x: &Tensor) -> bool {
     x.dtype() == DType::F32 && apply_any_float(x)
 }
 
+static HALF: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_HALF_KERNELS");
+
+/// Whether a bf16 / f16 tensor with a gradient runs through the f32 kernels between two casts
+/// ([`super::in_f32`]): half-precision training on a GPU (LayerNorm, standardization, GELU,
+/// the softmax backward, KL-Norm, GroupNorm, AdamW), where candle's half-type composites ran
+/// some ten passes per op (about 45 ms of a bf16 8 x 4 s step on the H200). The values are the
+/// f32 arithmetic on the half-type inputs rounded once, as PyTorch's half-type kernels compute.
+/// Off with `KLSPEECH_NO_HALF_KERNELS=1` (or with the kernels).
+pub fn apply_half(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16) && apply_any_float(x) && HALF.on()
+}
+
+/// Turns [`apply_half`] on or off for the whole process (before/after benchmarks, tests).
+pub fn set_half_enabled(on: bool) {
+    HALF.set(on);
+}
+
 /// [`apply`] for the kernels that also have bf16 and f16 versions (the channels-last GroupNorm
 /// forward): a non-empty f32, bf16 or f16 tensor on a CUDA device.
 pub fn apply_any_float(x: &Tensor) -> bool {

@@ -578,6 +578,10 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         // f32 on a GPU: one kernel each way (candle's backward of gelu_erf is about ten).
         return Ok(kernels::gelu(x)?);
     }
+    if kernels::apply_half(x) && x.track_op() {
+        // bf16 / f16 training on a GPU: the f32 kernel between casts.
+        return in_f32(&[x], |v| Ok(kernels::gelu(&v[0])?));
+    }
     if !fused(x) {
         return Ok(x.gelu_erf()?);
     }
@@ -878,6 +882,15 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     if kernels::apply(x) && kernels::apply(w) && kernels::apply(b) && x.dim(D::Minus1)? <= kernels::LAYER_NORM_MAX_D && w.elem_count() == x.dim(D::Minus1)? {
         // f32 on a GPU: one kernel forward, two backward (the composite: 3 and about 7).
         return Ok(kernels::layer_norm(x, w, b, eps)?);
+    }
+    let same_type = w.dtype() == x.dtype() && b.dtype() == x.dtype();
+    if kernels::apply_half(x) && same_type && (x.track_op() || w.track_op() || b.track_op()) && x.dim(D::Minus1)? <= kernels::LAYER_NORM_MAX_D && w.elem_count() == x.dim(D::Minus1)? {
+        // bf16 / f16 training on a GPU: the f32 kernels between casts.
+        return in_f32(&[x, w, b], |t| Ok(kernels::layer_norm(&t[0], &t[1], &t[2], eps)?));
+    }
+    if half_on_cpu(x) && same_type {
+        // The weight and bias gradients sum over every row ([`half_on_cpu`]): the f32 op.
+        return in_f32(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], eps));
     }
     if !fused(x) {
         return Ok(standardize_last(x, eps)?.broadcast_mul(w)?.broadcast_add(b)?);
@@ -1186,6 +1199,16 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
         // f32 on a GPU: two kernels, the moments then the parameter (the same bits as here).
         mv.inplace_op2(&grad.contiguous()?, &AdamMoments(p))?;
         theta.inplace_op2(mv, &AdamApply(p))?;
+        return Ok(true);
+    }
+    if kernels::apply_half(theta) && grad.dtype() == theta.dtype() && mv.dtype() == theta.dtype() && theta.is_contiguous() && mv.is_contiguous() {
+        // bf16 / f16 parameters and moments on a GPU: the f32 kernels on f32 copies, written
+        // back rounded once (candle's half-type composite was about 15 passes a group).
+        let (theta32, mv32) = (theta.to_dtype(DType::F32)?, mv.to_dtype(DType::F32)?);
+        mv32.inplace_op2(&grad.to_dtype(DType::F32)?.contiguous()?, &AdamMoments(p))?;
+        theta32.inplace_op2(&mv32, &AdamApply(p))?;
+        mv.slice_set(&mv32.to_dtype(mv.dtype())?, 0, 0)?;
+        theta.slice_set(&theta32.to_dtype(theta.dtype())?, 0, 0)?;
         return Ok(true);
     }
     if !fused(theta) || grad.dtype() != theta.dtype() || mv.dtype() != theta.dtype() || !theta.is_contiguous() || !mv.is_contiguous() {
