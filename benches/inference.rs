@@ -329,6 +329,9 @@ fn rows(gpu: bool) -> Vec<Row> {
 fn child(name: &str, dev: &Device) {
     // Any row on any device (a GPU row on the CPU rehearses tools/gpu_check.sh).
     let row = rows(!dev.is_cpu()).into_iter().chain(rows(dev.is_cpu())).find(|r| r.name == name).expect("known row");
+    // A `-tf32` row's switch, as the GPU table sets it (the 2026-11-27 e log's TF32 profile ran
+    // without it: exact f32).
+    klspeech::device::set_tf32(row.tf32);
     // KLSPEECH_BENCH_GPU_PATH=1: on the CPU, the GPU's training path (ops::with_gpu_path).
     let gpu_path = std::env::var_os("KLSPEECH_BENCH_GPU_PATH").is_some_and(|v| v != "0");
     // (candle's CPU context runs the closure on a pool thread: the per-thread setting goes in.)

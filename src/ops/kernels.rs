@@ -245,6 +245,13 @@ pub fn apply_half(x: &Tensor) -> bool {
     matches!(x.dtype(), DType::BF16 | DType::F16) && apply_any_float(x) && HALF.on()
 }
 
+/// [`apply_half`] for AdamW (`ops::adamw_in_place`, the optimizer's grouped update), whose
+/// f32 update also runs on the CPU: there too when the CPU rehearses the GPU's path
+/// (`ops::with_gpu_path`), so that the tests run it.
+pub fn apply_half_adamw(x: &Tensor) -> bool {
+    apply_half(x) || (matches!(x.dtype(), DType::BF16 | DType::F16) && x.device().is_cpu() && super::gpu_path_active() && HALF.on() && super::enabled() && x.elem_count() > 0)
+}
+
 /// Turns [`apply_half`] on or off for the whole process (before/after benchmarks, tests).
 pub fn set_half_enabled(on: bool) {
     HALF.set(on);

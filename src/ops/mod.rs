@@ -1201,9 +1201,10 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
         theta.inplace_op2(mv, &AdamApply(p))?;
         return Ok(true);
     }
-    if kernels::apply_half(theta) && grad.dtype() == theta.dtype() && mv.dtype() == theta.dtype() && theta.is_contiguous() && mv.is_contiguous() {
-        // bf16 / f16 parameters and moments on a GPU: the f32 kernels on f32 copies, written
-        // back rounded once (candle's half-type composite was about 15 passes a group).
+    if kernels::apply_half_adamw(theta) && grad.dtype() == theta.dtype() && mv.dtype() == theta.dtype() && theta.is_contiguous() && mv.is_contiguous() {
+        // bf16 / f16 parameters and moments on a GPU: the f32 kernels on f32 copies (on the CPU
+        // rehearsing the GPU's path, the fused f32 update), written back rounded once
+        // (candle's half-type composite was about 15 passes a group).
         let (theta32, mv32) = (theta.to_dtype(DType::F32)?, mv.to_dtype(DType::F32)?);
         mv32.inplace_op2(&grad.to_dtype(DType::F32)?.contiguous()?, &AdamMoments(p))?;
         theta32.inplace_op2(&mv32, &AdamApply(p))?;

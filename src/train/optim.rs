@@ -367,11 +367,14 @@ impl AdamW {
             };
             let t = (t0 + 1) as i32;
             let step_size = lr / (1.0 - beta1.powi(t));
-            let (next, m, v) = if crate::ops::kernels::apply_half(&g) {
-                // bf16 / f16 on a GPU: the fused f32 kernels on the group's flat buffers cast to
-                // f32, written back rounded once (the composite below is about 15 half-type
+            let (next, m, v) = if crate::ops::kernels::apply_half_adamw(&g) {
+                // bf16 / f16 on a GPU (or the CPU rehearsing its path): the fused f32 update of
+                // the group's flat buffers cast to f32, written back rounded once (the composite below is about 15 half-type
                 // passes; crate::ops::adamw_in_place).
+                // Updated in place: a copy where the group's one member would share the
+                // parameter's storage (`Var::set` refuses a tensor derived from itself).
                 let theta = cat(&|p| Ok(p.var.as_tensor().detach()))?;
+                let theta = if members.len() == 1 { theta.copy()? } else { theta };
                 let mv = match &previous {
                     Some((m, v)) => Tensor::stack(&[m, v], 0)?,
                     None => Tensor::zeros((2, g.elem_count()), dtype, g.device())?,
