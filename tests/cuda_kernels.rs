@@ -14,6 +14,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use klspeech::ops::kernels::{self, Arg, Launch};
 use klspeech::rng::Rng;
 
+mod common;
+
 /// The emulator, built once per test run.
 fn emulator() -> &'static PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
@@ -547,13 +549,62 @@ fn adamw_kernels_match_the_cpu_update_bit_for_bit() {
             };
             let gt = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap();
             assert!(klspeech::ops::adamw_in_place(&theta_t, &gt, &mv_t, p).unwrap());
-            mv = run(&kernels::adam_moments(n, &p), &[mv, g])[0].clone();
-            theta = run(&kernels::adam_apply(n, &p), &[theta, mv.clone()])[0].clone();
+            mv = run(&kernels::adam_moments(n, &p, DType::F32), &[mv, g])[0].clone();
+            theta = run(&kernels::adam_apply(n, &p, DType::F32), &[theta, mv.clone()])[0].clone();
             let want_theta: Vec<f32> = theta_t.to_vec1().unwrap();
             let want_mv: Vec<f32> = mv_t.flatten_all().unwrap().to_vec1().unwrap();
             let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
             assert_eq!(bits(&mv, &want_mv), 0, "moments differ at step {t}, decay {decay:?}");
             assert_eq!(bits(&theta, &want_theta), 0, "parameters differ at step {t}, decay {decay:?}");
+        }
+    }
+}
+
+/// The bf16 / f16 AdamW kernels (pure half-precision training): f32 arithmetic on the stored
+/// values, each result rounded once, the update reading the stored moments; bit for bit the
+/// test's own reference (`common::adamw_half_reference`) and the CPU's rehearsal of the GPU
+/// path (`ops::adamw_in_place` under `ops::with_gpu_path`), over three steps from zero moments,
+/// with and without weight decay, gradients with zeros of both signs.
+#[test]
+fn half_precision_adamw_kernels_match_the_reference_bit_for_bit() {
+    let n = 5_003;
+    for dtype in [DType::BF16, DType::F16] {
+        let round = common::round_to(dtype);
+        let bits = |v: &[f32]| -> Buf {
+            match dtype {
+                DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+            }
+        };
+        let on_cpu = |v: &[f32]| Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        for decay in [None, Some(1.0 - 1e-3 * 0.01)] {
+            let mut theta: Vec<f32> = normal(n, 621, 0.5, 0.0).into_iter().map(&round).collect();
+            let mut mv = vec![0f32; 2 * n];
+            let (mut theta_k, mut mv_k) = (bits(&theta), bits(&mv));
+            let (theta_t, mv_t) = (on_cpu(&theta), on_cpu(&mv).reshape((2, n)).unwrap());
+            for t in 1..=3 {
+                let mut g: Vec<f32> = normal(n, 630 + t as u64, 0.1, 0.0).into_iter().map(&round).collect();
+                g[0] = 0.0;
+                g[1] = -0.0;
+                let p = klspeech::ops::AdamWScalars {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    decay,
+                    bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
+                    step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+                };
+                common::adamw_half_reference(&mut theta, &mut mv, &g, &p, &round);
+                mv_k = run_bufs(&kernels::adam_moments(n, &p, dtype), &[mv_k, bits(&g)])[0].clone();
+                theta_k = run_bufs(&kernels::adam_apply(n, &p, dtype), &[theta_k, mv_k.clone()])[0].clone();
+                let what = format!("{dtype:?} step {t}, decay {decay:?}");
+                assert_eq!(mv_k, bits(&mv), "kernel moments, {what}");
+                assert_eq!(theta_k, bits(&theta), "kernel parameters, {what}");
+                assert!(klspeech::ops::with_gpu_path(|| klspeech::ops::adamw_in_place(&theta_t, &on_cpu(&g), &mv_t, p)).unwrap(), "the CPU's rehearsal applies");
+                let host = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(bits(&host(&mv_t)), bits(&mv), "CPU rehearsal moments, {what}");
+                assert_eq!(bits(&host(&theta_t)), bits(&theta), "CPU rehearsal parameters, {what}");
+            }
         }
     }
 }

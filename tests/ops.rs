@@ -7,6 +7,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use klspeech::ops;
 use klspeech::rng::Rng;
 
+mod common;
+
 fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
     Tensor::from_vec(Rng::new(seed).normal_vec(n), shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
@@ -1130,13 +1132,14 @@ fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
     assert!(same(&th, &th_cpu) && same(&mv, &mv_cpu), "AdamW on {dev:?} differs from the CPU's");
 }
 
-/// AdamW on bf16 / f16 parameters and moments (pure half-precision training): on a GPU the
-/// f32 kernels on f32 copies, written back rounded once (`ops::kernels::apply_half`), which
-/// must be, to the bit, the CPU's f32 update of the same values rounded to the type, step after
-/// step (moments and parameter rounded each time). On the CPU the fused update does not take
+/// AdamW on bf16 / f16 parameters and moments (pure half-precision training) on the test
+/// device: on a GPU klspeech's half-type kernels, on the CPU rehearsing the GPU's path
+/// (`ops::with_gpu_path`) the same arithmetic; step after step, to the bit, f32 arithmetic on
+/// the stored values rounded once, the update reading the stored moments
+/// (`common::adamw_half_reference`). Outside the rehearsal the CPU's fused update does not take
 /// half types (the optimizer's composite runs) and must leave the parameter alone.
 #[test]
-fn half_precision_adamw_on_the_test_device_is_the_f32_update_rounded() {
+fn half_precision_adamw_on_the_test_device_is_the_f32_arithmetic_rounded() {
     let dev = test_device();
     let n = 4_099;
     let scalars = |t: i32| ops::AdamWScalars {
@@ -1147,29 +1150,33 @@ fn half_precision_adamw_on_the_test_device_is_the_f32_update_rounded() {
         bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
         step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
     };
+    let switched_off = std::env::var_os("KLSPEECH_NO_HALF_KERNELS").is_some_and(|v| !v.is_empty() && v != "0");
     for dtype in [DType::BF16, DType::F16] {
+        let round = common::round_to(dtype);
+        let host = |t: &Tensor| t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
         let theta0 = rand(&[n], 720, DType::F32).to_dtype(dtype).unwrap();
         let grad = |t: i32| (rand(&[n], 730 + t as u64, DType::F32) * 0.1).unwrap().to_dtype(dtype).unwrap();
-        let bits = |t: &Tensor| t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        if dev.is_cpu() {
+            let theta = theta0.copy().unwrap();
+            let mv = Tensor::zeros((2, n), dtype, &dev).unwrap();
+            assert!(!ops::adamw_in_place(&theta, &grad(1), &mv, scalars(1)).unwrap(), "no fused {dtype:?} update on the CPU's own path");
+            assert_eq!(host(&theta), host(&theta0), "a refused update must not touch the parameter");
+        }
         let theta = theta0.copy().unwrap().to_device(&dev).unwrap();
         let mv = Tensor::zeros((2, n), dtype, &dev).unwrap();
-        if !(dev.is_cuda() && ops::kernels::apply_half(&theta)) {
-            assert!(!ops::adamw_in_place(&theta, &grad(1).to_device(&dev).unwrap(), &mv, scalars(1)).unwrap(), "no fused {dtype:?} update on {dev:?}");
-            assert_eq!(bits(&theta), bits(&theta0), "a refused update must not touch the parameter");
-            continue;
-        }
-        // The reference: the CPU's fused f32 update of the values, rounded to the type after each step.
-        let (mut theta_r, mut mv_r) = (theta0.to_dtype(DType::F32).unwrap(), Tensor::zeros((2, n), DType::F32, &Device::Cpu).unwrap());
+        let (mut theta_r, mut mv_r) = (host(&theta0), vec![0f32; 2 * n]);
         for t in 1..=3 {
-            assert!(ops::adamw_in_place(&theta, &grad(t).to_device(&dev).unwrap(), &mv, scalars(t)).unwrap(), "the {dtype:?} update applies on {dev:?}");
-            assert!(ops::adamw_in_place(&theta_r, &grad(t).to_dtype(DType::F32).unwrap(), &mv_r, scalars(t)).unwrap());
-            theta_r = theta_r.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-            mv_r = mv_r.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let applied = ops::with_gpu_path(|| ops::adamw_in_place(&theta, &grad(t).to_device(&dev).unwrap(), &mv, scalars(t))).unwrap();
+            assert_eq!(applied, !switched_off, "{dtype:?} on {dev:?}: the half-type update applies unless switched off");
+            if !applied {
+                break;
+            }
+            common::adamw_half_reference(&mut theta_r, &mut mv_r, &host(&grad(t)), &scalars(t), &round);
             assert_eq!(theta.dtype(), dtype);
             let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same(&bits(&theta), &bits(&theta_r)) && same(&bits(&mv), &bits(&mv_r)), "{dtype:?} AdamW step {t} on {dev:?} differs from the CPU's f32 update rounded");
+            assert!(same(&host(&theta), &theta_r) && same(&host(&mv), &mv_r), "{dtype:?} AdamW step {t} on {dev:?} differs from the reference");
         }
-        assert_ne!(bits(&theta), bits(&theta0), "the update moved the parameter");
+        assert!(switched_off || host(&theta) != host(&theta0), "the update moved the parameter");
     }
 }
 

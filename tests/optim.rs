@@ -479,78 +479,59 @@ fn inference_after_an_optimizer_step_sees_the_new_weights() {
 }
 
 /// Pure half-precision AdamW (bf16 / f16 parameters and moments, as the GPU benchmark's bf16
-/// training) on the test device, grouped as a GPU steps it (one group of two parameters, one
-/// of one: the one-member group once updated the parameter's own storage): the f32 update of
-/// the stored values rounded once to the type, step after step. On a GPU that is klspeech's
-/// fused f32 kernels between casts, on the CPU rehearsing the GPU's path the fused f32 update
-/// (`ops::kernels::apply_half_adamw`); either must be the CPU's fused f32 update of the
-/// rounded values, rounded, to the bit (parameters and moments). With
-/// `KLSPEECH_NO_HALF_KERNELS=1` the half-type composite runs, rounding after each operation:
-/// within a few units of the type's rounding of it.
+/// training) through the optimizer on the test device as a GPU runs it (on the CPU: rehearsing
+/// the GPU's path): the half-type update per parameter (`ops::kernels::apply_half_adamw`), to
+/// the bit `common::adamw_half_reference` with the optimizer's scalars (the schedule's rate,
+/// decay except for biases and norms, bias corrections of each step) for parameters and
+/// moments. With `KLSPEECH_NO_HALF_KERNELS=1` the half-type composite runs, rounding after each
+/// operation: within a few units of the type's rounding of it.
 #[test]
-fn half_precision_grouped_adamw_is_the_f32_update_rounded() {
+fn half_precision_adamw_is_the_f32_arithmetic_rounded() {
     let dev = common::device();
+    let switched_off = std::env::var_os("KLSPEECH_NO_HALF_KERNELS").is_some_and(|v| !v.is_empty() && v != "0");
     for dtype in [DType::BF16, DType::F16] {
         let f = fixtures(&Device::Cpu);
         let cfg = config(&f);
-        let round = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-        let grads = |vars: &[(String, Var)], k: usize, ty: DType, dev: &Device| {
-            let mut g = GradStore::default();
-            for (n, v) in vars {
-                // The gradient as the type holds it (for the f32 reference too).
-                g.insert(v.as_tensor(), f[&format!("grad.{k}.{n}")].to_dtype(dtype).unwrap().to_dtype(ty).unwrap().to_device(dev).unwrap());
-            }
-            g
-        };
-        // The run under test: grouped, in the type, on the test device.
+        let round = common::round_to(dtype);
+        let host = |t: &Tensor| t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let grad = |k: usize, n: &str| f[&format!("grad.{k}.{n}")].to_dtype(dtype).unwrap();
         let vars: Vec<(String, Var)> = NAMES.iter().map(|n| (n.to_string(), Var::from_tensor(&f[&format!("init.{n}")].to_dtype(dtype).unwrap().to_device(&dev).unwrap()).unwrap())).collect();
         let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
-        opt.set_grouped(true);
-        // The reference: f32 on the CPU (the fused update), values and moments rounded after each step.
-        let ref_vars: Vec<(String, Var)> = NAMES.iter().map(|n| (n.to_string(), Var::from_tensor(&round(&f[&format!("init.{n}")])).unwrap())).collect();
-        let mut ref_state: Option<HashMap<String, Tensor>> = None;
-        let exact = klspeech::ops::with_gpu_path(|| klspeech::ops::kernels::apply_half_adamw(vars[0].1.as_tensor()));
-        // On a GPU, and on the CPU rehearsing its path, unless switched off.
-        let switched_off = std::env::var_os("KLSPEECH_NO_HALF_KERNELS").is_some_and(|v| !v.is_empty() && v != "0");
-        assert_eq!(exact, !switched_off, "{dtype:?} on {dev:?}: where the f32 update applies");
+        // The reference per parameter: (theta, [m; v]) as f32 values of the type.
+        let mut want: Vec<(Vec<f32>, Vec<f32>)> = vars.iter().map(|(_, v)| (host(v.as_tensor()), vec![0f32; 2 * v.elem_count()])).collect();
         // A few units of the type's rounding of the largest value (bf16: 2^-8, f16: 2^-11).
         let tol = if dtype == DType::BF16 { 2e-2 } else { 2e-3 };
         for k in 0..STEPS {
-            let lr = lr_factor(Schedule::Linear, k, WARMUP, STEPS);
-            klspeech::ops::with_gpu_path(|| opt.step(&grads(&vars, k, dtype, &dev), lr)).unwrap();
-            let mut r = AdamW::new(ref_vars.clone(), cfg).unwrap();
-            if let Some(s) = &ref_state {
-                r.load_state(s).unwrap();
+            let lr = cfg.lr * lr_factor(Schedule::Linear, k, WARMUP, STEPS);
+            let mut g = GradStore::default();
+            for (n, v) in &vars {
+                g.insert(v.as_tensor(), grad(k, n).to_device(&dev).unwrap());
             }
-            r.step(&grads(&ref_vars, k, DType::F32, &Device::Cpu), lr).unwrap();
-            for (_, v) in &ref_vars {
-                v.set(&round(v.as_tensor())).unwrap();
-            }
-            let state: HashMap<String, Tensor> = r.state().unwrap().into_iter().map(|(n, t)| {
-                let t = if n.starts_with("m.") || n.starts_with("v.") { round(&t) } else { t };
-                (n, t)
-            }).collect();
-            let got: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
-            let mut compared = vec![];
-            for ((n, v), (_, rv)) in vars.iter().zip(&ref_vars) {
-                compared.push((n.clone(), v.as_tensor().clone(), rv.as_tensor().clone()));
-                for s in ["m", "v"] {
-                    let key = format!("{s}.{n}");
-                    compared.push((key.clone(), got[&key].clone(), state[&key].clone()));
+            klspeech::ops::with_gpu_path(|| opt.step(&g, lr / cfg.lr)).unwrap();
+            let t = (k + 1) as i32;
+            let state: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+            for ((n, v), (theta_r, mv_r)) in vars.iter().zip(want.iter_mut()) {
+                let p = klspeech::ops::AdamWScalars {
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.eps,
+                    decay: (!no_decay(n) && cfg.weight_decay != 0.0).then_some(1.0 - lr * cfg.weight_decay),
+                    bias_correction2_sqrt: (1.0 - cfg.beta2.powi(t)).sqrt(),
+                    step_size: lr / (1.0 - cfg.beta1.powi(t)),
+                };
+                common::adamw_half_reference(theta_r, mv_r, &host(&grad(k, n)), &p, &round);
+                assert_eq!(v.as_tensor().dtype(), dtype, "{n}");
+                let got_mv: Vec<f32> = host(&state[&format!("m.{n}")]).into_iter().chain(host(&state[&format!("v.{n}")])).collect();
+                for (what, a, b) in [("parameter", host(v.as_tensor()), theta_r.clone()), ("moments", got_mv, mv_r.clone())] {
+                    if switched_off {
+                        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                        assert!(err <= tol * scale, "{dtype:?} step {k}: {n} {what} on {dev:?} off by {err:e} of {scale:e}");
+                    } else {
+                        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype:?} step {k}: {n} {what} on {dev:?} is not the half-type update");
+                    }
                 }
             }
-            for (what, a, b) in compared {
-                assert_eq!(a.dtype(), dtype, "{what}");
-                let (a, b) = (vec1(&a), vec1(&b));
-                if exact {
-                    assert_eq!(a, b, "{dtype:?} step {k}: {what} on {dev:?} is not the f32 update rounded");
-                } else {
-                    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
-                    let err = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-                    assert!(err <= tol * scale, "{dtype:?} step {k}: {what} on {dev:?} off by {err:e} of {scale:e}");
-                }
-            }
-            ref_state = Some(state);
         }
     }
 }

@@ -201,17 +201,29 @@ pub fn dropout_mask(n: usize, p: f64, key: u64) -> Launch {
     elementwise("kl_dropout_mask", n, 1, &[Arg::U64(key), Arg::U64(threshold), Arg::F32((1.0 / (1.0 - p)) as f32)])
 }
 
-/// AdamW's moments in place: buffers [mv, g], mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
+/// AdamW's moments in place: buffers [mv, g] of `dtype` (f32, bf16 or f16: f32 arithmetic,
+/// each result rounded once to the type), mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
 /// rounded to f32 as the CPU kernel rounds them).
-pub fn adam_moments(n: usize, p: &super::AdamWScalars) -> Launch {
-    elementwise("kl_adam_moments", n, 2, &[Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)])
+pub fn adam_moments(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
+    let name = match dtype {
+        DType::BF16 => "kl_adam_moments_bf16",
+        DType::F16 => "kl_adam_moments_f16",
+        _ => "kl_adam_moments",
+    };
+    elementwise(name, n, 2, &[Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)])
 }
 
-/// AdamW's parameter update in place: buffers [theta (n), mv (2n)].
-pub fn adam_apply(n: usize, p: &super::AdamWScalars) -> Launch {
+/// AdamW's parameter update in place: buffers [theta (n), mv (2n)] of `dtype` (as
+/// [`adam_moments`]: the stored moments feed the update).
+pub fn adam_apply(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
+    let name = match dtype {
+        DType::BF16 => "kl_adam_apply_bf16",
+        DType::F16 => "kl_adam_apply_f16",
+        _ => "kl_adam_apply",
+    };
     let decay = [Arg::I32(p.decay.is_some() as i32), Arg::F32(p.decay.unwrap_or(1.0) as f32)];
     let rest = [Arg::F32((1.0 / p.bias_correction2_sqrt) as f32), Arg::F32(p.eps as f32), Arg::F32(p.step_size as f32)];
-    elementwise("kl_adam_apply", n, 2, &[decay.as_slice(), rest.as_slice()].concat())
+    elementwise(name, n, 2, &[decay.as_slice(), rest.as_slice()].concat())
 }
 
 static KERNELS: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_CUDA_KERNELS");
@@ -237,7 +249,8 @@ static HALF: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_HALF_KERNELS"
 
 /// Whether a bf16 / f16 tensor with a gradient runs through the f32 kernels between two casts
 /// ([`super::in_f32`]): half-precision training on a GPU (LayerNorm, standardization, GELU,
-/// the softmax backward, KL-Norm, GroupNorm, AdamW), where candle's half-type composites ran
+/// the softmax backward, KL-Norm, GroupNorm; AdamW has half-type kernels, [`apply_half_adamw`]),
+/// where candle's half-type composites ran
 /// some ten passes per op (about 45 ms of a bf16 8 x 4 s step on the H200). The values are the
 /// f32 arithmetic on the half-type inputs rounded once, as PyTorch's half-type kernels compute.
 /// Off with `KLSPEECH_NO_HALF_KERNELS=1` (or with the kernels).
@@ -245,9 +258,9 @@ pub fn apply_half(x: &Tensor) -> bool {
     matches!(x.dtype(), DType::BF16 | DType::F16) && apply_any_float(x) && HALF.on()
 }
 
-/// [`apply_half`] for AdamW (`ops::adamw_in_place`, the optimizer's grouped update), whose
-/// f32 update also runs on the CPU: there too when the CPU rehearses the GPU's path
-/// (`ops::with_gpu_path`), so that the tests run it.
+/// [`apply_half`] for AdamW (`ops::adamw_in_place`): its half-type kernels have a CPU
+/// instance with the same arithmetic, which runs when the CPU rehearses the GPU's path
+/// (`ops::with_gpu_path`), so that the tests check it everywhere.
 pub fn apply_half_adamw(x: &Tensor) -> bool {
     apply_half(x) || (matches!(x.dtype(), DType::BF16 | DType::F16) && x.device().is_cpu() && super::gpu_path_active() && HALF.on() && super::enabled() && x.elem_count() > 0)
 }

@@ -1089,7 +1089,9 @@ struct AdamMoments(AdamWScalars);
 /// Updates the parameter in place from the new moments.
 struct AdamApply(AdamWScalars);
 
-/// Runs an in-place kernel on the contiguous f32 or f64 data of `s1`, reading `s2`.
+/// Runs an in-place kernel on the contiguous f32 or f64 data of `s1`, reading `s2`. bf16 /
+/// f16 data (AdamW when the CPU rehearses the GPU's path) goes through the f32 kernel on its
+/// values, each result rounded once to the type, as the GPU's half-type kernels do.
 fn in_place(
     s1: &mut CpuStorage,
     l1: &Layout,
@@ -1098,10 +1100,18 @@ fn in_place(
     f32_kernel: impl Fn(&mut [f32], &[f32]),
     f64_kernel: impl Fn(&mut [f64], &[f64]),
 ) -> candle_core::Result<()> {
+    fn through_f32<T: WithDType>(d: &mut [T], src: &[T], f32_kernel: impl Fn(&mut [f32], &[f32]), round: impl Fn(f32) -> T) {
+        let up = |v: &[T]| v.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
+        let (mut t, s) = (up(d), up(src));
+        f32_kernel(&mut t, &s);
+        d.iter_mut().zip(t).for_each(|(o, v)| *o = round(v));
+    }
     let (a, b) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("klspeech op: non-contiguous in-place target".into()))?;
     match s1 {
         CpuStorage::F32(d) => f32_kernel(&mut d[a..b], data(s2, l2)?),
         CpuStorage::F64(d) => f64_kernel(&mut d[a..b], data(s2, l2)?),
+        CpuStorage::BF16(d) => through_f32(&mut d[a..b], data(s2, l2)?, f32_kernel, half::bf16::from_f32),
+        CpuStorage::F16(d) => through_f32(&mut d[a..b], data(s2, l2)?, f32_kernel, half::f16::from_f32),
         other => bail!("klspeech op: dtype {:?} not supported", other.dtype()),
     }
     Ok(())
@@ -1111,12 +1121,12 @@ impl candle_core::InplaceOp2 for AdamMoments {
     fn name(&self) -> &'static str {
         "klspeech-adamw-moments"
     }
-    /// f32 on a GPU: klspeech's kernel, the same float operations (`ops::kernels`).
+    /// f32, bf16, f16 on a GPU: klspeech's kernel, the same float operations (`ops::kernels`).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
         #[cfg(feature = "cuda")]
         {
-            kernels::launch_in_place(&kernels::adam_moments(l2.shape().elem_count(), &self.0), s1, l1, &[(s2, l2)])
+            kernels::launch_in_place(&kernels::adam_moments(l2.shape().elem_count(), &self.0, s1.dtype()), s1, l1, &[(s2, l2)])
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -1150,12 +1160,12 @@ impl candle_core::InplaceOp2 for AdamApply {
     fn name(&self) -> &'static str {
         "klspeech-adamw-apply"
     }
-    /// f32 on a GPU: klspeech's kernel, the same float operations (`ops::kernels`).
+    /// f32, bf16, f16 on a GPU: klspeech's kernel, the same float operations (`ops::kernels`).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
         #[cfg(feature = "cuda")]
         {
-            kernels::launch_in_place(&kernels::adam_apply(l1.shape().elem_count(), &self.0), s1, l1, &[(s2, l2)])
+            kernels::launch_in_place(&kernels::adam_apply(l1.shape().elem_count(), &self.0, s1.dtype()), s1, l1, &[(s2, l2)])
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -1202,14 +1212,12 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
         return Ok(true);
     }
     if kernels::apply_half_adamw(theta) && grad.dtype() == theta.dtype() && mv.dtype() == theta.dtype() && theta.is_contiguous() && mv.is_contiguous() {
-        // bf16 / f16 parameters and moments on a GPU: the f32 kernels on f32 copies (on the CPU
-        // rehearsing the GPU's path, the fused f32 update), written back rounded once
-        // (candle's half-type composite was about 15 passes a group).
-        let (theta32, mv32) = (theta.to_dtype(DType::F32)?, mv.to_dtype(DType::F32)?);
-        mv32.inplace_op2(&grad.to_dtype(DType::F32)?.contiguous()?, &AdamMoments(p))?;
-        theta32.inplace_op2(&mv32, &AdamApply(p))?;
-        mv.slice_set(&mv32.to_dtype(mv.dtype())?, 0, 0)?;
-        theta.slice_set(&theta32.to_dtype(theta.dtype())?, 0, 0)?;
+        // bf16 / f16 parameters and moments on a GPU (on the CPU rehearsing the GPU's path,
+        // the same arithmetic): the kernels' half-type instances, f32 arithmetic on the stored
+        // values, each result rounded once; the moments as stored feed the update (candle's
+        // half-type composite was about 15 passes).
+        mv.inplace_op2(&grad.contiguous()?, &AdamMoments(p))?;
+        theta.inplace_op2(mv, &AdamApply(p))?;
         return Ok(true);
     }
     if !fused(theta) || grad.dtype() != theta.dtype() || mv.dtype() != theta.dtype() || !theta.is_contiguous() || !mv.is_contiguous() {

@@ -260,9 +260,10 @@ impl AdamW {
         let lr = lr * lr_scale;
         // A GPU, or its path rehearsed on the CPU (crate::ops::with_gpu_path).
         let gpu = crate::ops::gpu_path_active() || self.params.first().is_some_and(|p| !p.var.device().is_cpu());
-        // The fused update: on the CPU (f32, f64), and on a GPU with klspeech's kernels (f32):
+        // The fused update: on the CPU (f32, f64), and on a GPU with klspeech's kernels (f32,
+        // and bf16 / f16 parameters and moments, also when the CPU rehearses the GPU's path):
         // two launches per parameter, in place, the CPU's bits.
-        let kernels = self.params.iter().all(|p| crate::ops::kernels::apply(p.var.as_tensor()));
+        let kernels = self.params.iter().all(|p| crate::ops::kernels::apply(p.var.as_tensor()) || crate::ops::kernels::apply_half_adamw(p.var.as_tensor()));
         let fused_applies = self.fused && ((!gpu && self.params.iter().all(|p| matches!(p.var.dtype(), DType::F32 | DType::F64))) || kernels);
         if !fused_applies && self.grouped.unwrap_or(gpu && crate::ops::enabled()) {
             return self.step_grouped(grads, lr);
@@ -352,57 +353,27 @@ impl AdamW {
                 Ok(Tensor::cat(&parts, 0)?)
             };
             let g = cat(&|p| Ok(grads.get(p.var.as_tensor()).expect("grouped above").to_dtype(dtype)?))?;
-            // The moments so far (None: the first step, where zero moments give its values
-            // exactly: 0 + x = x, 0 b = 0).
-            let previous = if t0 == 0 {
-                None
+            let mut theta = cat(&|p| Ok(p.var.as_tensor().detach()))?;
+            if decay {
+                theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
+            }
+            let (m, v) = if t0 == 0 {
+                ((&g * (1.0 - beta1))?, (g.sqr()? * (1.0 - beta2))?)
             } else {
-                Some(match self.group_moments.iter().find(|(mem, _, _)| *mem == members) {
+                let (m, v) = match self.group_moments.iter().find(|(mem, _, _)| *mem == members) {
                     Some((_, m, v)) => (m.clone(), v.clone()),
+                    // Zero moments give the first step's values exactly (0 + x = x, 0 b = 0).
                     None => (
                         cat(&|p| Ok(p.m.clone().map_or_else(|| p.var.as_tensor().zeros_like(), Ok)?))?,
                         cat(&|p| Ok(p.v.clone().map_or_else(|| p.var.as_tensor().zeros_like(), Ok)?))?,
                     ),
-                })
+                };
+                (((&g - &m)? * (1.0 - beta1))?.add(&m)?, (&v * beta2)?.add(&(g.sqr()? * (1.0 - beta2))?)?)
             };
             let t = (t0 + 1) as i32;
             let step_size = lr / (1.0 - beta1.powi(t));
-            let (next, m, v) = if crate::ops::kernels::apply_half_adamw(&g) {
-                // bf16 / f16 on a GPU (or the CPU rehearsing its path): the fused f32 update of
-                // the group's flat buffers cast to f32, written back rounded once (the composite below is about 15 half-type
-                // passes; crate::ops::adamw_in_place).
-                // Updated in place: a copy where the group's one member would share the
-                // parameter's storage (`Var::set` refuses a tensor derived from itself).
-                let theta = cat(&|p| Ok(p.var.as_tensor().detach()))?;
-                let theta = if members.len() == 1 { theta.copy()? } else { theta };
-                let mv = match &previous {
-                    Some((m, v)) => Tensor::stack(&[m, v], 0)?,
-                    None => Tensor::zeros((2, g.elem_count()), dtype, g.device())?,
-                };
-                let scalars = crate::ops::AdamWScalars {
-                    beta1,
-                    beta2,
-                    eps,
-                    decay: decay.then_some(1.0 - lr * weight_decay),
-                    bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
-                    step_size,
-                };
-                if !crate::ops::adamw_in_place(&theta, &g, &mv, scalars)? {
-                    return Err(Error::Training("AdamW: the half-precision fused update did not apply (klspeech bug)".into()));
-                }
-                (theta, mv.get(0)?, mv.get(1)?)
-            } else {
-                let mut theta = cat(&|p| Ok(p.var.as_tensor().detach()))?;
-                if decay {
-                    theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
-                }
-                let (m, v) = match previous {
-                    None => ((&g * (1.0 - beta1))?, (g.sqr()? * (1.0 - beta2))?),
-                    Some((m, v)) => (((&g - &m)? * (1.0 - beta1))?.add(&m)?, (&v * beta2)?.add(&(g.sqr()? * (1.0 - beta2))?)?),
-                };
-                let denom = ((v.sqrt()? / (1.0 - beta2.powi(t)).sqrt())? + eps)?;
-                (theta.sub(&(m.div(&denom)? * step_size)?)?, m, v)
-            };
+            let denom = ((v.sqrt()? / (1.0 - beta2.powi(t)).sqrt())? + eps)?;
+            let next = theta.sub(&(m.div(&denom)? * step_size)?)?;
             let mut offset = 0;
             for &i in &members {
                 let p = &mut self.params[i];

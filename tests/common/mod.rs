@@ -191,3 +191,34 @@ pub fn tiny_pretrained(dir: &std::path::Path) -> std::path::PathBuf {
     m.save_pretrained(&out).unwrap();
     out
 }
+
+/// AdamW on bf16 / f16 storage as klspeech's half-type kernels compute it
+/// (`kl_adam_moments_bf16` and the rest, and the CPU's rehearsal of them), written out here
+/// independently of the library: f32 arithmetic in the CPU kernel's order on the stored values
+/// (given as f32; `mv` = [m; v]), each result rounded to the type by `round`; the parameter's
+/// update reads the moments as stored.
+pub fn adamw_half_reference(theta: &mut [f32], mv: &mut [f32], g: &[f32], p: &klspeech::ops::AdamWScalars, round: impl Fn(f32) -> f32) {
+    let n = theta.len();
+    let (c1, b2, c2) = ((1.0 - p.beta1) as f32, p.beta2 as f32, (1.0 - p.beta2) as f32);
+    let (inv_bc2, eps, step) = ((1.0 / p.bias_correction2_sqrt) as f32, p.eps as f32, p.step_size as f32);
+    for i in 0..n {
+        let (m, v, gi) = (mv[i], mv[n + i], g[i]);
+        mv[i] = round(((gi - m) * c1 + 0.0) + m);
+        mv[n + i] = round((v * b2 + 0.0) + (gi * gi * c2 + 0.0));
+        let t = match p.decay {
+            Some(d) => theta[i] * d as f32 + 0.0,
+            None => theta[i],
+        };
+        let denom = (mv[n + i].sqrt() * inv_bc2 + 0.0) * 1.0 + eps;
+        theta[i] = round(t - ((mv[i] / denom) * step + 0.0));
+    }
+}
+
+/// `round` for [`adamw_half_reference`]: an f32 to the nearest bf16 / f16 (ties to even), as f32.
+pub fn round_to(dtype: DType) -> impl Fn(f32) -> f32 {
+    move |x| match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}

@@ -122,7 +122,11 @@ int main() {
         {"kl_keyed_normal", runner(kl_keyed_normal)},
         {"kl_dropout_mask", runner(kl_dropout_mask)},
         {"kl_adam_moments", runner(kl_adam_moments)},
+        {"kl_adam_moments_bf16", runner(kl_adam_moments_bf16)},
+        {"kl_adam_moments_f16", runner(kl_adam_moments_f16)},
         {"kl_adam_apply", runner(kl_adam_apply)},
+        {"kl_adam_apply_bf16", runner(kl_adam_apply_bf16)},
+        {"kl_adam_apply_f16", runner(kl_adam_apply_f16)},
     };
     uint32_t len;
     read_exact(&len, 4);

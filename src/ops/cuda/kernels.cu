@@ -514,20 +514,44 @@ extern "C" __global__ void kl_dropout_mask(float* out, int n, unsigned long long
 // whose `x * c` is `x * c + 0`) in their order, explicitly rounded (no FMA): the same bits as
 // the CPU. mv = [m (n); v (n)]:
 // m' = ((g - m) c1 + 0) + m, v' = (v b2 + 0) + (g g c2 + 0), with c1 = 1 - b1, c2 = 1 - b2.
-extern "C" __global__ void kl_adam_moments(float* mv, const float* g, int n, float c1, float b2, float c2) {
+// bf16 / f16 (pure half-precision training): the same f32 arithmetic on the stored values,
+// each result rounded once to the storage type (the moments as stored feed the update).
+template <typename T>
+__device__ void adam_moments(T* mv, const T* g, int n, float c1, float b2, float c2) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        float gi = g[i], m = mv[i], v = mv[(long long)n + i];
-        mv[i] = __fadd_rn(__fadd_rn(__fmul_rn(__fsub_rn(gi, m), c1), 0.0f), m);
-        mv[(long long)n + i] = __fadd_rn(__fadd_rn(__fmul_rn(v, b2), 0.0f), __fadd_rn(__fmul_rn(__fmul_rn(gi, gi), c2), 0.0f));
+        float gi = kl_ld(g[i]), m = kl_ld(mv[i]), v = kl_ld(mv[(long long)n + i]);
+        mv[i] = kl_st<T>(__fadd_rn(__fadd_rn(__fmul_rn(__fsub_rn(gi, m), c1), 0.0f), m));
+        mv[(long long)n + i] = kl_st<T>(__fadd_rn(__fadd_rn(__fmul_rn(v, b2), 0.0f), __fadd_rn(__fmul_rn(__fmul_rn(gi, gi), c2), 0.0f)));
     }
 }
 
+extern "C" __global__ void kl_adam_moments(float* mv, const float* g, int n, float c1, float b2, float c2) {
+    adam_moments(mv, g, n, c1, b2, c2);
+}
+extern "C" __global__ void kl_adam_moments_bf16(__nv_bfloat16* mv, const __nv_bfloat16* g, int n, float c1, float b2, float c2) {
+    adam_moments(mv, g, n, c1, b2, c2);
+}
+extern "C" __global__ void kl_adam_moments_f16(__half* mv, const __half* g, int n, float c1, float b2, float c2) {
+    adam_moments(mv, g, n, c1, b2, c2);
+}
+
 // theta' = (theta d + 0 when decaying) - ((m / ((sqrt(v) inv_bc2 + 0) 1 + eps)) step + 0).
-extern "C" __global__ void kl_adam_apply(float* theta, const float* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
+template <typename T>
+__device__ void adam_apply(T* theta, const T* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        float th = theta[i];
+        float th = kl_ld(theta[i]);
         float t = decay ? __fadd_rn(__fmul_rn(th, d), 0.0f) : th;
-        float denom = __fadd_rn(__fmul_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(mv[(long long)n + i]), inv_bc2), 0.0f), 1.0f), eps);
-        theta[i] = __fsub_rn(t, __fadd_rn(__fmul_rn(__fdiv_rn(mv[i], denom), step), 0.0f));
+        float denom = __fadd_rn(__fmul_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(kl_ld(mv[(long long)n + i])), inv_bc2), 0.0f), 1.0f), eps);
+        theta[i] = kl_st<T>(__fsub_rn(t, __fadd_rn(__fmul_rn(__fdiv_rn(kl_ld(mv[i]), denom), step), 0.0f)));
     }
+}
+
+extern "C" __global__ void kl_adam_apply(float* theta, const float* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
+    adam_apply(theta, mv, n, decay, d, inv_bc2, eps, step);
+}
+extern "C" __global__ void kl_adam_apply_bf16(__nv_bfloat16* theta, const __nv_bfloat16* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
+    adam_apply(theta, mv, n, decay, d, inv_bc2, eps, step);
+}
+extern "C" __global__ void kl_adam_apply_f16(__half* theta, const __half* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
+    adam_apply(theta, mv, n, decay, d, inv_bc2, eps, step);
 }
