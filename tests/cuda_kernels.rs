@@ -608,3 +608,38 @@ fn half_precision_adamw_kernels_match_the_reference_bit_for_bit() {
         }
     }
 }
+
+/// The convolution columns' gather kernel (`ops::conv_gemm` on a GPU) copies, bit for bit, what
+/// `index_select` along time gives on the CPU with the frame indices `(j / kc) stride + k0 +
+/// j % kc`, in f32, bf16 and f16: channel widths under and over a warp, strides 1-5, chunks that
+/// start past tap 0, frames up to the clip's end, and more rows than one launch's warps (the
+/// grid-stride loop).
+#[test]
+fn gather_taps_is_index_select_bit_for_bit() {
+    // (n, lp, t, kc, cg, stride, k0)
+    for &(n, lp, t, kc, cg, stride, k0) in &[(2usize, 20usize, 9usize, 3usize, 5usize, 2usize, 0usize), (3, 40, 6, 2, 48, 5, 3), (1, 130, 3, 128, 7, 1, 0), (2, 33, 4, 2, 33, 4, 19), (3, 12_004, 4_000, 3, 3, 3, 2)] {
+        let plan = kernels::gather_taps(n, lp, t, kc, cg, stride, k0, DType::F32);
+        assert!((t - 1) * stride + k0 + kc <= lp);
+        let x = normal(n * lp * cg, 1400 + lp as u64, 1.0, 0.0);
+        let idx: Vec<u32> = (0..t).flat_map(|f| (k0..k0 + kc).map(move |k| (f * stride + k) as u32)).collect();
+        let want_t = Tensor::from_vec(x.clone(), (n, lp, cg), &Device::Cpu).unwrap().index_select(&Tensor::from_vec(idx, t * kc, &Device::Cpu).unwrap(), 1).unwrap();
+        let want: Vec<f32> = want_t.flatten_all().unwrap().to_vec1().unwrap();
+        let got = run(&plan, &[x.clone(), vec![f32::NAN; n * t * kc * cg]]);
+        assert_eq!(got[0], x, "the input is untouched");
+        assert!(got[1].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "gather {:?} in f32", (n, lp, t, kc, cg, stride, k0));
+        for dtype in [DType::BF16, DType::F16] {
+            let bits = |v: &[f32]| -> Buf {
+                match dtype {
+                    DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                    _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+                }
+            };
+            let out = match dtype {
+                DType::BF16 => Buf::Bf16(vec![0xffff; n * t * kc * cg]),
+                _ => Buf::F16(vec![0xffff; n * t * kc * cg]),
+            };
+            let got = run_bufs(&kernels::gather_taps(n, lp, t, kc, cg, stride, k0, dtype), &[bits(&x), out]);
+            assert_eq!(got[1], bits(&want), "gather {:?} in {dtype:?}", (n, lp, t, kc, cg, stride, k0));
+        }
+    }
+}

@@ -9,8 +9,9 @@
 //! encoder's FMA implicit gemms took 29.6 ms for 0.78 TFLOP behind layout conversions. A
 //! convolution is a gemm over gathered columns: with x [B, L, C_in] channels-last (padded by
 //! p), frame t of group g reads the K runs `x[b, t s + k, g]` of C_g values, so one gather
-//! (`index_select` along time) writes the column matrix [G, B T, K C_g] and one strided batched
-//! gemm (cuBLAS on a GPU) against the weight reordered to [G, K C_g, og] gives [G, B T, og].
+//! (on a GPU klspeech's `kl_gather_taps`, a warp per row; elsewhere `index_select` along time)
+//! writes the column matrix [G, B T, K C_g] and one strided batched gemm (cuBLAS on a GPU)
+//! against the weight reordered to [G, K C_g, og] gives [G, B T, og].
 //!
 //! Memory: the columns are K / s times the input (the positional conv's 128 times), so they are
 //! built for blocks of clips of at most [`COLUMN_BUDGET`] bytes (`KLSPEECH_CONV_GEMM_MIB`), and
@@ -270,19 +271,29 @@ fn padded_block(x: &Tensor, s: &Geom, b0: usize, bc: usize) -> candle_core::Resu
     }
 }
 
-/// The tap chunks of a convolution, (k0, kc, their [`tap_indices`] on `dev`): built once per
-/// call, not per block (each is a host-to-device copy).
-fn tap_chunks(s: &Geom, kc_max: usize, dev: &candle_core::Device) -> candle_core::Result<Vec<(usize, usize, Tensor)>> {
+/// A tap chunk of a convolution: its first tap, its number of taps, and where the columns are
+/// gathered by candle's `index_select`, its [`tap_indices`] (built once per call, not per
+/// block: each is a host-to-device copy).
+type Chunk = (usize, usize, Option<Tensor>);
+
+/// The tap chunks of a convolution on x's device and type: on a GPU klspeech's gather kernel
+/// computes the frames itself (`ops::kernels::gather_taps`), elsewhere `index_select` reads the
+/// indices.
+fn tap_chunks(s: &Geom, kc_max: usize, x: &Tensor) -> candle_core::Result<Vec<Chunk>> {
+    let kernel = super::kernels::apply_any_float(x);
     (0..s.k).step_by(kc_max).map(|k0| {
         let kc = kc_max.min(s.k - k0);
-        Ok((k0, kc, tap_indices(s, k0, kc, dev)?))
+        Ok((k0, kc, if kernel { None } else { Some(tap_indices(s, k0, kc, x.device())?) }))
     }).collect()
 }
 
-/// The columns of a tap chunk (`kc` taps, indices `idx`) of a padded block [G bc, Lp, C_g]:
-/// [G, bc T, kc C_g].
-fn columns(xb: &Tensor, s: &Geom, bc: usize, kc: usize, idx: &Tensor) -> candle_core::Result<Tensor> {
-    xb.index_select(idx, 1)?.reshape((s.groups, bc * s.t, kc * s.cg()))
+/// The columns of a tap chunk of a padded block [G bc, Lp, C_g]: [G, bc T, kc C_g].
+fn columns(xb: &Tensor, s: &Geom, bc: usize, (k0, kc, idx): &Chunk) -> candle_core::Result<Tensor> {
+    let cols = match idx {
+        Some(idx) => xb.index_select(idx, 1)?,
+        None => super::kernels::gather_taps_of(xb, s.t, *k0, *kc, s.stride)?,
+    };
+    cols.reshape((s.groups, bc * s.t, kc * s.cg()))
 }
 
 /// A PyTorch weight [C_out, C_g, K] reordered to the columns' tap-major rows: [G, K C_g, og].
@@ -312,16 +323,16 @@ pub fn forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: us
 /// [`forward`] with the weight already reordered ([`weight_rows`]).
 fn forward_rows(x: &Tensor, wr: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
     let (bc_max, kc_max) = blocking(s, x.dtype())?;
-    let chunks = tap_chunks(s, kc_max, x.device())?;
+    let chunks = tap_chunks(s, kc_max, x)?;
     let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
     let mut b0 = 0;
     while b0 < s.b {
         let bc = bc_max.min(s.b - b0);
         let xb = padded_block(x, s, b0, bc)?;
         let mut y: Option<Tensor> = None;
-        for (k0, kc, idx) in &chunks {
+        for chunk in &chunks {
             // [G, bc T, kc C_g] x [G, kc C_g, og] -> [G, bc T, og]
-            let part = columns(&xb, s, bc, *kc, idx)?.matmul(&weight_chunk(wr, s, *k0, *kc)?)?;
+            let part = columns(&xb, s, bc, chunk)?.matmul(&weight_chunk(wr, s, chunk.0, chunk.1)?)?;
             count(|c| c.gemms += 1);
             y = Some(match y {
                 Some(y) => (y + part)?,
@@ -358,7 +369,7 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
     let dyg = dy_groups(&dy.contiguous()?, &s)?; // [G, B T, og]
     let (bc_max, kc_max) = blocking(&s, x.dtype())?;
     // One accumulator per tap chunk: [G, og, kc C_g].
-    let chunks = tap_chunks(&s, kc_max, x.device())?;
+    let chunks = tap_chunks(&s, kc_max, &x)?;
     let mut acc: Vec<Option<Tensor>> = vec![None; chunks.len()];
     let mut b0 = 0;
     while b0 < s.b {
@@ -366,8 +377,8 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
         let xb = padded_block(&x, &s, b0, bc)?;
         // [G, og, bc T] (a transposed view that cuBLAS reads in place)
         let dyt = dyg.narrow(1, b0 * s.t, bc * s.t)?.transpose(1, 2)?;
-        for (a, (_, kc, idx)) in acc.iter_mut().zip(&chunks) {
-            let part = dyt.matmul(&columns(&xb, &s, bc, *kc, idx)?)?;
+        for (a, chunk) in acc.iter_mut().zip(&chunks) {
+            let part = dyt.matmul(&columns(&xb, &s, bc, chunk)?)?;
             count(|c| c.gemms += 1);
             *a = Some(match a.take() {
                 Some(a) => (a + part)?,

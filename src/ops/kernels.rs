@@ -201,6 +201,22 @@ pub fn dropout_mask(n: usize, p: f64, key: u64) -> Launch {
     elementwise("kl_dropout_mask", n, 1, &[Arg::U64(key), Arg::U64(threshold), Arg::F32((1.0 / (1.0 - p)) as f32)])
 }
 
+/// The columns of a convolution's tap chunk (`ops::conv_gemm`): buffers [x [n, lp, cg],
+/// out [n, t kc, cg]] of `dtype` (f32, bf16, f16), out row (clip, j) = frame
+/// `(j / kc) stride + k0 + j % kc` of the clip. One warp per row, 8 rows a block, about 4096
+/// blocks at most (grid-stride beyond).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_taps(n: usize, lp: usize, t: usize, kc: usize, cg: usize, stride: usize, k0: usize, dtype: DType) -> Launch {
+    let name = match dtype {
+        DType::BF16 => "kl_gather_taps_bf16",
+        DType::F16 => "kl_gather_taps_f16",
+        _ => "kl_gather_taps",
+    };
+    let rows = n * t * kc;
+    let args = [Arg::Buf(0), Arg::Buf(1)].into_iter().chain([n, lp, t, kc, cg, stride, k0].map(|v| Arg::I32(i32_of(v)))).collect();
+    Launch { name, grid: rows.div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
+}
+
 /// AdamW's moments in place: buffers [mv, g] of `dtype` (f32, bf16 or f16: f32 arithmetic,
 /// each result rounded once to the type), mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
 /// rounded to f32 as the CPU kernel rounds them).
@@ -781,6 +797,48 @@ pub(crate) fn add_bias_fresh(y: Tensor, b: &Tensor, gelu: bool) -> crate::error:
     } else {
         Ok(y)
     }
+}
+
+/// [`gather_taps`] as an op without gradient: the columns [n, t kc, cg] of taps
+/// `k0 .. k0 + kc` of every output frame of a convolution of `stride` over x [n, lp, cg].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GatherTaps {
+    t: usize,
+    kc: usize,
+    stride: usize,
+    k0: usize,
+}
+
+impl candle_core::CustomOp1 for GatherTaps {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-gather-taps"
+    }
+    cuda_only!(1);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let (n, lp, cg) = l.shape().dims3()?;
+            let dtype = candle_core::backend::BackendStorage::dtype(x);
+            let plan = gather_taps(n, lp, self.t, self.kc, cg, self.stride, self.k0, dtype);
+            gpu::launch_op(&plan, &[(x, l)], &candle_core::Shape::from((n, self.t * self.kc, cg)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-gather-taps: built without CUDA")
+        }
+    }
+}
+
+/// The columns of taps `k0 .. k0 + kc` of the `t` output frames of a convolution of `stride`
+/// over the padded clips x [n, lp, cg]: [n, t kc, cg] ([`apply_any_float`] must hold for x;
+/// the frames must lie in the clips, `(t - 1) stride + k0 + kc <= lp`).
+pub(crate) fn gather_taps_of(x: &Tensor, t: usize, k0: usize, kc: usize, stride: usize) -> candle_core::Result<Tensor> {
+    let (_, lp, _) = x.dims3()?;
+    if t == 0 || kc == 0 || (t - 1) * stride + k0 + kc > lp {
+        candle_core::bail!("klspeech gather_taps: {t} frames of taps {k0}..{} at stride {stride} over {lp} frames", k0 + kc)
+    }
+    x.contiguous()?.apply_op1_no_bwd(&GatherTaps { t, kc, stride, k0 })
 }
 
 #[cfg(feature = "cuda")]

@@ -510,6 +510,36 @@ extern "C" __global__ void kl_dropout_mask(float* out, int n, unsigned long long
     }
 }
 
+// The gathered columns of a convolution's tap chunk (ops::conv_gemm): x [n, lp, cg] (clips of
+// one group's padded frames) -> out [n, t kc, cg] with out row (clip, j) = frame
+// (j / kc) stride + k0 + j % kc of the clip, a copy of cg contiguous values. One warp per
+// output row (grid-stride over rows), lanes across the row: every load and store coalesced,
+// the index arithmetic once per row (candle's index_select divides per element and reads a
+// 32-bit index tensor).
+template <typename T>
+__device__ void gather_taps(const T* x, T* out, int n, int lp, int t, int kc, int cg, int stride, int k0) {
+    long long per_clip = (long long)t * kc, rows = (long long)n * per_clip;
+    int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    for (long long r = (long long)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += (long long)gridDim.x * warps) {
+        long long clip = r / per_clip;
+        int j = (int)(r - clip * per_clip);
+        long long frame = (long long)(j / kc) * stride + k0 + j % kc;
+        const T* src = x + (clip * lp + frame) * cg;
+        T* dst = out + r * cg;
+        for (int c = lane; c < cg; c += 32) dst[c] = src[c];
+    }
+}
+
+extern "C" __global__ void kl_gather_taps(const float* x, float* out, int n, int lp, int t, int kc, int cg, int stride, int k0) {
+    gather_taps(x, out, n, lp, t, kc, cg, stride, k0);
+}
+extern "C" __global__ void kl_gather_taps_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int n, int lp, int t, int kc, int cg, int stride, int k0) {
+    gather_taps(x, out, n, lp, t, kc, cg, stride, k0);
+}
+extern "C" __global__ void kl_gather_taps_f16(const __half* x, __half* out, int n, int lp, int t, int kc, int cg, int stride, int k0) {
+    gather_taps(x, out, n, lp, t, kc, cg, stride, k0);
+}
+
 // AdamW in place, the float operations of ops::adamw_in_place (and of candle's composite,
 // whose `x * c` is `x * c + 0`) in their order, explicitly rounded (no FMA): the same bits as
 // the CPU. mv = [m (n); v (n)]:
