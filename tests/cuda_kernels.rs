@@ -539,14 +539,7 @@ fn adamw_kernels_match_the_cpu_update_bit_for_bit() {
             let mut g = normal(n, 610 + t as u64, 0.1, 0.0);
             g[0] = 0.0;
             g[1] = -0.0;
-            let p = klspeech::ops::AdamWScalars {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                decay,
-                bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
-                step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
-            };
+            let p = common::adamw_scalars(t, decay);
             let gt = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap();
             assert!(klspeech::ops::adamw_in_place(&theta_t, &gt, &mv_t, p).unwrap());
             mv = run(&kernels::adam_moments(n, &p, DType::F32), &[mv, g])[0].clone();
@@ -586,14 +579,7 @@ fn half_precision_adamw_kernels_match_the_reference_bit_for_bit() {
                 let mut g: Vec<f32> = normal(n, 630 + t as u64, 0.1, 0.0).into_iter().map(&round).collect();
                 g[0] = 0.0;
                 g[1] = -0.0;
-                let p = klspeech::ops::AdamWScalars {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    decay,
-                    bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
-                    step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
-                };
+                let p = common::adamw_scalars(t, decay);
                 common::adamw_half_reference(&mut theta, &mut mv, &g, &p, &round);
                 mv_k = run_bufs(&kernels::adam_moments(n, &p, dtype), &[mv_k, bits(&g)])[0].clone();
                 theta_k = run_bufs(&kernels::adam_apply(n, &p, dtype), &[theta_k, mv_k.clone()])[0].clone();

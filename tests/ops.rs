@@ -1113,14 +1113,7 @@ fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
         let mv = Tensor::zeros((2, n), DType::F32, dev).unwrap();
         for t in 1..=3 {
             let g = (rand(&[n], 710 + t as u64, DType::F32) * 0.1).unwrap().to_device(dev).unwrap();
-            let p = ops::AdamWScalars {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                decay: Some(1.0 - 1e-3 * 0.01),
-                bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
-                step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
-            };
+            let p = common::adamw_scalars(t, Some(1.0 - 1e-3 * 0.01));
             assert!(ops::adamw_in_place(&theta, &g, &mv, p).unwrap(), "the fused update applies on {dev:?}");
         }
         let v = |t: &Tensor| t.flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
@@ -1142,14 +1135,7 @@ fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
 fn half_precision_adamw_on_the_test_device_is_the_f32_arithmetic_rounded() {
     let dev = test_device();
     let n = 4_099;
-    let scalars = |t: i32| ops::AdamWScalars {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        decay: Some(1.0 - 1e-3 * 0.01),
-        bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
-        step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
-    };
+    let scalars = |t: i32| common::adamw_scalars(t, Some(1.0 - 1e-3 * 0.01));
     let switched_off = std::env::var_os("KLSPEECH_NO_HALF_KERNELS").is_some_and(|v| !v.is_empty() && v != "0");
     for dtype in [DType::BF16, DType::F16] {
         let round = common::round_to(dtype);

@@ -192,6 +192,19 @@ pub fn tiny_pretrained(dir: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
+/// The AdamW scalars of the op tests' updates: step `t` (from 1) at learning rate 1e-3, betas
+/// 0.9 / 0.999, eps 1e-8, and `decay` (`1 - lr wd`, or none).
+pub fn adamw_scalars(t: i32, decay: Option<f64>) -> klspeech::ops::AdamWScalars {
+    klspeech::ops::AdamWScalars {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay,
+        bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
+        step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+    }
+}
+
 /// AdamW on bf16 / f16 storage as klspeech's half-type kernels compute it
 /// (`kl_adam_moments_bf16` and the rest, and the CPU's rehearsal of them), written out here
 /// independently of the library: f32 arithmetic in the CPU kernel's order on the stored values
