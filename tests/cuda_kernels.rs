@@ -164,10 +164,10 @@ fn standardization_forward_and_backward_match_the_f64_composite() {
         let gt = Tensor::from_vec(g.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
         let dx_ref = y_ref.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).unwrap().clone();
 
-        let fwd = run(&kernels::standardize_fwd(rows, d, eps), &[x.clone(), vec![f32::NAN; rows * d]]);
+        let fwd = run(&kernels::standardize_fwd(rows, d, eps, DType::F32), &[x.clone(), vec![f32::NAN; rows * d]]);
         let e = rel_err(&fwd[1], &as_f64(&y_ref));
         assert!(e < 2e-5, "standardize forward {rows}x{d}: {e}");
-        let bwd = run(&kernels::standardize_bwd(rows, d, eps), &[x.clone(), fwd[1].clone(), g.clone(), vec![f32::NAN; rows * d]]);
+        let bwd = run(&kernels::standardize_bwd(rows, d, eps, DType::F32), &[x.clone(), fwd[1].clone(), g.clone(), vec![f32::NAN; rows * d]]);
         let e = rel_err(&bwd[3], &as_f64(&dx_ref));
         assert!(e < 5e-5, "standardize backward {rows}x{d}: {e}");
         // Inputs are read only.
@@ -198,7 +198,7 @@ fn softmax_backward_with_and_without_dropout_mask_and_scale_matches_the_f64_comp
                 bufs.push(mask.clone());
             }
             bufs.push(vec![f32::NAN; rows * d]);
-            let out = run(&kernels::softmax_bwd(rows, d, scale, masked), &bufs);
+            let out = run(&kernels::softmax_bwd(rows, d, scale, masked, DType::F32), &bufs);
             let e = rel_err(out.last().unwrap(), &as_f64(&ds_ref));
             assert!(e < 2e-5, "softmax backward {rows}x{d} masked {masked}: {e}");
         }
@@ -216,14 +216,14 @@ fn gelu_forward_and_backward_match_the_f64_erf_gelu() {
     let y_ref = xv.as_tensor().gelu_erf().unwrap();
     let gt = Tensor::from_vec(g.iter().map(|&v| v as f64).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
     let dx_ref = y_ref.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).unwrap().clone();
-    let fwd = run(&kernels::gelu_fwd(n), &[x.clone(), vec![f32::NAN; n]]);
+    let fwd = run(&kernels::gelu_fwd(n, DType::F32), &[x.clone(), vec![f32::NAN; n]]);
     let e = rel_err(&fwd[1], &as_f64(&y_ref));
     assert!(e < 1e-6, "gelu forward: {e}");
-    let bwd = run(&kernels::gelu_bwd(n), &[x.clone(), g.clone(), vec![f32::NAN; n]]);
+    let bwd = run(&kernels::gelu_bwd(n, DType::F32), &[x.clone(), g.clone(), vec![f32::NAN; n]]);
     let e = rel_err(&bwd[2], &as_f64(&dx_ref));
     assert!(e < 1e-6, "gelu backward: {e}");
     // A grid smaller than the elements: the kernels stride over the rest.
-    let mut plan = kernels::gelu_fwd(n);
+    let mut plan = kernels::gelu_fwd(n, DType::F32);
     plan.grid = 3;
     let strided = run(&plan, &[x, vec![f32::NAN; n]]);
     assert_eq!(strided[1], fwd[1]);
@@ -234,10 +234,10 @@ fn launch_plans_cover_their_shapes() {
     assert_eq!(kernels::row_block(1), 32);
     assert_eq!(kernels::row_block(37), 64);
     assert_eq!(kernels::row_block(768), 256);
-    let p = kernels::softmax_bwd(10, 199, 0.125, false);
+    let p = kernels::softmax_bwd(10, 199, 0.125, false, DType::F32);
     assert_eq!((p.grid, p.block), (10, 256));
     assert_eq!(p.args[2], Arg::Null);
-    let g = kernels::gelu_bwd(70_001);
+    let g = kernels::gelu_bwd(70_001, DType::F32);
     assert_eq!((g.grid, g.block), (274, 256));
 }
 
@@ -469,7 +469,7 @@ fn bias_add_in_place_matches_the_host_sum() {
         let want: Vec<f32> = y.iter().enumerate().map(|(i, &v)| v + b[i % d]).collect();
         assert!(got[0].iter().zip(&want).all(|(a, w)| a.to_bits() == w.to_bits()), "bias add [{rows}, {d}] in f32");
         assert_eq!(got[1], b);
-        let gelu_of = |v: &[f32]| run(&kernels::gelu_fwd(v.len()), &[v.to_vec(), vec![f32::NAN; v.len()]])[1].clone();
+        let gelu_of = |v: &[f32]| run(&kernels::gelu_fwd(v.len(), DType::F32), &[v.to_vec(), vec![f32::NAN; v.len()]])[1].clone();
         let fused = run(&kernels::bias_add(rows, d, DType::F32, true), &[y.clone(), b.clone()]);
         assert!(fused[0].iter().zip(&gelu_of(&want)).all(|(a, w)| a.to_bits() == w.to_bits()), "bias add + GELU [{rows}, {d}] in f32");
         for dtype in [DType::BF16, DType::F16] {
@@ -627,5 +627,59 @@ fn gather_taps_is_index_select_bit_for_bit() {
             let got = run_bufs(&kernels::gather_taps(n, lp, t, kc, cg, stride, k0, dtype), &[bits(&x), out]);
             assert_eq!(got[1], bits(&want), "gather {:?} in {dtype:?}", (n, lp, t, kc, cg, stride, k0));
         }
+    }
+}
+
+/// The half-type instances of the standardization, softmax-backward and GELU kernels (bf16 /
+/// f16 training) give, bit for bit, the f32 kernel's output on the same (representable) values
+/// rounded once to the type: rows under and over a block, a dropout mask, more elements than
+/// one launch's threads.
+#[test]
+fn half_type_row_and_gelu_kernels_are_the_f32_kernels_rounded() {
+    for dtype in [DType::BF16, DType::F16] {
+        let bits = |v: &[f32]| -> Buf {
+            match dtype {
+                DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+            }
+        };
+        let round = common::round_to(dtype);
+        let of = |v: Vec<f32>| v.into_iter().map(&round).collect::<Vec<f32>>();
+        let empty = |n: usize| match dtype {
+            DType::BF16 => Buf::Bf16(vec![0xffff; n]),
+            _ => Buf::F16(vec![0xffff; n]),
+        };
+        for &(rows, d) in &[(3usize, 7usize), (5, 300), (2, 768)] {
+            let what = format!("[{rows}, {d}] in {dtype:?}");
+            let n = rows * d;
+            let x = of(normal(n, 1500 + d as u64, 2.0, 0.3));
+            let g = of(normal(n, 1501 + d as u64, 1.0, 0.0));
+            let eps = 1e-5;
+            // The standardization, its backward fed the forward's stored (rounded) output.
+            let y32 = run(&kernels::standardize_fwd(rows, d, eps, DType::F32), &[x.clone(), vec![f32::NAN; n]])[1].clone();
+            let yh = run_bufs(&kernels::standardize_fwd(rows, d, eps, dtype), &[bits(&x), empty(n)])[1].clone();
+            assert_eq!(yh, bits(&y32), "standardize {what}");
+            let y = of(y32);
+            let dx32 = run(&kernels::standardize_bwd(rows, d, eps, DType::F32), &[x.clone(), y.clone(), g.clone(), vec![f32::NAN; n]])[3].clone();
+            let dxh = run_bufs(&kernels::standardize_bwd(rows, d, eps, dtype), &[bits(&x), bits(&y), bits(&g), empty(n)])[3].clone();
+            assert_eq!(dxh, bits(&dx32), "standardize backward {what}");
+            // The softmax backward with and without a dropout mask (probabilities in [0, 1]).
+            let p = of(normal(n, 1502 + d as u64, 0.2, 0.5));
+            let mask = of((0..n).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 / 0.9 }).collect());
+            let dx32 = run(&kernels::softmax_bwd(rows, d, 0.125, true, DType::F32), &[p.clone(), g.clone(), mask.clone(), vec![f32::NAN; n]])[3].clone();
+            let dxh = run_bufs(&kernels::softmax_bwd(rows, d, 0.125, true, dtype), &[bits(&p), bits(&g), bits(&mask), empty(n)])[3].clone();
+            assert_eq!(dxh, bits(&dx32), "masked softmax backward {what}");
+            let dx32 = run(&kernels::softmax_bwd(rows, d, 1.0, false, DType::F32), &[p.clone(), g.clone(), vec![f32::NAN; n]])[2].clone();
+            let dxh = run_bufs(&kernels::softmax_bwd(rows, d, 1.0, false, dtype), &[bits(&p), bits(&g), empty(n)])[2].clone();
+            assert_eq!(dxh, bits(&dx32), "softmax backward {what}");
+        }
+        // GELU both ways over more elements than 4096 blocks of 256 threads.
+        let n = 1_100_003;
+        let x = of(normal(n, 1510, 3.0, 0.0));
+        let g = of(normal(n, 1511, 1.0, 0.0));
+        let y32 = run(&kernels::gelu_fwd(n, DType::F32), &[x.clone(), vec![f32::NAN; n]])[1].clone();
+        assert_eq!(run_bufs(&kernels::gelu_fwd(n, dtype), &[bits(&x), empty(n)])[1], bits(&y32), "GELU in {dtype:?}");
+        let dx32 = run(&kernels::gelu_bwd(n, DType::F32), &[x.clone(), g.clone(), vec![f32::NAN; n]])[2].clone();
+        assert_eq!(run_bufs(&kernels::gelu_bwd(n, dtype), &[bits(&x), bits(&g), empty(n)])[2], bits(&dx32), "GELU backward in {dtype:?}");
     }
 }

@@ -117,7 +117,7 @@ impl CustomOp1 for Precomputed {
         let y = y.detach();
         Ok(Some(match self.kind {
             Kind::Softmax if super::kernels::apply(g) => super::kernels::softmax_bwd_of(&y, g, None, 1.0)?,
-            Kind::Softmax if super::kernels::apply_half(g) => super::kernels::softmax_bwd_of(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?, None, 1.0)?.to_dtype(g.dtype())?,
+            Kind::Softmax if super::kernels::apply_half(g) && y.dtype() == g.dtype() => super::kernels::softmax_bwd_of(&y, g, None, 1.0)?,
             Kind::Softmax => y.mul(&g.broadcast_sub(&g.mul(&y)?.sum_keepdim(D::Minus1)?)?)?,
             Kind::Standardize { eps } => {
                 let x = x.detach();
@@ -146,8 +146,9 @@ pub fn standardize_last_device(x: &Tensor, eps: f64) -> Result<Tensor> {
         return Ok(super::kernels::standardize(x, eps)?);
     }
     if super::kernels::apply_half(x) && x.track_op() {
-        // bf16 / f16 training: the f32 kernel between casts.
-        return super::in_f32(&[x], |v| Ok(super::kernels::standardize(&v[0], eps)?));
+        // bf16 / f16 training: the kernel's half-type instance (its backward reads the output
+        // as stored).
+        return Ok(super::kernels::standardize(x, eps)?);
     }
     let d = x.dim(D::Minus1)?;
     let xd = x.detach();
@@ -335,10 +336,9 @@ impl CustomOp1 for AttentionDevice {
         let ds = if super::kernels::apply(&dp) {
             // One kernel: the mask, the row sums and the scale.
             super::kernels::softmax_bwd_of(&p, &dp, mask.as_ref(), self.scale)?
-        } else if super::kernels::apply_half(&dp) {
-            // bf16 / f16: the same kernel on the values cast to f32, rounded once.
-            let f = |t: &Tensor| t.to_dtype(DType::F32);
-            super::kernels::softmax_bwd_of(&f(&p)?, &f(&dp)?, mask.as_ref().map(f).transpose()?.as_ref(), self.scale)?.to_dtype(dp.dtype())?
+        } else if super::kernels::apply_half(&dp) && p.dtype() == dp.dtype() && mask.as_ref().is_none_or(|m| m.dtype() == dp.dtype()) {
+            // bf16 / f16: the kernel's half-type instance.
+            super::kernels::softmax_bwd_of(&p, &dp, mask.as_ref(), self.scale)?
         } else {
             let dp = match &mask {
                 Some(m) => dp.mul(m)?,

@@ -71,34 +71,47 @@ fn elementwise(name: &'static str, n: usize, buffers: usize, extra: &[Arg]) -> L
     Launch { name, grid: n.div_ceil(256).clamp(1, 4096) as u32, block: 256, args }
 }
 
-/// y = (x - mean) / sqrt(var + eps) per row: buffers [x, y], each [rows, d].
-pub fn standardize_fwd(rows: usize, d: usize, eps: f64) -> Launch {
-    row_plan("kl_standardize_fwd", rows, d, 2, &[Arg::F32(eps as f32)])
+/// A kernel's name for `dtype`: the f32 instance, or its `_bf16` / `_f16` one (the kernels
+/// that have them: loads converted to f32, each store rounded once).
+fn typed(f32_name: &'static str, bf16_name: &'static str, f16_name: &'static str, dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => bf16_name,
+        DType::F16 => f16_name,
+        _ => f32_name,
+    }
 }
 
-/// The standardization's backward: buffers [x, y, g, dx], each [rows, d].
-pub fn standardize_bwd(rows: usize, d: usize, eps: f64) -> Launch {
-    row_plan("kl_standardize_bwd", rows, d, 4, &[Arg::F32(eps as f32)])
+/// y = (x - mean) / sqrt(var + eps) per row: buffers [x, y], each [rows, d], of `dtype` (f32,
+/// bf16, f16).
+pub fn standardize_fwd(rows: usize, d: usize, eps: f64, dtype: DType) -> Launch {
+    row_plan(typed("kl_standardize_fwd", "kl_standardize_fwd_bf16", "kl_standardize_fwd_f16", dtype), rows, d, 2, &[Arg::F32(eps as f32)])
+}
+
+/// The standardization's backward: buffers [x, y, g, dx], each [rows, d], of `dtype`.
+pub fn standardize_bwd(rows: usize, d: usize, eps: f64, dtype: DType) -> Launch {
+    row_plan(typed("kl_standardize_bwd", "kl_standardize_bwd_bf16", "kl_standardize_bwd_f16", dtype), rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
 /// The softmax's backward, dx = scale y (g m - sum(g m y)) per row: buffers [y, g, mask, dx]
-/// with a dropout mask m, [y, g, dx] without (the mask argument is then a null pointer).
-pub fn softmax_bwd(rows: usize, d: usize, scale: f64, masked: bool) -> Launch {
-    let mut plan = row_plan("kl_softmax_bwd", rows, d, if masked { 4 } else { 3 }, &[Arg::F32(scale as f32)]);
+/// with a dropout mask m, [y, g, dx] without (the mask argument is then a null pointer), of
+/// `dtype`.
+pub fn softmax_bwd(rows: usize, d: usize, scale: f64, masked: bool, dtype: DType) -> Launch {
+    let name = typed("kl_softmax_bwd", "kl_softmax_bwd_bf16", "kl_softmax_bwd_f16", dtype);
+    let mut plan = row_plan(name, rows, d, if masked { 4 } else { 3 }, &[Arg::F32(scale as f32)]);
     if !masked {
         plan.args.insert(2, Arg::Null);
     }
     plan
 }
 
-/// The exact GELU: buffers [x, y] of n.
-pub fn gelu_fwd(n: usize) -> Launch {
-    elementwise("kl_gelu_fwd", n, 2, &[])
+/// The exact GELU: buffers [x, y] of n, of `dtype`.
+pub fn gelu_fwd(n: usize, dtype: DType) -> Launch {
+    elementwise(typed("kl_gelu_fwd", "kl_gelu_fwd_bf16", "kl_gelu_fwd_f16", dtype), n, 2, &[])
 }
 
-/// The GELU's backward: buffers [x, g, dx] of n.
-pub fn gelu_bwd(n: usize) -> Launch {
-    elementwise("kl_gelu_bwd", n, 3, &[])
+/// The GELU's backward: buffers [x, g, dx] of n, of `dtype`.
+pub fn gelu_bwd(n: usize, dtype: DType) -> Launch {
+    elementwise(typed("kl_gelu_bwd", "kl_gelu_bwd_bf16", "kl_gelu_bwd_f16", dtype), n, 3, &[])
 }
 
 /// A KL-Norm site after its standardization: buffers [xh, p, noise, out], xh and noise
@@ -263,9 +276,10 @@ pub fn apply(x: &Tensor) -> bool {
 
 static HALF: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_HALF_KERNELS");
 
-/// Whether a bf16 / f16 tensor with a gradient runs through the f32 kernels between two casts
-/// ([`super::in_f32`]): half-precision training on a GPU (LayerNorm, standardization, GELU,
-/// the softmax backward, KL-Norm, GroupNorm; AdamW has half-type kernels, [`apply_half_adamw`]),
+/// Whether a bf16 / f16 tensor with a gradient runs through klspeech's kernels: their half-type
+/// instances (standardization, GELU, the softmax backward; AdamW, [`apply_half_adamw`]) or the
+/// f32 kernels between two casts ([`super::in_f32`]: LayerNorm, KL-Norm, GroupNorm), in
+/// half-precision training on a GPU,
 /// where candle's half-type composites ran
 /// some ten passes per op (about 45 ms of a bf16 8 x 4 s step on the H200). The values are the
 /// f32 arithmetic on the half-type inputs rounded once, as PyTorch's half-type kernels compute.
@@ -344,14 +358,14 @@ struct KernelOp(Kind);
 impl KernelOp {
     /// The launch plan for `n` elements (the inputs' common size) and whether a mask is given.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn plan(&self, n: usize, masked: bool) -> Launch {
+    fn plan(&self, n: usize, masked: bool, dtype: DType) -> Launch {
         let rows = |d: usize| n / d.max(1);
         match self.0 {
-            Kind::Standardize { d, eps } => standardize_fwd(rows(d), d, eps),
-            Kind::StandardizeBwd { d, eps } => standardize_bwd(rows(d), d, eps),
-            Kind::SoftmaxBwd { d, scale } => softmax_bwd(rows(d), d, scale, masked),
-            Kind::Gelu => gelu_fwd(n),
-            Kind::GeluBwd => gelu_bwd(n),
+            Kind::Standardize { d, eps } => standardize_fwd(rows(d), d, eps, dtype),
+            Kind::StandardizeBwd { d, eps } => standardize_bwd(rows(d), d, eps, dtype),
+            Kind::SoftmaxBwd { d, scale } => softmax_bwd(rows(d), d, scale, masked, dtype),
+            Kind::Gelu => gelu_fwd(n, dtype),
+            Kind::GeluBwd => gelu_bwd(n, dtype),
         }
     }
 
@@ -374,7 +388,8 @@ impl KernelOp {
         }
         #[cfg(feature = "cuda")]
         {
-            gpu::launch_op(&self.plan(shape.elem_count(), masked), inputs, &shape)
+            let dtype = candle_core::backend::BackendStorage::dtype(inputs[0].0);
+            gpu::launch_op(&self.plan(shape.elem_count(), masked, dtype), inputs, &shape)
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -431,20 +446,21 @@ impl candle_core::CustomOp3 for KernelOp {
     }
 }
 
-/// (x - mean) / sqrt(var + eps) over the last dimension, one kernel each way ([`apply`]
-/// must hold for `x`).
+/// (x - mean) / sqrt(var + eps) over the last dimension, one kernel each way ([`apply`] or
+/// [`apply_half`] must hold for `x`).
 pub(crate) fn standardize(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
     x.contiguous()?.apply_op1(KernelOp(Kind::Standardize { d, eps }))
 }
 
-/// The exact GELU, one kernel each way ([`apply`] must hold for `x`).
+/// The exact GELU, one kernel each way ([`apply`] or [`apply_half`] must hold for `x`).
 pub(crate) fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(KernelOp(Kind::Gelu))
 }
 
 /// The gradient of the scores of a softmax over the last dimension, y its output and g the
-/// gradient of its (dropped-out, with `mask`) output: scale y (g m - sum(g m y)).
+/// gradient of its (dropped-out, with `mask`) output: scale y (g m - sum(g m y)), all of one
+/// type (f32, bf16, f16).
 pub(crate) fn softmax_bwd_of(y: &Tensor, g: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
     let d = y.dim(candle_core::D::Minus1)?;
     let op = KernelOp(Kind::SoftmaxBwd { d, scale });

@@ -579,8 +579,9 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return Ok(kernels::gelu(x)?);
     }
     if kernels::apply_half(x) && x.track_op() {
-        // bf16 / f16 training on a GPU: the f32 kernel between casts.
-        return in_f32(&[x], |v| Ok(kernels::gelu(&v[0])?));
+        // bf16 / f16 training on a GPU: the kernel's half-type instance (f32 arithmetic, each
+        // result rounded once).
+        return Ok(kernels::gelu(x)?);
     }
     if !fused(x) {
         return Ok(x.gelu_erf()?);

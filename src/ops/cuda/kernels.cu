@@ -49,15 +49,16 @@ __device__ void block_sum2(float* a, float* b) {
 }
 
 // Mean and 1 / sqrt(var + eps) of row x[0..d] (two passes: the variance of centred values).
-__device__ void row_moments(const float* x, int d, float eps, float* mean, float* rstd) {
+template <typename T>
+__device__ void row_moments(const T* x, int d, float eps, float* mean, float* rstd) {
     float s = 0.0f, unused = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += x[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += kl_ld(x[i]);
     block_sum2(&s, &unused);
     float m = s / (float)d;
     float q = 0.0f;
     unused = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float c = x[i] - m;
+        float c = kl_ld(x[i]) - m;
         q += c * c;
     }
     block_sum2(&q, &unused);
@@ -65,19 +66,25 @@ __device__ void row_moments(const float* x, int d, float eps, float* mean, float
     *rstd = 1.0f / sqrtf(q / (float)d + eps);
 }
 
+// The row, softmax and GELU kernels below also come in bf16 and f16 (`_bf16`, `_f16`: half-
+// precision training): loads converted to f32, the f32 arithmetic, each store rounded once, so
+// a half-type instance gives the f32 kernel's result on the same values, rounded.
+
 // y = (x - mean(x)) / sqrt(var(x) + eps) per row of d; x, y: [rows, d].
-extern "C" __global__ void kl_standardize_fwd(const float* x, float* y, int rows, int d, float eps) {
+template <typename T>
+__device__ void standardize_fwd(const T* x, T* y, int rows, int d, float eps) {
     int r = blockIdx.x;
     if (r >= rows) return;
-    const float* xr = x + (long long)r * d;
-    float* yr = y + (long long)r * d;
+    const T* xr = x + (long long)r * d;
+    T* yr = y + (long long)r * d;
     float m, rs;
     row_moments(xr, d, eps, &m, &rs);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = (xr[i] - m) * rs;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = kl_st<T>((kl_ld(xr[i]) - m) * rs);
 }
 
 // dx = (g - mean(g) - y mean(g y)) / sqrt(var(x) + eps) per row, y the forward's output.
-extern "C" __global__ void kl_standardize_bwd(const float* x, const float* y, const float* g, float* dx, int rows, int d, float eps) {
+template <typename T>
+__device__ void standardize_bwd(const T* x, const T* y, const T* g, T* dx, int rows, int d, float eps) {
     int r = blockIdx.x;
     if (r >= rows) return;
     long long o = (long long)r * d;
@@ -85,48 +92,97 @@ extern "C" __global__ void kl_standardize_bwd(const float* x, const float* y, co
     row_moments(x + o, d, eps, &m, &rs);
     float sg = 0.0f, sgy = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float gi = g[o + i];
+        float gi = kl_ld(g[o + i]);
         sg += gi;
-        sgy += gi * y[o + i];
+        sgy += gi * kl_ld(y[o + i]);
     }
     block_sum2(&sg, &sgy);
     float mg = sg / (float)d, mgy = sgy / (float)d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dx[o + i] = (g[o + i] - mg - y[o + i] * mgy) * rs;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dx[o + i] = kl_st<T>((kl_ld(g[o + i]) - mg - kl_ld(y[o + i]) * mgy) * rs);
 }
 
 // The softmax's backward with the attention's extras, per row of d:
 // dp = g * mask (mask may be null: no dropout), dx = scale * y * (dp - sum(dp y)).
-extern "C" __global__ void kl_softmax_bwd(const float* y, const float* g, const float* mask, float* dx, int rows, int d, float scale) {
+template <typename T>
+__device__ void softmax_bwd(const T* y, const T* g, const T* mask, T* dx, int rows, int d, float scale) {
     int r = blockIdx.x;
     if (r >= rows) return;
     long long o = (long long)r * d;
     float s = 0.0f, unused = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float dp = mask ? g[o + i] * mask[o + i] : g[o + i];
-        s += dp * y[o + i];
+        float dp = mask ? kl_ld(g[o + i]) * kl_ld(mask[o + i]) : kl_ld(g[o + i]);
+        s += dp * kl_ld(y[o + i]);
     }
     block_sum2(&s, &unused);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float dp = mask ? g[o + i] * mask[o + i] : g[o + i];
-        dx[o + i] = scale * y[o + i] * (dp - s);
+        float dp = mask ? kl_ld(g[o + i]) * kl_ld(mask[o + i]) : kl_ld(g[o + i]);
+        dx[o + i] = kl_st<T>(scale * kl_ld(y[o + i]) * (dp - s));
     }
 }
 
-// The exact GELU x Phi(x) and its backward dx = g (Phi(x) + x phi(x)), elementwise over n.
-extern "C" __global__ void kl_gelu_fwd(const float* x, float* y, int n) {
+// The exact (erf) GELU, y = x Phi(x), and its backward dx = g (Phi(x) + x phi(x)).
+template <typename T>
+__device__ void gelu_fwd(const T* x, T* y, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        float v = x[i];
-        y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        float v = kl_ld(x[i]);
+        y[i] = kl_st<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
     }
 }
 
-extern "C" __global__ void kl_gelu_bwd(const float* x, const float* g, float* dx, int n) {
+template <typename T>
+__device__ void gelu_bwd(const T* x, const T* g, T* dx, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        float v = x[i];
+        float v = kl_ld(x[i]);
         float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
         float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-        dx[i] = g[i] * (cdf + v * pdf);
+        dx[i] = kl_st<T>(kl_ld(g[i]) * (cdf + v * pdf));
     }
+}
+
+extern "C" __global__ void kl_standardize_fwd(const float* x, float* y, int rows, int d, float eps) {
+    standardize_fwd(x, y, rows, d, eps);
+}
+extern "C" __global__ void kl_standardize_fwd_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int rows, int d, float eps) {
+    standardize_fwd(x, y, rows, d, eps);
+}
+extern "C" __global__ void kl_standardize_fwd_f16(const __half* x, __half* y, int rows, int d, float eps) {
+    standardize_fwd(x, y, rows, d, eps);
+}
+extern "C" __global__ void kl_standardize_bwd(const float* x, const float* y, const float* g, float* dx, int rows, int d, float eps) {
+    standardize_bwd(x, y, g, dx, rows, d, eps);
+}
+extern "C" __global__ void kl_standardize_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bfloat16* g, __nv_bfloat16* dx, int rows, int d, float eps) {
+    standardize_bwd(x, y, g, dx, rows, d, eps);
+}
+extern "C" __global__ void kl_standardize_bwd_f16(const __half* x, const __half* y, const __half* g, __half* dx, int rows, int d, float eps) {
+    standardize_bwd(x, y, g, dx, rows, d, eps);
+}
+extern "C" __global__ void kl_softmax_bwd(const float* y, const float* g, const float* mask, float* dx, int rows, int d, float scale) {
+    softmax_bwd(y, g, mask, dx, rows, d, scale);
+}
+extern "C" __global__ void kl_softmax_bwd_bf16(const __nv_bfloat16* y, const __nv_bfloat16* g, const __nv_bfloat16* mask, __nv_bfloat16* dx, int rows, int d, float scale) {
+    softmax_bwd(y, g, mask, dx, rows, d, scale);
+}
+extern "C" __global__ void kl_softmax_bwd_f16(const __half* y, const __half* g, const __half* mask, __half* dx, int rows, int d, float scale) {
+    softmax_bwd(y, g, mask, dx, rows, d, scale);
+}
+extern "C" __global__ void kl_gelu_fwd(const float* x, float* y, int n) {
+    gelu_fwd(x, y, n);
+}
+extern "C" __global__ void kl_gelu_fwd_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
+    gelu_fwd(x, y, n);
+}
+extern "C" __global__ void kl_gelu_fwd_f16(const __half* x, __half* y, int n) {
+    gelu_fwd(x, y, n);
+}
+extern "C" __global__ void kl_gelu_bwd(const float* x, const float* g, float* dx, int n) {
+    gelu_bwd(x, g, dx, n);
+}
+extern "C" __global__ void kl_gelu_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g, __nv_bfloat16* dx, int n) {
+    gelu_bwd(x, g, dx, n);
+}
+extern "C" __global__ void kl_gelu_bwd_f16(const __half* x, const __half* g, __half* dx, int n) {
+    gelu_bwd(x, g, dx, n);
 }
 
 // softplus(z) = max(z, 0) + ln(1 + e^-|z|) and its derivative 1 / (1 + e^-z).
