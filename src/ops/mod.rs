@@ -1206,17 +1206,13 @@ fn apply_chunk<T: WithDType + Float>(theta: &mut [T], m: &[T], v: &[T], p: AdamW
 /// the same order), one parallel pass over the moments and one over the parameter.
 /// Returns `false` (and changes nothing) where the fused path does not apply.
 pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalars) -> Result<bool> {
-    if kernels::apply(theta) && kernels::apply(grad) && kernels::apply(mv) && theta.is_contiguous() && mv.is_contiguous() {
-        // f32 on a GPU: two kernels, the moments then the parameter (the same bits as here).
-        mv.inplace_op2(&grad.contiguous()?, &AdamMoments(p))?;
-        theta.inplace_op2(mv, &AdamApply(p))?;
-        return Ok(true);
-    }
-    if kernels::apply_half_adamw(theta) && grad.dtype() == theta.dtype() && mv.dtype() == theta.dtype() && theta.is_contiguous() && mv.is_contiguous() {
-        // bf16 / f16 parameters and moments on a GPU (on the CPU rehearsing the GPU's path,
-        // the same arithmetic): the kernels' half-type instances, f32 arithmetic on the stored
-        // values, each result rounded once; the moments as stored feed the update (candle's
-        // half-type composite was about 15 passes).
+    let same = grad.dtype() == theta.dtype() && mv.dtype() == theta.dtype() && grad.device().same_device(theta.device()) && mv.device().same_device(theta.device());
+    if (kernels::apply(theta) || kernels::apply_half_adamw(theta)) && same && theta.is_contiguous() && mv.is_contiguous() {
+        // On a GPU two kernels, the moments then the parameter: in f32 the same bits as here;
+        // bf16 / f16 parameters and moments (also on the CPU rehearsing the GPU's path) through
+        // their half-type instances, f32 arithmetic on the stored values, each result rounded
+        // once, the moments as stored feeding the update (candle's half-type composite was
+        // about 15 passes).
         mv.inplace_op2(&grad.contiguous()?, &AdamMoments(p))?;
         theta.inplace_op2(mv, &AdamApply(p))?;
         return Ok(true);
