@@ -225,16 +225,17 @@ fn sizes((b, l, c_in): (usize, usize, usize), (c_out, c_g, k): (usize, usize, us
 }
 
 /// (clips per block, taps per chunk): whole clips while their columns fit the budget,
-/// else one clip at a time and as many taps as fit (at least one). candle's CUDA gather
-/// indexes with 32-bit integers, so a block's input and columns also stay under 2^31
-/// elements (an error if one clip's padded input or one tap of its columns does not).
+/// else one clip at a time and as many taps as fit (at least one). candle's gather indexes
+/// with 32-bit integers and `kl_gather_taps` takes 32-bit sizes, so a block's input and
+/// columns also stay under 2^31 elements (an error if one clip's padded input or one tap of
+/// its columns does not).
 fn blocking(s: &Geom, dtype: DType) -> candle_core::Result<(usize, usize)> {
     const MAX_ELEMS: usize = (1 << 31) - 1;
     let elt = dtype.size_in_bytes();
     let (tap_elems, input_elems) = (s.t * s.c_in, s.lp() * s.c_in);
     if tap_elems > MAX_ELEMS || input_elems > MAX_ELEMS {
         candle_core::bail!(
-            "klspeech conv (gemm): one clip of {} frames x {} channels is over 2^31 values; split the audio or unset KLSPEECH_CONV_GEMM",
+            "klspeech conv (gemm): one clip of {} frames x {} channels is over 2^31 values; split the audio or set KLSPEECH_CONV_GEMM=off",
             s.lp(),
             s.c_in
         )
