@@ -22,8 +22,10 @@ fn emulator() -> &'static PathBuf {
     EXE.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("klspeech_cuda_emu");
+        // -fno-strict-aliasing: the half-type backwards store their f32 column sums inside
+        // their 16-bit output buffer (`kl_tail`), as the GPU kernels do.
         let out = Command::new("g++")
-            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror"])
+            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing"])
             .arg(root.join("tests/cuda_emu/main.cpp"))
             .arg("-o")
             .arg(&exe)
@@ -291,14 +293,14 @@ fn kl_norm_site_forward_and_backward_match_the_f64_composite() {
         let loss = (y.mul(&gyt).unwrap().sum_all().unwrap() + kl.mul(&gkt).unwrap().sum_all().unwrap()).unwrap();
         let grads = loss.backward().unwrap();
 
-        let fwd = run(&kernels::klnorm_fwd(rows, d, learned), &[xh.clone(), p.clone(), noise.clone(), vec![f32::NAN; rows * d + rows]]);
+        let fwd = run(&kernels::klnorm_fwd(rows, d, learned, DType::F32), &[xh.clone(), p.clone(), noise.clone(), vec![f32::NAN; rows * d + rows]]);
         let out = &fwd[3];
         let e = rel_err(&out[..rows * d], &as_f64(&y));
         assert!(e < 2e-6, "KL-Norm y {rows}x{d} learned {learned}: {e}");
         let e = rel_err(&out[rows * d..], &as_f64(&kl));
         assert!(e < 2e-5, "KL-Norm kl {rows}x{d} learned {learned}: {e}");
 
-        let plan = kernels::klnorm_bwd(rows, d, learned);
+        let plan = kernels::klnorm_bwd(rows, d, learned, DType::F32);
         let blocks = plan.grid as usize;
         assert!(rows < 256 || kernels::klnorm_bwd_chunk(rows) > 1, "several rows per block");
         let mut g = gy.clone();
@@ -334,10 +336,10 @@ fn layer_norm_forward_and_backward_match_the_f64_composite() {
         let gt = Tensor::from_vec(g.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
         let grads = y_ref.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap();
 
-        let fwd = run(&kernels::layer_norm_fwd(rows, d, eps), &[x.clone(), w.clone(), b.clone(), vec![f32::NAN; rows * d]]);
+        let fwd = run(&kernels::layer_norm_fwd(rows, d, eps, DType::F32), &[x.clone(), w.clone(), b.clone(), vec![f32::NAN; rows * d]]);
         let e = rel_err(&fwd[3], &as_f64(&y_ref));
         assert!(e < 2e-5, "layer norm forward {rows}x{d}: {e}");
-        let plan = kernels::layer_norm_bwd(rows, d, eps);
+        let plan = kernels::layer_norm_bwd(rows, d, eps, DType::F32);
         let blocks = plan.grid as usize;
         let bwd = run(&plan, &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; rows * d + blocks * 2 * d]]);
         let e = rel_err(&bwd[3][..rows * d], &as_f64(grads.get(xt).unwrap()));
@@ -378,7 +380,7 @@ fn channels_last_group_norm_forward_and_backward_match_the_f64_composite() {
             let e = rel_err(&fwd[3], &as_f64(want));
             assert!(e < 2e-5, "group norm forward {what} (GELU {gelu}): {e}");
         }
-        let plan = kernels::group_norm_cl_bwd(b, t, c, eps);
+        let plan = kernels::group_norm_cl_bwd(b, t, c, eps, DType::F32);
         let bwd = run(&plan, &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; b * t * c + b * 2 * c]]);
         let e = rel_err(&bwd[3][..b * t * c], &as_f64(grads.get(xv.as_tensor()).unwrap()));
         assert!(e < 5e-5, "group norm dx {what}: {e}");
@@ -681,5 +683,114 @@ fn half_type_row_and_gelu_kernels_are_the_f32_kernels_rounded() {
         assert_eq!(run_bufs(&kernels::gelu_fwd(n, dtype), &[bits(&x), empty(n)])[1], bits(&y32), "GELU in {dtype:?}");
         let dx32 = run(&kernels::gelu_bwd(n, DType::F32), &[x.clone(), g.clone(), vec![f32::NAN; n]])[2].clone();
         assert_eq!(run_bufs(&kernels::gelu_bwd(n, dtype), &[bits(&x), bits(&g), empty(n)])[2], bits(&dx32), "GELU backward in {dtype:?}");
+    }
+}
+
+/// The half-type instances of the column-summing kernels (LayerNorm, the KL-Norm site, the
+/// channels-last GroupNorm backward; bf16 / f16 training) give, bit for bit, the f32 kernel's
+/// outputs on the same (representable) values rounded once to the type, and the f32 kernel's
+/// per-block column sums themselves, stored as f32 inside the 16-bit output from
+/// `kernels::tail_offset` (an odd count of gradient values moves them to the next even one).
+#[test]
+fn half_type_norm_kernels_are_the_f32_kernels_rounded() {
+    assert_eq!((kernels::tail_offset(21, DType::BF16), kernels::tail_offset(21, DType::F32), kernels::tail_offset(22, DType::F16)), (22, 21, 22));
+    assert_eq!((kernels::packed_len(21, 10, DType::F16), kernels::packed_len(21, 10, DType::F32)), (42, 31));
+    for dtype in [DType::BF16, DType::F16] {
+        let bits = |v: &[f32]| -> Buf {
+            match dtype {
+                DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+            }
+        };
+        let round = common::round_to(dtype);
+        let of = |v: Vec<f32>| v.into_iter().map(&round).collect::<Vec<f32>>();
+        let empty = |n: usize| match dtype {
+            DType::BF16 => Buf::Bf16(vec![0xffff; n]),
+            _ => Buf::F16(vec![0xffff; n]),
+        };
+        // A half-type backward's output: its first n values (as bits) and its f32 sums.
+        let split = |out: &Buf, n: usize, sums: usize| -> (Buf, Vec<f32>) {
+            let (Buf::Bf16(v) | Buf::F16(v)) = out else { panic!("an f32 buffer from a {dtype:?} kernel") };
+            assert_eq!(v.len(), kernels::packed_len(n, sums, dtype));
+            let head = match dtype {
+                DType::BF16 => Buf::Bf16(v[..n].to_vec()),
+                _ => Buf::F16(v[..n].to_vec()),
+            };
+            let tail = v[kernels::tail_offset(n, dtype)..].chunks(2).map(|c| f32::from_bits(c[0] as u32 | (c[1] as u32) << 16)).collect();
+            (head, tail)
+        };
+        let same_bits = |got: &[f32], want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            let diff = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits());
+            assert!(diff.is_none(), "{what}: sum {} is {} where the f32 kernel gives {}", diff.unwrap(), got[diff.unwrap()], want[diff.unwrap()]);
+        };
+        let eps = 1e-5;
+
+        // LayerNorm: several rows per block of the backward, a row wider than a block, an odd n.
+        for &(rows, d) in &[(600usize, 37usize), (5, 768), (3, 7)] {
+            let what = format!("layer norm [{rows}, {d}] in {dtype:?}");
+            let n = rows * d;
+            let seed = 1600 + d as u64;
+            let x = of(normal(n, seed, 1.5, 0.3));
+            let w = of(normal(d, seed + 1, 0.3, 1.0));
+            let b = of(normal(d, seed + 2, 0.2, 0.0));
+            let g = of(normal(n, seed + 3, 1.0, 0.0));
+            let y32 = run(&kernels::layer_norm_fwd(rows, d, eps, DType::F32), &[x.clone(), w.clone(), b.clone(), vec![f32::NAN; n]])[3].clone();
+            let yh = run_bufs(&kernels::layer_norm_fwd(rows, d, eps, dtype), &[bits(&x), bits(&w), bits(&b), empty(n)])[3].clone();
+            assert_eq!(yh, bits(&y32), "{what}");
+            let plan32 = kernels::layer_norm_bwd(rows, d, eps, DType::F32);
+            let sums = plan32.grid as usize * 2 * d;
+            let out32 = run(&plan32, &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; n + sums]])[3].clone();
+            let outh = run_bufs(&kernels::layer_norm_bwd(rows, d, eps, dtype), &[bits(&x), bits(&w), bits(&g), empty(kernels::packed_len(n, sums, dtype))])[3].clone();
+            let (dx, tail) = split(&outh, n, sums);
+            assert_eq!(dx, bits(&out32[..n]), "{what}: dx");
+            same_bits(&tail, &out32[n..], &what);
+        }
+
+        // The KL-Norm site with the standard and a learned prior.
+        for &(rows, d, learned) in &[(600usize, 37usize, false), (600, 37, true), (3, 301, true)] {
+            let what = format!("KL-Norm [{rows}, {d}] learned {learned} in {dtype:?}");
+            let (n, np) = (rows * d, if learned { 6 } else { 4 });
+            let seed = 1700 + d as u64 + learned as u64;
+            let xh = of(normal(n, seed, 1.0, 0.0));
+            let mut p = normal(d, seed + 1, 0.2, 1.0);
+            p.extend(normal(d, seed + 2, 0.1, 0.0));
+            p.extend(normal(d, seed + 3, 0.5, 0.0));
+            p.extend(normal(d, seed + 4, 1.0, -1.0));
+            if learned {
+                p.extend(normal(d, seed + 5, 0.3, 0.0));
+                p.extend(normal(d, seed + 6, 0.5, 0.5));
+            }
+            let p = of(p);
+            let noise = of(normal(n, seed + 7, 1.0, 0.0));
+            let mut g = of(normal(n, seed + 8, 1.0, 0.0));
+            g.extend(of(normal(rows, seed + 9, 1.0, 0.0)));
+            let y32 = run(&kernels::klnorm_fwd(rows, d, learned, DType::F32), &[xh.clone(), p.clone(), noise.clone(), vec![f32::NAN; n + rows]])[3].clone();
+            let yh = run_bufs(&kernels::klnorm_fwd(rows, d, learned, dtype), &[bits(&xh), bits(&p), bits(&noise), empty(n + rows)])[3].clone();
+            assert_eq!(yh, bits(&y32), "{what}: y and the KL");
+            let plan32 = kernels::klnorm_bwd(rows, d, learned, DType::F32);
+            let sums = plan32.grid as usize * np * d;
+            let out32 = run(&plan32, &[xh.clone(), p.clone(), noise.clone(), g.clone(), vec![f32::NAN; n + sums]])[4].clone();
+            let outh = run_bufs(&kernels::klnorm_bwd(rows, d, learned, dtype), &[bits(&xh), bits(&p), bits(&noise), bits(&g), empty(kernels::packed_len(n, sums, dtype))])[4].clone();
+            let (dx, tail) = split(&outh, n, sums);
+            assert_eq!(dx, bits(&out32[..n]), "{what}: dx̂");
+            same_bits(&tail, &out32[n..], &what);
+        }
+
+        // The channels-last GroupNorm backward: idle channel threads, one frame, an odd n.
+        for &(b, t, c) in &[(2usize, 37usize, 40usize), (1, 1, 7), (3, 301, 33)] {
+            let what = format!("group norm [{b}, {t}, {c}] in {dtype:?}");
+            let n = b * t * c;
+            let seed = 1800 + t as u64;
+            let x = of(normal(n, seed, 1.5, 2.0));
+            let w = of(normal(c, seed + 1, 0.3, 1.0));
+            let g = of(normal(n, seed + 2, 1.0, 0.0));
+            let sums = b * 2 * c;
+            let out32 = run(&kernels::group_norm_cl_bwd(b, t, c, eps, DType::F32), &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; n + sums]])[3].clone();
+            let outh = run_bufs(&kernels::group_norm_cl_bwd(b, t, c, eps, dtype), &[bits(&x), bits(&w), bits(&g), empty(kernels::packed_len(n, sums, dtype))])[3].clone();
+            let (dx, tail) = split(&outh, n, sums);
+            assert_eq!(dx, bits(&out32[..n]), "{what}: dx");
+            same_bits(&tail, &out32[n..], &what);
+        }
     }
 }

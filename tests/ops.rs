@@ -945,8 +945,9 @@ fn channels_last_group_norm_in_bf16_and_f16_on_the_test_device_matches_f64() {
 }
 
 /// Half-precision training through the ops a bf16 / f16 training step runs (on a GPU:
-/// klspeech's f32 kernels between casts, `ops::kernels::apply_half`; on the CPU its half-type
-/// paths, in f32 where they reduce): GELU, LayerNorm, the standardization, softmax, and on a
+/// klspeech's kernels' half-type instances, `ops::kernels::apply_half`; on the CPU its
+/// half-type paths, in f32 where they reduce): GELU, LayerNorm, the standardization, softmax,
+/// the channels-last GroupNorm of the first conv layer, and on a
 /// GPU also the device ops for attention (its softmax backward) and a KL-Norm site with a
 /// learned prior (the CPU builds those two from the ops before them), on the test device
 /// against the same op in f64 on the same (representable) values: the output and every
@@ -964,6 +965,7 @@ fn half_precision_training_ops_on_the_test_device_match_f64() {
         ("softmax", vec![vec![4, 37, 101]], one(|x| ops::softmax_last(x).unwrap())),
         ("standardization", vec![vec![3, 40, 768]], one(|x| ops::standardize_last(x, 1e-5).unwrap())),
         ("layer norm", vec![vec![3, 40, 768], vec![768], vec![768]], Box::new(|v: &[&Tensor]| vec![ops::layer_norm(v[0], v[1], v[2], 1e-5).unwrap()])),
+        ("group norm", vec![vec![2, 300, 64], vec![64], vec![64]], Box::new(|v: &[&Tensor]| vec![ops::group_norm_cl(v[0], v[1], v[2], 1e-5).unwrap()])),
     ];
     let device_ops: Vec<(&str, Vec<Vec<usize>>, Op)> = vec![
         ("attention", vec![vec![2, 45, 3 * heads * 16]], Box::new(move |v: &[&Tensor]| vec![ops::device::attention_device(v[0], heads, 0.25, None, None).unwrap()])),
@@ -986,7 +988,7 @@ fn half_precision_training_ops_on_the_test_device_match_f64() {
             let of = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
             let inputs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| {
                 let r = rand(s, seed + i as u64, DType::F64);
-                of(if *name == "KL-Norm site" && matches!(i, 1 | 6) { r.affine(0.2, 1.0).unwrap() } else if *name == "layer norm" && i == 1 { r.affine(0.3, 1.0).unwrap() } else { (r * 1.5).unwrap() })
+                of(if *name == "KL-Norm site" && matches!(i, 1 | 6) { r.affine(0.2, 1.0).unwrap() } else if matches!(*name, "layer norm" | "group norm") && i == 1 { r.affine(0.3, 1.0).unwrap() } else { (r * 1.5).unwrap() })
             }).collect();
             let run = |dtype: DType, dev: &Device| {
                 let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
@@ -1011,7 +1013,7 @@ fn half_precision_training_ops_on_the_test_device_match_f64() {
                 (outs.iter().map(cpu).collect::<Vec<_>>(), g)
             };
             if dev.is_cuda() && !half_switched_off {
-                assert!(ops::kernels::apply_half(&inputs[0].to_dtype(dtype).unwrap().to_device(&dev).unwrap()), "{name}: the f32 kernels apply");
+                assert!(ops::kernels::apply_half(&inputs[0].to_dtype(dtype).unwrap().to_device(&dev).unwrap()), "{name}: the half-type kernels apply");
             }
             let ((y, g), (yr, gr)) = (run(dtype, &dev), run(DType::F64, &Device::Cpu));
             let what = format!("{name} training in {dtype:?} on {dev:?}");

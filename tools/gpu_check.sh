@@ -98,13 +98,13 @@ if [ "$RC" != 0 ] && ! grep -q "cuDNN refused" /tmp/nhwc.log; then
 elif [ "$RC" != 0 ]; then
   echo "!! cuDNN refused some convolution passes: they fall back to candle's / klspeech's in every run below"
 fi
-# Half-precision training through klspeech's f32 kernels between casts (ops::kernels::apply_half):
+# Half-precision training through klspeech's bf16 / f16 kernels (ops::kernels::apply_half):
 # if its tests fail, everything below runs with candle's half-type composites instead
 # (KLSPEECH_NO_HALF_KERNELS=1, "!!" in the log).
 t "half-precision training ops on cuda" $D/ops-* half_precision --nocapture --test-threads 1
 if [ "$RC" != 0 ]; then
   export KLSPEECH_NO_HALF_KERNELS=1
-  echo "!! half-precision training through the f32 kernels failed its tests: everything below runs with KLSPEECH_NO_HALF_KERNELS=1"
+  echo "!! half-precision training through klspeech's half-type kernels failed its tests: everything below runs with KLSPEECH_NO_HALF_KERNELS=1"
 fi
 # (the convolution test above is skipped here: its outcome is settled)
 t "ops on cuda" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions
@@ -121,7 +121,7 @@ KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_sp
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
 conv_gemm_rows
 # bf16 training with candle's half-type composites (KLSPEECH_NO_HALF_KERNELS=1) instead of
-# klspeech's f32 kernels between casts: before/after in one binary.
+# klspeech's half-type kernels: before/after in one binary.
 KLSPEECH_NO_HALF_KERNELS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
   t "bf16 training with candle's half-type composites (KLSPEECH_NO_HALF_KERNELS=1)" $D/inference-*
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.

@@ -369,19 +369,7 @@ pub fn kl_norm_last_device(
     noise: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let tracked = [x, w, b, a, c].iter().any(|t| t.track_op()) || prior.is_some_and(|(m, s)| m.track_op() || s.track_op());
     let same_type = [w, b, a, c, noise].iter().all(|t| t.dtype() == x.dtype()) && prior.is_none_or(|(m, s)| m.dtype() == x.dtype() && s.dtype() == x.dtype());
-    if super::kernels::apply_half(x) && tracked && same_type {
-        // bf16 / f16 training: the site's f32 kernels on the values cast to f32 (the casts carry
-        // the gradients back), y and the KL rounded once.
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        let prior32 = match prior {
-            Some((m, s)) => Some((f(m)?, f(s)?)),
-            None => None,
-        };
-        let (y, kl) = kl_norm_last_device(&f(x)?, &f(w)?, &f(b)?, &f(a)?, &f(c)?, prior32.as_ref().map(|(m, s)| (m, s)), &f(noise)?, eps)?;
-        return Ok((y.to_dtype(x.dtype())?, kl.to_dtype(x.dtype())?));
-    }
     let x_hat = standardize_last_device(x, eps)?;
     let mut parts = vec![w.clone(), b.clone(), a.clone(), c.clone()];
     if let Some((m, s)) = prior {
@@ -393,8 +381,10 @@ pub fn kl_norm_last_device(
     let n = x.elem_count();
     let rows = n / d.max(1);
     let noise = noise.reshape((rows, d))?.detach();
-    if super::kernels::apply(&x_hat) && super::kernels::apply(&p) && super::kernels::apply(&noise) {
-        // f32 on a GPU: klspeech's kernels, one launch forward, two backward.
+    if (super::kernels::apply(&x_hat) || super::kernels::apply_half(&x_hat)) && same_type {
+        // f32, bf16 or f16 on a GPU: klspeech's kernels, one launch forward, two backward (the
+        // half types: f32 arithmetic on the stored x̂, y and the KL rounded once, the
+        // parameters' gradients summed in f32).
         let packed = super::kernels::kl_norm_site(&x_hat, &p, &noise)?;
         let y = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let mut kl_shape = x.dims().to_vec();

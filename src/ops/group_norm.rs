@@ -394,11 +394,11 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
         return Ok(super::kernels::group_norm_cl(x, w, b, eps, false)?);
     }
     if super::kernels::apply_half(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
-        // Half-precision training on a GPU: the f32 kernels between two casts (candle's casts
-        // carry the gradient back), where the f32 composite ran some 20 passes over the first
-        // layer's output (about 13 ms of a bf16 8 x 4 s step on the H200). The forward's value
-        // is the half-type kernel's: f32 arithmetic rounded once.
-        return super::in_f32(&[x, w, b], |t| Ok(super::kernels::group_norm_cl(&t[0], &t[1], &t[2], eps, false)?));
+        // Half-precision training on a GPU: the kernels' half-type instances (f32 arithmetic,
+        // f64 statistics, each output rounded once, the weight and bias gradients summed in
+        // f32), where the composite ran some 20 passes over the first layer's output (about
+        // 13 ms of a bf16 8 x 4 s step on the H200).
+        return Ok(super::kernels::group_norm_cl(x, w, b, eps, false)?);
     }
     if !fused(x) {
         return group_norm_cl_composite(x, w, b, eps);

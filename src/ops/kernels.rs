@@ -114,11 +114,11 @@ pub fn gelu_bwd(n: usize, dtype: DType) -> Launch {
     elementwise(typed("kl_gelu_bwd", "kl_gelu_bwd_bf16", "kl_gelu_bwd_f16", dtype), n, 3, &[])
 }
 
-/// A KL-Norm site after its standardization: buffers [xh, p, noise, out], xh and noise
-/// [rows, d], p [4, d] ([6, d] with a `learned` prior), out [rows * d + rows] (y, then the KL
-/// per row).
-pub fn klnorm_fwd(rows: usize, d: usize, learned: bool) -> Launch {
-    row_plan("kl_klnorm_fwd", rows, d, 4, &[Arg::I32(learned as i32)])
+/// A KL-Norm site after its standardization: buffers [xh, p, noise, out] of `dtype` (f32,
+/// bf16, f16), xh and noise [rows, d], p [4, d] ([6, d] with a `learned` prior), out
+/// [rows * d + rows] (y, then the KL per row, each rounded once to the type).
+pub fn klnorm_fwd(rows: usize, d: usize, learned: bool, dtype: DType) -> Launch {
+    row_plan(typed("kl_klnorm_fwd", "kl_klnorm_fwd_bf16", "kl_klnorm_fwd_f16", dtype), rows, d, 4, &[Arg::I32(learned as i32)])
 }
 
 /// Rows per block of the column-summing backwards: about 256 blocks over the rows.
@@ -126,14 +126,35 @@ pub fn klnorm_bwd_chunk(rows: usize) -> usize {
     rows.div_ceil(256).max(1)
 }
 
-/// Its backward: buffers [xh, p, noise, g, out], g [rows * d + rows] (the output's gradient),
-/// out [rows * d + blocks * np * d]: the gradient of xh, then each block's column sums of the
-/// parameters' gradients (np = 4 or 6), for [`colsum`] over the blocks.
-pub fn klnorm_bwd(rows: usize, d: usize, learned: bool) -> Launch {
-    chunked_plan("kl_klnorm_bwd", rows, d, 5, &[Arg::I32(learned as i32)])
+/// Its backward: buffers [xh, p, noise, g, out] of `dtype`, g [rows * d + rows] (the output's
+/// gradient), out [`packed_len`]`(rows * d, blocks * np * d)`: the gradient of xh, then each
+/// block's column sums of the parameters' gradients (np = 4 or 6) in f32 from
+/// [`tail_offset`], for [`colsum`] over the blocks.
+pub fn klnorm_bwd(rows: usize, d: usize, learned: bool, dtype: DType) -> Launch {
+    chunked_plan(typed("kl_klnorm_bwd", "kl_klnorm_bwd_bf16", "kl_klnorm_bwd_f16", dtype), rows, d, 5, &[Arg::I32(learned as i32)])
 }
 
-/// Column sums over `blocks` partial rows of `width`: buffers [partial, out].
+/// Where the f32 partial sums of a column-summing backward (KL-Norm, LayerNorm, GroupNorm)
+/// start in its output of `dtype`, counted in elements of that type, after its `n` gradient
+/// values: at `n` for f32; for bf16 / f16 at `n` rounded up to even, so that the sums, stored
+/// as f32 inside the 16-bit buffer (two elements each), are 4-byte aligned. (The half-type
+/// backwards round each gradient once and keep the sums in f32: a sum over 256 rows rounded
+/// to bf16 would lose the eight bits the f32 path keeps.)
+pub fn tail_offset(n: usize, dtype: DType) -> usize {
+    match dtype {
+        DType::BF16 | DType::F16 => n.next_multiple_of(2),
+        _ => n,
+    }
+}
+
+/// The length, in elements of `dtype`, of a column-summing backward's output: `n` gradient
+/// values, then `sums` f32 partial sums from [`tail_offset`].
+pub fn packed_len(n: usize, sums: usize, dtype: DType) -> usize {
+    tail_offset(n, dtype) + sums * (4 / dtype.size_in_bytes().clamp(1, 4))
+}
+
+/// Column sums over `blocks` partial rows of `width`: buffers [partial, out], both f32 (the
+/// partial sums of a half-type backward are f32 values inside its 16-bit output).
 pub fn colsum(blocks: usize, width: usize) -> Launch {
     elementwise("kl_colsum", width, 2, &[Arg::I32(i32_of(blocks))])
 }
@@ -141,15 +162,16 @@ pub fn colsum(blocks: usize, width: usize) -> Launch {
 /// The widest rows the LayerNorm backward takes (its column sums live in shared memory).
 pub const LAYER_NORM_MAX_D: usize = 4096;
 
-/// LayerNorm: buffers [x, w, b, y], x and y [rows, d], w and b [d].
-pub fn layer_norm_fwd(rows: usize, d: usize, eps: f64) -> Launch {
-    row_plan("kl_layer_norm_fwd", rows, d, 4, &[Arg::F32(eps as f32)])
+/// LayerNorm: buffers [x, w, b, y] of `dtype` (f32, bf16, f16), x and y [rows, d], w and b [d].
+pub fn layer_norm_fwd(rows: usize, d: usize, eps: f64, dtype: DType) -> Launch {
+    row_plan(typed("kl_layer_norm_fwd", "kl_layer_norm_fwd_bf16", "kl_layer_norm_fwd_f16", dtype), rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
-/// Its backward: buffers [x, w, g, out], out [rows * d + blocks * 2 * d]: dx, then each
-/// block's column sums [g x̂; g] for [`colsum`] (dw, db).
-pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64) -> Launch {
-    chunked_plan("kl_layer_norm_bwd", rows, d, 4, &[Arg::F32(eps as f32)])
+/// Its backward: buffers [x, w, g, out] of `dtype`, out [`packed_len`]`(rows * d,
+/// blocks * 2 * d)`: dx, then each block's f32 column sums [g x̂; g] from [`tail_offset`] for
+/// [`colsum`] (dw, db).
+pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64, dtype: DType) -> Launch {
+    chunked_plan(typed("kl_layer_norm_bwd", "kl_layer_norm_bwd_bf16", "kl_layer_norm_bwd_f16", dtype), rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
 /// Channels per block of the channels-last GroupNorm kernels (threads: 8 time lanes of these).
@@ -193,10 +215,11 @@ pub fn bias_add(rows: usize, d: usize, dtype: DType, gelu: bool) -> Launch {
     Launch { name, grid, block: 256, args }
 }
 
-/// Its backward (without GELU): buffers [x, w, g, out], out [b t c + b 2 c]: dx, then each
-/// clip's sums [g x̂; g] over its frames, for [`colsum`] over the clips (dw, db).
-pub fn group_norm_cl_bwd(b: usize, t: usize, c: usize, eps: f64) -> Launch {
-    group_norm_plan("kl_group_norm_cl_bwd", b, t, c, 4, &[Arg::F32(eps as f32)])
+/// Its backward (without GELU): buffers [x, w, g, out] of `dtype`, out
+/// [`packed_len`]`(b t c, b 2 c)`: dx, then each clip's f32 sums [g x̂; g] over its frames from
+/// [`tail_offset`], for [`colsum`] over the clips (dw, db).
+pub fn group_norm_cl_bwd(b: usize, t: usize, c: usize, eps: f64, dtype: DType) -> Launch {
+    group_norm_plan(typed("kl_group_norm_cl_bwd", "kl_group_norm_cl_bwd_bf16", "kl_group_norm_cl_bwd_f16", dtype), b, t, c, 4, &[Arg::F32(eps as f32)])
 }
 
 /// `n` values of klspeech's keyed standard normal stream (`rng::keyed_normal_vec`, the same
@@ -276,13 +299,13 @@ pub fn apply(x: &Tensor) -> bool {
 
 static HALF: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_HALF_KERNELS");
 
-/// Whether a bf16 / f16 tensor with a gradient runs through klspeech's kernels: their half-type
-/// instances (standardization, GELU, the softmax backward; AdamW, [`apply_half_adamw`]) or the
-/// f32 kernels between two casts ([`super::in_f32`]: LayerNorm, KL-Norm, GroupNorm), in
-/// half-precision training on a GPU,
-/// where candle's half-type composites ran
-/// some ten passes per op (about 45 ms of a bf16 8 x 4 s step on the H200). The values are the
-/// f32 arithmetic on the half-type inputs rounded once, as PyTorch's half-type kernels compute.
+/// Whether a bf16 / f16 tensor with a gradient runs through klspeech's kernels' half-type
+/// instances (standardization, GELU, the softmax backward, LayerNorm, KL-Norm sites, the
+/// channels-last GroupNorm; AdamW, [`apply_half_adamw`]) in half-precision training on a GPU,
+/// where candle's half-type composites ran some ten passes per op (about 45 ms of a bf16
+/// 8 x 4 s step on the H200). The values are the f32 arithmetic on the half-type inputs, each
+/// result rounded once, as PyTorch's half-type kernels compute; column sums (weight and bias
+/// gradients) stay f32 until the total is rounded.
 /// Off with `KLSPEECH_NO_HALF_KERNELS=1` (or with the kernels).
 pub fn apply_half(x: &Tensor) -> bool {
     matches!(x.dtype(), DType::BF16 | DType::F16) && apply_any_float(x) && HALF.on()
@@ -484,7 +507,7 @@ enum KlStage {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct KlNormKernel {
     stage: KlStage,
-    /// [rows, d], contiguous f32 on the same GPU.
+    /// [rows, d], contiguous, of x̂'s type on the same GPU.
     noise: Tensor,
     d: usize,
     learned: bool,
@@ -501,11 +524,12 @@ impl KlNormKernel {
         #[cfg(feature = "cuda")]
         {
             let (rows, d) = (self.rows(), self.d);
+            let dtype = candle_core::backend::BackendStorage::dtype(inputs[0].0);
             let (plan, len) = match self.stage {
-                KlStage::Forward => (klnorm_fwd(rows, d, self.learned), rows * d + rows),
+                KlStage::Forward => (klnorm_fwd(rows, d, self.learned, dtype), rows * d + rows),
                 KlStage::Backward => {
-                    let plan = klnorm_bwd(rows, d, self.learned);
-                    let len = rows * d + plan.grid as usize * if self.learned { 6 } else { 4 } * d;
+                    let plan = klnorm_bwd(rows, d, self.learned, dtype);
+                    let len = packed_len(rows * d, plan.grid as usize * if self.learned { 6 } else { 4 } * d, dtype);
                     (plan, len)
                 }
             };
@@ -536,9 +560,7 @@ impl candle_core::CustomOp2 for KlNormKernel {
         let op = KlNormKernel { stage: KlStage::Backward, noise: self.noise.clone(), d, learned: self.learned };
         let packed = x_hat.detach().apply_op3_no_bwd(&p.detach(), &g.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, rows * d)?.reshape(x_hat.shape())?;
-        let blocks = (packed.elem_count() - rows * d) / (np * d).max(1);
-        let partial = packed.narrow(0, rows * d, blocks * np * d)?;
-        let dp = partial.apply_op1_no_bwd(&ColSum { blocks, width: np * d })?.reshape((np, d))?;
+        let dp = tail_sums(&packed, rows * d, np * d)?.to_dtype(p.dtype())?.reshape((np, d))?;
         Ok((Some(dx), Some(dp)))
     }
 }
@@ -561,11 +583,21 @@ impl candle_core::CustomOp3 for KlNormKernel {
     }
 }
 
-/// Sums `blocks` rows of `width` (the KL-Norm backward's per-block parameter sums).
+/// Sums `blocks` rows of `width` f32 values (a column-summing backward's per-block sums: the
+/// tail of its output from [`tail_offset`], f32 whatever the output's type); the result is f32.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ColSum {
     blocks: usize,
     width: usize,
+}
+
+/// The column sums of a column-summing backward's output `packed` (`n` gradient values, then
+/// per-block f32 sums of `width` from [`tail_offset`]): [width], f32.
+fn tail_sums(packed: &Tensor, n: usize, width: usize) -> candle_core::Result<Tensor> {
+    let dtype = packed.dtype();
+    let (start, per) = (tail_offset(n, dtype), packed_len(0, 1, dtype));
+    let blocks = (packed.elem_count() - start) / (width * per).max(1);
+    packed.narrow(0, start, blocks * width * per)?.apply_op1_no_bwd(&ColSum { blocks, width })
 }
 
 impl candle_core::CustomOp1 for ColSum {
@@ -577,7 +609,11 @@ impl candle_core::CustomOp1 for ColSum {
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         #[cfg(feature = "cuda")]
         {
-            gpu::launch_op(&colsum(self.blocks, self.width), &[(s, l)], &candle_core::Shape::from(self.width))
+            let dtype = candle_core::backend::BackendStorage::dtype(s);
+            if l.shape().elem_count() != packed_len(0, self.blocks * self.width, dtype) {
+                candle_core::bail!("klspeech-kernel-colsum: {} {dtype:?} values for {} blocks of {}", l.shape().elem_count(), self.blocks, self.width);
+            }
+            gpu::launch_op_f32_out(&colsum(self.blocks, self.width), &[(s, l)], &candle_core::Shape::from(self.width))
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -622,14 +658,14 @@ impl AffineNormKernel {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn plan(&self, n: usize, dtype: DType) -> (Launch, usize) {
         match (self.norm, self.backward) {
-            (AffineNorm::Layer { d }, false) => (layer_norm_fwd(n / d.max(1), d, self.eps), 0),
+            (AffineNorm::Layer { d }, false) => (layer_norm_fwd(n / d.max(1), d, self.eps, dtype), 0),
             (AffineNorm::Layer { d }, true) => {
-                let plan = layer_norm_bwd(n / d.max(1), d, self.eps);
+                let plan = layer_norm_bwd(n / d.max(1), d, self.eps, dtype);
                 let blocks = plan.grid as usize;
                 (plan, blocks)
             }
             (AffineNorm::GroupCl { b, t, c, gelu }, false) => (group_norm_cl_fwd(b, t, c, self.eps, gelu, dtype), 0),
-            (AffineNorm::GroupCl { b, t, c, .. }, true) => (group_norm_cl_bwd(b, t, c, self.eps), b),
+            (AffineNorm::GroupCl { b, t, c, .. }, true) => (group_norm_cl_bwd(b, t, c, self.eps, dtype), b),
         }
     }
 
@@ -665,10 +701,11 @@ impl candle_core::CustomOp3 for AffineNormKernel {
         #[cfg(feature = "cuda")]
         {
             let n = l1.shape().elem_count();
-            let (plan, blocks) = self.plan(n, candle_core::backend::BackendStorage::dtype(s1));
+            let dtype = candle_core::backend::BackendStorage::dtype(s1);
+            let (plan, blocks) = self.plan(n, dtype);
             let inputs = [(s1, l1), (s2, l2), (s3, l3)];
             if self.backward {
-                gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(n + blocks * 2 * self.width()))
+                gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(packed_len(n, blocks * 2 * self.width(), dtype)))
             } else {
                 gpu::launch_op(&plan, &inputs, l1.shape())
             }
@@ -686,28 +723,31 @@ impl candle_core::CustomOp3 for AffineNormKernel {
         let op = AffineNormKernel { norm: self.norm, eps: self.eps, backward: true };
         let packed = x.detach().apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let blocks = (packed.elem_count() - n) / (2 * d).max(1);
-        let sums = packed.narrow(0, n, blocks * 2 * d)?.apply_op1_no_bwd(&ColSum { blocks, width: 2 * d })?;
+        // (f32 sums: the half-type weights' gradients rounded once.)
+        let sums = tail_sums(&packed, n, 2 * d)?.to_dtype(w.dtype())?;
         let dw = super::grads::route(w, Some(sums.narrow(0, 0, d)?.reshape(w.shape())?))?;
         let db = super::grads::route(b, Some(sums.narrow(0, d, d)?.reshape(b.shape())?))?;
         Ok((Some(dx), dw, db))
     }
 }
 
-/// LayerNorm over the last dimension in one kernel forward and two backward ([`apply`] must
-/// hold for x, w and b; rows of at most [`LAYER_NORM_MAX_D`]).
+/// LayerNorm over the last dimension in one kernel forward and two backward ([`apply`] or
+/// [`apply_half`] must hold for x, w and b, all of one type; rows of at most
+/// [`LAYER_NORM_MAX_D`]).
 pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
     if d > LAYER_NORM_MAX_D || w.elem_count() != d || b.elem_count() != d {
         candle_core::bail!("klspeech LayerNorm kernel: rows of {d} with weights of {} and {}", w.elem_count(), b.elem_count());
+    }
+    if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
+        candle_core::bail!("klspeech LayerNorm kernel: x of {:?} with weights of {:?} and {:?}", x.dtype(), w.dtype(), b.dtype());
     }
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, AffineNormKernel { norm: AffineNorm::Layer { d }, eps, backward: false })
 }
 
 /// Per-channel GroupNorm over the frames of channels-last x [B, T, C] (w, b [C]), the exact
 /// GELU after it when `gelu` (then without a backward): one kernel forward, two backward
-/// ([`apply`] must hold for x, w and b; for a forward without gradient, [`apply_any_float`]
-/// with the three of one type).
+/// ([`apply_any_float`] must hold for x, w and b, all three of one type).
 pub(crate) fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, gelu: bool) -> candle_core::Result<Tensor> {
     let (nb, t, c) = x.dims3()?;
     if w.elem_count() != c || b.elem_count() != c || t == 0 {
@@ -908,7 +948,7 @@ mod gpu {
 
     /// Runs `plan` whose only buffer is a new output of `shape` (f32) on `like`'s device.
     pub(crate) fn launch_fill(like: &CudaStorage, plan: &Launch, shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
-        launch::<f32>(like.device().clone(), plan, &[], shape)
+        launch::<f32, f32>(like.device().clone(), plan, &[], shape)
     }
 
     /// Runs `plan` with `inputs` (each with its layout, contiguous) as its first buffers and one
@@ -918,18 +958,33 @@ mod gpu {
         let Some((first, _)) = inputs.first() else { bail!("klspeech kernel {}: no inputs", plan.name) };
         let dev = first.device().clone();
         match first.dtype() {
-            DType::F32 => launch::<f32>(dev, plan, inputs, shape),
-            DType::BF16 => launch::<half::bf16>(dev, plan, inputs, shape),
-            DType::F16 => launch::<half::f16>(dev, plan, inputs, shape),
+            DType::F32 => launch::<f32, f32>(dev, plan, inputs, shape),
+            DType::BF16 => launch::<half::bf16, half::bf16>(dev, plan, inputs, shape),
+            DType::F16 => launch::<half::f16, half::f16>(dev, plan, inputs, shape),
             other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
         }
     }
 
-    fn launch<T: CudaDType + DeviceRepr>(dev: CudaDevice, plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+    /// [`launch_op`] with an f32 output whatever the inputs' type (`kl_colsum` over the f32
+    /// sums stored in a half-type backward's output).
+    pub(crate) fn launch_op_f32_out(plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((first, _)) = inputs.first() else { bail!("klspeech kernel {}: no inputs", plan.name) };
+        let dev = first.device().clone();
+        match first.dtype() {
+            DType::F32 => launch::<f32, f32>(dev, plan, inputs, shape),
+            DType::BF16 => launch::<half::bf16, f32>(dev, plan, inputs, shape),
+            DType::F16 => launch::<half::f16, f32>(dev, plan, inputs, shape),
+            other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
+        }
+    }
+
+    /// Inputs of type T (their addresses: the element offset of their layout in T), a new
+    /// output of O.
+    fn launch<T: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(dev: CudaDevice, plan: &Launch, inputs: &[(&CudaStorage, &Layout)], shape: &Shape) -> candle_core::Result<(CudaStorage, Shape)> {
         let stream = dev.cuda_stream();
         let size = std::mem::size_of::<T>() as u64;
         // SAFETY: the kernel writes every element of its output (each plan covers the shape).
-        let out = unsafe { dev.alloc::<T>(shape.elem_count())? };
+        let out = unsafe { dev.alloc::<O>(shape.elem_count())? };
         let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 1);
         let mut guards = Vec::with_capacity(inputs.len() + 1);
         for (s, l) in inputs {

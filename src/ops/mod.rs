@@ -886,8 +886,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     }
     let same_type = w.dtype() == x.dtype() && b.dtype() == x.dtype();
     if kernels::apply_half(x) && same_type && (x.track_op() || w.track_op() || b.track_op()) && x.dim(D::Minus1)? <= kernels::LAYER_NORM_MAX_D && w.elem_count() == x.dim(D::Minus1)? {
-        // bf16 / f16 training on a GPU: the f32 kernels between casts.
-        return in_f32(&[x, w, b], |t| Ok(kernels::layer_norm(&t[0], &t[1], &t[2], eps)?));
+        // bf16 / f16 training on a GPU: the kernels' half-type instances (f32 arithmetic, each
+        // output rounded once; the weight and bias gradients summed in f32).
+        return Ok(kernels::layer_norm(x, w, b, eps)?);
     }
     if half_on_cpu(x) && same_type {
         // The weight and bias gradients sum over every row ([`half_on_cpu`]): the f32 op.

@@ -1,5 +1,6 @@
-// klspeech's CUDA kernels (f32): fused forward and backward passes of the training path's
-// row-wise ops, each one launch where candle's composition is five to fifteen.
+// klspeech's CUDA kernels (f32; most also bf16 / f16, `_bf16` / `_f16`): fused forward and
+// backward passes of the training path's row-wise ops, each one launch where candle's
+// composition is five to fifteen.
 //
 // Compiled to PTX by build.rs (`--features cuda`) and loaded with candle's
 // `CudaDevice::get_or_load_custom_func`; tests/cuda_kernels.rs runs this same file on the CPU
@@ -26,6 +27,14 @@ template <typename T> __device__ inline T kl_st(float v);
 template <> __device__ inline float kl_st<float>(float v) { return v; }
 template <> __device__ inline __nv_bfloat16 kl_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ inline __half kl_st<__half>(float v) { return __float2half_rn(v); }
+
+// Where a column-summing backward's f32 partial sums start in its output of T: right after
+// its n values of T for f32; for bf16 / f16 at the next 4-byte boundary (n rounded up to an
+// even count), the sums stored as f32 in the 16-bit buffer (`ops::kernels::tail_offset`).
+template <typename T> __device__ inline float* kl_tail(T* out, long long n) {
+    if (sizeof(T) == sizeof(float)) return (float*)(void*)(out + n);
+    return (float*)(void*)(out + ((n + 1) & ~1LL));
+}
 
 // Two block-wide sums at once; every thread gets both. The shared arrays are reused at once
 // by the next call: the trailing barrier keeps a fast thread from overwriting them early.
@@ -193,65 +202,77 @@ __device__ float kl_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 // p = [w; b; a; c] (+ [m_p; s_raw] when `learned`), each of d; mu = xh w + b,
 // sigma = softplus(xh a + c), y = mu + sigma noise, and the row's KL against N(0, 1) or
 // N(m_p, softplus(s_raw)^2) summed over the row. out = [y (rows * d); kl (rows)].
-extern "C" __global__ void kl_klnorm_fwd(const float* xh, const float* p, const float* noise, float* out, int rows, int d, int learned) {
+template <typename T>
+__device__ void klnorm_fwd(const T* xh, const T* p, const T* noise, T* out, int rows, int d, int learned) {
     int r = blockIdx.x;
     if (r >= rows) return;
     long long o = (long long)r * d;
     float s = 0.0f, unused = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float x = xh[o + j];
-        float mu = x * p[j] + p[d + j];
-        float sigma = kl_softplus(x * p[2 * d + j] + p[3 * d + j]);
-        out[o + j] = mu + sigma * noise[o + j];
+        float x = kl_ld(xh[o + j]);
+        float mu = x * kl_ld(p[j]) + kl_ld(p[d + j]);
+        float sigma = kl_softplus(x * kl_ld(p[2 * d + j]) + kl_ld(p[3 * d + j]));
+        out[o + j] = kl_st<T>(mu + sigma * kl_ld(noise[o + j]));
         if (learned) {
-            float sp = kl_softplus(p[5 * d + j]);
+            float sp = kl_softplus(kl_ld(p[5 * d + j]));
             float inv_var = 1.0f / (sp * sp);
-            float dm = mu - p[4 * d + j];
+            float dm = mu - kl_ld(p[4 * d + j]);
             s += 0.5f * (sigma * sigma * inv_var + dm * dm * inv_var + (2.0f * logf(sp) - 1.0f) - 2.0f * logf(sigma));
         } else {
             s += 0.5f * (mu * mu + sigma * sigma - (2.0f * logf(sigma) + 1.0f));
         }
     }
     block_sum2(&s, &unused);
-    if (threadIdx.x == 0) out[(long long)rows * d + r] = s;
+    if (threadIdx.x == 0) out[(long long)rows * d + r] = kl_st<T>(s);
+}
+
+extern "C" __global__ void kl_klnorm_fwd(const float* xh, const float* p, const float* noise, float* out, int rows, int d, int learned) {
+    klnorm_fwd(xh, p, noise, out, rows, d, learned);
+}
+extern "C" __global__ void kl_klnorm_fwd_bf16(const __nv_bfloat16* xh, const __nv_bfloat16* p, const __nv_bfloat16* noise, __nv_bfloat16* out, int rows, int d, int learned) {
+    klnorm_fwd(xh, p, noise, out, rows, d, learned);
+}
+extern "C" __global__ void kl_klnorm_fwd_f16(const __half* xh, const __half* p, const __half* noise, __half* out, int rows, int d, int learned) {
+    klnorm_fwd(xh, p, noise, out, rows, d, learned);
 }
 
 // Its backward: g = [gy (rows * d); gk (rows)], the gradient of out. Each block takes `chunk`
-// rows; each thread a set of columns j. Writes dxh into out[0 .. rows * d] and, after it, the
-// block's column sums of the parameters' gradients, [gridDim.x][np][d] (np = 4, or 6 when
-// learned), which kl_colsum adds up:
+// rows; each thread a set of columns j. Writes dxh into out[0 .. rows * d] and, from
+// kl_tail, the block's f32 column sums of the parameters' gradients, [gridDim.x][np][d]
+// (np = 4, or 6 when learned), which kl_colsum adds up:
 // dmu = gy + gk (mu - m_p) / s_p^2, dsigma = gy noise + gk (sigma / s_p^2 - 1 / sigma),
 // dz = dsigma sigmoid(z), dxh = dmu w + dz a; dw = sum dmu xh, db = sum dmu, da = sum dz xh,
 // dc = sum dz, dm_p = -sum gk (mu - m_p) / s_p^2,
 // ds_raw = sum gk (1 / s_p - (sigma^2 + (mu - m_p)^2) / s_p^3) sigmoid(s_raw).
-extern "C" __global__ void kl_klnorm_bwd(const float* xh, const float* p, const float* noise, const float* g, float* out, int rows, int d, int learned, int chunk) {
+template <typename T>
+__device__ void klnorm_bwd(const T* xh, const T* p, const T* noise, const T* g, T* out, int rows, int d, int learned, int chunk) {
     int np = learned ? 6 : 4;
     int r0 = blockIdx.x * chunk;
     int r1 = min(rows, r0 + chunk);
-    float* partial = out + (long long)rows * d + (long long)blockIdx.x * np * d;
+    float* partial = kl_tail(out, (long long)rows * d) + (long long)blockIdx.x * np * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float w = p[j], b = p[d + j], a = p[2 * d + j], c = p[3 * d + j];
+        float w = kl_ld(p[j]), b = kl_ld(p[d + j]), a = kl_ld(p[2 * d + j]), c = kl_ld(p[3 * d + j]);
         float m = 0.0f, inv_var = 1.0f, sp = 1.0f, sig_raw = 0.0f;
         if (learned) {
-            m = p[4 * d + j];
-            sp = kl_softplus(p[5 * d + j]);
+            m = kl_ld(p[4 * d + j]);
+            sp = kl_softplus(kl_ld(p[5 * d + j]));
             inv_var = 1.0f / (sp * sp);
-            sig_raw = kl_sigmoid(p[5 * d + j]);
+            sig_raw = kl_sigmoid(kl_ld(p[5 * d + j]));
         }
         float sw = 0.0f, sb = 0.0f, sa = 0.0f, sc = 0.0f, sm = 0.0f, ss = 0.0f;
         for (int r = r0; r < r1; ++r) {
             long long o = (long long)r * d + j;
-            float x = xh[o];
-            float gy = g[o];
-            float gk = g[(long long)rows * d + r];
+            float x = kl_ld(xh[o]);
+            float gy = kl_ld(g[o]);
+            float gk = kl_ld(g[(long long)rows * d + r]);
             float mu = x * w + b;
             float z = x * a + c;
             float sigma = kl_softplus(z);
             float dm = mu - m;
             float dmu = gy + gk * dm * inv_var;
-            float dsigma = gy * noise[o] + gk * (sigma * inv_var - 1.0f / sigma);
+            float dsigma = gy * kl_ld(noise[o]) + gk * (sigma * inv_var - 1.0f / sigma);
             float dz = dsigma * kl_sigmoid(z);
-            out[o] = dmu * w + dz * a;
+            out[o] = kl_st<T>(dmu * w + dz * a);
             sw += dmu * x;
             sb += dmu;
             sa += dz * x;
@@ -272,6 +293,16 @@ extern "C" __global__ void kl_klnorm_bwd(const float* xh, const float* p, const 
     }
 }
 
+extern "C" __global__ void kl_klnorm_bwd(const float* xh, const float* p, const float* noise, const float* g, float* out, int rows, int d, int learned, int chunk) {
+    klnorm_bwd(xh, p, noise, g, out, rows, d, learned, chunk);
+}
+extern "C" __global__ void kl_klnorm_bwd_bf16(const __nv_bfloat16* xh, const __nv_bfloat16* p, const __nv_bfloat16* noise, const __nv_bfloat16* g, __nv_bfloat16* out, int rows, int d, int learned, int chunk) {
+    klnorm_bwd(xh, p, noise, g, out, rows, d, learned, chunk);
+}
+extern "C" __global__ void kl_klnorm_bwd_f16(const __half* xh, const __half* p, const __half* noise, const __half* g, __half* out, int rows, int d, int learned, int chunk) {
+    klnorm_bwd(xh, p, noise, g, out, rows, d, learned, chunk);
+}
+
 // out[i] = sum over b < nblocks of partial[b * width + i], in block order (deterministic).
 extern "C" __global__ void kl_colsum(const float* partial, float* out, int width, int nblocks) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < width; i += gridDim.x * blockDim.x) {
@@ -282,22 +313,34 @@ extern "C" __global__ void kl_colsum(const float* partial, float* out, int width
 }
 
 // LayerNorm over rows of d: y = (x - mean) / sqrt(var + eps) w + b; x, y [rows, d], w, b [d].
-extern "C" __global__ void kl_layer_norm_fwd(const float* x, const float* w, const float* b, float* y, int rows, int d, float eps) {
+template <typename T>
+__device__ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, int rows, int d, float eps) {
     int r = blockIdx.x;
     if (r >= rows) return;
     long long o = (long long)r * d;
     float m, rs;
     row_moments(x + o, d, eps, &m, &rs);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) y[o + i] = (x[o + i] - m) * rs * w[i] + b[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) y[o + i] = kl_st<T>((kl_ld(x[o + i]) - m) * rs * kl_ld(w[i]) + kl_ld(b[i]));
+}
+
+extern "C" __global__ void kl_layer_norm_fwd(const float* x, const float* w, const float* b, float* y, int rows, int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
+}
+extern "C" __global__ void kl_layer_norm_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, __nv_bfloat16* y, int rows, int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
+}
+extern "C" __global__ void kl_layer_norm_fwd_f16(const __half* x, const __half* w, const __half* b, __half* y, int rows, int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
 }
 
 #define KL_LN_MAX_D 4096
 
 // Its backward, `chunk` rows per block: with x̂ the standardized row and g' = g w,
-// dx = (g' - mean(g') - x̂ mean(g' x̂)) / sqrt(var + eps); out = [dx (rows * d); per block
-// [sum g x̂ (d); sum g (d)]] for kl_colsum (dw, db). d <= KL_LN_MAX_D: each thread keeps its
+// dx = (g' - mean(g') - x̂ mean(g' x̂)) / sqrt(var + eps); out = [dx (rows * d); from kl_tail
+// per block f32 [sum g x̂ (d); sum g (d)]] for kl_colsum (dw, db). d <= KL_LN_MAX_D: each thread keeps its
 // columns' sums in shared memory, which no other thread touches.
-extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, const float* g, float* out, int rows, int d, float eps, int chunk) {
+template <typename T>
+__device__ void layer_norm_bwd(const T* x, const T* w, const T* g, T* out, int rows, int d, float eps, int chunk) {
     __shared__ float sw[KL_LN_MAX_D];
     __shared__ float sb[KL_LN_MAX_D];
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
@@ -312,28 +355,38 @@ extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, con
         row_moments(x + o, d, eps, &m, &rs);
         float s1 = 0.0f, s2 = 0.0f;
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float gw = __fmul_rn(g[o + j], w[j]);
+            float gw = __fmul_rn(kl_ld(g[o + j]), kl_ld(w[j]));
             s1 += gw;
-            s2 += gw * (x[o + j] - m) * rs;
+            s2 += gw * (kl_ld(x[o + j]) - m) * rs;
         }
         block_sum2(&s1, &s2);
         float m1 = s1 / (float)d, m2 = s2 / (float)d;
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float xh = (x[o + j] - m) * rs;
-            float gj = g[o + j];
+            float xh = (kl_ld(x[o + j]) - m) * rs;
+            float gj = kl_ld(g[o + j]);
             // __fmul_rn: g w rounded as in m1's sum, not fused with the subtraction into an
             // FMA (whose exact product would leave its rounding error where a row of one
             // value has a gradient of exactly 0).
-            out[o + j] = (__fmul_rn(gj, w[j]) - m1 - xh * m2) * rs;
+            out[o + j] = kl_st<T>((__fmul_rn(gj, kl_ld(w[j])) - m1 - xh * m2) * rs);
             sw[j] += gj * xh;
             sb[j] += gj;
         }
     }
-    float* partial = out + (long long)rows * d + (long long)blockIdx.x * 2 * d;
+    float* partial = kl_tail(out, (long long)rows * d) + (long long)blockIdx.x * 2 * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         partial[j] = sw[j];
         partial[d + j] = sb[j];
     }
+}
+
+extern "C" __global__ void kl_layer_norm_bwd(const float* x, const float* w, const float* g, float* out, int rows, int d, float eps, int chunk) {
+    layer_norm_bwd(x, w, g, out, rows, d, eps, chunk);
+}
+extern "C" __global__ void kl_layer_norm_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g, __nv_bfloat16* out, int rows, int d, float eps, int chunk) {
+    layer_norm_bwd(x, w, g, out, rows, d, eps, chunk);
+}
+extern "C" __global__ void kl_layer_norm_bwd_f16(const __half* x, const __half* w, const __half* g, __half* out, int rows, int d, float eps, int chunk) {
+    layer_norm_bwd(x, w, g, out, rows, d, eps, chunk);
 }
 
 // Per-channel GroupNorm on channels-last x [nb, t, c] (wav2vec2's first feature-encoder layer):
@@ -454,9 +507,10 @@ extern "C" __global__ void kl_bias_add_f16(__half* y, const __half* b, int rows,
 }
 
 // Its backward (no GELU): with x̂ the normalized input and gy = g w,
-// dx = rstd (gy - mean_t(gy) - x̂ mean_t(gy x̂)); out = [dx (nb t c); per clip [sum_t g x̂ (c);
-// sum_t g (c)]] for kl_colsum over the clips (dw, db).
-extern "C" __global__ void kl_group_norm_cl_bwd(const float* x, const float* w, const float* g, float* out, int nb, int t, int c, float eps) {
+// dx = rstd (gy - mean_t(gy) - x̂ mean_t(gy x̂)); out = [dx (nb t c); from kl_tail per clip
+// f32 [sum_t g x̂ (c); sum_t g (c)]] for kl_colsum over the clips (dw, db).
+template <typename T>
+__device__ void group_norm_cl_bwd(const T* x, const T* w, const T* g, T* out, int nb, int t, int c, float eps) {
     int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
     int clip = blockIdx.x / tiles;
     if (clip >= nb) return;
@@ -471,25 +525,35 @@ extern "C" __global__ void kl_group_norm_cl_bwd(const float* x, const float* w, 
     if (on)
         for (int i = lane; i < t; i += KL_GN_LANES) {
             long long k = o + (long long)i * c + j;
-            float gi = g[k];
+            float gi = kl_ld(g[k]);
             sg += (double)gi;
-            sgx += (double)(gi * ((float)((double)x[k] - m) * rs));
+            sgx += (double)(gi * ((float)((double)kl_ld(x[k]) - m) * rs));
         }
     gn_lane_sum2(&sg, &sgx);
     if (!on) return;
-    float wj = w[j];
+    float wj = kl_ld(w[j]);
     float mg = (float)(sg / (double)t) * wj, mgx = (float)(sgx / (double)t) * wj;
     for (int i = lane; i < t; i += KL_GN_LANES) {
         long long k = o + (long long)i * c + j;
-        float xh = (float)((double)x[k] - m) * rs;
+        float xh = (float)((double)kl_ld(x[k]) - m) * rs;
         // (__fmul_rn as in kl_layer_norm_bwd: one frame gives exactly 0, not an FMA residual.)
-        out[k] = (__fmul_rn(g[k], wj) - mg - xh * mgx) * rs;
+        out[k] = kl_st<T>((__fmul_rn(kl_ld(g[k]), wj) - mg - xh * mgx) * rs);
     }
     if (lane == 0) {
-        float* partial = out + (long long)nb * t * c + (long long)clip * 2 * c;
+        float* partial = kl_tail(out, (long long)nb * t * c) + (long long)clip * 2 * c;
         partial[j] = (float)sgx;
         partial[c + j] = (float)sg;
     }
+}
+
+extern "C" __global__ void kl_group_norm_cl_bwd(const float* x, const float* w, const float* g, float* out, int nb, int t, int c, float eps) {
+    group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
+}
+extern "C" __global__ void kl_group_norm_cl_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g, __nv_bfloat16* out, int nb, int t, int c, float eps) {
+    group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
+}
+extern "C" __global__ void kl_group_norm_cl_bwd_f16(const __half* x, const __half* w, const __half* g, __half* out, int nb, int t, int c, float eps) {
+    group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
 }
 
 // klspeech's keyed standard normal stream (src/rng.rs: keyed_normal_vec), bit for bit: value i
