@@ -794,3 +794,68 @@ fn half_type_norm_kernels_are_the_f32_kernels_rounded() {
         }
     }
 }
+
+/// The attention's probabilities from padded scores (`kl_attn_softmax`): softmax(scale s + kb)
+/// over the first d of each row of ld, with and without a key bias (some keys hidden by a large
+/// negative bias, each clip its own), exactly 0 in the padding, against f64; the bf16 / f16
+/// instances bit for bit the f32 kernel's output rounded. Rows under and over a block.
+#[test]
+fn attention_softmax_over_padded_keys_matches_f64() {
+    for &(clips, rows_per_clip, d, ld) in &[(2usize, 6usize, 7usize, 8usize), (3, 4, 499, 504), (1, 3, 256, 256)] {
+        let rows = clips * rows_per_clip;
+        let seed = 1900 + d as u64;
+        let s: Vec<f32> = normal(rows * ld, seed, 3.0, 0.5);
+        let mut kb: Vec<f32> = normal(clips * d, seed + 1, 0.5, 0.0);
+        // The last keys of clip 0 hidden, as the model's key bias hides padded frames.
+        for v in kb.iter_mut().take(d).skip(d - d / 3) {
+            *v = -1e4;
+        }
+        let scale = 0.125;
+        for biased in [false, true] {
+            let what = format!("[{rows}, {ld}] of {d} keys, key bias {biased}");
+            let mut want = vec![0.0f64; rows * ld];
+            for r in 0..rows {
+                let y: Vec<f64> = (0..d).map(|j| scale * s[r * ld + j] as f64 + if biased { kb[(r / rows_per_clip) * d + j] as f64 } else { 0.0 }).collect();
+                let m = y.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = y.iter().map(|v| (v - m).exp()).sum();
+                for j in 0..d {
+                    want[r * ld + j] = (y[j] - m).exp() / z;
+                }
+            }
+            let plan = kernels::attn_softmax(rows, ld, d, rows_per_clip, scale, biased, DType::F32);
+            let mut bufs = vec![s.clone()];
+            if biased {
+                bufs.push(kb.clone());
+            }
+            bufs.push(vec![f32::NAN; rows * ld]);
+            let out = run(&plan, &bufs);
+            let p = out.last().unwrap();
+            let e = rel_err(p, &want);
+            assert!(e < 1e-6, "{what}: {e}");
+            assert!((0..rows).all(|r| p[r * ld + d..(r + 1) * ld].iter().all(|&v| v.to_bits() == 0)), "{what}: the padding is +0");
+            for dtype in [DType::BF16, DType::F16] {
+                let round = common::round_to(dtype);
+                let bits = |v: &[f32]| -> Buf {
+                    match dtype {
+                        DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                        _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+                    }
+                };
+                // Representable inputs (f16 holds -1e4), the f32 kernel on the same values.
+                let sh: Vec<f32> = s.iter().map(|&v| round(v)).collect();
+                let kh: Vec<f32> = kb.iter().map(|&v| round(v)).collect();
+                let mut b32 = vec![sh.clone()];
+                let mut bh = vec![bits(&sh)];
+                if biased {
+                    b32.push(kh.clone());
+                    bh.push(bits(&kh));
+                }
+                b32.push(vec![f32::NAN; rows * ld]);
+                bh.push(bits(&vec![f32::NAN; rows * ld]));
+                let p32 = run(&plan, &b32).pop().unwrap();
+                let ph = run_bufs(&kernels::attn_softmax(rows, ld, d, rows_per_clip, scale, biased, dtype), &bh).pop().unwrap();
+                assert_eq!(ph, bits(&p32), "{what} in {dtype:?}");
+            }
+        }
+    }
+}

@@ -298,6 +298,12 @@ fn weight_norm_matches_the_composite() {
 }
 
 #[test]
+fn attention_keys_are_padded_to_a_multiple_of_8() {
+    let pads: Vec<usize> = [1usize, 7, 8, 13, 40, 199, 499].iter().map(|&t| ops::device::key_padding(t)).collect();
+    assert_eq!(pads, [7, 1, 0, 3, 0, 1, 5]);
+}
+
+#[test]
 fn training_attention_matches_the_composite() {
     // Values and the gradient of the packed projection: batch 1 and 3, one frame, a key mask
     // hiding the tail of two clips, dropout on the probabilities (the same keyed mask).
@@ -715,6 +721,11 @@ fn inference_attention_matches_the_composite() {
             }
             let r = rel(&fused, &composite);
             assert!(r <= tol(dtype), "attention {:?} {dtype:?}: rel. error {r:e}", (b, t, h, heads));
+            // The GPU's inference attention (keys padded to a multiple of 8 where T is not),
+            // here on the CPU.
+            let device = ops::device::attention_infer_device(&qkv, heads, scale, bias.as_ref()).unwrap();
+            let r = rel(&device, &composite);
+            assert!(r <= tol(dtype), "device attention {:?} {dtype:?} ({} padding keys): rel. error {r:e}", (b, t, h, heads), ops::device::key_padding(t));
         }
     }
 }

@@ -131,8 +131,13 @@ impl CustomOp1 for AttentionInfer {
 /// Multi-head attention for inference: softmax(q k^T scale + key_bias) v per head, for the
 /// packed projection qkv [B, T, 3H] = [q | k | v] (heads = column blocks of H / heads) and an
 /// optional additive key mask `key_bias` [B, T]; returns [B, T, H]. No gradient flows through
-/// it. Fused on the CPU, else [`attention_composite`].
+/// it. Fused on the CPU; off it (and on the CPU under `ops::with_gpu_path`)
+/// [`super::device::attention_infer_device`] (keys padded to a multiple of 8 for aligned
+/// gemms, one softmax kernel on a GPU); with the fused ops off [`attention_composite`].
 pub fn attention_infer(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+    if super::device_op_applies(qkv) {
+        return super::device::attention_infer_device(qkv, heads, scale, key_bias);
+    }
     if !fused(qkv) {
         return attention_composite(qkv, heads, scale, key_bias);
     }

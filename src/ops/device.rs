@@ -241,6 +241,91 @@ impl CustomOp3 for LinearDevice {
     }
 }
 
+static KEY_PAD: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_KEY_PAD");
+
+/// Zero keys (and values) added after the T real ones so that the attention's [T, T] products
+/// have rows of a multiple of 8 (16 bytes of bf16 / f16, 32 of f32): with T = 199 (4 s) or 499
+/// (10 s) cuBLAS can only take its unaligned kernels for the scores and the products with the
+/// probabilities (on the H200, Turing-era `align1` kernels for bf16). The padded keys get
+/// probability 0 (a bias of -inf, or the [`super::kernels::attn_softmax_of`] kernel), so every
+/// result is the unpadded attention's. 0 when T is a multiple of 8, or with
+/// `KLSPEECH_NO_KEY_PAD=1` (before/after benchmarks).
+pub fn key_padding(t: usize) -> usize {
+    if KEY_PAD.on() {
+        t.next_multiple_of(8) - t
+    } else {
+        0
+    }
+}
+
+/// Turns [`key_padding`] on or off for the whole process (tests, before/after benchmarks).
+pub fn set_key_padding(on: bool) {
+    KEY_PAD.set(on);
+}
+
+/// Keys or values [B, nh, T, hd] with `pad` zero rows after the T real ones.
+fn pad_keys(x: Tensor, pad: usize) -> candle_core::Result<Tensor> {
+    if pad == 0 {
+        Ok(x)
+    } else {
+        x.pad_with_zeros(2, 0, pad)
+    }
+}
+
+/// A [B, nh, T, T] tensor with `pad` zero columns after its T.
+fn pad_keys_last(x: Tensor, pad: usize) -> candle_core::Result<Tensor> {
+    if pad == 0 {
+        Ok(x)
+    } else {
+        x.pad_with_zeros(3, 0, pad)
+    }
+}
+
+/// The probabilities [B, nh, T, T + pad] of scores s = q k^T over T real keys and `pad` zero
+/// ones: softmax(scale s + key bias) over the real keys, 0 for the padding. On a GPU one kernel
+/// (scale, bias, softmax and padding together: [`super::kernels::attn_softmax_of`]); elsewhere
+/// the scale, a bias of -inf on the padding and candle's softmax. No gradient.
+fn probabilities(s: &Tensor, key_bias: Option<&Tensor>, t: usize, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, _, _, tp) = s.dims4()?;
+    let kernel = super::kernels::apply(s) || super::kernels::apply_half(s);
+    if kernel && key_bias.is_none_or(|kb| kb.dtype() == s.dtype()) {
+        return super::kernels::attn_softmax_of(s, key_bias.map(|kb| kb.reshape((b, t))).transpose()?.as_ref(), t, scale);
+    }
+    let s = (s * scale)?;
+    let bias = match (key_bias, tp - t) {
+        (kb, 0) => kb.map(|kb| kb.reshape((b, t))).transpose()?,
+        (kb, pad) => {
+            let real = match kb {
+                Some(kb) => kb.reshape((b, t))?,
+                None => Tensor::zeros((b, t), s.dtype(), s.device())?,
+            };
+            let hidden = Tensor::full(f32::NEG_INFINITY, (b, pad), s.device())?.to_dtype(s.dtype())?;
+            Some(Tensor::cat(&[real, hidden], 1)?)
+        }
+    };
+    let s = match bias {
+        Some(bias) => s.broadcast_add(&bias.reshape((b, 1, 1, tp))?)?,
+        None => s,
+    };
+    super::softmax_last_dim_infer(&s).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// [`super::attention_infer`] off the CPU's fused path: the composite's products over keys
+/// padded to a multiple of 8 ([`key_padding`]) and the probabilities of [`probabilities`] (on a
+/// GPU one kernel for the scale, the key bias and the softmax, where the composite ran the
+/// scale on q and candle's softmax), qkv [B, T, 3H] -> o [B, T, H]. No gradient.
+pub fn attention_infer_device(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, t, h3) = qkv.dims3()?;
+    let hd = h3 / 3 / heads;
+    // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
+    let qkv = qkv.detach().reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+    let pad = key_padding(t);
+    let (k, v) = (pad_keys(qkv.get(1)?, pad)?, pad_keys(qkv.get(2)?, pad)?);
+    // (cuBLAS reads k^T in place.)
+    let p = probabilities(&qkv.get(0)?.matmul(&k.transpose(2, 3)?)?, key_bias, t, scale)?; // [B, nh, T, T + pad]
+    Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h3 / 3))?)
+}
+
 /// [`super::attention`] off the CPU: one graph node for the whole attention of a layer, from
 /// the packed projection qkv [B, T, 3H] (q | k | v, heads of `hd` features) to o [B, T, H].
 /// The forward is candle's (cuBLAS products, the fused softmax kernel, the keyed dropout mask
@@ -267,10 +352,13 @@ struct AttentionDevice {
 
 /// What the forward computes and the backward needs again.
 struct AttentionParts {
+    /// [B, nh, T, hd]
     q: Tensor,
+    /// Keys and values [B, nh, T + pad, hd] ([`key_padding`]: zero rows after the T).
     k: Tensor,
     v: Tensor,
-    /// Softmax probabilities [B, nh, T, T] and, with dropout, the mask factors.
+    /// Softmax probabilities [B, nh, T, T + pad] (0 over the padding) and, with dropout, the
+    /// mask factors.
     p: Tensor,
     mask: Option<Tensor>,
 }
@@ -282,15 +370,16 @@ impl AttentionDevice {
         let hd = h3 / 3 / self.heads;
         // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
         let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        // Keys and values padded to a multiple of 8 ([`key_padding`]): [B, nh, T + pad, hd].
+        let pad = key_padding(t);
+        let (q, k, v) = (qkv.get(0)?, pad_keys(qkv.get(1)?, pad)?, pad_keys(qkv.get(2)?, pad)?);
         // (cuBLAS reads k^T, like the transposes below, in place.)
-        let mut s = (q.matmul(&k.transpose(2, 3)?)? * self.scale)?; // [B, nh, T, T]
-        if let Some(kb) = &self.key_bias {
-            s = s.broadcast_add(&kb.reshape((b, 1, 1, t))?)?;
-        }
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        let s = q.matmul(&k.transpose(2, 3)?)?; // [B, nh, T, T + pad]
+        let p = probabilities(&s, self.key_bias.as_ref(), t, self.scale)?;
+        // The mask of the unpadded [B, nh, T, T] probabilities (the keyed stream's indices, as
+        // the CPU's), zeros over the padding.
         let mask = match self.dropout {
-            Some((rate, key)) => Some(super::dropout_mask(&p, rate, key).map_err(|e| candle_core::Error::Msg(e.to_string()))?),
+            Some((rate, key)) => Some(pad_keys_last(super::dropout_mask(&p.narrow(3, 0, t)?, rate, key).map_err(|e| candle_core::Error::Msg(e.to_string()))?, pad)?),
             None => None,
         };
         let pd = match &mask {
@@ -331,6 +420,8 @@ impl CustomOp1 for AttentionDevice {
             Some(m) => p.mul(m)?,
             None => p.clone(),
         };
+        // (With padded keys: dv and dk have the padding's rows, dropped below; dp and dS its
+        // columns, where P is 0.)
         let dv = pd.transpose(2, 3)?.matmul(&g)?;
         let dp = g.matmul(&v.transpose(2, 3)?)?;
         let ds = if super::kernels::apply(&dp) {
@@ -348,6 +439,7 @@ impl CustomOp1 for AttentionDevice {
         };
         let dq = ds.matmul(&k)?;
         let dk = ds.transpose(2, 3)?.matmul(&q)?;
+        let (dk, dv) = (dk.narrow(2, 0, t)?, dv.narrow(2, 0, t)?);
         // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]
         Ok(Some(Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?.reshape((b, t, h3))?))
     }

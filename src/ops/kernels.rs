@@ -114,6 +114,20 @@ pub fn gelu_bwd(n: usize, dtype: DType) -> Launch {
     elementwise(typed("kl_gelu_bwd", "kl_gelu_bwd_bf16", "kl_gelu_bwd_f16", dtype), n, 3, &[])
 }
 
+/// The attention's probabilities from its scores: buffers [s, kb, p] with a key bias, [s, p]
+/// without (the kb argument then a null pointer), of `dtype`; s and p [rows, ld], kb
+/// [rows / rows_per_clip, d]. p = softmax(scale s + kb) over the first d of each row, zeros in
+/// the other ld - d (keys padded for aligned gemms).
+pub fn attn_softmax(rows: usize, ld: usize, d: usize, rows_per_clip: usize, scale: f64, biased: bool, dtype: DType) -> Launch {
+    let name = typed("kl_attn_softmax", "kl_attn_softmax_bf16", "kl_attn_softmax_f16", dtype);
+    let mut plan = row_plan(name, rows, ld, if biased { 3 } else { 2 }, &[Arg::I32(i32_of(d)), Arg::I32(i32_of(rows_per_clip.max(1))), Arg::F32(scale as f32)]);
+    if !biased {
+        plan.args.insert(1, Arg::Null);
+    }
+    // (row_plan sized the block by ld; the columns past d only get zeros.)
+    plan
+}
+
 /// A KL-Norm site after its standardization: buffers [xh, p, noise, out] of `dtype` (f32,
 /// bf16, f16), xh and noise [rows, d], p [4, d] ([6, d] with a `learned` prior), out
 /// [rows * d + rows] (y, then the KL per row, each rounded once to the type).
@@ -630,6 +644,77 @@ pub(crate) fn kl_norm_site(x_hat: &Tensor, p: &Tensor, noise: &Tensor) -> candle
     let learned = p.dim(0)? == 6;
     let op = KlNormKernel { stage: KlStage::Forward, noise: noise.contiguous()?, d, learned };
     x_hat.contiguous()?.apply_op2(&p.contiguous()?, op)
+}
+
+/// The attention's probabilities ([`attn_softmax`]) as a candle op without a backward: (s) or
+/// (s, kb) -> p shaped like s.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttnSoftmax {
+    d: usize,
+    rows_per_clip: usize,
+    scale: f64,
+}
+
+impl AttnSoftmax {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn run(&self, inputs: &[(&candle_core::CudaStorage, &candle_core::Layout)]) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let shape = inputs[0].1.shape();
+            let ld = shape.dims().last().copied().unwrap_or(1).max(1);
+            let rows = shape.elem_count() / ld;
+            if self.d > ld || !rows.is_multiple_of(self.rows_per_clip.max(1)) {
+                candle_core::bail!("klspeech-kernel-attn-softmax: scores {shape:?} for {} keys, {} rows a clip", self.d, self.rows_per_clip);
+            }
+            if let Some((_, kl)) = inputs.get(1) {
+                if kl.shape().elem_count() != rows / self.rows_per_clip.max(1) * self.d {
+                    candle_core::bail!("klspeech-kernel-attn-softmax: key bias {:?} for {} clips of {} keys", kl.shape(), rows / self.rows_per_clip.max(1), self.d);
+                }
+            }
+            let dtype = candle_core::backend::BackendStorage::dtype(inputs[0].0);
+            let plan = attn_softmax(rows, ld, self.d, self.rows_per_clip, self.scale, inputs.len() == 2, dtype);
+            gpu::launch_op(&plan, inputs, shape)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-attn-softmax: built without CUDA")
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-attn-softmax"
+    }
+    cuda_only!(1);
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.run(&[(s, l)])
+    }
+}
+
+impl candle_core::CustomOp2 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-attn-softmax"
+    }
+    cuda_only!(2);
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.run(&[(s1, l1), (s2, l2)])
+    }
+}
+
+/// The attention's probabilities from scores s [B, nh, T, ld] whose first `d` keys are real
+/// (the rest padding): softmax(scale s + kb) over them, zeros in the padding, one kernel, no
+/// gradient (the attention ops take their own backward). kb [B, d] or none; [`apply`] or
+/// [`apply_half`] must hold for s, kb of s's type.
+pub(crate) fn attn_softmax_of(s: &Tensor, kb: Option<&Tensor>, d: usize, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, _, _, _) = s.dims4()?;
+    let rows = s.elem_count() / s.dim(3)?.max(1);
+    let op = AttnSoftmax { d, rows_per_clip: rows / b.max(1), scale };
+    let s = s.detach().contiguous()?;
+    match kb {
+        Some(kb) => s.apply_op2_no_bwd(&kb.detach().contiguous()?, &op),
+        None => s.apply_op1_no_bwd(&op),
+    }
 }
 
 /// Which normalization with weight and bias an [`AffineNormKernel`] runs.

@@ -129,6 +129,43 @@ __device__ void softmax_bwd(const T* y, const T* g, const T* mask, T* dx, int ro
     }
 }
 
+// Block-wide maximum; every thread gets it (the shared array reused at once, as block_sum2).
+__device__ float block_max(float a) {
+    __shared__ float sm[KL_MAX_THREADS];
+    unsigned int t = threadIdx.x;
+    sm[t] = a;
+    __syncthreads();
+    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) sm[t] = fmaxf(sm[t], sm[t + s]);
+        __syncthreads();
+    }
+    a = sm[0];
+    __syncthreads();
+    return a;
+}
+
+// The attention's probabilities from its scores, per row of `ld` values of which the first d
+// are keys (ld: the keys padded to a multiple of 8, so that cuBLAS's products over them run
+// aligned kernels): y = scale s + kb, p = softmax of the d values of y, 0 in the padding.
+// kb [clips, d] (null: none) is the key bias of row r's clip, r / rows_per_clip. s is read
+// three times (the row stays in cache), p written once.
+template <typename T>
+__device__ void attn_softmax(const T* s, const T* kb, T* p, int rows, int ld, int d, int rows_per_clip, float scale) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    long long o = (long long)r * ld;
+    const T* kr = kb ? kb + (long long)(r / rows_per_clip) * d : nullptr;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) m = fmaxf(m, scale * kl_ld(s[o + j]) + (kr ? kl_ld(kr[j]) : 0.0f));
+    m = block_max(m);
+    float sum = 0.0f, unused = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) sum += expf(scale * kl_ld(s[o + j]) + (kr ? kl_ld(kr[j]) : 0.0f) - m);
+    block_sum2(&sum, &unused);
+    float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < ld; j += blockDim.x)
+        p[o + j] = kl_st<T>(j < d ? expf(scale * kl_ld(s[o + j]) + (kr ? kl_ld(kr[j]) : 0.0f) - m) * inv : 0.0f);
+}
+
 // The exact (erf) GELU, y = x Phi(x), and its backward dx = g (Phi(x) + x phi(x)).
 template <typename T>
 __device__ void gelu_fwd(const T* x, T* y, int n) {
@@ -192,6 +229,15 @@ extern "C" __global__ void kl_gelu_bwd_bf16(const __nv_bfloat16* x, const __nv_b
 }
 extern "C" __global__ void kl_gelu_bwd_f16(const __half* x, const __half* g, __half* dx, int n) {
     gelu_bwd(x, g, dx, n);
+}
+extern "C" __global__ void kl_attn_softmax(const float* s, const float* kb, float* p, int rows, int ld, int d, int rows_per_clip, float scale) {
+    attn_softmax(s, kb, p, rows, ld, d, rows_per_clip, scale);
+}
+extern "C" __global__ void kl_attn_softmax_bf16(const __nv_bfloat16* s, const __nv_bfloat16* kb, __nv_bfloat16* p, int rows, int ld, int d, int rows_per_clip, float scale) {
+    attn_softmax(s, kb, p, rows, ld, d, rows_per_clip, scale);
+}
+extern "C" __global__ void kl_attn_softmax_f16(const __half* s, const __half* kb, __half* p, int rows, int ld, int d, int rows_per_clip, float scale) {
+    attn_softmax(s, kb, p, rows, ld, d, rows_per_clip, scale);
 }
 
 // softplus(z) = max(z, 0) + ln(1 + e^-|z|) and its derivative 1 / (1 + e^-z).
