@@ -859,3 +859,43 @@ fn attention_softmax_over_padded_keys_matches_f64() {
         }
     }
 }
+
+/// `kl_col2im` (a strided convolution's column gradient added back onto its input frames, in
+/// one pass) gives `ops::conv_gemm::col2im_phases`' f32 values bit for bit (the same sums in
+/// the same order), and in bf16 / f16 the f32 kernel's output on the same values rounded once:
+/// wav2vec2's feature-encoder geometries (K 10 stride 5, K 3 stride 2, K 2 stride 2, frames
+/// left over that no tap reads), padding, fewer output frames than the input holds, channels
+/// under and over a warp, more rows than one launch's warps.
+#[test]
+fn col2im_is_the_phase_sum_bit_for_bit() {
+    let full = |l: usize, k: usize, s: usize, p: usize| (l + 2 * p - k) / s + 1;
+    for &(n, l, k, s, p, c, short) in &[
+        (2usize, 101usize, 10usize, 5usize, 0usize, 7usize, 0usize),
+        (3, 64, 3, 2, 0, 40, 0),
+        (2, 37, 2, 2, 0, 33, 0),
+        (2, 30, 3, 2, 1, 5, 0),
+        (1, 50, 3, 2, 0, 16, 4),
+        (2, 20_001, 3, 2, 0, 3, 0),
+    ] {
+        let t = full(l, k, s, p) - short;
+        let what = format!("[{n}, {t}, {k}, {c}] -> {l} frames, stride {s}, padding {p}");
+        let dcols = normal(n * t * k * c, 2000 + (l + k + c) as u64, 1.0, 0.0);
+        let dt = Tensor::from_vec(dcols.clone(), (n, t, k, c), &Device::Cpu).unwrap();
+        let want: Vec<f32> = klspeech::ops::conv_gemm::col2im_phases(&dt, (l, s, p)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = run(&kernels::col2im(n, l, t, k, c, s, p, DType::F32), &[dcols.clone(), vec![f32::NAN; n * l * c]])[1].clone();
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
+        for dtype in [DType::BF16, DType::F16] {
+            let round = common::round_to(dtype);
+            let bits = |v: &[f32]| -> Buf {
+                match dtype {
+                    DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                    _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+                }
+            };
+            let dh: Vec<f32> = dcols.iter().map(|&v| round(v)).collect();
+            let g32 = run(&kernels::col2im(n, l, t, k, c, s, p, DType::F32), &[dh.clone(), vec![f32::NAN; n * l * c]])[1].clone();
+            let gh = run_bufs(&kernels::col2im(n, l, t, k, c, s, p, dtype), &[bits(&dh), bits(&vec![f32::NAN; n * l * c])])[1].clone();
+            assert_eq!(gh, bits(&g32), "{what} in {dtype:?}");
+        }
+    }
+}

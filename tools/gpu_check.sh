@@ -93,7 +93,7 @@ timeout 240 $D/ops-* channels_last_convolutions --nocapture > /tmp/nhwc.log 2>&1
 grep -vE "^test .* \.\.\. ok$" /tmp/nhwc.log | tail -30; echo "(exit $RC)"
 if [ "$RC" != 0 ] && ! grep -q "cuDNN refused" /tmp/nhwc.log; then
   export KLSPEECH_NO_CUDNN_NHWC=1
-  echo "!! cuDNN's channels-last convolutions failed their test: everything below runs with KLSPEECH_NO_CUDNN_NHWC=1 (if the failing pass is the column gemms', suspect kl_gather_taps: rerun with KLSPEECH_NO_CUDA_KERNELS=1)"
+  echo "!! cuDNN's channels-last convolutions failed their test: everything below runs with KLSPEECH_NO_CUDNN_NHWC=1 (if the failing pass is the column gemms', suspect kl_gather_taps or kl_col2im: rerun with KLSPEECH_NO_CUDA_KERNELS=1)"
 elif [ "$RC" != 0 ]; then
   echo "!! cuDNN refused some convolution passes: they fall back to candle's / klspeech's in every run below"
 fi

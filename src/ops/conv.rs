@@ -444,7 +444,7 @@ fn recompute_input_grad(dy: &Tensor, w: &Tensor, g: &Geom) -> candle_core::Resul
     let dy_g = dy.reshape((g.b * g.t, groups, og))?.transpose(0, 1)?.contiguous()?;
     let dcols = dy_g.matmul(&w.reshape((groups, og, g.kc()))?)?.reshape((groups, g.b, g.t, cg, k))?;
     let dcols = dcols.permute((1, 2, 4, 0, 3))?.reshape((g.b, g.t, k, g.c_in))?;
-    super::conv_gemm::col2im_phases(&dcols, (g.l, s, g.padding))
+    super::conv_gemm::col2im(&dcols, (g.l, s, g.padding))
 }
 
 /// [`conv1d_cl_recompute`]'s op: `y` [B, C_out, T], computed before the op is applied, is taken

@@ -22,8 +22,8 @@
 //! dy_g^T [G, og, B T] x columns, rebuilt block by block; the input gradient of a stride-1
 //! convolution is itself a stride-1 convolution of dy with the kernel flipped in time and its
 //! channel axes swapped per group (so it runs [`forward`] too), and a strided one's is the
-//! column gradient dy_g w_g [B, T, K, C_in] (one gemm) added back by stride phase
-//! ([`col2im_phases`]).
+//! column gradient dy_g w_g [B, T, K, C_in] (one gemm) added back onto the input frames
+//! ([`col2im`]: on a GPU one kernel, elsewhere by stride phase, [`col2im_phases`]).
 //!
 //! Where it runs: unset (or `auto`), on a CUDA device, the choice the H200 run of 2026-11-27
 //! measured best against cuDNN's channels-last kernels (docs/PERFORMANCE.md): strided
@@ -420,14 +420,24 @@ pub fn input_grad(dy: &Tensor, w: &Tensor, l: usize, stride: usize, padding: usi
     } else {
         dcols.reshape((groups, s.b, s.t, s.k, s.cg()))?.permute((1, 2, 3, 0, 4))?.contiguous()?.reshape((s.b, s.t, s.k, s.c_in))?
     };
-    col2im_phases(&dcols, (l, stride, padding))
+    col2im(&dcols, (l, stride, padding))
+}
+
+/// [`col2im_phases`] on a GPU as one kernel (`ops::kernels::col2im`: the same sums in the
+/// same order, each input frame written once, where the phases cost a tensor op per tap and
+/// several strided copies of the input's size), elsewhere the phases.
+pub(crate) fn col2im(dcols: &Tensor, (l, s, padding): (usize, usize, usize)) -> candle_core::Result<Tensor> {
+    if super::kernels::apply_any_float(dcols) {
+        return super::kernels::col2im_of(dcols, l, s, padding);
+    }
+    col2im_phases(dcols, (l, s, padding))
 }
 
 /// Adds a column gradient dcols [B, T, K, C] back onto the input frames it read: dx [B, L, C]
 /// for a convolution of `stride` with `padding` over L frames. Tap j = q s + r of frame t lands
 /// on padded input frame (t + q) s + r, so with the padded input viewed as [B, Lq, s, C], phase
 /// r is the sum of its taps' [B, T, C] blocks shifted by q frames.
-pub(crate) fn col2im_phases(dcols: &Tensor, (l, s, padding): (usize, usize, usize)) -> candle_core::Result<Tensor> {
+pub fn col2im_phases(dcols: &Tensor, (l, s, padding): (usize, usize, usize)) -> candle_core::Result<Tensor> {
     let (b, t, k, c) = dcols.dims4()?;
     let lq = (t + (k - 1) / s).max((l + 2 * padding).div_ceil(s));
     let mut phases = Vec::with_capacity(s);

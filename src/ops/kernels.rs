@@ -267,6 +267,17 @@ pub fn gather_taps(n: usize, lp: usize, t: usize, kc: usize, cg: usize, stride: 
     Launch { name, grid: rows.div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
 }
 
+/// A strided convolution's column gradient added back onto its input frames: buffers
+/// [dcols [n, t, k, c], dx [n, l, c]] of `dtype` (f32, bf16, f16); dx frame f sums, in f32 in
+/// increasing tap j, dcols[u, j] for every output frame u with u stride + j = f + padding. One
+/// warp per dx row, 8 rows a block, about 4096 blocks at most (grid-stride beyond).
+#[allow(clippy::too_many_arguments)]
+pub fn col2im(n: usize, l: usize, t: usize, k: usize, c: usize, stride: usize, padding: usize, dtype: DType) -> Launch {
+    let name = typed("kl_col2im", "kl_col2im_bf16", "kl_col2im_f16", dtype);
+    let args = [Arg::Buf(0), Arg::Buf(1)].into_iter().chain([n, l, t, k, c, stride, padding].map(|v| Arg::I32(i32_of(v)))).collect();
+    Launch { name, grid: (n * l).div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
+}
+
 /// AdamW's moments in place: buffers [mv, g] of `dtype` (f32, bf16 or f16: f32 arithmetic,
 /// each result rounded once to the type), mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
 /// rounded to f32 as the CPU kernel rounds them).
@@ -980,6 +991,47 @@ pub(crate) fn gather_taps_of(x: &Tensor, t: usize, k0: usize, kc: usize, stride:
         candle_core::bail!("klspeech gather_taps: {t} frames of taps {k0}..{} at stride {stride} over {lp} frames", k0 + kc)
     }
     x.contiguous()?.apply_op1_no_bwd(&GatherTaps { t, kc, stride, k0 })
+}
+
+/// [`col2im`] as a candle op without a backward: dcols [n, t, k, c] -> dx [n, l, c].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Col2Im {
+    l: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl candle_core::CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-col2im"
+    }
+    cuda_only!(1);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let (n, t, k, c) = l.shape().dims4()?;
+            let dtype = candle_core::backend::BackendStorage::dtype(x);
+            let plan = col2im(n, self.l, t, k, c, self.stride, self.padding, dtype);
+            gpu::launch_op(&plan, &[(x, l)], &candle_core::Shape::from((n, self.l, c)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-col2im: built without CUDA")
+        }
+    }
+}
+
+/// The input gradient dx [n, l, c] of a convolution of `stride` and `padding` from its column
+/// gradient dcols [n, t, k, c] (`ops::conv_gemm::col2im_phases`' values in one kernel; no
+/// gradient; [`apply_any_float`] must hold for dcols; the taps must cover the frames they
+/// read, `(t - 1) stride + k <= l + 2 padding`).
+pub(crate) fn col2im_of(dcols: &Tensor, l: usize, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+    let (_, t, k, _) = dcols.dims4()?;
+    if t == 0 || stride == 0 || (t - 1) * stride + k > l + 2 * padding {
+        candle_core::bail!("klspeech col2im: {t} frames of {k} taps at stride {stride} over {l} frames padded by {padding}")
+    }
+    dcols.detach().contiguous()?.apply_op1_no_bwd(&Col2Im { l, stride, padding })
 }
 
 #[cfg(feature = "cuda")]

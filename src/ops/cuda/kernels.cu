@@ -712,6 +712,41 @@ extern "C" __global__ void kl_gather_taps_f16(const __half* x, __half* out, int 
 // m' = ((g - m) c1 + 0) + m, v' = (v b2 + 0) + (g g c2 + 0), with c1 = 1 - b1, c2 = 1 - b2.
 // bf16 / f16 (pure half-precision training): the same f32 arithmetic on the stored values,
 // each result rounded once to the storage type (the moments as stored feed the update).
+// The adjoint of the gather above for a whole strided convolution (ops::conv_gemm::input_grad):
+// the column gradient dcols [n, t, k, c] added back onto the input frames it read, dx [n, l, c]
+// (frames of the unpadded input; frame f is padded frame f + padding, which tap j of output
+// frame u reads when u stride + j = f + padding). One warp per dx row, lanes across the c
+// channels; the taps summed in f32 in increasing j, each row written once (col2im_phases adds
+// them in the same order, one tensor op per tap and several copies).
+template <typename T>
+__device__ void col2im(const T* dcols, T* dx, int n, int l, int t, int k, int c, int stride, int padding) {
+    long long rows = (long long)n * l;
+    int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    for (long long r = (long long)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += (long long)gridDim.x * warps) {
+        long long clip = r / l;
+        int f = (int)(r - clip * l) + padding;
+        // The taps j = f - u stride for output frames u in [0, t), 0 <= j < k, in increasing j.
+        int u_hi = min(f / stride, t - 1);
+        int u_lo = f - (k - 1) <= 0 ? 0 : (f - (k - 1) + stride - 1) / stride;
+        T* dst = dx + r * c;
+        for (int ch = lane; ch < c; ch += 32) {
+            float acc = 0.0f;
+            for (int u = u_hi; u >= u_lo; --u) acc += kl_ld(dcols[((clip * t + u) * k + (f - u * stride)) * c + ch]);
+            dst[ch] = kl_st<T>(acc);
+        }
+    }
+}
+
+extern "C" __global__ void kl_col2im(const float* dcols, float* dx, int n, int l, int t, int k, int c, int stride, int padding) {
+    col2im(dcols, dx, n, l, t, k, c, stride, padding);
+}
+extern "C" __global__ void kl_col2im_bf16(const __nv_bfloat16* dcols, __nv_bfloat16* dx, int n, int l, int t, int k, int c, int stride, int padding) {
+    col2im(dcols, dx, n, l, t, k, c, stride, padding);
+}
+extern "C" __global__ void kl_col2im_f16(const __half* dcols, __half* dx, int n, int l, int t, int k, int c, int stride, int padding) {
+    col2im(dcols, dx, n, l, t, k, c, stride, padding);
+}
+
 template <typename T>
 __device__ void adam_moments(T* mv, const T* g, int n, float c1, float b2, float c2) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
