@@ -899,3 +899,47 @@ fn col2im_is_the_phase_sum_bit_for_bit() {
         }
     }
 }
+
+/// `kl_copy_rows` (a strided view whose last axis is contiguous, copied out row by row) gives
+/// candle's `contiguous()` bit for bit, in f32, bf16 and f16: the attention's head split
+/// ([B, T, 3, nh, hd] -> [3, B, nh, T, hd]) and merge, a narrowed view (start offset and
+/// padded rows), the grouped convolution's group-major block, rows shorter than a warp, more
+/// rows than one launch's warps.
+#[test]
+fn copy_rows_is_candles_contiguous_copy() {
+    type View = Box<dyn Fn(&Tensor) -> Tensor>;
+    let cases: Vec<(Vec<usize>, View)> = vec![
+        (vec![2, 7, 3, 4, 16], Box::new(|x| x.permute((2, 0, 3, 1, 4)).unwrap())),
+        (vec![2, 4, 7, 16], Box::new(|x| x.transpose(1, 2).unwrap())),
+        (vec![3, 2, 4, 8, 5], Box::new(|x| x.narrow(3, 1, 6).unwrap().narrow(0, 1, 2).unwrap().permute((0, 2, 1, 3, 4)).unwrap())),
+        (vec![3, 9, 4, 48], Box::new(|x| x.permute((2, 0, 1, 3)).unwrap())),
+        (vec![40_000, 2, 3], Box::new(|x| x.transpose(0, 1).unwrap())),
+    ];
+    for (shape, view) in cases {
+        let n: usize = shape.iter().product();
+        let data = normal(n, 2100 + n as u64, 1.0, 0.0);
+        let base = Tensor::from_vec(data.clone(), shape.as_slice(), &Device::Cpu).unwrap();
+        let v = view(&base);
+        let (dims, strides, start) = (v.dims().to_vec(), v.stride().to_vec(), v.layout().start_offset());
+        // (A view of the base's storage: candle copies on some ops, `get` of a view among them.)
+        assert!(!v.is_contiguous() && strides.last() == Some(&1));
+        let r = dims.len() - 1;
+        let want: Vec<f32> = v.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let what = format!("view {dims:?} / {strides:?} at {start} of {shape:?}");
+        let plan = kernels::copy_rows(dims[r], &dims[..r], &strides[..r], DType::F32);
+        let got = run(&plan, &[data[start..].to_vec(), vec![f32::NAN; want.len()]])[1].clone();
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
+        for (dtype, bits) in [(DType::BF16, Buf::Bf16(data[start..].iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())), (DType::F16, Buf::F16(data[start..].iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()))] {
+            let want_h = match dtype {
+                DType::BF16 => Buf::Bf16(want.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+                _ => Buf::F16(want.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+            };
+            let empty = match dtype {
+                DType::BF16 => Buf::Bf16(vec![0xffff; want.len()]),
+                _ => Buf::F16(vec![0xffff; want.len()]),
+            };
+            let got = run_bufs(&kernels::copy_rows(dims[r], &dims[..r], &strides[..r], dtype), &[bits, empty])[1].clone();
+            assert_eq!(got, want_h, "{what} in {dtype:?}");
+        }
+    }
+}

@@ -264,7 +264,7 @@ fn tap_indices(s: &Geom, k0: usize, kc: usize, dev: &candle_core::Device) -> can
 /// Clips `b0 .. b0 + bc` of x [B, L, C_in] as the group-major padded block [G bc, Lp, C_g].
 fn padded_block(x: &Tensor, s: &Geom, b0: usize, bc: usize) -> candle_core::Result<Tensor> {
     let xb = x.narrow(0, b0, bc)?;
-    let xb = if s.groups == 1 { xb } else { xb.reshape((bc, s.l, s.groups, s.cg()))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((s.groups * bc, s.l, s.cg()))? };
+    let xb = if s.groups == 1 { xb } else { super::kernels::contiguous_rows(&xb.reshape((bc, s.l, s.groups, s.cg()))?.permute((2, 0, 1, 3))?)?.reshape((s.groups * bc, s.l, s.cg()))? };
     if s.padding > 0 {
         xb.pad_with_zeros(1, s.padding, s.padding)
     } else {
@@ -342,7 +342,7 @@ fn forward_rows(x: &Tensor, wr: &Tensor, s: &Geom) -> candle_core::Result<Tensor
         }
         let y = y.expect("a kernel has at least one tap");
         // [G, bc T, og] -> [bc, T, C_out] (for one group a plain reshape)
-        blocks.push(if s.groups == 1 { y.reshape((bc, s.t, s.c_out))? } else { y.reshape((s.groups, bc, s.t, s.og()))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((bc, s.t, s.c_out))? });
+        blocks.push(if s.groups == 1 { y.reshape((bc, s.t, s.c_out))? } else { super::kernels::contiguous_rows(&y.reshape((s.groups, bc, s.t, s.og()))?.permute((1, 2, 0, 3))?)?.reshape((bc, s.t, s.c_out))? });
         b0 += bc;
     }
     if blocks.len() == 1 {
@@ -357,7 +357,7 @@ fn dy_groups(dy: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
     if s.groups == 1 {
         dy.reshape((1, s.b * s.t, s.c_out))
     } else {
-        dy.reshape((s.b * s.t, s.groups, s.og()))?.transpose(0, 1)?.contiguous()
+        super::kernels::contiguous_rows(&dy.reshape((s.b * s.t, s.groups, s.og()))?.transpose(0, 1)?)
     }
 }
 

@@ -318,12 +318,12 @@ pub fn attention_infer_device(qkv: &Tensor, heads: usize, scale: f64, key_bias: 
     let (b, t, h3) = qkv.dims3()?;
     let hd = h3 / 3 / heads;
     // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
-    let qkv = qkv.detach().reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+    let qkv = super::kernels::contiguous_rows(&qkv.detach().reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?)?;
     let pad = key_padding(t);
     let (k, v) = (pad_keys(qkv.get(1)?, pad)?, pad_keys(qkv.get(2)?, pad)?);
     // (cuBLAS reads k^T in place.)
     let p = probabilities(&qkv.get(0)?.matmul(&k.transpose(2, 3)?)?, key_bias, t, scale)?; // [B, nh, T, T + pad]
-    Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h3 / 3))?)
+    Ok(super::kernels::contiguous_rows(&p.matmul(&v)?.transpose(1, 2)?)?.reshape((b, t, h3 / 3))?)
 }
 
 /// [`super::attention`] off the CPU: one graph node for the whole attention of a layer, from
@@ -369,7 +369,7 @@ impl AttentionDevice {
         let (b, t, h3) = qkv.dims3()?;
         let hd = h3 / 3 / self.heads;
         // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
-        let qkv = qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let qkv = super::kernels::contiguous_rows(&qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?)?;
         // Keys and values padded to a multiple of 8 ([`key_padding`]): [B, nh, T + pad, hd].
         let pad = key_padding(t);
         let (q, k, v) = (qkv.get(0)?, pad_keys(qkv.get(1)?, pad)?, pad_keys(qkv.get(2)?, pad)?);
@@ -386,7 +386,7 @@ impl AttentionDevice {
             Some(m) => p.mul(m)?,
             None => p.clone(),
         };
-        let o = pd.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h3 / 3))?;
+        let o = super::kernels::contiguous_rows(&pd.matmul(&v)?.transpose(1, 2)?)?.reshape((b, t, h3 / 3))?;
         Ok((AttentionParts { q, k, v, p, mask }, o))
     }
 }
@@ -415,7 +415,7 @@ impl CustomOp1 for AttentionDevice {
             Some(parts) => parts,
             None => self.forward(&qkv.detach())?.0,
         };
-        let g = g.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
+        let g = super::kernels::contiguous_rows(&g.reshape((b, t, self.heads, hd))?.transpose(1, 2)?)?; // [B, nh, T, hd]
         let pd = match &mask {
             Some(m) => p.mul(m)?,
             None => p.clone(),
@@ -439,9 +439,11 @@ impl CustomOp1 for AttentionDevice {
         };
         let dq = ds.matmul(&k)?;
         let dk = ds.transpose(2, 3)?.matmul(&q)?;
-        let (dk, dv) = (dk.narrow(2, 0, t)?, dv.narrow(2, 0, t)?);
+        let rows = |x: Tensor| super::kernels::contiguous_rows(&x.narrow(2, 0, t)?);
+        let (dk, dv) = (rows(dk)?, rows(dv)?);
         // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]
-        Ok(Some(Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?.reshape((b, t, h3))?))
+        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?;
+        Ok(Some(super::kernels::contiguous_rows(&dqkv)?.reshape((b, t, h3))?))
     }
 }
 

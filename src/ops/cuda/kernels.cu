@@ -712,6 +712,42 @@ extern "C" __global__ void kl_gather_taps_f16(const __half* x, __half* out, int 
 // m' = ((g - m) c1 + 0) + m, v' = (v b2 + 0) + (g g c2 + 0), with c1 = 1 - b1, c2 = 1 - b2.
 // bf16 / f16 (pure half-precision training): the same f32 arithmetic on the stored values,
 // each result rounded once to the storage type (the moments as stored feed the update).
+// A contiguous copy of a strided view whose last axis is contiguous (the attention's head
+// split and merge, the grouped convolution's group-major blocks: candle's strided copy
+// computes a multi-axis index per element). out [rows, len] with row r the view's row of
+// index (i0, .., i4) over dims d0..d4 (r = ((i0 d1 + i1) d2 + ..) d4 + i4; leading dims 1),
+// at x + sum i_k s_k. One warp per row, lanes along it; the index arithmetic once per row.
+template <typename T>
+__device__ void copy_rows(const T* x, T* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
+    long long rows = (long long)d0 * d1 * d2 * d3 * d4;
+    int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    for (long long r = (long long)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += (long long)gridDim.x * warps) {
+        long long q = r;
+        long long src = (q % d4) * s4;
+        q /= d4;
+        src += (q % d3) * s3;
+        q /= d3;
+        src += (q % d2) * s2;
+        q /= d2;
+        src += (q % d1) * s1;
+        q /= d1;
+        src += q * s0;
+        const T* a = x + src;
+        T* b = out + r * len;
+        for (int i = lane; i < len; i += 32) b[i] = a[i];
+    }
+}
+
+extern "C" __global__ void kl_copy_rows(const float* x, float* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
+    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4);
+}
+extern "C" __global__ void kl_copy_rows_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
+    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4);
+}
+extern "C" __global__ void kl_copy_rows_f16(const __half* x, __half* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
+    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4);
+}
+
 // The adjoint of the gather above for a whole strided convolution (ops::conv_gemm::input_grad):
 // the column gradient dcols [n, t, k, c] added back onto the input frames it read, dx [n, l, c]
 // (frames of the unpadded input; frame f is padded frame f + padding, which tap j of output
