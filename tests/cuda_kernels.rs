@@ -44,6 +44,25 @@ enum Buf {
     F16(Vec<u16>),
 }
 
+/// f32 values as a bf16 / f16 buffer (each rounded to nearest even: exact for values of the
+/// type).
+fn half_buf(dtype: DType, v: &[f32]) -> Buf {
+    match dtype {
+        DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+        DType::F16 => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
+        other => panic!("half_buf: {other:?} is not a 16-bit type"),
+    }
+}
+
+/// An output buffer of `n` bf16 / f16 values not yet written (all bits set: NaN).
+fn half_empty(dtype: DType, n: usize) -> Buf {
+    match dtype {
+        DType::BF16 => Buf::Bf16(vec![0xffff; n]),
+        DType::F16 => Buf::F16(vec![0xffff; n]),
+        other => panic!("half_empty: {other:?} is not a 16-bit type"),
+    }
+}
+
 /// Runs `plan` on the emulator with `bufs` (outputs as NaN-filled buffers); returns every
 /// buffer after the launch.
 fn run(plan: &Launch, bufs: &[Vec<f32>]) -> Vec<Vec<f32>> {
@@ -420,10 +439,7 @@ fn channels_last_group_norm_in_bf16_and_f16_is_the_f32_kernel_rounded() {
             let (x, xh) = of(normal(b * t * c, seed, 1.5, shift));
             let (w, wh) = of(normal(c, seed + 1, 0.3, 1.0));
             let (bias, bh) = of(normal(c, seed + 2, 0.2, 0.0));
-            let empty = match dtype {
-                DType::BF16 => Buf::Bf16(vec![0xffff; b * t * c]),
-                _ => Buf::F16(vec![0xffff; b * t * c]),
-            };
+            let empty = half_empty(dtype, b * t * c);
             for gelu in [false, true] {
                 let y32 = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, DType::F32), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; b * t * c]]);
                 let (_, want) = of(y32[3].clone());
@@ -445,12 +461,7 @@ fn channels_last_group_norm_in_bf16_and_f16_is_the_f32_kernel_rounded() {
 fn bias_add_in_place_matches_the_host_sum() {
     use candle_core::DType;
     // f32 values as bf16 / f16 bits and back (nearest even), by type.
-    let to_bits = |dtype: DType, v: &[f32]| -> Buf {
-        match dtype {
-            DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-            _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-        }
-    };
+    let to_bits = half_buf;
     let to_f32 = |b: &Buf| -> Vec<f32> {
         match b {
             Buf::Bf16(v) => v.iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect(),
@@ -565,12 +576,7 @@ fn half_precision_adamw_kernels_match_the_reference_bit_for_bit() {
     let n = 5_003;
     for dtype in [DType::BF16, DType::F16] {
         let round = common::round_to(dtype);
-        let bits = |v: &[f32]| -> Buf {
-            match dtype {
-                DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-            }
-        };
+        let bits = |v: &[f32]| half_buf(dtype, v);
         let on_cpu = |v: &[f32]| Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         for decay in [None, Some(1.0 - 1e-3 * 0.01)] {
             let mut theta: Vec<f32> = normal(n, 621, 0.5, 0.0).into_iter().map(&round).collect();
@@ -616,16 +622,8 @@ fn gather_taps_is_index_select_bit_for_bit() {
         assert_eq!(got[0], x, "the input is untouched");
         assert!(got[1].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "gather {:?} in f32", (n, lp, t, kc, cg, stride, k0));
         for dtype in [DType::BF16, DType::F16] {
-            let bits = |v: &[f32]| -> Buf {
-                match dtype {
-                    DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                    _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-                }
-            };
-            let out = match dtype {
-                DType::BF16 => Buf::Bf16(vec![0xffff; n * t * kc * cg]),
-                _ => Buf::F16(vec![0xffff; n * t * kc * cg]),
-            };
+            let bits = |v: &[f32]| half_buf(dtype, v);
+            let out = half_empty(dtype, n * t * kc * cg);
             let got = run_bufs(&kernels::gather_taps(n, lp, t, kc, cg, stride, k0, dtype), &[bits(&x), out]);
             assert_eq!(got[1], bits(&want), "gather {:?} in {dtype:?}", (n, lp, t, kc, cg, stride, k0));
         }
@@ -639,18 +637,10 @@ fn gather_taps_is_index_select_bit_for_bit() {
 #[test]
 fn half_type_row_and_gelu_kernels_are_the_f32_kernels_rounded() {
     for dtype in [DType::BF16, DType::F16] {
-        let bits = |v: &[f32]| -> Buf {
-            match dtype {
-                DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-            }
-        };
+        let bits = |v: &[f32]| half_buf(dtype, v);
         let round = common::round_to(dtype);
         let of = |v: Vec<f32>| v.into_iter().map(&round).collect::<Vec<f32>>();
-        let empty = |n: usize| match dtype {
-            DType::BF16 => Buf::Bf16(vec![0xffff; n]),
-            _ => Buf::F16(vec![0xffff; n]),
-        };
+        let empty = |n: usize| half_empty(dtype, n);
         for &(rows, d) in &[(3usize, 7usize), (5, 300), (2, 768)] {
             let what = format!("[{rows}, {d}] in {dtype:?}");
             let n = rows * d;
@@ -696,18 +686,10 @@ fn half_type_norm_kernels_are_the_f32_kernels_rounded() {
     assert_eq!((kernels::tail_offset(21, DType::BF16), kernels::tail_offset(21, DType::F32), kernels::tail_offset(22, DType::F16)), (22, 21, 22));
     assert_eq!((kernels::packed_len(21, 10, DType::F16), kernels::packed_len(21, 10, DType::F32)), (42, 31));
     for dtype in [DType::BF16, DType::F16] {
-        let bits = |v: &[f32]| -> Buf {
-            match dtype {
-                DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-            }
-        };
+        let bits = |v: &[f32]| half_buf(dtype, v);
         let round = common::round_to(dtype);
         let of = |v: Vec<f32>| v.into_iter().map(&round).collect::<Vec<f32>>();
-        let empty = |n: usize| match dtype {
-            DType::BF16 => Buf::Bf16(vec![0xffff; n]),
-            _ => Buf::F16(vec![0xffff; n]),
-        };
+        let empty = |n: usize| half_empty(dtype, n);
         // A half-type backward's output: its first n values (as bits) and its f32 sums.
         let split = |out: &Buf, n: usize, sums: usize| -> (Buf, Vec<f32>) {
             let (Buf::Bf16(v) | Buf::F16(v)) = out else { panic!("an f32 buffer from a {dtype:?} kernel") };
@@ -835,12 +817,7 @@ fn attention_softmax_over_padded_keys_matches_f64() {
             assert!((0..rows).all(|r| p[r * ld + d..(r + 1) * ld].iter().all(|&v| v.to_bits() == 0)), "{what}: the padding is +0");
             for dtype in [DType::BF16, DType::F16] {
                 let round = common::round_to(dtype);
-                let bits = |v: &[f32]| -> Buf {
-                    match dtype {
-                        DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                        _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-                    }
-                };
+                let bits = |v: &[f32]| half_buf(dtype, v);
                 // Representable inputs (f16 holds -1e4), the f32 kernel on the same values.
                 let sh: Vec<f32> = s.iter().map(|&v| round(v)).collect();
                 let kh: Vec<f32> = kb.iter().map(|&v| round(v)).collect();
@@ -886,12 +863,7 @@ fn col2im_is_the_phase_sum_bit_for_bit() {
         assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
         for dtype in [DType::BF16, DType::F16] {
             let round = common::round_to(dtype);
-            let bits = |v: &[f32]| -> Buf {
-                match dtype {
-                    DType::BF16 => Buf::Bf16(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                    _ => Buf::F16(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-                }
-            };
+            let bits = |v: &[f32]| half_buf(dtype, v);
             let dh: Vec<f32> = dcols.iter().map(|&v| round(v)).collect();
             let g32 = run(&kernels::col2im(n, l, t, k, c, s, p, DType::F32), &[dh.clone(), vec![f32::NAN; n * l * c]])[1].clone();
             let gh = run_bufs(&kernels::col2im(n, l, t, k, c, s, p, dtype), &[bits(&dh), bits(&vec![f32::NAN; n * l * c])])[1].clone();
@@ -929,17 +901,9 @@ fn copy_rows_is_candles_contiguous_copy() {
         let plan = kernels::copy_rows(dims[r], &dims[..r], &strides[..r], DType::F32);
         let got = run(&plan, &[data[start..].to_vec(), vec![f32::NAN; want.len()]])[1].clone();
         assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
-        for (dtype, bits) in [(DType::BF16, Buf::Bf16(data[start..].iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())), (DType::F16, Buf::F16(data[start..].iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()))] {
-            let want_h = match dtype {
-                DType::BF16 => Buf::Bf16(want.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
-                _ => Buf::F16(want.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-            };
-            let empty = match dtype {
-                DType::BF16 => Buf::Bf16(vec![0xffff; want.len()]),
-                _ => Buf::F16(vec![0xffff; want.len()]),
-            };
-            let got = run_bufs(&kernels::copy_rows(dims[r], &dims[..r], &strides[..r], dtype), &[bits, empty])[1].clone();
-            assert_eq!(got, want_h, "{what} in {dtype:?}");
+        for dtype in [DType::BF16, DType::F16] {
+            let got = run_bufs(&kernels::copy_rows(dims[r], &dims[..r], &strides[..r], dtype), &[half_buf(dtype, &data[start..]), half_empty(dtype, want.len())])[1].clone();
+            assert_eq!(got, half_buf(dtype, &want), "{what} in {dtype:?}");
         }
     }
 }
