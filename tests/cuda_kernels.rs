@@ -376,7 +376,7 @@ fn layer_norm_forward_and_backward_match_the_f64_composite() {
 /// and without the fused GELU, backward (dx, and dw / db through the per-clip sums and
 /// kl_colsum), against the f64 composite (`ops::group_norm_cl_composite`) and its autograd.
 /// Shapes: channels not a multiple of the 32-channel tile (idle threads), frames not a multiple
-/// of the 8 time lanes, one frame (x̂ = 0), clips whose mean is 1000 and 10^7 times their
+/// of the 32 time lanes, one frame (x̂ = 0), clips whose mean is 1000 and 10^7 times their
 /// spread (one-pass sums need the shift; the mean rounded to f32 would be off by the spread).
 #[test]
 fn channels_last_group_norm_forward_and_backward_match_the_f64_composite() {

@@ -188,15 +188,16 @@ pub fn layer_norm_bwd(rows: usize, d: usize, eps: f64, dtype: DType) -> Launch {
     chunked_plan(typed("kl_layer_norm_bwd", "kl_layer_norm_bwd_bf16", "kl_layer_norm_bwd_f16", dtype), rows, d, 4, &[Arg::F32(eps as f32)])
 }
 
-/// Channels per block of the channels-last GroupNorm kernels (threads: 8 time lanes of these).
+/// Channels per block of the channels-last GroupNorm kernels (threads: 32 time lanes of these,
+/// `KL_GN_LANES` in the kernels).
 const GROUP_NORM_TILE: usize = 32;
 
-/// A channels-last GroupNorm plan: one block of 256 threads per (clip, tile of 32 channels).
+/// A channels-last GroupNorm plan: one block of 1024 threads per (clip, tile of 32 channels).
 fn group_norm_plan(name: &'static str, b: usize, t: usize, c: usize, buffers: usize, extra: &[Arg]) -> Launch {
     let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
     args.extend([Arg::I32(i32_of(b)), Arg::I32(i32_of(t)), Arg::I32(i32_of(c))]);
     args.extend_from_slice(extra);
-    Launch { name, grid: u32::try_from(b * c.div_ceil(GROUP_NORM_TILE)).expect("klspeech kernels: grid over 2^32"), block: 256, args }
+    Launch { name, grid: u32::try_from(b * c.div_ceil(GROUP_NORM_TILE)).expect("klspeech kernels: grid over 2^32"), block: 1024, args }
 }
 
 /// Per-channel GroupNorm over the frames of channels-last x [b, t, c], then the exact GELU when
