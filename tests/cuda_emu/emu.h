@@ -24,6 +24,7 @@ inline dim3 gridDim;
 inline std::barrier<>* emu_block_barrier = nullptr;
 
 #define __global__
+#define __launch_bounds__(threads)
 #define __device__
 #define __shared__ static
 

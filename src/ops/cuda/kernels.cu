@@ -447,6 +447,9 @@ extern "C" __global__ void kl_layer_norm_bwd_f16(const __half* x, const __half* 
 // kernels use at most 40 registers a thread, so 1024-thread blocks launch.)
 #define KL_GN_CH 32
 #define KL_GN_LANES 32
+// Each GroupNorm kernel's launch bound: the compiler (and the driver's JIT from this PTX) then
+// keeps a block of this many threads within an SM's 64 K registers.
+#define KL_GN_THREADS (KL_GN_CH * KL_GN_LANES)
 
 // The sums of (a, b) over the KL_GN_LANES time lanes of this thread's channel; every thread gets them.
 __device__ void gn_lane_sum2(double* a, double* b) {
@@ -512,13 +515,13 @@ __device__ void group_norm_cl_fwd(const T* x, const T* w, const T* b, T* y, int 
     }
 }
 
-extern "C" __global__ void kl_group_norm_cl_fwd(const float* x, const float* w, const float* b, float* y, int nb, int t, int c, float eps, int gelu) {
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd(const float* x, const float* w, const float* b, float* y, int nb, int t, int c, float eps, int gelu) {
     group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
 }
-extern "C" __global__ void kl_group_norm_cl_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, __nv_bfloat16* y, int nb, int t, int c, float eps, int gelu) {
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, __nv_bfloat16* y, int nb, int t, int c, float eps, int gelu) {
     group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
 }
-extern "C" __global__ void kl_group_norm_cl_fwd_f16(const __half* x, const __half* w, const __half* b, __half* y, int nb, int t, int c, float eps, int gelu) {
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd_f16(const __half* x, const __half* w, const __half* b, __half* y, int nb, int t, int c, float eps, int gelu) {
     group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
 }
 
@@ -595,13 +598,13 @@ __device__ void group_norm_cl_bwd(const T* x, const T* w, const T* g, T* out, in
     }
 }
 
-extern "C" __global__ void kl_group_norm_cl_bwd(const float* x, const float* w, const float* g, float* out, int nb, int t, int c, float eps) {
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_bwd(const float* x, const float* w, const float* g, float* out, int nb, int t, int c, float eps) {
     group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
 }
-extern "C" __global__ void kl_group_norm_cl_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g, __nv_bfloat16* out, int nb, int t, int c, float eps) {
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g, __nv_bfloat16* out, int nb, int t, int c, float eps) {
     group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
 }
-extern "C" __global__ void kl_group_norm_cl_bwd_f16(const __half* x, const __half* w, const __half* g, __half* out, int nb, int t, int c, float eps) {
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_bwd_f16(const __half* x, const __half* w, const __half* g, __half* out, int nb, int t, int c, float eps) {
     group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
 }
 
