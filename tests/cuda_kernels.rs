@@ -262,6 +262,21 @@ fn launch_plans_cover_their_shapes() {
     assert_eq!((g.grid, g.block), (274, 256));
 }
 
+/// A KL-Norm site's packed parameters [w; b; a; c] (+ [m_p; s_raw] when `learned`), each of d
+/// (seeds `seed + 1` on): w near 1, b small, a and c so that sigma spans softplus' bend, a
+/// prior not N(0, 1).
+fn klnorm_params(d: usize, seed: u64, learned: bool) -> Vec<f32> {
+    let mut p = normal(d, seed + 1, 0.2, 1.0);
+    p.extend(normal(d, seed + 2, 0.1, 0.0));
+    p.extend(normal(d, seed + 3, 0.5, 0.0));
+    p.extend(normal(d, seed + 4, 1.0, -1.0));
+    if learned {
+        p.extend(normal(d, seed + 5, 0.3, 0.0));
+        p.extend(normal(d, seed + 6, 0.5, 0.5));
+    }
+    p
+}
+
 /// The KL-Norm site's forward (y and the KL per row) and backward (the gradient of x̂ and of
 /// every parameter, through the per-block column sums and kl_colsum), with the standard and the
 /// learned prior, against the f64 composite of `model::norm` (the same formulas as
@@ -274,15 +289,7 @@ fn kl_norm_site_forward_and_backward_match_the_f64_composite() {
         let np = if learned { 6 } else { 4 };
         let seed = 100 + 10 * case as u64;
         let xh = normal(rows * d, seed, 1.0, 0.0);
-        // w near 1, b small, a and c so that sigma spans softplus' bend, a prior not N(0, 1).
-        let mut p = normal(d, seed + 1, 0.2, 1.0);
-        p.extend(normal(d, seed + 2, 0.1, 0.0));
-        p.extend(normal(d, seed + 3, 0.5, 0.0));
-        p.extend(normal(d, seed + 4, 1.0, -1.0));
-        if learned {
-            p.extend(normal(d, seed + 5, 0.3, 0.0));
-            p.extend(normal(d, seed + 6, 0.5, 0.5));
-        }
+        let p = klnorm_params(d, seed, learned);
         let noise = normal(rows * d, seed + 7, 1.0, 0.0);
         let gy = normal(rows * d, seed + 8, 1.0, 0.0);
         let gk = normal(rows, seed + 9, 1.0, 0.0);
@@ -735,15 +742,7 @@ fn half_type_norm_kernels_are_the_f32_kernels_rounded() {
             let (n, np) = (rows * d, if learned { 6 } else { 4 });
             let seed = 1700 + d as u64 + learned as u64;
             let xh = of(normal(n, seed, 1.0, 0.0));
-            let mut p = normal(d, seed + 1, 0.2, 1.0);
-            p.extend(normal(d, seed + 2, 0.1, 0.0));
-            p.extend(normal(d, seed + 3, 0.5, 0.0));
-            p.extend(normal(d, seed + 4, 1.0, -1.0));
-            if learned {
-                p.extend(normal(d, seed + 5, 0.3, 0.0));
-                p.extend(normal(d, seed + 6, 0.5, 0.5));
-            }
-            let p = of(p);
+            let p = of(klnorm_params(d, seed, learned));
             let noise = of(normal(n, seed + 7, 1.0, 0.0));
             let mut g = of(normal(n, seed + 8, 1.0, 0.0));
             g.extend(of(normal(rows, seed + 9, 1.0, 0.0)));
