@@ -322,6 +322,15 @@ pub fn adam_apply(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
     elementwise(name, n, 2, &[decay.as_slice(), rest.as_slice()].concat())
 }
 
+/// Both AdamW steps in one pass ([`adam_moments`] then [`adam_apply`], the same bits): buffers
+/// [theta (n), mv (2n), g (n)] of `dtype`, theta and mv in place.
+pub fn adam_step(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
+    let moments = [Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)];
+    let decay = [Arg::I32(p.decay.is_some() as i32), Arg::F32(p.decay.unwrap_or(1.0) as f32)];
+    let rest = [Arg::F32((1.0 / p.bias_correction2_sqrt) as f32), Arg::F32(p.eps as f32), Arg::F32(p.step_size as f32)];
+    elementwise(typed("kl_adam_step", "kl_adam_step_bf16", "kl_adam_step_f16", dtype), n, 3, &[moments.as_slice(), decay.as_slice(), rest.as_slice()].concat())
+}
+
 static KERNELS: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_CUDA_KERNELS");
 
 /// Whether the device ops use these kernels on a GPU (default: yes, unless
@@ -1097,7 +1106,7 @@ pub(crate) fn contiguous_rows(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use gpu::launch_in_place;
+pub(crate) use gpu::{launch_in_place, launch_in_place_after, with_address_mut};
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -1114,20 +1123,47 @@ mod gpu {
     /// Runs `plan` on `target` in place (its first buffer, contiguous f32; bf16 or f16 for the
     /// kernels that take them) with `inputs` of the same type after it.
     pub(crate) fn launch_in_place(plan: &Launch, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
+        launch_in_place_after(plan, None, target, tl, inputs)
+    }
+
+    /// [`launch_in_place`] with a `lead` buffer before the target: the device address of
+    /// another in-place target of the same type, which the caller holds locked
+    /// ([`with_address_mut`]).
+    pub(crate) fn launch_in_place_after(plan: &Launch, lead: Option<u64>, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
         match target.dtype() {
-            DType::F32 => launch_in_place_as::<f32>(plan, target, tl, inputs),
-            DType::BF16 => launch_in_place_as::<half::bf16>(plan, target, tl, inputs),
-            DType::F16 => launch_in_place_as::<half::f16>(plan, target, tl, inputs),
+            DType::F32 => launch_in_place_as::<f32>(plan, lead, target, tl, inputs),
+            DType::BF16 => launch_in_place_as::<half::bf16>(plan, lead, target, tl, inputs),
+            DType::F16 => launch_in_place_as::<half::f16>(plan, lead, target, tl, inputs),
             other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
         }
     }
 
-    fn launch_in_place_as<T: CudaDType + DeviceRepr>(plan: &Launch, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
+    /// Runs `f` with the device address of `s`'s contiguous data (f32, bf16 or f16), `s` held
+    /// for writing meanwhile.
+    pub(crate) fn with_address_mut<R>(s: &mut CudaStorage, l: &Layout, f: impl FnOnce(u64) -> candle_core::Result<R>) -> candle_core::Result<R> {
+        fn of<T: CudaDType + DeviceRepr, R>(s: &mut CudaStorage, l: &Layout, f: impl FnOnce(u64) -> candle_core::Result<R>) -> candle_core::Result<R> {
+            let Some((a, _)) = l.contiguous_offsets() else { bail!("klspeech kernel: non-contiguous in-place target") };
+            let stream = s.device().cuda_stream();
+            let (p, guard) = s.as_cuda_slice_mut::<T>()?.device_ptr_mut(&stream);
+            let r = f(p + std::mem::size_of::<T>() as u64 * a as u64);
+            drop(guard);
+            r
+        }
+        match s.dtype() {
+            DType::F32 => of::<f32, R>(s, l, f),
+            DType::BF16 => of::<half::bf16, R>(s, l, f),
+            DType::F16 => of::<half::f16, R>(s, l, f),
+            other => bail!("klspeech kernel: no {other:?} version"),
+        }
+    }
+
+    fn launch_in_place_as<T: CudaDType + DeviceRepr>(plan: &Launch, lead: Option<u64>, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
         let Some((a, _)) = tl.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous in-place target", plan.name) };
         let size = std::mem::size_of::<T>() as u64;
         let dev = target.device().clone();
         let stream = dev.cuda_stream();
-        let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 1);
+        let mut ptrs: Vec<u64> = Vec::with_capacity(inputs.len() + 2);
+        ptrs.extend(lead);
         let t = target.as_cuda_slice_mut::<T>()?;
         let (p, tg) = t.device_ptr_mut(&stream);
         ptrs.push(p + size * a as u64);

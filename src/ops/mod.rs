@@ -1214,18 +1214,22 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
         // their half-type instances, f32 arithmetic on the stored values, each result rounded
         // once, the moments as stored feeding the update (candle's half-type composite was
         // about 15 passes).
-        mv.inplace_op2(&grad.contiguous()?, &AdamMoments(p))?;
-        theta.inplace_op2(mv, &AdamApply(p))?;
+        let g = grad.contiguous()?;
+        if theta.device().is_cuda() && distinct_storages(&[theta, mv, &g]) {
+            // One kernel for both steps (`kl_adam_step`, the same bits): a launch a parameter
+            // instead of two, the moments read once.
+            theta.inplace_op1(&AdamStep { mv, g: &g, p })?;
+        } else {
+            mv.inplace_op2(&g, &AdamMoments(p))?;
+            theta.inplace_op2(mv, &AdamApply(p))?;
+        }
         return Ok(true);
     }
     if !fused(theta) || grad.dtype() != theta.dtype() || mv.dtype() != theta.dtype() || !theta.is_contiguous() || !mv.is_contiguous() {
         return Ok(false);
     }
     let g = grad.contiguous()?;
-    // The address of a tensor's storage (the lock is released at once).
-    let storage = |t: &Tensor| &*t.storage_and_layout().0 as *const candle_core::Storage as usize;
-    let (st, sm, sg) = (storage(theta), storage(mv), storage(&g));
-    if st == sm || st == sg || sm == sg {
+    if !distinct_storages(&[theta, mv, &g]) {
         // Two passes (the chunked form needs three distinct buffers).
         mv.inplace_op2(&g, &AdamMoments(p))?;
         theta.inplace_op2(mv, &AdamApply(p))?;
@@ -1236,6 +1240,76 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
     // inside it, lending it the parameter's slice: each buffer is locked once.
     theta.inplace_op1(&AdamChunked { mv, g: &g, p })?;
     Ok(true)
+}
+
+/// Whether the tensors have storages of their own (an in-place op on one can lock another
+/// inside it without waiting on itself).
+fn distinct_storages(ts: &[&Tensor]) -> bool {
+    // The address of a tensor's storage (the lock is released at once).
+    let storage = |t: &Tensor| &*t.storage_and_layout().0 as *const candle_core::Storage as usize;
+    let s: Vec<usize> = ts.iter().map(|t| storage(t)).collect();
+    s.iter().enumerate().all(|(i, a)| !s[..i].contains(a))
+}
+
+/// Both AdamW steps as one kernel on a GPU (`ops::kernels::adam_step`): the parameter's
+/// in-place op runs the moments' in-place op inside it, lending it the parameter's device
+/// address, so each buffer is locked once.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AdamStep<'a> {
+    mv: &'a Tensor,
+    g: &'a Tensor,
+    p: AdamWScalars,
+}
+
+/// The moments' side of [`AdamStep`], with the parameter's device address.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AdamStepMoments {
+    theta: u64,
+    p: AdamWScalars,
+}
+
+impl candle_core::InplaceOp1 for AdamStep<'_> {
+    fn name(&self) -> &'static str {
+        "klspeech-adamw-step"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        bail!("klspeech-adamw-step: a CUDA kernel (the CPU runs the chunked update)")
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            if self.mv.elem_count() != 2 * l.shape().elem_count() || self.g.elem_count() != l.shape().elem_count() {
+                bail!("klspeech-adamw-step: {} moments and {} gradients for {} parameters", self.mv.elem_count(), self.g.elem_count(), l.shape().elem_count());
+            }
+            kernels::with_address_mut(s, l, |theta| self.mv.inplace_op2(self.g, &AdamStepMoments { theta, p: self.p }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            bail!("klspeech-adamw-step: built without CUDA")
+        }
+    }
+}
+
+impl candle_core::InplaceOp2 for AdamStepMoments {
+    fn name(&self) -> &'static str {
+        "klspeech-adamw-step-moments"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        bail!("klspeech-adamw-step: a CUDA kernel (the CPU runs the chunked update)")
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let plan = kernels::adam_step(l2.shape().elem_count(), &self.p, s1.dtype());
+            kernels::launch_in_place_after(&plan, Some(self.theta), s1, l1, &[(s2, l2)])
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            bail!("klspeech-adamw-step: built without CUDA")
+        }
+    }
 }
 
 /// The parameter's side of the chunked update (see [`adamw_in_place`]).

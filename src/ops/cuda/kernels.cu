@@ -828,3 +828,31 @@ extern "C" __global__ void kl_adam_apply_bf16(__nv_bfloat16* theta, const __nv_b
 extern "C" __global__ void kl_adam_apply_f16(__half* theta, const __half* mv, int n, int decay, float d, float inv_bc2, float eps, float step) {
     adam_apply(theta, mv, n, decay, d, inv_bc2, eps, step);
 }
+
+// Both of AdamW's steps in one pass (a launch a parameter instead of two, the moments read
+// once): kl_adam_moments' m and v, stored, then kl_adam_apply's update from the stored values,
+// the same float operations in the same order (bit for bit the two kernels in turn).
+template <typename T>
+__device__ void adam_step(T* theta, T* mv, const T* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float gi = kl_ld(g[i]), m = kl_ld(mv[i]), v = kl_ld(mv[(long long)n + i]);
+        T ms = kl_st<T>(__fadd_rn(__fadd_rn(__fmul_rn(__fsub_rn(gi, m), c1), 0.0f), m));
+        T vs = kl_st<T>(__fadd_rn(__fadd_rn(__fmul_rn(v, b2), 0.0f), __fadd_rn(__fmul_rn(__fmul_rn(gi, gi), c2), 0.0f)));
+        mv[i] = ms;
+        mv[(long long)n + i] = vs;
+        float th = kl_ld(theta[i]);
+        float t = decay ? __fadd_rn(__fmul_rn(th, d), 0.0f) : th;
+        float denom = __fadd_rn(__fmul_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(kl_ld(vs)), inv_bc2), 0.0f), 1.0f), eps);
+        theta[i] = kl_st<T>(__fsub_rn(t, __fadd_rn(__fmul_rn(__fdiv_rn(kl_ld(ms), denom), step), 0.0f)));
+    }
+}
+
+extern "C" __global__ void kl_adam_step(float* theta, float* mv, const float* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
+    adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
+}
+extern "C" __global__ void kl_adam_step_bf16(__nv_bfloat16* theta, __nv_bfloat16* mv, const __nv_bfloat16* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
+    adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
+}
+extern "C" __global__ void kl_adam_step_f16(__half* theta, __half* mv, const __half* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
+    adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
+}
