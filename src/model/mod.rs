@@ -212,9 +212,11 @@ impl ForwardCtx {
 
     /// Standard normal noise shaped like `x`, from the seeded generator.
     pub fn normal_like(&mut self, x: &Tensor) -> Result<Tensor> {
-        if crate::ops::kernels::apply(x) {
-            // f32 on a GPU: the same values, drawn there (no host draw and copy per site).
-            return Ok(crate::ops::kernels::keyed_normal_like(x, self.rng.next_u64())?);
+        if crate::ops::kernels::apply_any_float(x) {
+            // On a GPU: the same values, drawn there in f32 (no host draw and copy per site),
+            // bf16 / f16 rounded there from them as the host path rounds its f32 draw.
+            let n = crate::ops::kernels::keyed_normal_like(x, self.rng.next_u64())?;
+            return Ok(if x.dtype() == DType::F32 { n } else { n.to_dtype(x.dtype())? });
         }
         let v = self.rng.normal_vec(x.elem_count());
         Ok(Tensor::from_vec(v, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?)

@@ -922,8 +922,8 @@ impl candle_core::CustomOp1 for KeyedFill {
 }
 
 /// Standard normal f32 values shaped like `like`, on its GPU: `rng::keyed_normal_vec(key, n)`
-/// to the bit, generated on the device instead of on the host and copied ([`apply`] must hold
-/// for `like`).
+/// to the bit, generated on the device instead of on the host and copied
+/// ([`apply_any_float`] must hold for `like`; the values are f32 whatever its type).
 pub fn keyed_normal_like(like: &Tensor, key: u64) -> candle_core::Result<Tensor> {
     like.detach().apply_op1_no_bwd(&KeyedFill::Normal(key))
 }
