@@ -810,11 +810,6 @@ impl Storage {
         dst_offset: usize,
         src_l: &Layout,
     ) -> Result<()> {
-        if std::env::var_os("KL_TRACE_COPY").is_some() && !src_l.is_contiguous() {
-            let bt = std::backtrace::Backtrace::force_capture().to_string();
-            let frames: Vec<String> = bt.lines().filter(|l| l.contains("at ./src/") || l.contains("at /work/main/src/")).map(|l| l.trim().to_string()).collect();
-            eprintln!("KLCOPY {:?} {:?} | {}", src_l.shape().dims(), src_l.stride(), frames.join(" < "));
-        }
         match (self, dst) {
             (Self::Cpu(src), Self::Cpu(dst)) => src.copy_strided_src(dst, dst_offset, src_l),
             (Self::Cuda(src), Self::Cuda(dst)) => Ok(src.copy_strided_src(dst, dst_offset, src_l)?),
