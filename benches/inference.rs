@@ -70,15 +70,16 @@ use klspeech::model::{ForwardCtx, Head, HeadKind, KlSites, LoadOptions, SpeechMo
 use klspeech::rng::Rng;
 
 fn tiny() -> Wav2Vec2Config {
-    let mut c = Wav2Vec2Config::default();
-    c.hidden_size = 192;
-    c.num_hidden_layers = 4;
-    c.num_attention_heads = 4;
-    c.intermediate_size = 768;
-    c.conv_dim = vec![128; 7];
-    c.num_conv_pos_embeddings = 64;
-    c.num_conv_pos_embedding_groups = 16;
-    c
+    Wav2Vec2Config {
+        hidden_size: 192,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        intermediate_size: 768,
+        conv_dim: vec![128; 7],
+        num_conv_pos_embeddings: 64,
+        num_conv_pos_embedding_groups: 16,
+        ..Wav2Vec2Config::default()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -373,7 +374,11 @@ fn main() {
     println!("device: {device_name}; threads: {threads}; PyTorch: {}", py.as_deref().unwrap_or("not found (set KLSPEECH_PYTHON)"));
     if gpu {
         // Which convolutions the rows run (the device ones; the CPU has its own).
-        println!("convolutions off the CPU: column gemms {:?} (KLSPEECH_CONV_GEMM), cuDNN channels-last elsewhere where built", klspeech::ops::conv_gemm::mode());
+        println!(
+            "convolutions off the CPU: column gemms {:?} (KLSPEECH_CONV_GEMM), stride 1 on shared columns of {} taps (KLSPEECH_CONV_SHIFT; 0: per chunk), cuDNN channels-last elsewhere where built",
+            klspeech::ops::conv_gemm::mode(),
+            klspeech::ops::conv_gemm::shift_taps()
+        );
         gpu_table(&dev, &wanted, threads, py.as_deref());
         return;
     }

@@ -16,7 +16,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// (file, container, codec prefix, rate, channels, bits, min duration, max duration)
-const GOOD: &[(&str, &str, &str, u32, usize, Option<u32>, f64, f64)] = &[
+type Good = (&'static str, &'static str, &'static str, u32, usize, Option<u32>, f64, f64);
+const GOOD: &[Good] = &[
     ("speech-8k-mono-u8.wav", "WAV", "pcm_u8", 8000, 1, Some(8), 1.1, 1.2),
     ("speech-16k-mono-s16.wav", "WAV", "pcm_s16le", 16000, 1, Some(16), 1.19, 1.21),
     ("speech-22k05-mono-s24.wav", "WAV", "pcm_s24le", 22050, 1, Some(24), 1.1, 1.2),

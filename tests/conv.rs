@@ -66,25 +66,35 @@ fn recompute_conv_values_and_gradients() {
 /// The same claims for the gathered-column gemm convolution (`ops::conv_gemm`, the GPU's
 /// `KLSPEECH_CONV_GEMM` path, run here on the CPU): whole batches, blocks of one clip (a budget
 /// below two clips' columns) and chunks of taps within a clip (a budget below one clip's: the
-/// partial gemms accumulate, and so do the weight gradient's blocks).
+/// partial gemms accumulate, and so do the weight gradient's blocks); stride-1 convolutions
+/// also on shared columns (`KLSPEECH_CONV_SHIFT`) of 2 and 3 taps a row (chunks of the columns
+/// as shifted views, a last chunk padded with zero taps when K is not a multiple) and of the
+/// default (one chunk here: K <= 16), and with shared columns off.
 #[test]
 fn gemm_conv_values_and_gradients() {
-    use klspeech::ops::conv_gemm::{with_budget, with_mode, Mode};
+    use klspeech::ops::conv_gemm::{with_budget, with_mode, with_shift_taps, Mode, SHIFT_TAPS};
     let dev = common::device();
     for case in CASES {
         let (stride, pad, _groups, k, l, _) = case;
         // Columns of one tap of one clip (f64, 4 input channels).
         let per_tap = ((l + 2 * pad - k) / stride + 1) * 4 * 8;
-        for budget in [usize::MAX, per_tap * k, 2 * per_tap] {
-            let calls = with_mode(Mode::All, || with_budget(budget, || {
-                let before = klspeech::ops::conv_gemm::calls();
-                recompute_case(&dev, case);
-                klspeech::ops::conv_gemm::calls().since(&before)
-            }));
-            // It ran the gemm path (forward, both gradients), in blocks and chunks as budgeted.
-            assert!(calls.forward > 0 && calls.weight_grad > 0 && calls.input_grad > 0, "{case:?}: {calls:?}");
-            if budget == 2 * per_tap {
-                assert!(calls.gemms > calls.forward + calls.weight_grad, "{case:?}, budget {budget}: no tap chunks ({calls:?})");
+        let shifts: &[usize] = if stride == 1 { &[0, 2, 3, SHIFT_TAPS] } else { &[SHIFT_TAPS] };
+        for &taps in shifts {
+            for budget in [usize::MAX, per_tap * k, 2 * per_tap] {
+                let calls = with_mode(Mode::All, || with_shift_taps(taps, || with_budget(budget, || {
+                    let before = klspeech::ops::conv_gemm::calls();
+                    recompute_case(&dev, case);
+                    klspeech::ops::conv_gemm::calls().since(&before)
+                })));
+                // It ran the gemm path (forward, both gradients), in blocks and chunks as budgeted.
+                assert!(calls.forward > 0 && calls.weight_grad > 0 && calls.input_grad > 0, "{case:?}: {calls:?}");
+                let chunked = k.div_ceil(taps.max(1)) > 1;
+                if budget == 2 * per_tap && (stride > 1 || taps == 0 || chunked) {
+                    assert!(calls.gemms > calls.forward + calls.weight_grad, "{case:?}, budget {budget}, shift {taps}: no tap chunks ({calls:?})");
+                }
+                // Shared columns for every stride-1 forward, input and weight gradient when on.
+                let want = if stride == 1 && taps > 0 { calls.forward + calls.weight_grad + calls.input_grad } else { 0 };
+                assert_eq!(calls.shifted, want, "{case:?}, shift {taps}: {calls:?}");
             }
         }
     }
@@ -97,23 +107,27 @@ fn gemm_conv_values_and_gradients() {
             with_mode(mode, || assert_eq!((applies(1, training), applies(2, training)), (s1, s2), "{mode:?}, training {training}"));
         }
     }
-    // `auto` (the default) as the H200 measured it: on CUDA the feature encoder's strided
-    // convolutions always, the positional conv only in training, none in f32 with TF32 on
-    // (half types are not TF32's concern); never off CUDA.
-    for (stride, training, dtype, tf32, on_cuda) in [
-        (2, false, DType::F32, false, true),
-        (5, true, DType::F32, false, true),
-        (1, false, DType::F32, false, false),
-        (1, true, DType::F32, false, true),
-        (2, false, DType::F32, true, false),
-        (1, true, DType::F32, true, false),
-        (2, false, DType::BF16, true, true),
-        (1, false, DType::F16, false, false),
-        (1, true, DType::BF16, true, true),
+    // `auto` (the default): on CUDA the feature encoder's strided convolutions unless f32 runs
+    // with TF32 on, the positional conv always on shared columns, and with those off
+    // (`KLSPEECH_CONV_SHIFT=off`) as the H200 measured the per-chunk columns: only in training,
+    // not in f32 with TF32 on (half types are not TF32's concern); never off CUDA.
+    for (stride, training, dtype, tf32, shifted, on_cuda) in [
+        (2, false, DType::F32, false, true, true),
+        (5, true, DType::F32, false, false, true),
+        (2, false, DType::F32, true, true, false),
+        (2, false, DType::BF16, true, true, true),
+        (1, false, DType::F32, false, true, true),
+        (1, false, DType::F32, true, true, true),
+        (1, false, DType::F16, false, true, true),
+        (1, false, DType::F32, false, false, false),
+        (1, true, DType::F32, false, false, true),
+        (1, true, DType::F32, true, false, false),
+        (1, false, DType::F16, false, false, false),
+        (1, true, DType::BF16, true, false, true),
     ] {
-        let case = format!("stride {stride}, training {training}, {dtype:?}, TF32 {tf32}");
-        assert_eq!(Mode::Auto.covers(stride, training, dtype, true, tf32), on_cuda, "auto on CUDA: {case}");
-        assert!(!Mode::Auto.covers(stride, training, dtype, false, tf32), "auto off CUDA: {case}");
+        let case = format!("stride {stride}, training {training}, {dtype:?}, TF32 {tf32}, shared columns {shifted}");
+        assert_eq!(Mode::Auto.covers(stride, training, dtype, true, tf32, shifted), on_cuda, "auto on CUDA: {case}");
+        assert!(!Mode::Auto.covers(stride, training, dtype, false, tf32, shifted), "auto off CUDA: {case}");
     }
     with_mode(Mode::Auto, || assert_eq!(applies(2, false), dev.is_cuda(), "auto on {dev:?}"));
     assert_eq!(Mode::parse(""), Some(Mode::Auto));

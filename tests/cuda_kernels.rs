@@ -613,12 +613,13 @@ fn half_precision_adamw_kernels_match_the_reference_bit_for_bit() {
 /// The convolution columns' gather kernel (`ops::conv_gemm` on a GPU) copies, bit for bit, what
 /// `index_select` along time gives on the CPU with the frame indices `(j / kc) stride + k0 +
 /// j % kc`, in f32, bf16 and f16: channel widths under and over a warp, strides 1-5, chunks that
-/// start past tap 0, frames up to the clip's end, and more rows than one launch's warps (the
-/// grid-stride loop).
+/// start past tap 0, frames up to the clip's end, more rows than one launch's warps (the
+/// grid-stride loop), and the shared columns of a stride-1 convolution (16 taps of 48
+/// channels at stride 1 over a whole group's sequence).
 #[test]
 fn gather_taps_is_index_select_bit_for_bit() {
     // (n, lp, t, kc, cg, stride, k0)
-    for &(n, lp, t, kc, cg, stride, k0) in &[(2usize, 20usize, 9usize, 3usize, 5usize, 2usize, 0usize), (3, 40, 6, 2, 48, 5, 3), (1, 130, 3, 128, 7, 1, 0), (2, 33, 4, 2, 33, 4, 19), (3, 12_004, 4_000, 3, 3, 3, 2)] {
+    for &(n, lp, t, kc, cg, stride, k0) in &[(2usize, 20usize, 9usize, 3usize, 5usize, 2usize, 0usize), (3, 40, 6, 2, 48, 5, 3), (1, 130, 3, 128, 7, 1, 0), (2, 33, 4, 2, 33, 4, 19), (3, 12_004, 4_000, 3, 3, 3, 2), (2, 120, 105, 16, 48, 1, 0)] {
         let plan = kernels::gather_taps(n, lp, t, kc, cg, stride, k0, DType::F32);
         assert!((t - 1) * stride + k0 + kc <= lp);
         let x = normal(n * lp * cg, 1400 + lp as u64, 1.0, 0.0);

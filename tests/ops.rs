@@ -79,6 +79,23 @@ fn gelu_matches_the_composite() {
     }
 }
 
+/// The GELU without a gradient in bf16 and f16 on the test device (on a GPU klspeech's
+/// half-type kernel, also in inference): within one rounding of the type of the f64 GELU of the
+/// same values.
+#[test]
+fn half_type_gelu_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (dtype, tol) in [(DType::BF16, 4e-3), (DType::F16, 5e-4)] {
+        let x = (rand(&[3, 77, 131], 5, DType::F64) * 3.0).unwrap().to_dtype(dtype).unwrap();
+        let y = ops::gelu_erf(&x.to_device(&dev).unwrap()).unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let want = ops::gelu_erf(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        let e = rel(&y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap(), &want);
+        println!("gelu in {dtype:?} on {dev:?}: {e:e}");
+        assert!(e <= tol, "gelu in {dtype:?} on {dev:?}: rel. error {e:e}");
+    }
+}
+
 #[test]
 fn gelu_f32_is_accurate_in_both_tails() {
     // Against the f64 GELU: |error| <= 2e-7 max(1, |x|) everywhere, and relative error under
@@ -126,7 +143,7 @@ fn standardize_and_layer_norm_match_the_composite() {
                 let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
                 xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap()
             };
-            compare("standardize", &[x.clone()], |t| ops::standardize_last(&t[0], 1e-5).unwrap(), |t| composite_std(&t[0]));
+            compare("standardize", std::slice::from_ref(&x), |t| ops::standardize_last(&t[0], 1e-5).unwrap(), |t| composite_std(&t[0]));
             compare(
                 "layer_norm",
                 &[x, w, b],
@@ -156,7 +173,7 @@ fn device_ops_match_f64_composites() {
         for offset in [0.7, 1000.0] {
             let x = ((rand(s, 40 + i as u64, DType::F32) * 2.5).unwrap() + offset).unwrap();
             let tol = if offset > 1.0 { 1e-4 } else { 2e-5 };
-            compare_within("device standardize", &[x.clone()], tol, |t| ops::device::standardize_last_device(&t[0], 1e-5).unwrap(), |t| f64_standardize(&t[0]));
+            compare_within("device standardize", std::slice::from_ref(&x), tol, |t| ops::device::standardize_last_device(&t[0], 1e-5).unwrap(), |t| f64_standardize(&t[0]));
         }
         let x = (rand(s, 50 + i as u64, DType::F32) * 4.0).unwrap();
         compare_within("device softmax", &[x], 2e-5, |t| ops::device::softmax_last_device(&t[0]).unwrap(), |t| f64_softmax(&t[0]));
@@ -1236,17 +1253,23 @@ fn channels_last_convolutions_on_the_test_device_match_f64() {
         (2, 400, 1, 16, 10, 5, 0, 1, None),
         (3, 101, 24, 20, 3, 2, 0, 1, None),
         (2, 64, 16, 16, 2, 2, 0, 1, None),
+        // the positional conv's shape, smaller: two chunks of shared columns by default
+        (2, 45, 32, 32, 32, 1, 16, 4, Some(45)),
     ];
     // cuDNN's heuristic choice of algorithm, then each geometry's fastest by timing
     // (`ops::cudnn::set_benchmark`, PyTorch's cudnn.benchmark; no effect off cuDNN), then the
-    // gathered-column gemms (`ops::conv_gemm`, `KLSPEECH_CONV_GEMM=all`) on any device.
-    use ops::conv_gemm::{with_mode, Mode};
-    for (timed, gemm) in [(false, false), (true, false), (false, true)] {
+    // gathered-column gemms (`ops::conv_gemm`, `KLSPEECH_CONV_GEMM=all`) on any device, stride-1
+    // ones on shared columns of the default taps a row, of 5 (chunks and a last one padded with
+    // zero taps) and on per-chunk columns (`KLSPEECH_CONV_SHIFT=off`: then every gemm run is).
+    use ops::conv_gemm::{with_mode, with_shift_taps, Mode, SHIFT_TAPS};
+    let shift_on = ops::conv_gemm::shift_taps() > 0;
+    for (timed, gemm, taps) in [(false, false, 0), (true, false, 0), (false, true, SHIFT_TAPS), (false, true, 5), (false, true, 0)] {
         ops::cudnn::set_benchmark(timed);
-        with_mode(if gemm { Mode::All } else { Mode::Off }, || for (case, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
+        let taps = if shift_on { taps } else { 0 };
+        with_mode(if gemm { Mode::All } else { Mode::Off }, || with_shift_taps(taps, || for (case, &(b, l, ci, co, k, s, p, g, max_t)) in cases.iter().enumerate() {
             let what = format!(
                 "conv [{b}, {l}, {ci}] -> {co}, K {k}, stride {s}, padding {p}, {g} groups, max_t {max_t:?} on {dev:?}{}",
-                if timed { ", timed algorithms" } else if gemm { ", column gemms" } else { "" }
+                if timed { ", timed algorithms".to_string() } else if gemm { format!(", column gemms, shared columns of {taps} taps") } else { String::new() }
             );
             let gemm_calls = ops::conv_gemm::calls();
             let seed = 900 + 10 * case as u64;
@@ -1306,10 +1329,13 @@ fn channels_last_convolutions_on_the_test_device_match_f64() {
             let ran = ops::conv_gemm::calls().since(&gemm_calls);
             if gemm {
                 assert!(ran.forward >= 2 + 2 && ran.weight_grad >= 2 && ran.input_grad >= 2, "{what}: {ran:?}");
+                // Stride 1: every forward, input and weight gradient on shared columns if on.
+                let shifted = if s == 1 && taps > 0 { ran.forward + ran.input_grad + ran.weight_grad } else { 0 };
+                assert_eq!(ran.shifted, shifted, "{what}: {ran:?}");
             } else {
                 assert_eq!(ran, ops::conv_gemm::Calls::default(), "{what}");
             }
-        });
+        }));
     }
     ops::cudnn::set_benchmark(false);
     // Where cuDNN applies it took every call (a refused pass falls back, right but slower).

@@ -3,15 +3,19 @@
 # (built here by tools/cuda_build.sh; the GPU machines have no Rust toolchain):
 #   - parity, gradient, KL-Norm, optimizer, loss, convolution and op tests with KLSPEECH_TEST_DEVICE=cuda
 #     (tests/ops.rs: klspeech's CUDA kernels against f64 composites);
-#     the ops suite runs first: if it fails with klspeech's CUDA kernels and passes without, the
-#     rest runs without them (KLSPEECH_NO_CUDA_KERNELS=1), said in the log with "!!";
+#     the ops suite runs first: a failing suite is rerun with each kernel built since the last
+#     GPU run switched off in turn (KLSPEECH_NO_KERNEL=gather_taps|col2im|copy_rows|adam_step,
+#     then all four), and the first setting that passes holds for the rest; if none does and
+#     the ops suite passes without klspeech's CUDA kernels, the rest runs without them
+#     (KLSPEECH_NO_CUDA_KERNELS=1); each said in the log with "!!";
 #   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side),
 #     and, last, the keyword_spotting example on CUDA (its figures and wall time against the README's);
 #   - benches/inference rows on the GPU beside PyTorch + transformers (python3 with torch), with
 #     peak GPU memory on both sides; training rows again without klspeech's CUDA kernels and
 #     bf16 training without its half-type kernels (before/after in one binary);
-#   - the bench rows without the attention's key padding (KLSPEECH_NO_KEY_PAD=1), and a
-#     per-stage split;
+#   - the bench rows without the attention's key padding (KLSPEECH_NO_KEY_PAD=1), without the
+#     stride-1 convolutions' shared columns (KLSPEECH_CONV_SHIFT=off; their test failing sets it
+#     for everything, "!!" in the log), and a per-stage split;
 #     cuDNN's channels-last convolutions are tested first too (KLSPEECH_NO_CUDNN_NHWC=1 after
 #     a failure, "!!" in the log);
 #   - the bench rows again with each other choice of convolutions as gathered columns and gemms
@@ -88,12 +92,46 @@ fi
 # cuDNN's channels-last (NHWC) grouped convolutions (src/ops/cudnn.rs) likewise: if their
 # values are wrong, everything after runs with candle's convolutions (KLSPEECH_NO_CUDNN_NHWC=1);
 # if cuDNN only refused a pass, each process falls back for that pass by itself (a warning).
+# kernel_fallback NAME CMD...: after CMD failed, reruns it with each of the klspeech kernels
+# built since the last GPU run switched off in turn (KLSPEECH_NO_KERNEL, src/ops/kernels.rs:
+# SWITCHABLE), then all of them; the first setting that passes holds for everything after
+# ("!!" in the log). Returns 1 if none does.
+kernel_fallback() {
+  local name=$1; shift
+  local k off
+  for k in gather_taps col2im copy_rows adam_step gather_taps,col2im,copy_rows,adam_step; do
+    off=${KLSPEECH_NO_KERNEL:+$KLSPEECH_NO_KERNEL,}$k
+    KLSPEECH_NO_KERNEL=$off T=120 t "$name with KLSPEECH_NO_KERNEL=$off" "$@"
+    if [ "$RC" = 0 ]; then
+      export KLSPEECH_NO_KERNEL=$off
+      echo "!! $name failed with klspeech's kernel(s) $k and passed without: everything below runs with KLSPEECH_NO_KERNEL=$off"
+      return 0
+    fi
+  done
+  return 1
+}
 echo "== cuDNN channels-last convolutions on cuda"
-timeout 240 $D/ops-* channels_last_convolutions --nocapture > /tmp/nhwc.log 2>&1; RC=$?
-grep -vE "^test .* \.\.\. ok$" /tmp/nhwc.log | tail -30; echo "(exit $RC)"
+conv_test() {
+  timeout 240 $D/ops-* channels_last_convolutions --nocapture > /tmp/nhwc.log 2>&1; RC=$?
+  grep -vE "^test .* \.\.\. ok$" /tmp/nhwc.log | tail -"${1:-30}"; echo "(exit $RC)"
+}
+conv_test
+if [ "$RC" != 0 ]; then
+  # Perhaps the stride-1 convolutions on shared columns (src/ops/conv_gemm.rs, new since the
+  # last GPU run): the test again without them.
+  echo "== cuDNN channels-last convolutions on cuda without shared columns (KLSPEECH_CONV_SHIFT=off)"
+  KLSPEECH_CONV_SHIFT=off conv_test 8
+  if [ "$RC" = 0 ]; then
+    export KLSPEECH_CONV_SHIFT=off
+    echo "!! stride-1 convolutions on shared columns failed their test (and passed without): everything below runs with KLSPEECH_CONV_SHIFT=off"
+  fi
+fi
 if [ "$RC" != 0 ] && ! grep -q "cuDNN refused" /tmp/nhwc.log; then
-  export KLSPEECH_NO_CUDNN_NHWC=1
-  echo "!! cuDNN's channels-last convolutions failed their test: everything below runs with KLSPEECH_NO_CUDNN_NHWC=1 (if the failing pass is the column gemms', suspect kl_gather_taps or kl_col2im: rerun with KLSPEECH_NO_CUDA_KERNELS=1)"
+  # The column gemms' kernels (kl_gather_taps, kl_col2im, kl_copy_rows) one by one, then cuDNN.
+  if ! kernel_fallback "cuDNN channels-last convolutions" $D/ops-* channels_last_convolutions --nocapture; then
+    export KLSPEECH_NO_CUDNN_NHWC=1
+    echo "!! cuDNN's channels-last convolutions failed their test: everything below runs with KLSPEECH_NO_CUDNN_NHWC=1"
+  fi
 elif [ "$RC" != 0 ]; then
   echo "!! cuDNN refused some convolution passes: they fall back to candle's / klspeech's in every run below"
 fi
@@ -118,14 +156,17 @@ if [ "$RC" != 0 ]; then
 fi
 # (the convolution test above is skipped here: its outcome is settled)
 t "ops on cuda" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions
-if [ "$RC" != 0 ]; then
+if [ "$RC" != 0 ] && ! kernel_fallback "ops on cuda" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions; then
   KLSPEECH_NO_CUDA_KERNELS=1 t "ops on cuda without klspeech's CUDA kernels" $D/ops-* --nocapture --test-threads 1 --skip channels_last_convolutions
   if [ "$RC" = 0 ]; then
     export KLSPEECH_NO_CUDA_KERNELS=1
     echo "!! klspeech's CUDA kernels failed their tests: everything below runs with KLSPEECH_NO_CUDA_KERNELS=1"
   fi
 fi
-for name in parity gradients klnorm optim loss conv; do t "$name on cuda" $D/$name-* --nocapture --test-threads 1; done
+for name in parity gradients klnorm optim loss conv; do
+  t "$name on cuda" $D/$name-* --nocapture --test-threads 1
+  [ "$RC" != 0 ] && kernel_fallback "$name on cuda" $D/$name-* --nocapture --test-threads 1
+done
 TAIL=8 t "kws fine-tuning on cuda" $D/train-* keyword_spotting --nocapture
 KLSPEECH_TEST_DEVICE=cpu TAIL=8 t "kws fine-tuning on cpu" $D/train-* keyword_spotting --nocapture
 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=python3 T=300 t "benchmarks on cuda" $D/inference-*
@@ -138,6 +179,10 @@ KLSPEECH_NO_HALF_KERNELS=1 KLSPEECH_BENCH_ROWS=base-train-8x4-bf16 KLSPEECH_BENC
 # inference): before/after in one binary.
 KLSPEECH_NO_KEY_PAD=1 KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-bf16,base-train-8x4-f32,base-train-8x4-bf16,base-infer-16x10-f32-tf32 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "bench rows without key padding (KLSPEECH_NO_KEY_PAD=1)" $D/inference-*
+# The positional conv on per-chunk columns (and, by `auto`, on cuDNN in inference and in f32
+# with TF32, as before 2026-11-27's shared columns): before/after in one binary.
+KLSPEECH_CONV_SHIFT=off KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-f32-tf32,base-infer-16x10-bf16,base-train-8x4-f32,base-train-8x4-f32-tf32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+  t "bench rows without shared columns (KLSPEECH_CONV_SHIFT=off)" $D/inference-*
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 profile() {
   KLSPEECH_BENCH_CHILD=$1 KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \

@@ -25,12 +25,19 @@
 //! column gradient dy_g w_g [B, T, K, C_in] (one gemm) added back onto the input frames
 //! ([`col2im`]: on a GPU one kernel, elsewhere by stride phase, [`col2im_phases`]).
 //!
-//! Where it runs: unset (or `auto`), on a CUDA device, the choice the H200 run of 2026-11-27
-//! measured best against cuDNN's channels-last kernels (docs/PERFORMANCE.md): strided
-//! convolutions (the feature encoder) always, stride-1 ones (the positional conv) only when a
-//! gradient is taken (cuDNN's per-group input gradient was the slow part; its forward alone is
-//! faster than these gemms), and none in f32 with TF32 on (`--tf32`: cuDNN's tensor-core
-//! convolutions win). Elsewhere `auto` means never (the CPU keeps its fused kernels).
+//! Stride-1 convolutions (the positional conv) gather their columns once per block for all
+//! chunks of taps ([`Shift`], `KLSPEECH_CONV_SHIFT`): with the clips laid end to end, the
+//! columns of taps `j n .. (j + 1) n` are those of taps `0 .. n`, `j n` rows on, so `K / n`
+//! gemms read one matrix of n taps a row in place (n = [`SHIFT_TAPS`] = 16: 16 times the input
+//! instead of 128).
+//!
+//! Where it runs: unset (or `auto`), on a CUDA device, strided convolutions (the feature
+//! encoder) unless f32 runs with TF32 on (`--tf32`: cuDNN's tensor-core convolutions won on the
+//! H200 of 2026-11-27, docs/PERFORMANCE.md), and stride-1 ones always on shared columns
+//! (cuDNN's per-group kernels were 19.6 ms of an f32 inference batch of 16 x 10 s and ran f32
+//! FMA kernels in bf16; not yet timed on a GPU: `KLSPEECH_CONV_SHIFT=off` restores the choice
+//! that run measured for per-chunk columns, only when a gradient is taken and not in f32 with
+//! TF32). Elsewhere `auto` means never (the CPU keeps its fused kernels).
 //! `KLSPEECH_CONV_GEMM` = `all` (or `1`) for every convolution off the CPU's fused path, `pos`
 //! for stride-1 convolutions, `fe` for strided ones, `0` (or `off`) for none (cuDNN or
 //! candle's convolution). [`with_mode`] overrides it for one thread (the tests). Arithmetic is
@@ -66,8 +73,9 @@ fn default_budget() -> usize {
 /// Which convolutions run as gathered-column gemms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The default: on a CUDA device, strided convolutions, and stride-1 ones when a gradient
-    /// is taken, unless f32 runs with TF32 on; never on other devices ([`Mode::covers`]).
+    /// The default: on a CUDA device, strided convolutions unless f32 runs with TF32 on, and
+    /// stride-1 ones always on shared columns ([`shift_taps`]; with those off, only when a
+    /// gradient is taken and not in f32 with TF32 on); never on other devices ([`Mode::covers`]).
     Auto,
     /// None (cuDNN's or candle's convolutions).
     Off,
@@ -95,10 +103,11 @@ impl Mode {
 
     /// Whether a convolution of `stride` runs as gemms in this mode: on a CUDA device
     /// (`cuda`) or not, in `dtype`, with TF32 on for f32 or not, taking a gradient (`training`)
-    /// or not.
-    pub fn covers(self, stride: usize, training: bool, dtype: DType, cuda: bool, tf32: bool) -> bool {
+    /// or not, with stride-1 convolutions on shared columns (`shifted`, [`shift_taps`]) or not.
+    pub fn covers(self, stride: usize, training: bool, dtype: DType, cuda: bool, tf32: bool, shifted: bool) -> bool {
+        let tf32_f32 = tf32 && dtype == DType::F32;
         match self {
-            Mode::Auto => cuda && !(tf32 && dtype == DType::F32) && (stride > 1 || training),
+            Mode::Auto => cuda && if stride > 1 { !tf32_f32 } else { shifted || (training && !tf32_f32) },
             Mode::Off => false,
             Mode::All => true,
             Mode::Stride1 => stride == 1,
@@ -120,7 +129,9 @@ thread_local! {
     static OVERRIDE: Cell<Option<Mode>> = const { Cell::new(None) };
     /// 0: the default ([`default_budget`]).
     static BUDGET: Cell<usize> = const { Cell::new(0) };
-    static CALLS: Cell<Calls> = const { Cell::new(Calls { forward: 0, weight_grad: 0, input_grad: 0, gemms: 0 }) };
+    static CALLS: Cell<Calls> = const { Cell::new(Calls { forward: 0, weight_grad: 0, input_grad: 0, gemms: 0, shifted: 0 }) };
+    /// None: the default ([`env_shift`]).
+    static SHIFT: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 /// What this thread ran here so far (for tests: proof that a path was taken).
@@ -134,6 +145,9 @@ pub struct Calls {
     pub input_grad: usize,
     /// Partial products (one per block of clips and chunk of taps) in all of them.
     pub gemms: usize,
+    /// [`forward`] / [`input_grad`] / [`weight_grad`] calls that ran shared columns (stride 1,
+    /// [`shift_taps`]).
+    pub shifted: usize,
 }
 
 impl Calls {
@@ -144,6 +158,7 @@ impl Calls {
             weight_grad: self.weight_grad - before.weight_grad,
             input_grad: self.input_grad - before.input_grad,
             gemms: self.gemms - before.gemms,
+            shifted: self.shifted - before.shifted,
         }
     }
 }
@@ -206,13 +221,57 @@ pub fn with_budget<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Taps per row of a stride-1 convolution's shared columns ([`forward_shifted`]) unless
+/// `KLSPEECH_CONV_SHIFT` sets another number (`0` or `off`: a column block per chunk of taps,
+/// as strided convolutions). 16 taps of the positional conv's 48 channels a group make gemms
+/// with a reduction of 768 and a column matrix 16 times the input (the per-chunk columns: 128
+/// times), read by 8 gemms.
+pub const SHIFT_TAPS: usize = 16;
+
+/// [`SHIFT_TAPS`], or `KLSPEECH_CONV_SHIFT` (read once; an unknown value is reported on stderr
+/// and taken as the default).
+fn env_shift() -> usize {
+    static TAPS: OnceLock<usize> = OnceLock::new();
+    *TAPS.get_or_init(|| match std::env::var("KLSPEECH_CONV_SHIFT") {
+        Err(_) => SHIFT_TAPS,
+        Ok(v) => match v.trim() {
+            "" => SHIFT_TAPS,
+            "off" => 0,
+            n => n.parse::<usize>().unwrap_or_else(|_| {
+                eprintln!("klspeech: KLSPEECH_CONV_SHIFT={v:?} is not a number of taps or off: using {SHIFT_TAPS}");
+                SHIFT_TAPS
+            }),
+        },
+    })
+}
+
+/// Taps per row of the shared columns of stride-1 convolutions on this thread
+/// ([`with_shift_taps`], else `KLSPEECH_CONV_SHIFT`, else [`SHIFT_TAPS`]); 0: none (per-chunk
+/// columns).
+pub fn shift_taps() -> usize {
+    SHIFT.with(|t| t.get()).unwrap_or_else(env_shift)
+}
+
+/// Runs `f` with this thread's stride-1 convolutions on shared columns of `taps` taps a row
+/// (0: per-chunk columns), then restores the setting.
+pub fn with_shift_taps<R>(taps: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SHIFT.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(SHIFT.with(|t| t.replace(Some(taps))));
+    f()
+}
+
 /// Whether a convolution of `stride` on `x` runs here, in the forward pass of a training step
 /// (`training`, [`super::conv1d_cl_recompute`]) or without a gradient: the mode covers it and `x`
 /// has a float type. (`ops::conv1d_cl` takes the CPU's fused kernels first, where they apply.)
 pub fn applies(x: &Tensor, stride: usize, training: bool) -> bool {
     matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
         && x.elem_count() > 0
-        && mode().covers(stride, training, x.dtype(), x.device().is_cuda(), tf32_on())
+        && mode().covers(stride, training, x.dtype(), x.device().is_cuda(), tf32_on(), shift_taps() > 0)
 }
 
 /// The geometry of x [B, L, C_in] * w [C_out, C_g, K] (checked), T the full output length.
@@ -281,7 +340,7 @@ type Chunk = (usize, usize, Option<Tensor>);
 /// computes the frames itself (`ops::kernels::gather_taps`), elsewhere `index_select` reads the
 /// indices.
 fn tap_chunks(s: &Geom, kc_max: usize, x: &Tensor) -> candle_core::Result<Vec<Chunk>> {
-    let kernel = super::kernels::apply_any_float(x);
+    let kernel = super::kernels::apply_any_float(x) && super::kernels::kernel_on("gather_taps");
     (0..s.k).step_by(kc_max).map(|k0| {
         let kc = kc_max.min(s.k - k0);
         Ok((k0, kc, if kernel { None } else { Some(tap_indices(s, k0, kc, x.device())?) }))
@@ -323,6 +382,9 @@ pub fn forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize, groups: us
 
 /// [`forward`] with the weight already reordered ([`weight_rows`]).
 fn forward_rows(x: &Tensor, wr: &Tensor, s: &Geom) -> candle_core::Result<Tensor> {
+    if let Some(plan) = Shift::of(s) {
+        return forward_shifted(x, wr, s, &plan);
+    }
     let (bc_max, kc_max) = blocking(s, x.dtype())?;
     let chunks = tap_chunks(s, kc_max, x)?;
     let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
@@ -367,6 +429,9 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
     let x = x.detach().contiguous()?;
     let s = sizes(x.dims3()?, w_dims, stride, padding, groups)?;
     count(|c| c.weight_grad += 1);
+    if let Some(plan) = Shift::of(&s) {
+        return weight_grad_shifted(&x, &dy.contiguous()?, &s, &plan);
+    }
     let dyg = dy_groups(&dy.contiguous()?, &s)?; // [G, B T, og]
     let (bc_max, kc_max) = blocking(&s, x.dtype())?;
     // One accumulator per tap chunk: [G, og, kc C_g].
@@ -423,11 +488,173 @@ pub fn input_grad(dy: &Tensor, w: &Tensor, l: usize, stride: usize, padding: usi
     col2im(&dcols, (l, stride, padding))
 }
 
+/// A stride-1 convolution on shared columns. With the clips of a block laid end to end in one
+/// group-major sequence, each followed by P zero frames after P leading ones (so clip b's
+/// padded input is frames `b (L + P) ..` and its output frame t is sequence position
+/// `b (L + P) + t`), row n of the columns holds the `taps` frames `n .. n + taps` (on a GPU one
+/// `kl_gather_taps`, a column matrix `taps` times the input), and the columns of taps
+/// `j taps .. (j + 1) taps` of position n are row `n + j taps`: chunk j's columns are the same
+/// matrix `j taps` rows on, a view that cuBLAS reads in place. So one gather serves every
+/// chunk, where per-chunk columns gather K times the input (the positional conv: 128 times,
+/// 3.1 GB an f32 inference batch of 16 x 10 s). The positions between clips (P - K + 1 + P
+/// of every L + P; 11 % of the positional conv's at 10 s) are computed and dropped. Needs
+/// P < K (else a clip's outputs overrun its slot).
+struct Shift {
+    /// Taps per column row.
+    taps: usize,
+    /// Chunks of `taps` taps covering K (the last one padded with zero taps in the weight).
+    chunks: usize,
+    /// Frames per clip in the sequence, L + P.
+    slot: usize,
+}
+
+impl Shift {
+    /// The plan for `s` if shared columns apply: stride 1, P < K, [`shift_taps`] not 0.
+    fn of(s: &Geom) -> Option<Shift> {
+        let taps = shift_taps().min(s.k);
+        (s.stride == 1 && taps > 0 && s.padding < s.k).then(|| Shift { taps, chunks: s.k.div_ceil(taps), slot: s.l + s.padding })
+    }
+
+    /// Output positions of a block of `bc` clips (bc slots) and the column rows they read.
+    fn rows(&self, bc: usize) -> (usize, usize) {
+        let n_out = bc * self.slot;
+        (n_out, n_out + (self.chunks - 1) * self.taps)
+    }
+
+    /// Clips per block: as many as keep the columns within the budget and 2^31 values
+    /// (`kl_gather_taps`' 32-bit sizes), at least one (an error if one clip is too long).
+    fn clips_per_block(&self, s: &Geom, dtype: DType) -> candle_core::Result<usize> {
+        const MAX_ELEMS: usize = (1 << 31) - 1;
+        let cols = |bc: usize| self.rows(bc).1 * self.taps * s.c_in;
+        if cols(1) > MAX_ELEMS {
+            candle_core::bail!(
+                "klspeech conv (gemm): one clip of {} frames x {} channels makes over 2^31 column values; split the audio or set KLSPEECH_CONV_SHIFT=off",
+                s.l,
+                s.c_in
+            )
+        }
+        let budget = match BUDGET.with(|b| b.get()) {
+            0 => default_budget(),
+            b => b,
+        };
+        let per_clip = self.slot * self.taps * s.c_in * dtype.size_in_bytes();
+        let mut bc = (budget / per_clip.max(1)).clamp(1, s.b);
+        while bc > 1 && cols(bc) > MAX_ELEMS {
+            bc -= 1;
+        }
+        Ok(bc)
+    }
+
+    /// Clips `b0 .. b0 + bc` of x [B, L, C_in] as the group-major sequence [G, F, C_g]:
+    /// P zero frames, each clip followed by P zero frames, zero frames up to
+    /// F = bc (L + P) + chunks taps - 1 (the last row's last frame; at least P + bc (L + P)
+    /// since chunks taps >= K > P).
+    fn sequence(&self, x: &Tensor, s: &Geom, b0: usize, bc: usize) -> candle_core::Result<Tensor> {
+        // [bc, L, G, C_g] -> [G, bc, L, C_g]
+        let xg = super::kernels::contiguous_rows(&x.narrow(0, b0, bc)?.reshape((bc, s.l, s.groups, s.cg()))?.permute((2, 0, 1, 3))?)?;
+        let xg = xg.pad_with_zeros(2, 0, s.padding)?.reshape((s.groups, bc * self.slot, s.cg()))?;
+        let frames = bc * self.slot + self.chunks * self.taps - 1;
+        xg.pad_with_zeros(1, s.padding, frames - s.padding - bc * self.slot)
+    }
+
+    /// The shared columns of a sequence [G, F, C_g]: [G, rows, taps C_g], row n the frames
+    /// `n .. n + taps`.
+    fn columns(&self, seq: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
+        let (g, _, cg) = seq.dims3()?;
+        let cols = if super::kernels::apply_any_float(seq) && super::kernels::kernel_on("gather_taps") {
+            super::kernels::gather_taps_of(seq, rows, 0, self.taps, 1)?
+        } else {
+            let idx: Vec<u32> = (0..rows).flat_map(|n| (n..n + self.taps).map(|f| f as u32)).collect();
+            seq.index_select(&Tensor::from_vec(idx, rows * self.taps, seq.device())?, 1)?
+        };
+        cols.reshape((g, rows, self.taps * cg))
+    }
+
+    /// Chunk j of the shared columns of a block: [G, N, taps C_g] (rows `j taps ..`).
+    fn chunk(&self, cols: &Tensor, j: usize, n_out: usize) -> candle_core::Result<Tensor> {
+        cols.narrow(1, j * self.taps, n_out)
+    }
+}
+
+/// [`forward_rows`] on shared columns ([`Shift`]): per block of clips one gather, then one
+/// gemm per chunk of taps, [G, N, taps C_g] x [G, taps C_g, og], summed (in f32 for half
+/// types: each partial product is rounded once, the sum not again per chunk).
+fn forward_shifted(x: &Tensor, wr: &Tensor, s: &Geom, plan: &Shift) -> candle_core::Result<Tensor> {
+    count(|c| c.shifted += 1);
+    let (cg, og) = (s.cg(), s.og());
+    // [G, K C_g, og] -> [G, chunks taps C_g, og] (zero taps after K)
+    let pad = (plan.chunks * plan.taps - s.k) * cg;
+    let wp = if pad > 0 { wr.pad_with_zeros(1, 0, pad)? } else { wr.clone() };
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16) && plan.chunks > 1;
+    let bc_max = plan.clips_per_block(s, x.dtype())?;
+    let mut blocks = Vec::with_capacity(s.b.div_ceil(bc_max));
+    let mut b0 = 0;
+    while b0 < s.b {
+        let bc = bc_max.min(s.b - b0);
+        let (n_out, rows) = plan.rows(bc);
+        let cols = plan.columns(&plan.sequence(x, s, b0, bc)?, rows)?;
+        let mut y: Option<Tensor> = None;
+        for j in 0..plan.chunks {
+            let part = plan.chunk(&cols, j, n_out)?.matmul(&wp.narrow(1, j * plan.taps * cg, plan.taps * cg)?)?;
+            count(|c| c.gemms += 1);
+            let part = if half { part.to_dtype(DType::F32)? } else { part };
+            y = Some(match y {
+                Some(y) => (y + part)?,
+                None => part,
+            });
+        }
+        let y = y.expect("a kernel has at least one tap").to_dtype(x.dtype())?;
+        // [G, bc slot, og] -> the first T positions of each slot -> [bc, T, C_out]
+        let y = y.reshape((s.groups, bc, plan.slot, og))?.narrow(2, 0, s.t)?;
+        blocks.push(super::kernels::contiguous_rows(&y.permute((1, 2, 0, 3))?)?.reshape((bc, s.t, s.c_out))?);
+        b0 += bc;
+    }
+    if blocks.len() == 1 {
+        Ok(blocks.remove(0))
+    } else {
+        Tensor::cat(&blocks, 0)
+    }
+}
+
+/// [`weight_grad`] on shared columns ([`Shift`]): dy laid out as the output positions (zeros
+/// between clips), and per block and chunk j one gemm dy^T [G, og, N] x chunk j
+/// [G, N, taps C_g], the chunks side by side giving [G, og, K C_g].
+fn weight_grad_shifted(x: &Tensor, dy: &Tensor, s: &Geom, plan: &Shift) -> candle_core::Result<Tensor> {
+    count(|c| c.shifted += 1);
+    let (cg, og) = (s.cg(), s.og());
+    // dy [B, T, C_out] -> [G, B, slot, og], zero frames after each clip's T
+    let dyg = super::kernels::contiguous_rows(&dy.reshape((s.b, s.t, s.groups, og))?.permute((2, 0, 1, 3))?)?;
+    let dyg = dyg.pad_with_zeros(2, 0, plan.slot - s.t)?;
+    let bc_max = plan.clips_per_block(s, x.dtype())?;
+    let mut acc: Vec<Option<Tensor>> = vec![None; plan.chunks];
+    let mut b0 = 0;
+    while b0 < s.b {
+        let bc = bc_max.min(s.b - b0);
+        let (n_out, rows) = plan.rows(bc);
+        let cols = plan.columns(&plan.sequence(x, s, b0, bc)?, rows)?;
+        // [G, og, bc slot] (a transposed view that cuBLAS reads in place)
+        let dyt = dyg.narrow(1, b0, bc)?.reshape((s.groups, n_out, og))?.transpose(1, 2)?;
+        for (j, a) in acc.iter_mut().enumerate() {
+            let part = dyt.matmul(&plan.chunk(&cols, j, n_out)?)?;
+            count(|c| c.gemms += 1);
+            *a = Some(match a.take() {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+        }
+        b0 += bc;
+    }
+    let parts: Vec<Tensor> = acc.into_iter().map(|a| a.expect("every chunk saw a block")).collect();
+    // [G, og, chunks taps C_g] -> the K taps -> [G, og, K, C_g] -> [C_out, C_g, K]
+    let dw = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(&parts, 2)? };
+    dw.narrow(2, 0, s.k * cg)?.reshape((s.groups, og, s.k, cg))?.permute((0, 1, 3, 2))?.contiguous()?.reshape((s.c_out, cg, s.k))
+}
+
 /// [`col2im_phases`] on a GPU as one kernel (`ops::kernels::col2im`: the same sums in the
 /// same order, each input frame written once, where the phases cost a tensor op per tap and
 /// several strided copies of the input's size), elsewhere the phases.
 pub(crate) fn col2im(dcols: &Tensor, (l, s, padding): (usize, usize, usize)) -> candle_core::Result<Tensor> {
-    if super::kernels::apply_any_float(dcols) {
+    if super::kernels::apply_any_float(dcols) && super::kernels::kernel_on("col2im") {
         return super::kernels::col2im_of(dcols, l, s, padding);
     }
     col2im_phases(dcols, (l, s, padding))

@@ -376,6 +376,44 @@ pub fn set_half_enabled(on: bool) {
     HALF.set(on);
 }
 
+/// The kernels [`kernel_on`] can switch off one by one (those built after the last GPU run,
+/// so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
+pub const SWITCHABLE: [&str; 4] = ["gather_taps", "col2im", "copy_rows", "adam_step"];
+
+/// Whether the kernel `name` (one of [`SWITCHABLE`]) runs where it applies: yes unless
+/// `KLSPEECH_NO_KERNEL` names it (comma-separated, read once; unknown names are reported on
+/// stderr). Off, each falls back to what ran before it: candle's `index_select` for the column
+/// gathers, the stride phases for col2im, candle's strided copy for row copies, the two AdamW
+/// kernels for the fused step.
+pub fn kernel_on(name: &str) -> bool {
+    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        let (off, unknown) = kernel_list(&std::env::var("KLSPEECH_NO_KERNEL").unwrap_or_default());
+        for n in unknown {
+            eprintln!("klspeech: KLSPEECH_NO_KERNEL names {n:?}, not one of {}: ignored", SWITCHABLE.join(", "));
+        }
+        off
+    });
+    debug_assert!(SWITCHABLE.contains(&name), "{name} is not a switchable kernel");
+    !off.iter().any(|n| n == name)
+}
+
+/// `KLSPEECH_NO_KERNEL`'s value as (names of [`SWITCHABLE`], other names).
+fn kernel_list(v: &str) -> (Vec<String>, Vec<String>) {
+    v.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).partition(|n| SWITCHABLE.contains(&n.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_list_takes_known_names_and_sets_aside_others() {
+        let (off, unknown) = super::kernel_list(" copy_rows, adam_step,,gather ,col2im");
+        assert_eq!(off, ["copy_rows", "adam_step", "col2im"]);
+        assert_eq!(unknown, ["gather"]);
+        assert_eq!(super::kernel_list(""), (vec![], vec![]));
+    }
+}
+
 /// [`apply`] for the kernels that also have bf16 and f16 versions (the channels-last GroupNorm
 /// forward): a non-empty f32, bf16 or f16 tensor on a CUDA device.
 pub fn apply_any_float(x: &Tensor) -> bool {
@@ -1099,7 +1137,7 @@ pub(crate) fn contiguous_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.detach();
     let (dims, strides) = (x.dims(), x.stride());
     let fits = |v: &usize| *v < (1 << 31);
-    if x.is_contiguous() || !apply_any_float(&x) || dims.len() < 2 || dims.len() > COPY_ROWS_MAX_AXES + 1 || strides.last() != Some(&1) || !dims.iter().chain(strides.iter()).all(fits) {
+    if x.is_contiguous() || !apply_any_float(&x) || !kernel_on("copy_rows") || dims.len() < 2 || dims.len() > COPY_ROWS_MAX_AXES + 1 || strides.last() != Some(&1) || !dims.iter().chain(strides.iter()).all(fits) {
         return x.contiguous();
     }
     x.apply_op1_no_bwd(&CopyRows)

@@ -19,28 +19,29 @@ pub fn device() -> Device {
 
 /// A tiny Wav2Vec2 config (post-norm, group norm) for fast tests.
 pub fn tiny_config(stable: bool) -> Wav2Vec2Config {
-    let mut c = Wav2Vec2Config::default();
-    c.hidden_size = 16;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 2;
-    c.intermediate_size = 24;
-    c.conv_dim = vec![8, 8];
-    c.conv_kernel = vec![10, 3];
-    c.conv_stride = vec![5, 2];
-    c.num_conv_pos_embeddings = 4;
-    c.num_conv_pos_embedding_groups = 2;
-    c.classifier_proj_size = 6;
-    c.vocab_size = 5;
-    c.do_stable_layer_norm = stable;
-    c.feat_extract_norm = if stable { "layer".into() } else { "group".into() };
-    c.conv_bias = stable;
-    c.hidden_dropout = 0.0;
-    c.activation_dropout = 0.0;
-    c.attention_dropout = 0.0;
-    c.feat_proj_dropout = 0.0;
-    c.final_dropout = 0.0;
-    c.layerdrop = 0.0;
-    c
+    Wav2Vec2Config {
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 24,
+        conv_dim: vec![8, 8],
+        conv_kernel: vec![10, 3],
+        conv_stride: vec![5, 2],
+        num_conv_pos_embeddings: 4,
+        num_conv_pos_embedding_groups: 2,
+        classifier_proj_size: 6,
+        vocab_size: 5,
+        do_stable_layer_norm: stable,
+        feat_extract_norm: if stable { "layer".into() } else { "group".into() },
+        conv_bias: stable,
+        hidden_dropout: 0.0,
+        activation_dropout: 0.0,
+        attention_dropout: 0.0,
+        feat_proj_dropout: 0.0,
+        final_dropout: 0.0,
+        layerdrop: 0.0,
+        ..Wav2Vec2Config::default()
+    }
 }
 
 /// A deterministic waveform batch [b, n] with per-row lengths (rows padded with zeros).
