@@ -224,8 +224,11 @@ fn mean_sd(x: &[f64]) -> (f64, f64) {
     (m, sd)
 }
 
+/// (x, y) points of one curve.
+type Curve = Vec<(f64, f64)>;
+
 /// Reads `metrics.jsonl` of one run: (step, train task loss) and (step, dev metric).
-fn curves(path: &Path, task: Task) -> anyhow::Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+fn curves(path: &Path, task: Task) -> anyhow::Result<(Curve, Curve)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (mut loss, mut dev) = (Vec::new(), Vec::new());
     for line in text.lines() {

@@ -4,8 +4,9 @@
 #   - parity, gradient, KL-Norm, optimizer, loss, convolution and op tests with KLSPEECH_TEST_DEVICE=cuda
 #     (tests/ops.rs: klspeech's CUDA kernels against f64 composites);
 #     the ops suite runs first: a failing suite is rerun with each kernel built since the last
-#     GPU run switched off in turn (KLSPEECH_NO_KERNEL=gather_taps|col2im|copy_rows|adam_step,
-#     then all four), and the first setting that passes holds for the rest; if none does and
+#     GPU run switched off in turn (KLSPEECH_NO_KERNEL=gather_taps|col2im|copy_rows|adam_step|
+#     attn_softmax|group_norm, then all six), and the first setting that passes holds for the
+#     rest; if none does and
 #     the ops suite passes without klspeech's CUDA kernels, the rest runs without them
 #     (KLSPEECH_NO_CUDA_KERNELS=1); each said in the log with "!!";
 #   - the keyword-spotting fine-tuning test on CUDA and on CPU (loss curves printed side by side),
@@ -99,7 +100,7 @@ fi
 kernel_fallback() {
   local name=$1; shift
   local k off
-  for k in gather_taps col2im copy_rows adam_step gather_taps,col2im,copy_rows,adam_step; do
+  for k in gather_taps col2im copy_rows adam_step attn_softmax group_norm gather_taps,col2im,copy_rows,adam_step,attn_softmax,group_norm; do
     off=${KLSPEECH_NO_KERNEL:+$KLSPEECH_NO_KERNEL,}$k
     KLSPEECH_NO_KERNEL=$off T=120 t "$name with KLSPEECH_NO_KERNEL=$off" "$@"
     if [ "$RC" = 0 ]; then
@@ -152,6 +153,8 @@ if [ "$RC" != 0 ]; then
   if [ "$RC" = 0 ]; then
     export KLSPEECH_NO_KEY_PAD=1
     echo "!! the attention with padded keys failed its tests (and passed without): everything below runs with KLSPEECH_NO_KEY_PAD=1"
+  else
+    kernel_fallback "attention on cuda" $D/ops-* attention --nocapture --test-threads 1
   fi
 fi
 # (the convolution test above is skipped here: its outcome is settled)

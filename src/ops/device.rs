@@ -287,7 +287,7 @@ fn pad_keys_last(x: Tensor, pad: usize) -> candle_core::Result<Tensor> {
 /// the scale, a bias of -inf on the padding and candle's softmax. No gradient.
 fn probabilities(s: &Tensor, key_bias: Option<&Tensor>, t: usize, scale: f64) -> candle_core::Result<Tensor> {
     let (b, _, _, tp) = s.dims4()?;
-    let kernel = super::kernels::apply(s) || super::kernels::apply_half(s);
+    let kernel = (super::kernels::apply(s) || super::kernels::apply_half(s)) && super::kernels::kernel_on("attn_softmax");
     if kernel && key_bias.is_none_or(|kb| kb.dtype() == s.dtype()) {
         return super::kernels::attn_softmax_of(s, key_bias.map(|kb| kb.reshape((b, t))).transpose()?.as_ref(), t, scale);
     }

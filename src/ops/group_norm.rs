@@ -390,10 +390,10 @@ pub fn conv1_group_norm_gelu(x: &Tensor, w: &Tensor, stride: usize, gn_w: &Tenso
 /// backward), else [`group_norm_cl_composite`].
 pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims3()?;
-    if super::kernels::apply(x) && super::kernels::apply(w) && super::kernels::apply(b) {
+    if super::kernels::apply(x) && super::kernels::apply(w) && super::kernels::apply(b) && super::kernels::kernel_on("group_norm") {
         return Ok(super::kernels::group_norm_cl(x, w, b, eps, false)?);
     }
-    if super::kernels::apply_half(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+    if super::kernels::apply_half(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() && super::kernels::kernel_on("group_norm") {
         // Half-precision training on a GPU: the kernels' half-type instances (f32 arithmetic,
         // f64 statistics, each output rounded once, the weight and bias gradients summed in
         // f32), where the composite ran some 20 passes over the first layer's output (about
@@ -412,7 +412,7 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
 /// or f16), else the two ops.
 pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims3()?;
-    if super::kernels::apply_any_float(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+    if super::kernels::apply_any_float(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() && super::kernels::kernel_on("group_norm") {
         // f32, bf16 or f16 (inference in those types): f64 statistics whatever the type,
         // where candle's f16 reduction sums in f16.
         return Ok(super::kernels::group_norm_cl(x, w, b, eps, true)?);

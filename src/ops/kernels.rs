@@ -376,15 +376,17 @@ pub fn set_half_enabled(on: bool) {
     HALF.set(on);
 }
 
-/// The kernels [`kernel_on`] can switch off one by one (those built after the last GPU run,
-/// so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
-pub const SWITCHABLE: [&str; 4] = ["gather_taps", "col2im", "copy_rows", "adam_step"];
+/// The kernels [`kernel_on`] can switch off one by one (those built or changed after the last
+/// GPU run, so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
+pub const SWITCHABLE: [&str; 6] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm"];
 
 /// Whether the kernel `name` (one of [`SWITCHABLE`]) runs where it applies: yes unless
 /// `KLSPEECH_NO_KERNEL` names it (comma-separated, read once; unknown names are reported on
-/// stderr). Off, each falls back to what ran before it: candle's `index_select` for the column
-/// gathers, the stride phases for col2im, candle's strided copy for row copies, the two AdamW
-/// kernels for the fused step.
+/// stderr). Off, each falls back to what ran before it (or the composite): candle's
+/// `index_select` for the column gathers, the stride phases for col2im, candle's strided copy
+/// for row copies, the two AdamW kernels for the fused step, the scale, a -inf key bias and
+/// candle's softmax for the attention's probabilities, the composite for the channels-last
+/// GroupNorm (whose kernels now run 1024-thread blocks).
 pub fn kernel_on(name: &str) -> bool {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let off = OFF.get_or_init(|| {
@@ -407,8 +409,8 @@ fn kernel_list(v: &str) -> (Vec<String>, Vec<String>) {
 mod tests {
     #[test]
     fn kernel_list_takes_known_names_and_sets_aside_others() {
-        let (off, unknown) = super::kernel_list(" copy_rows, adam_step,,gather ,col2im");
-        assert_eq!(off, ["copy_rows", "adam_step", "col2im"]);
+        let (off, unknown) = super::kernel_list(" copy_rows, adam_step,,gather ,col2im,group_norm");
+        assert_eq!(off, ["copy_rows", "adam_step", "col2im", "group_norm"]);
         assert_eq!(unknown, ["gather"]);
         assert_eq!(super::kernel_list(""), (vec![], vec![]));
     }
