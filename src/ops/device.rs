@@ -191,6 +191,15 @@ pub fn linear_device(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 
 struct LinearDevice(Pending);
 
+/// The sum over rows of g [rows, out] as one product with a row of ones ([1, rows] x g: a
+/// cuBLAS product on a GPU, summed in f32 for every type). candle's sum over the first axis
+/// took 25 µs a call on the H200 (55 calls, 1.4 ms of a base f32 training step: the linear
+/// layers' bias gradients), about 200 GB/s.
+fn row_sum(g: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = g.dim(0)?;
+    Tensor::ones((1, rows), g.dtype(), g.device())?.matmul(&g.contiguous()?)?.squeeze(0)
+}
+
 impl LinearDevice {
     /// (dx, dW, db) for x [rows, in], w [out, in] and g [rows, out]; each only where its input
     /// takes a gradient.
@@ -198,7 +207,7 @@ impl LinearDevice {
         let dx = if x.track_op() { Some(g.matmul(&w.detach())?) } else { None };
         let dw = if w.track_op() { Some(g.t()?.matmul(&x.detach())?) } else { None };
         let db = match b {
-            Some(b) if b.track_op() => Some(g.sum(0)?),
+            Some(b) if b.track_op() => Some(row_sum(g)?),
             _ => None,
         };
         let dw = super::grads::route(w, dw)?;
