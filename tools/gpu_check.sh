@@ -16,7 +16,8 @@
 #     bf16 training without its half-type kernels (before/after in one binary);
 #   - the bench rows without the attention's key padding (KLSPEECH_NO_KEY_PAD=1), without the
 #     stride-1 convolutions' shared columns (KLSPEECH_CONV_SHIFT=off; their test failing sets it
-#     for everything, "!!" in the log), and a per-stage split;
+#     for everything, "!!" in the log), with shared columns of 8 and 32 taps a row instead of
+#     16, and a per-stage split;
 #     cuDNN's channels-last convolutions are tested first too (KLSPEECH_NO_CUDNN_NHWC=1 after
 #     a failure, "!!" in the log);
 #   - the bench rows again with each other choice of convolutions as gathered columns and gemms
@@ -186,6 +187,14 @@ KLSPEECH_NO_KEY_PAD=1 KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-
 # with TF32, as before 2026-11-27's shared columns): before/after in one binary.
 KLSPEECH_CONV_SHIFT=off KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-f32-tf32,base-infer-16x10-bf16,base-train-8x4-f32,base-train-8x4-f32-tf32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "bench rows without shared columns (KLSPEECH_CONV_SHIFT=off)" $D/inference-*
+# Shared columns of 8 and 32 taps a row instead of 16 (more gemms of a shorter reduction and
+# a smaller gather, or fewer and larger): which the default should be.
+if [ "${KLSPEECH_CONV_SHIFT:-}" != off ]; then
+  for taps in 8 32; do
+    KLSPEECH_CONV_SHIFT=$taps KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-bf16,base-train-8x4-f32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=120 \
+      t "bench rows with shared columns of $taps taps (KLSPEECH_CONV_SHIFT=$taps)" $D/inference-*
+  done
+fi
 # Kernel-level profiles (CUPTI from PyTorch's wheels, src/gpu_profile.rs): where the GPU time goes.
 profile() {
   KLSPEECH_BENCH_CHILD=$1 KLSPEECH_BENCH_ITERS=3 KLSPEECH_BENCH_PROFILE=1 KLSPEECH_BENCH_DEVICE=cuda T=120 TAIL=60 \

@@ -197,13 +197,19 @@ pub fn mode() -> Mode {
 /// Runs `f` with this thread's convolutions in `mode`, then restores the thread's setting
 /// (a thread-local override, so that tests running side by side do not switch each other).
 pub fn with_mode<R>(mode: Mode, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Mode>);
-    impl Drop for Restore {
+    with_local(&OVERRIDE, Some(mode), f)
+}
+
+/// Runs `f` with the thread-local `key` set to `value`, then restores its value (also when `f`
+/// panics: a failed test's setting does not leak into the next test on the thread).
+fn with_local<T: Copy + 'static, R>(key: &'static std::thread::LocalKey<Cell<T>>, value: T, f: impl FnOnce() -> R) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            OVERRIDE.with(|m| m.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(OVERRIDE.with(|m| m.replace(Some(mode))));
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
     f()
 }
 
@@ -211,14 +217,7 @@ pub fn with_mode<R>(mode: Mode, f: impl FnOnce() -> R) -> R {
 /// default (the tests: blocks of clips and chunks of taps on tiny shapes), then restores the
 /// setting.
 pub fn with_budget<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
-    struct Restore(usize);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BUDGET.with(|b| b.set(self.0));
-        }
-    }
-    let _restore = Restore(BUDGET.with(|b| b.replace(bytes.max(1))));
-    f()
+    with_local(&BUDGET, bytes.max(1), f)
 }
 
 /// Taps per row of a stride-1 convolution's shared columns ([`forward_shifted`]) unless
@@ -255,14 +254,7 @@ pub fn shift_taps() -> usize {
 /// Runs `f` with this thread's stride-1 convolutions on shared columns of `taps` taps a row
 /// (0: per-chunk columns), then restores the setting.
 pub fn with_shift_taps<R>(taps: usize, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SHIFT.with(|t| t.set(self.0));
-        }
-    }
-    let _restore = Restore(SHIFT.with(|t| t.replace(Some(taps))));
-    f()
+    with_local(&SHIFT, Some(taps), f)
 }
 
 /// Whether a convolution of `stride` on `x` runs here, in the forward pass of a training step
