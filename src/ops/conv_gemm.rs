@@ -389,10 +389,7 @@ fn forward_rows(x: &Tensor, wr: &Tensor, s: &Geom) -> candle_core::Result<Tensor
             // [G, bc T, kc C_g] x [G, kc C_g, og] -> [G, bc T, og]
             let part = columns(&xb, s, bc, chunk)?.matmul(&weight_chunk(wr, s, chunk.0, chunk.1)?)?;
             count(|c| c.gemms += 1);
-            y = Some(match y {
-                Some(y) => (y + part)?,
-                None => part,
-            });
+            accumulate(&mut y, part)?;
         }
         let y = y.expect("a kernel has at least one tap");
         // [G, bc T, og] -> [bc, T, C_out] (for one group a plain reshape)
@@ -438,17 +435,29 @@ pub fn weight_grad(x: &Tensor, dy: &Tensor, w_dims: (usize, usize, usize), strid
         for (a, chunk) in acc.iter_mut().zip(&chunks) {
             let part = dyt.matmul(&columns(&xb, &s, bc, chunk)?)?;
             count(|c| c.gemms += 1);
-            *a = Some(match a.take() {
-                Some(a) => (a + part)?,
-                None => part,
-            });
+            accumulate(a, part)?;
         }
         b0 += bc;
     }
+    weight_of_chunks(acc, &s)
+}
+
+/// `acc + part`, or `part` for the first.
+fn accumulate(acc: &mut Option<Tensor>, part: Tensor) -> candle_core::Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + part)?,
+        None => part,
+    });
+    Ok(())
+}
+
+/// The weight gradient from its tap chunks' parts [G, og, kc C_g] side by side (taps past K,
+/// a shared-columns chunk's zero padding, dropped): [C_out, C_g, K].
+fn weight_of_chunks(acc: Vec<Option<Tensor>>, s: &Geom) -> candle_core::Result<Tensor> {
     let parts: Vec<Tensor> = acc.into_iter().map(|a| a.expect("every chunk saw a block")).collect();
     let dw = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(&parts, 2)? };
     // [G, og, K C_g] -> [G, og, K, C_g] -> [C_out, C_g, K]
-    dw.reshape((s.groups, s.og(), s.k, s.cg()))?.permute((0, 1, 3, 2))?.contiguous()?.reshape((s.c_out, s.cg(), s.k))
+    dw.narrow(2, 0, s.k * s.cg())?.reshape((s.groups, s.og(), s.k, s.cg()))?.permute((0, 1, 3, 2))?.contiguous()?.reshape((s.c_out, s.cg(), s.k))
 }
 
 /// The input gradient dx [B, L, C_in] of `forward(x, w)` for dy [B, T, C_out] over every output
@@ -590,10 +599,7 @@ fn forward_shifted(x: &Tensor, wr: &Tensor, s: &Geom, plan: &Shift) -> candle_co
             let part = plan.chunk(&cols, j, n_out)?.matmul(&wp.narrow(1, j * plan.taps * cg, plan.taps * cg)?)?;
             count(|c| c.gemms += 1);
             let part = if half { part.to_dtype(DType::F32)? } else { part };
-            y = Some(match y {
-                Some(y) => (y + part)?,
-                None => part,
-            });
+            accumulate(&mut y, part)?;
         }
         let y = y.expect("a kernel has at least one tap").to_dtype(x.dtype())?;
         // [G, bc slot, og] -> the first T positions of each slot -> [bc, T, C_out]
@@ -613,7 +619,7 @@ fn forward_shifted(x: &Tensor, wr: &Tensor, s: &Geom, plan: &Shift) -> candle_co
 /// [G, N, taps C_g], the chunks side by side giving [G, og, K C_g].
 fn weight_grad_shifted(x: &Tensor, dy: &Tensor, s: &Geom, plan: &Shift) -> candle_core::Result<Tensor> {
     count(|c| c.shifted += 1);
-    let (cg, og) = (s.cg(), s.og());
+    let og = s.og();
     // dy [B, T, C_out] -> [G, B, slot, og], zero frames after each clip's T
     let dyg = super::kernels::contiguous_rows(&dy.reshape((s.b, s.t, s.groups, og))?.permute((2, 0, 1, 3))?)?;
     let dyg = dyg.pad_with_zeros(2, 0, plan.slot - s.t)?;
@@ -629,17 +635,11 @@ fn weight_grad_shifted(x: &Tensor, dy: &Tensor, s: &Geom, plan: &Shift) -> candl
         for (j, a) in acc.iter_mut().enumerate() {
             let part = dyt.matmul(&plan.chunk(&cols, j, n_out)?)?;
             count(|c| c.gemms += 1);
-            *a = Some(match a.take() {
-                Some(a) => (a + part)?,
-                None => part,
-            });
+            accumulate(a, part)?;
         }
         b0 += bc;
     }
-    let parts: Vec<Tensor> = acc.into_iter().map(|a| a.expect("every chunk saw a block")).collect();
-    // [G, og, chunks taps C_g] -> the K taps -> [G, og, K, C_g] -> [C_out, C_g, K]
-    let dw = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(&parts, 2)? };
-    dw.narrow(2, 0, s.k * cg)?.reshape((s.groups, og, s.k, cg))?.permute((0, 1, 3, 2))?.contiguous()?.reshape((s.c_out, cg, s.k))
+    weight_of_chunks(acc, s)
 }
 
 /// [`col2im_phases`] on a GPU as one kernel (`ops::kernels::col2im`: the same sums in the
