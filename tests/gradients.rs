@@ -102,13 +102,21 @@ fn gpu_training_path_matches_the_cpu_path() {
         // and the positional conv: their forwards, weight gradients and (but for the first
         // layer, whose input is the waveform) input gradients, in each of check_on's two
         // backward passes.
-        use klspeech::ops::conv_gemm::{calls, with_mode, Mode};
+        // The positional conv (stride 1) on shared columns of the default taps a row (one
+        // chunk for the tiny model's K = 4), of 3 (two chunks, the second padded with zero
+        // taps) and on per-chunk columns (0): its forward, two weight and two input gradients.
+        use klspeech::ops::conv_gemm::{calls, with_mode, with_shift_taps, Mode, SHIFT_TAPS};
         let convs = common::tiny_config(stable).conv_dim.len() + 1;
-        let before = calls();
-        let gemm_path = with_mode(Mode::All, || klspeech::ops::with_gpu_path(|| check_on(&cpu, stable, head, sites, None)));
-        let ran = calls().since(&before);
-        assert!(ran.forward == convs && ran.weight_grad == 2 * convs && ran.input_grad == 2 * (convs - 1), "column gemms: {ran:?}");
-        for (what, path) in [("GPU path", &gpu_path), ("GPU path with column-gemm convolutions", &gemm_path)] {
+        let mut paths = vec![("GPU path".to_string(), gpu_path)];
+        for taps in [SHIFT_TAPS, 3, 0] {
+            let before = calls();
+            let gemm_path = with_shift_taps(taps, || with_mode(Mode::All, || klspeech::ops::with_gpu_path(|| check_on(&cpu, stable, head, sites, None))));
+            let ran = calls().since(&before);
+            assert!(ran.forward == convs && ran.weight_grad == 2 * convs && ran.input_grad == 2 * (convs - 1), "column gemms: {ran:?}");
+            assert_eq!(ran.shifted, if taps > 0 { 5 } else { 0 }, "shared columns of {taps} taps: {ran:?}");
+            paths.push((format!("GPU path with column-gemm convolutions, shared columns of {taps} taps"), gemm_path));
+        }
+        for (what, path) in &paths {
             assert_eq!(fused.len(), path.len());
             // Relative to each gradient's size, with a floor for the gradients that are zero in
             // exact arithmetic (the key projection's bias: softmax ignores a shift common to all
