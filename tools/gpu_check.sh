@@ -185,7 +185,7 @@ KLSPEECH_NO_KEY_PAD=1 KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-
   t "bench rows without key padding (KLSPEECH_NO_KEY_PAD=1)" $D/inference-*
 # The positional conv on per-chunk columns (and, by `auto`, on cuDNN in inference and in f32
 # with TF32, as before 2026-11-27's shared columns): before/after in one binary.
-KLSPEECH_CONV_SHIFT=off KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-f32-tf32,base-infer-16x10-bf16,base-train-8x4-f32,base-train-8x4-f32-tf32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
+KLSPEECH_CONV_SHIFT=off KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-f32-tf32,base-infer-16x10-bf16,base-infer-16x10-f16,base-train-8x4-f32,base-train-8x4-f32-tf32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "bench rows without shared columns (KLSPEECH_CONV_SHIFT=off)" $D/inference-*
 # Shared columns of 8 and 32 taps a row instead of 16 (more gemms of a shorter reduction and
 # a smaller gather, or fewer and larger): which the default should be.
