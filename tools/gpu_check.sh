@@ -59,10 +59,11 @@ D=target/cuda-dist
 t() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "${T:-90}" "$@" 2>&1 | grep -vE "^test .* \.\.\. ok$" | tail -"${TAIL:-30}"; RC=${PIPESTATUS[0]}; echo "($name: exit $RC, $(( $(date +%s) - s )) s)"; }
 export KLSPEECH_TEST_DEVICE=cuda
 # The convolutions as gathered columns and cuBLAS gemms (src/ops/conv_gemm.rs): its default
-# (`auto`: on CUDA the feature encoder always, the positional conv in training, nothing in f32
-# with TF32) is what every other row runs; here each other choice: `off` (cuDNN's channels-last
-# kernels everywhere, the default before 2026-11-27), `all`, `pos` (only the positional conv),
-# `fe` (only the feature encoder). (1 GiB column blocks instead of 256 MiB moved no row by more
+# (`auto`: on CUDA the feature encoder unless f32 runs with TF32, the positional conv always on
+# shared columns; with KLSPEECH_CONV_SHIFT=off the positional conv only in training and not
+# with TF32) is what every other row runs; here each other choice: `off` (cuDNN's
+# channels-last kernels everywhere, the default before 2026-11-27), `all`, `pos` (only the
+# positional conv), `fe` (only the feature encoder). (1 GiB column blocks instead of 256 MiB moved no row by more
 # than 1.5 % on 2026-11-27: KLSPEECH_CONV_GEMM_MIB=1024 by hand.)
 GEMM_ROWS=base-infer-16x10-f32,base-train-8x4-f32,base-train-8x4-f32-klnorm,base-infer-16x10-f32-tf32,base-train-8x4-f32-tf32,base-infer-16x10-bf16,base-train-8x4-bf16
 conv_gemm_rows() {
