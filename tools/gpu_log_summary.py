@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Summarize a tools/gpu_check.sh log (docs/gpu_check_*.log) for docs/PERFORMANCE.md and the README.
+
+Prints, in this order:
+  1. every "!!" line (a fallback the run took) and every step that did not exit 0;
+  2. the main comparison ("== benchmarks on cuda"): klspeech ms, PyTorch ms, the throughput
+     ratio and peak memory per row, as a Markdown table;
+  3. every other bench section's klspeech ms, each with the main run's ms over it (below 1:
+     the section's setting is slower than the default, above 1: faster);
+  4. the top kernels of each CUPTI profile (--top N, default 8).
+
+Usage: python3 tools/gpu_log_summary.py docs/gpu_check_h200_<date>.log [--top N]
+Reads text only; needs nothing beyond the Python standard library.
+"""
+
+import re
+import sys
+
+EXIT = re.compile(r"^\((.*): exit (\d+), (\d+) s\)$")
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def parse(lines):
+    """Sections: [(title, [lines])] split at "== " headers."""
+    sections, title, body = [], "(start)", []
+    for line in lines:
+        if line.startswith("== "):
+            sections.append((title, body))
+            title, body = line[3:].strip(), []
+        else:
+            body.append(line.rstrip("\n"))
+    sections.append((title, body))
+    return sections
+
+
+def bench_rows(body):
+    """{row: (klspeech ms, PyTorch ms or None, klspeech MiB, PyTorch MiB or None, ratio or None)}."""
+    rows = {}
+    for line in body:
+        if not line.startswith("| base-") and not line.startswith("| tiny-"):
+            continue
+        c = cells(line)
+        if len(c) < 8:
+            continue
+        num = lambda s: None if s in ("-", "") else float(s)
+        rows[c[0]] = (num(c[1]), num(c[3]), num(c[5]), num(c[6]), num(c[7]))
+    return rows
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    top = 8
+    if "--top" in argv:
+        top = int(argv[argv.index("--top") + 1])
+    with open(argv[1], encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    sections = parse(lines)
+
+    print("## Fallbacks and failures")
+    bad = [l.rstrip() for l in lines if l.startswith("!!")]
+    for l in lines:
+        m = EXIT.match(l.strip())
+        if m and m.group(2) != "0":
+            bad.append(f"step '{m.group(1)}' exited {m.group(2)} after {m.group(3)} s")
+    print("\n".join(f"- {b}" for b in bad) if bad else "- none")
+
+    main_rows = {}
+    for title, body in sections:
+        if title == "benchmarks on cuda":
+            main_rows = bench_rows(body)
+    print("\n## klspeech against PyTorch (\"benchmarks on cuda\")")
+    if main_rows:
+        print("| row | klspeech ms | PyTorch ms | klspeech / PyTorch | peak MiB klspeech / PyTorch |")
+        print("|---|---|---|---|---|")
+        for name, (ms, pt, mib, pt_mib, ratio) in main_rows.items():
+            f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
+            print(f"| {name} | {f(ms)} | {f(pt)} | {f(ratio, 2)} | {f(mib, 0)} / {f(pt_mib, 0)} |")
+    else:
+        print("(no such section: the run stopped before it)")
+
+    print("\n## Other bench sections (klspeech ms; in brackets the main run's ms over it: below 1, slower than the default)")
+    for title, body in sections:
+        rows = bench_rows(body)
+        if not rows or title == "benchmarks on cuda":
+            continue
+        parts = []
+        for name, (ms, *_rest) in rows.items():
+            base = main_rows.get(name, (None,))[0]
+            rel = f" ({base / ms:.2f})" if base and ms else ""
+            parts.append(f"{name} {ms}{rel}")
+        print(f"- {title}: " + "; ".join(parts))
+
+    print(f"\n## Profiles (top {top} kernels)")
+    for title, body in sections:
+        if not title.startswith("kernel profile"):
+            continue
+        per_step = next((l for l in body if "GPU profile of" in l), "")
+        print(f"- {title}: {per_step.split(': ', 1)[-1].strip()}")
+        table = [l for l in body if l.startswith("| ") and not l.startswith("| GPU time") and not l.startswith("|---")]
+        for l in table[:top]:
+            c = cells(l)
+            if len(c) >= 5:
+                print(f"    {c[0]:>8} ms {c[1]:>7} {c[2]:>5} calls {c[3]:>8} us  {c[4][:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
