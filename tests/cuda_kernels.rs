@@ -684,6 +684,51 @@ fn half_type_row_and_gelu_kernels_are_the_f32_kernels_rounded() {
     }
 }
 
+/// Inference's bias + residual + LayerNorm kernel (`ops::residual_layer_norm_infer` on a GPU)
+/// is, bit for bit, the LayerNorm kernel on the sum `(y + bias) + r` with each add rounded to
+/// the type (in f32 the plain f32 adds; bf16 / f16 rounded after each, as the separate bias add
+/// and residual add store them): rows wider than a block, a short row, one value; and the
+/// LayerNorm within 2e-5 of f64.
+#[test]
+fn residual_layer_norm_is_the_layer_norm_of_the_rounded_sums() {
+    let eps = 1e-5;
+    for &(rows, d) in &[(5usize, 768usize), (600, 37), (3, 7), (1, 1)] {
+        let seed = 1900 + d as u64;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let what = format!("[{rows}, {d}] in {dtype:?}");
+            let round = common::round_to(dtype);
+            let n = rows * d;
+            let of = |v: Vec<f32>| v.into_iter().map(&round).collect::<Vec<f32>>();
+            let (y, r) = (of(normal(n, seed, 2.0, 0.5)), of(normal(n, seed + 1, 1.0, -0.3)));
+            let p = of([normal(d, seed + 2, 0.3, 0.0), normal(d, seed + 3, 0.3, 1.0), normal(d, seed + 4, 0.2, 0.0)].concat());
+            // The sums as the separate adds store them.
+            let z: Vec<f32> = (0..n).map(|i| round(round(y[i] + p[i % d]) + r[i])).collect();
+            let (w, b) = (p[d..2 * d].to_vec(), p[2 * d..].to_vec());
+            if dtype == DType::F32 {
+                let got = run(&kernels::residual_layer_norm(rows, d, eps, dtype), &[y.clone(), r.clone(), p.clone(), vec![f32::NAN; n]])[3].clone();
+                let want = run(&kernels::layer_norm_fwd(rows, d, eps, dtype), &[z.clone(), w.clone(), b.clone(), vec![f32::NAN; n]])[3].clone();
+                let diff = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
+                assert!(diff.is_none(), "{what}: value {} is {} where the LayerNorm of the sum gives {}", diff.unwrap(), got[diff.unwrap()], want[diff.unwrap()]);
+                // And the LayerNorm of the sum in f64.
+                let zt = Tensor::from_vec(z.iter().map(|&v| v as f64).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+                let zc = zt.broadcast_sub(&zt.mean_keepdim(D::Minus1).unwrap()).unwrap();
+                let var = zc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let f64v = |v: &[f32]| Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<_>>(), (1, d), &Device::Cpu).unwrap();
+                let y_ref = zc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&f64v(&w)).unwrap().broadcast_add(&f64v(&b)).unwrap();
+                let e = rel_err(&got, &as_f64(&y_ref));
+                assert!(e < 2e-5, "{what}: {e} of f64");
+            } else {
+                let bits = |v: &[f32]| half_buf(dtype, v);
+                let got = run_bufs(&kernels::residual_layer_norm(rows, d, eps, dtype), &[bits(&y), bits(&r), bits(&p), half_empty(dtype, n)])[3].clone();
+                let want = run_bufs(&kernels::layer_norm_fwd(rows, d, eps, dtype), &[bits(&z), bits(&w), bits(&b), half_empty(dtype, n)])[3].clone();
+                let (Buf::Bf16(g) | Buf::F16(g), Buf::Bf16(w) | Buf::F16(w)) = (&got, &want) else { panic!("{what}: an f32 buffer") };
+                let diff = g.iter().zip(w).position(|(a, b)| a != b);
+                assert!(diff.is_none(), "{what}: value {} has bits {:#06x} where the LayerNorm of the sum gives {:#06x}", diff.unwrap(), g[diff.unwrap()], w[diff.unwrap()]);
+            }
+        }
+    }
+}
+
 /// The half-type instances of the column-summing kernels (LayerNorm, the KL-Norm site, the
 /// channels-last GroupNorm backward; bf16 / f16 training) give, bit for bit, the f32 kernel's
 /// outputs on the same (representable) values rounded once to the type, and the f32 kernel's

@@ -96,6 +96,31 @@ fn half_type_gelu_on_the_test_device_matches_f64() {
     }
 }
 
+/// Inference's bias + residual + LayerNorm (`ops::residual_layer_norm_infer`, one kernel on a
+/// GPU) on the test device in f32, bf16 and f16: within the type's rounding of the f64
+/// LayerNorm of `(y + bias) + r` on the same values (rows of the base model's 768 and a short
+/// odd width).
+#[test]
+fn residual_layer_norm_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (case, &(rows, d)) in [(37usize, 768usize), (5, 37)].iter().enumerate() {
+        let seed = 700 + 10 * case as u64;
+        let (y, r) = (rand(&[rows, d], seed, DType::F64), (rand(&[rows, d], seed + 1, DType::F64) * 2.0).unwrap());
+        let (bias, w, b) = (rand(&[d], seed + 2, DType::F64), rand(&[d], seed + 3, DType::F64).affine(0.3, 1.0).unwrap(), rand(&[d], seed + 4, DType::F64));
+        for (dtype, tol) in [(DType::F32, 2e-6), (DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+            let of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let got = ops::residual_layer_norm_infer(&on(&y), &on(&bias), &on(&r), &on(&w), &on(&b), 1e-5).unwrap();
+            assert_eq!((got.dtype(), got.dims()), (dtype, &[rows, d][..]));
+            let z = (of(&y).broadcast_add(&of(&bias)).unwrap() + of(&r)).unwrap();
+            let want = ops::standardize_last(&z, 1e-5).unwrap().broadcast_mul(&of(&w)).unwrap().broadcast_add(&of(&b)).unwrap();
+            let e = rel(&got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap(), &want);
+            println!("residual layer norm [{rows}, {d}] in {dtype:?} on {dev:?}: {e:e}");
+            assert!(e <= tol, "residual layer norm [{rows}, {d}] in {dtype:?} on {dev:?}: rel. error {e:e}");
+        }
+    }
+}
+
 #[test]
 fn gelu_f32_is_accurate_in_both_tails() {
     // Against the f64 GELU: |error| <= 2e-7 max(1, |x|) everywhere, and relative error under

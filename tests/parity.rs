@@ -76,6 +76,24 @@ fn check_variant(variant: &str, head: HeadKind) {
     println!("{variant}: max abs diff single {w1:e}, padded batch {w2:e}");
 }
 
+/// The GPU's inference path, rehearsed on the CPU (`ops::with_gpu_path`; on a GPU with
+/// `KLSPEECH_TEST_DEVICE=cuda` the same code with its kernels): the same parity with
+/// transformers, and post-norm layers ran their output projections' bias, the residual and
+/// the LayerNorm as one op (`ops::residual_layer_norm_infer`: two a layer, each of the
+/// single and padded runs), pre-norm ones never.
+#[test]
+fn the_gpu_inference_path_matches_transformers_too() {
+    for (variant, head, fused_sites) in [("base-group-oldwn", HeadKind::None, true), ("cls-weighted", HeadKind::Classification, true), ("stable-ctc-f16", HeadKind::Ctc, false)] {
+        let layers = SpeechModel::load(&dir(variant), &opts()).unwrap().config.num_hidden_layers;
+        let before = klspeech::ops::residual_layer_norm_calls();
+        klspeech::ops::with_gpu_path(|| check_variant(variant, head));
+        let ran = klspeech::ops::residual_layer_norm_calls() - before;
+        let cuda_kernels = common::device().is_cuda() && std::env::var_os("KLSPEECH_NO_CUDA_KERNELS").is_none_or(|v| v.is_empty() || v == "0");
+        let on = (common::device().is_cpu() || cuda_kernels) && klspeech::ops::kernels::kernel_on("residual_layer_norm");
+        assert_eq!(ran, if fused_sites && on { 2 * 2 * layers } else { 0 }, "{variant}: one-pass bias, residual and LayerNorm");
+    }
+}
+
 #[test]
 fn base_group_norm_post_norm_with_old_weight_norm_names() {
     check_variant("base-group-oldwn", HeadKind::None);

@@ -78,6 +78,14 @@ impl Linear {
         act.forward(&self.forward_ctx(x, ctx)?)
     }
 
+    /// x W^T without the bias and without a gradient, for inference off the CPU's fused path
+    /// (candle's matmul): the bias is added by the next op (`ops::residual_layer_norm_infer`).
+    pub fn product_infer(&self, x: &Tensor) -> Result<Tensor> {
+        self.release();
+        let w = self.weight.detach();
+        self.apply(&x.detach(), |x2| crate::ops::linear(x2, &w, None))
+    }
+
     /// W^T [in, out] for W's current values (cached).
     pub fn transposed_weight(&self) -> Result<Tensor> {
         let epoch = super::params::parameter_version(&[&self.weight]);

@@ -227,6 +227,12 @@ impl Norm {
         }
     }
 
+    /// (weight, bias, eps) when [`Self::forward`] on x is a plain LayerNorm over the last axis
+    /// (no gradient, no KL-Norm sampling, not f64): what its first branch runs.
+    pub fn last_dim_inference(&self, x: &Tensor, ctx: &ForwardCtx) -> Option<(&Tensor, &Tensor, f64)> {
+        (!ctx.grad && self.axis == NormAxis::LastDim && x.dtype() != DType::F64 && (self.kl.is_none() || !ctx.train)).then_some((&self.weight, &self.bias, self.eps))
+    }
+
     /// (weight, bias, eps) when this forward pass is a plain deterministic normalization with
     /// statistics over every position: no gradient, no padding-aware statistics over a
     /// `padded` batch, no KL-Norm sampling. Fused inference ops take it from there.

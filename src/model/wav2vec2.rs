@@ -273,28 +273,38 @@ impl Attention {
         Ok(p)
     }
 
+    /// Inference: the attention's output before its output projection, [B, T, H]: the packed
+    /// projection (on the CPU through its cached transposed weight), then one op per (clip,
+    /// head) reading it in place (ops::attention_infer); `bias` [B, 1, 1, T] is a per-key mask.
+    fn context_infer(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
+        let qkv = if crate::ops::fused_applies(&self.q_proj.weight) {
+            let p = self.inference_qkv()?;
+            crate::ops::linear_transposed(&x.reshape((b * t, h))?, &p.wt, p.bias.as_ref())?.reshape((b, t, 3 * h))?
+        } else {
+            // Off the CPU: no inference copies (device memory), one projection per call.
+            self.packed_qkv()?.forward(x)?
+        };
+        let key_bias = match bias {
+            Some(bias) => Some(bias.reshape((b, t))?),
+            None => None,
+        };
+        crate::ops::attention_infer(&qkv, self.heads, scale, key_bias.as_ref())
+    }
+
+    /// Whether [`Self::forward`] runs the inference path ([`Self::context_infer`]).
+    fn infers(ctx: &ForwardCtx) -> bool {
+        !ctx.grad && (!ctx.train || ctx.attention_dropout <= 0.0)
+    }
+
     /// x [B, T, H]; `bias` [B, 1, 1, T] additive key mask (0 or a huge negative).
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
-        if !ctx.grad && (!ctx.train || ctx.attention_dropout <= 0.0) {
-            // Inference: the packed projection through its cached transposed weight, then one
-            // op per (clip, head) reading it in place (ops::attention_infer); `bias`
-            // [B, 1, 1, T] is a per-key mask.
-            let qkv = if crate::ops::fused_applies(&self.q_proj.weight) {
-                let p = self.inference_qkv()?;
-                crate::ops::linear_transposed(&x.reshape((b * t, h))?, &p.wt, p.bias.as_ref())?.reshape((b, t, 3 * h))?
-            } else {
-                // Off the CPU: no inference copies (device memory), one projection per call.
-                self.packed_qkv()?.forward(x)?
-            };
-            let key_bias = match bias {
-                Some(bias) => Some(bias.reshape((b, t))?),
-                None => None,
-            };
-            let o = crate::ops::attention_infer(&qkv, self.heads, scale, key_bias.as_ref())?;
-            return self.out_proj.forward_ctx(&o, ctx);
+        if Self::infers(ctx) {
+            return self.out_proj.forward_ctx(&self.context_infer(x, bias)?, ctx);
         }
         // Training: the inference copies are not needed.
         *self.qkv.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -383,12 +393,37 @@ impl EncoderLayer {
             Ok((x + f)?)
         } else {
             // Wav2Vec2EncoderLayer
+            if let Some(y) = self.post_norm_infer(x, bias, ctx)? {
+                return Ok(y);
+            }
             let h = self.attention.forward(x, bias, ctx)?;
             let x = (x + ctx.dropout(&h, ctx.hidden_dropout)?)?;
             let x = self.layer_norm.forward(&x, mask, ctx)?;
             let x = (&x + self.feed_forward.forward(&x, ctx)?)?;
             self.final_layer_norm.forward(&x, mask, ctx)
         }
+    }
+}
+
+impl EncoderLayer {
+    /// The post-norm layer in inference off the CPU's fused path (`ops::residual_layer_norm_applies`:
+    /// on a GPU): each output projection without its bias, then its bias, the residual and the
+    /// LayerNorm in one pass (`ops::residual_layer_norm_infer`), where the bias add, the
+    /// residual add and the LayerNorm were three. `None` where that does not apply (training,
+    /// dropout, KL-Norm sampling, no bias, the CPU).
+    fn post_norm_infer(&self, x: &Tensor, bias: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Option<Tensor>> {
+        let (out, ff_out) = (&self.attention.out_proj, &self.feed_forward.output_dense);
+        let (Some(ob), Some(fb)) = (out.bias.as_ref(), ff_out.bias.as_ref()) else { return Ok(None) };
+        let plain = ctx.train && (ctx.hidden_dropout > 0.0 || ctx.activation_dropout > 0.0);
+        if plain || !Attention::infers(ctx) || !crate::ops::residual_layer_norm_applies(x) {
+            return Ok(None);
+        }
+        let (Some((w1, b1, eps1)), Some((w2, b2, eps2))) = (self.layer_norm.last_dim_inference(x, ctx), self.final_layer_norm.last_dim_inference(x, ctx)) else {
+            return Ok(None);
+        };
+        let h = crate::ops::residual_layer_norm_infer(&out.product_infer(&self.attention.context_infer(x, bias)?)?, ob, x, w1, b1, eps1)?;
+        let f = self.feed_forward.intermediate_dense.forward_ctx_act(&h, ctx, self.feed_forward.act)?;
+        Ok(Some(crate::ops::residual_layer_norm_infer(&ff_out.product_infer(&f)?, fb, &h, w2, b2, eps2)?))
     }
 }
 

@@ -173,6 +173,13 @@ pub fn colsum(blocks: usize, width: usize) -> Launch {
     elementwise("kl_colsum", width, 2, &[Arg::I32(i32_of(blocks))])
 }
 
+/// Inference's bias, residual and LayerNorm in one pass (a post-norm transformer's output
+/// projections): buffers [y, r, p [3 d] = [bias; w; b], out] of `dtype`, y, r and out
+/// [rows, d]; out = LayerNorm((y + bias) + r), the sums rounded as the separate adds round them.
+pub fn residual_layer_norm(rows: usize, d: usize, eps: f64, dtype: DType) -> Launch {
+    row_plan(typed("kl_residual_layer_norm", "kl_residual_layer_norm_bf16", "kl_residual_layer_norm_f16", dtype), rows, d, 4, &[Arg::F32(eps as f32)])
+}
+
 /// The widest rows the LayerNorm backward takes (its column sums live in shared memory).
 pub const LAYER_NORM_MAX_D: usize = 4096;
 
@@ -378,7 +385,7 @@ pub fn set_half_enabled(on: bool) {
 
 /// The kernels [`kernel_on`] can switch off one by one (those built or changed after the last
 /// GPU run, so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
-pub const SWITCHABLE: [&str; 6] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm"];
+pub const SWITCHABLE: [&str; 7] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm"];
 
 /// Whether the kernel `name` (one of [`SWITCHABLE`]) runs where it applies: yes unless
 /// `KLSPEECH_NO_KERNEL` names it (comma-separated, read once; unknown names are reported on
@@ -386,7 +393,8 @@ pub const SWITCHABLE: [&str; 6] = ["gather_taps", "col2im", "copy_rows", "adam_s
 /// `index_select` for the column gathers, the stride phases for col2im, candle's strided copy
 /// for row copies, the two AdamW kernels for the fused step, the scale, a -inf key bias and
 /// candle's softmax for the attention's probabilities, the composite for the channels-last
-/// GroupNorm (whose kernels now run 1024-thread blocks).
+/// GroupNorm (whose kernels now run 1024-thread blocks), the output projections' bias and
+/// the residual added before candle's LayerNorm (`ops::residual_layer_norm_infer`).
 pub fn kernel_on(name: &str) -> bool {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let off = OFF.get_or_init(|| {
@@ -1059,6 +1067,51 @@ pub(crate) fn gather_taps_of(x: &Tensor, t: usize, k0: usize, kc: usize, stride:
         candle_core::bail!("klspeech gather_taps: {t} frames of taps {k0}..{} at stride {stride} over {lp} frames", k0 + kc)
     }
     x.contiguous()?.apply_op1_no_bwd(&GatherTaps { t, kc, stride, k0 })
+}
+
+/// [`residual_layer_norm`] as a candle op without a backward: (y, r, p [3 d]) -> out.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct ResidualLayerNorm {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for ResidualLayerNorm {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-residual-layer-norm"
+    }
+    cuda_only!(3);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let d = l3.shape().elem_count() / 3;
+            let rows = l1.shape().elem_count() / d.max(1);
+            let dtype = candle_core::backend::BackendStorage::dtype(s1);
+            gpu::launch_op(&residual_layer_norm(rows, d, self.eps, dtype), &[(s1, l1), (s2, l2), (s3, l3)], l1.shape())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-residual-layer-norm: built without CUDA")
+        }
+    }
+}
+
+/// LayerNorm((y + bias) + r) over the last axis by [`residual_layer_norm`] (no gradient):
+/// y and r of one shape [.., d], p = [bias; w; b] [3 d], all of one type, on a GPU.
+pub(crate) fn residual_layer_norm_of(y: &Tensor, r: &Tensor, p: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let d = y.dim(candle_core::D::Minus1)?;
+    if y.dims() != r.dims() || p.elem_count() != 3 * d || d == 0 {
+        candle_core::bail!("klspeech residual_layer_norm: y {:?}, r {:?}, parameters {:?}", y.dims(), r.dims(), p.dims())
+    }
+    y.detach().contiguous()?.apply_op3_no_bwd(&r.detach().contiguous()?, &p.detach().contiguous()?, &ResidualLayerNorm { eps })
 }
 
 /// [`col2im`] as a candle op without a backward: dcols [n, t, k, c] -> dx [n, l, c].

@@ -379,6 +379,35 @@ extern "C" __global__ void kl_layer_norm_fwd_f16(const __half* x, const __half* 
     layer_norm_fwd(x, w, b, y, rows, d, eps);
 }
 
+// Inference after a post-norm transformer's output projection: out = LayerNorm((y + bias) + r)
+// over rows of d, p = [bias; w; b] (3 d). The two sums are rounded to T as the separate bias add
+// and residual add round them, then layer_norm_fwd's arithmetic on the sum (kept in out: each
+// thread rewrites only its own elements, after the barriers of row_moments). One block a row.
+template <typename T>
+__device__ void residual_layer_norm(const T* y, const T* r, const T* p, T* out, int rows, int d, float eps) {
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    long long o = (long long)row * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        T t = kl_st<T>(kl_ld(y[o + i]) + kl_ld(p[i]));
+        out[o + i] = kl_st<T>(kl_ld(t) + kl_ld(r[o + i]));
+    }
+    __syncthreads();
+    float m, rs;
+    row_moments(out + o, d, eps, &m, &rs);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[o + i] = kl_st<T>((kl_ld(out[o + i]) - m) * rs * kl_ld(p[d + i]) + kl_ld(p[2 * d + i]));
+}
+
+extern "C" __global__ void kl_residual_layer_norm(const float* y, const float* r, const float* p, float* out, int rows, int d, float eps) {
+    residual_layer_norm(y, r, p, out, rows, d, eps);
+}
+extern "C" __global__ void kl_residual_layer_norm_bf16(const __nv_bfloat16* y, const __nv_bfloat16* r, const __nv_bfloat16* p, __nv_bfloat16* out, int rows, int d, float eps) {
+    residual_layer_norm(y, r, p, out, rows, d, eps);
+}
+extern "C" __global__ void kl_residual_layer_norm_f16(const __half* y, const __half* r, const __half* p, __half* out, int rows, int d, float eps) {
+    residual_layer_norm(y, r, p, out, rows, d, eps);
+}
+
 #define KL_LN_MAX_D 4096
 
 // Its backward, `chunk` rows per block: with x̂ the standardized row and g' = g w,
