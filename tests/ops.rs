@@ -110,7 +110,7 @@ fn residual_layer_norm_on_the_test_device_matches_f64() {
         for (dtype, tol) in [(DType::F32, 2e-6), (DType::BF16, 2e-2), (DType::F16, 3e-3)] {
             let of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
             let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
-            let got = ops::residual_layer_norm_infer(&on(&y), &on(&bias), &on(&r), &on(&w), &on(&b), 1e-5).unwrap();
+            let got = ops::residual_layer_norm_infer(&on(&y), &on(&r), &ops::pack_residual_layer_norm(&on(&bias), &on(&w), &on(&b)).unwrap(), 1e-5).unwrap();
             assert_eq!((got.dtype(), got.dims()), (dtype, &[rows, d][..]));
             let z = (of(&y).broadcast_add(&of(&bias)).unwrap() + of(&r)).unwrap();
             let want = ops::standardize_last(&z, 1e-5).unwrap().broadcast_mul(&of(&w)).unwrap().broadcast_add(&of(&b)).unwrap();
@@ -119,6 +119,10 @@ fn residual_layer_norm_on_the_test_device_matches_f64() {
             assert!(e <= tol, "residual layer norm [{rows}, {d}] in {dtype:?} on {dev:?}: rel. error {e:e}");
         }
     }
+    // Packed parameters of the wrong length: an error that says what it wants.
+    let y = rand(&[2, 8], 1, DType::F32).to_device(&dev).unwrap();
+    let err = ops::residual_layer_norm_infer(&y, &y, &rand(&[16], 2, DType::F32).to_device(&dev).unwrap(), 1e-5).unwrap_err().to_string();
+    assert!(err.contains("16 packed parameters for rows of 8") && err.contains("24"), "{err}");
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! The struct tree is the checkpoint tree: `FeatureEncoder` loads
 //! `feature_extractor.conv_layers.{i}.*`, `Encoder` loads `encoder.*`, and so on.
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Tensor};
 
 use super::config::Wav2Vec2Config;
@@ -380,6 +382,19 @@ struct EncoderLayer {
     feed_forward: FeedForward,
     final_layer_norm: Norm,
     stable: bool,
+    /// Post-norm inference off the CPU: the packed parameters of its two one-pass sites.
+    packed_norms: Mutex<Option<PackedNorms>>,
+}
+
+/// An [`EncoderLayer`]'s parameters packed for `ops::residual_layer_norm_infer`.
+#[derive(Clone)]
+struct PackedNorms {
+    /// The parameter version of the six tensors they were built from.
+    epoch: (u64, u64),
+    /// [out_proj bias; layer_norm weight; layer_norm bias]
+    attention: Tensor,
+    /// [output_dense bias; final_layer_norm weight; final_layer_norm bias]
+    feed_forward: Tensor,
 }
 
 impl EncoderLayer {
@@ -421,9 +436,27 @@ impl EncoderLayer {
         let (Some((w1, b1, eps1)), Some((w2, b2, eps2))) = (self.layer_norm.last_dim_inference(x, ctx), self.final_layer_norm.last_dim_inference(x, ctx)) else {
             return Ok(None);
         };
-        let h = crate::ops::residual_layer_norm_infer(&out.product_infer(&self.attention.context_infer(x, bias)?)?, ob, x, w1, b1, eps1)?;
+        // The packed parameters, rebuilt when any of the six changed since (a training run's
+        // validation passes).
+        let epoch = super::params::parameter_version(&[ob, w1, b1, fb, w2, b2]);
+        let p = {
+            let mut cache = self.packed_norms.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.as_ref().filter(|c| c.epoch == epoch) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = PackedNorms {
+                        epoch,
+                        attention: crate::ops::pack_residual_layer_norm(ob, w1, b1)?,
+                        feed_forward: crate::ops::pack_residual_layer_norm(fb, w2, b2)?,
+                    };
+                    *cache = Some(p.clone());
+                    p
+                }
+            }
+        };
+        let h = crate::ops::residual_layer_norm_infer(&out.product_infer(&self.attention.context_infer(x, bias)?)?, x, &p.attention, eps1)?;
         let f = self.feed_forward.intermediate_dense.forward_ctx_act(&h, ctx, self.feed_forward.act)?;
-        Ok(Some(crate::ops::residual_layer_norm_infer(&ff_out.product_infer(&f)?, fb, &h, w2, b2, eps2)?))
+        Ok(Some(crate::ops::residual_layer_norm_infer(&ff_out.product_infer(&f)?, &h, &p.feed_forward, eps2)?))
     }
 }
 
@@ -490,6 +523,7 @@ impl Wav2Vec2Model {
                 feed_forward: FeedForward::load(cfg, &lvb.pp("feed_forward"))?,
                 final_layer_norm: Norm::load(&lvb.pp("final_layer_norm"), h, NormAxis::LastDim, eps, site(Some(i), false))?,
                 stable: cfg.do_stable_layer_norm,
+                packed_norms: Mutex::new(None),
             });
         }
         let encoder = Encoder {

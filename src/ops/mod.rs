@@ -897,25 +897,35 @@ pub fn residual_layer_norm_applies(x: &Tensor) -> bool {
     (kernels::apply_any_float(x) || (gpu_path_active() && enabled() && x.device().is_cpu())) && kernels::kernel_on("residual_layer_norm")
 }
 
+/// A linear layer's bias and the next LayerNorm's weight and bias packed as one [3 d] tensor
+/// for [`residual_layer_norm_infer`] (its kernel takes three inputs; a caller that runs many
+/// batches keeps the packed copy).
+pub fn pack_residual_layer_norm(bias: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::cat(&[bias.detach().flatten_all()?, w.detach().flatten_all()?, b.detach().flatten_all()?], 0)?)
+}
+
 /// Inference: `LayerNorm((y + bias) + r)` over the last axis, where y is a linear layer's
-/// product without its bias and r the residual (a post-norm transformer layer: the attention's
-/// and the feed-forward's output projections). On a GPU one kernel (`kl_residual_layer_norm`:
-/// one pass over y and r, where the bias add, the residual add and candle's LayerNorm made
-/// three, about 100 µs a site for an f32 batch of 16 x 10 s on the H200); elsewhere those three
-/// ops. No gradient.
-pub fn residual_layer_norm_infer(y: &Tensor, bias: &Tensor, r: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+/// product without its bias, r the residual and p = [bias; w; b] ([`pack_residual_layer_norm`])
+/// (a post-norm transformer layer: the attention's and the feed-forward's output projections).
+/// On a GPU one kernel (`kl_residual_layer_norm`: one pass over y and r, where the bias add,
+/// the residual add and candle's LayerNorm made three, about 100 µs a site for an f32 batch of
+/// 16 x 10 s on the H200); elsewhere those three ops. No gradient.
+pub fn residual_layer_norm_infer(y: &Tensor, r: &Tensor, p: &Tensor, eps: f64) -> Result<Tensor> {
     let d = y.dim(D::Minus1)?;
-    let same = [bias, r, w, b].iter().all(|t| t.dtype() == y.dtype());
-    if kernels::apply_any_float(y) && same && kernels::kernel_on("residual_layer_norm") && [bias, w, b].iter().all(|t| t.elem_count() == d) {
+    if p.elem_count() != 3 * d {
+        return Err(crate::Error::InvalidInput(format!("residual_layer_norm_infer: {} packed parameters for rows of {d} (want bias, weight and bias: {})", p.elem_count(), 3 * d)));
+    }
+    let same = r.dtype() == y.dtype() && p.dtype() == y.dtype();
+    if kernels::apply_any_float(y) && same && kernels::kernel_on("residual_layer_norm") {
         RESIDUAL_LN_CALLS.with(|c| c.set(c.get() + 1));
-        let p = Tensor::cat(&[bias.detach().flatten_all()?, w.detach().flatten_all()?, b.detach().flatten_all()?], 0)?;
-        return Ok(kernels::residual_layer_norm_of(y, r, &p, eps)?);
+        return Ok(kernels::residual_layer_norm_of(y, r, p, eps)?);
     }
     if gpu_path_active() {
         RESIDUAL_LN_CALLS.with(|c| c.set(c.get() + 1));
     }
-    let x = (y.detach().broadcast_add(&bias.detach())? + r.detach())?.contiguous()?;
-    Ok(candle_nn::ops::layer_norm(&x, &w.detach(), &b.detach(), eps as f32)?)
+    let p = p.detach().flatten_all()?;
+    let x = (y.detach().broadcast_add(&p.narrow(0, 0, d)?)? + r.detach())?.contiguous()?;
+    Ok(candle_nn::ops::layer_norm(&x, &p.narrow(0, d, d)?, &p.narrow(0, 2 * d, d)?, eps as f32)?)
 }
 
 /// LayerNorm over the last dimension with weight and bias, differentiable in all three
