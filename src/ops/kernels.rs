@@ -813,6 +813,9 @@ enum AffineNorm {
     /// Per-channel GroupNorm over the frames of channels-last [b, t, c], the exact GELU after
     /// it when `gelu` (inference only: no backward then).
     GroupCl { b: usize, t: usize, c: usize, gelu: bool },
+    /// Inference only: LayerNorm((y + bias) + r) over rows of `d`, the inputs (y, r, [bias; w;
+    /// b]) ([`residual_layer_norm`]).
+    ResidualLayer { d: usize },
 }
 
 /// A normalization with weight and bias as klspeech's kernels: (x, w, b) -> y forward;
@@ -838,13 +841,14 @@ impl AffineNormKernel {
             }
             (AffineNorm::GroupCl { b, t, c, gelu }, false) => (group_norm_cl_fwd(b, t, c, self.eps, gelu, dtype), 0),
             (AffineNorm::GroupCl { b, t, c, .. }, true) => (group_norm_cl_bwd(b, t, c, self.eps, dtype), b),
+            (AffineNorm::ResidualLayer { d }, _) => (residual_layer_norm(n / d.max(1), d, self.eps, dtype), 0),
         }
     }
 
     /// Width of the normalized axis (the weight's length).
     fn width(&self) -> usize {
         match self.norm {
-            AffineNorm::Layer { d } => d,
+            AffineNorm::Layer { d } | AffineNorm::ResidualLayer { d } => d,
             AffineNorm::GroupCl { c, .. } => c,
         }
     }
@@ -857,6 +861,7 @@ impl candle_core::CustomOp3 for AffineNormKernel {
             (AffineNorm::Layer { .. }, true) => "klspeech-kernel-layer-norm-bwd",
             (AffineNorm::GroupCl { .. }, false) => "klspeech-kernel-group-norm-cl",
             (AffineNorm::GroupCl { .. }, true) => "klspeech-kernel-group-norm-cl-bwd",
+            (AffineNorm::ResidualLayer { .. }, _) => "klspeech-kernel-residual-layer-norm",
         }
     }
     cuda_only!(3);
@@ -888,8 +893,8 @@ impl candle_core::CustomOp3 for AffineNormKernel {
         }
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if matches!(self.norm, AffineNorm::GroupCl { gelu: true, .. }) {
-            candle_core::bail!("klspeech-kernel-group-norm-cl with GELU: inference only, no backward");
+        if matches!(self.norm, AffineNorm::GroupCl { gelu: true, .. } | AffineNorm::ResidualLayer { .. }) {
+            candle_core::bail!("{}: inference only, no backward", <Self as candle_core::CustomOp3>::name(self));
         }
         let (n, d) = (x.elem_count(), self.width());
         let op = AffineNormKernel { norm: self.norm, eps: self.eps, backward: true };
@@ -1069,41 +1074,6 @@ pub(crate) fn gather_taps_of(x: &Tensor, t: usize, k0: usize, kc: usize, stride:
     x.contiguous()?.apply_op1_no_bwd(&GatherTaps { t, kc, stride, k0 })
 }
 
-/// [`residual_layer_norm`] as a candle op without a backward: (y, r, p [3 d]) -> out.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct ResidualLayerNorm {
-    eps: f64,
-}
-
-impl candle_core::CustomOp3 for ResidualLayerNorm {
-    fn name(&self) -> &'static str {
-        "klspeech-kernel-residual-layer-norm"
-    }
-    cuda_only!(3);
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        #[cfg(feature = "cuda")]
-        {
-            let d = l3.shape().elem_count() / 3;
-            let rows = l1.shape().elem_count() / d.max(1);
-            let dtype = candle_core::backend::BackendStorage::dtype(s1);
-            gpu::launch_op(&residual_layer_norm(rows, d, self.eps, dtype), &[(s1, l1), (s2, l2), (s3, l3)], l1.shape())
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            candle_core::bail!("klspeech-kernel-residual-layer-norm: built without CUDA")
-        }
-    }
-}
-
 /// LayerNorm((y + bias) + r) over the last axis by [`residual_layer_norm`] (no gradient):
 /// y and r of one shape [.., d], p = [bias; w; b] [3 d], all of one type, on a GPU.
 pub(crate) fn residual_layer_norm_of(y: &Tensor, r: &Tensor, p: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -1111,7 +1081,8 @@ pub(crate) fn residual_layer_norm_of(y: &Tensor, r: &Tensor, p: &Tensor, eps: f6
     if y.dims() != r.dims() || p.elem_count() != 3 * d || d == 0 {
         candle_core::bail!("klspeech residual_layer_norm: y {:?}, r {:?}, parameters {:?}", y.dims(), r.dims(), p.dims())
     }
-    y.detach().contiguous()?.apply_op3_no_bwd(&r.detach().contiguous()?, &p.detach().contiguous()?, &ResidualLayerNorm { eps })
+    let op = AffineNormKernel { norm: AffineNorm::ResidualLayer { d }, eps, backward: false };
+    y.detach().contiguous()?.apply_op3_no_bwd(&r.detach().contiguous()?, &p.detach().contiguous()?, &op)
 }
 
 /// [`col2im`] as a candle op without a backward: dcols [n, t, k, c] -> dx [n, l, c].
