@@ -101,3 +101,28 @@ fn gradients_that_meet_are_summed_and_subtractions_negate() {
     assert!(g.is_contiguous() && dx.is_contiguous());
     assert_eq!(values(g), vec![1.0; 4]);
 }
+
+/// Under cargo (`.cargo/config.toml`) every CPU matmul refuses what the CUDA backend's
+/// `gemm_config` refuses (vendor/README.md): rows with a leading dimension other than k
+/// (lhs) or n (rhs). A head's slice of a [T, 24] projection, [T, 6] with stride 24, is such a
+/// view (the CPU's gemm would take it); made contiguous, or as a whole transposed view, it
+/// passes.
+#[test]
+fn cpu_matmuls_refuse_what_cuda_refuses() {
+    assert_eq!(
+        std::env::var("KLSPEECH_CUDA_MATMUL_CHECK").as_deref(),
+        Ok("1"),
+        "cargo sets KLSPEECH_CUDA_MATMUL_CHECK=1 (.cargo/config.toml); run the tests through cargo"
+    );
+    let x = Tensor::arange(0f32, 49.0 * 24.0, &Device::Cpu).unwrap().reshape((49, 24)).unwrap();
+    let head = x.narrow(1, 6, 6).unwrap();
+    let err = head.matmul(&head.t().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("a layout the CUDA backend refuses (KLSPEECH_CUDA_MATMUL_CHECK)"), "{err}");
+    let head = head.contiguous().unwrap();
+    let s = head.matmul(&head.t().unwrap()).unwrap();
+    // Row 0 of the contiguous slice is 6..12: its square sum.
+    let want: f32 = (6..12).map(|v| (v * v) as f32).sum();
+    assert_eq!(s.get(0).unwrap().get(0).unwrap().to_scalar::<f32>().unwrap(), want);
+    // A whole matrix transposed is a layout cuBLAS reads (CUBLAS_OP_T).
+    assert_eq!(x.t().unwrap().matmul(&x).unwrap().dims(), &[24, 24]);
+}

@@ -758,7 +758,7 @@ fn inference_attention_matches_the_composite() {
             let hd = h / heads;
             for bi in 0..b {
                 for hi in 0..heads {
-                    let pick = |x: &Tensor| x.get(bi).unwrap().narrow(1, hi * hd, hd).unwrap();
+                    let pick = |x: &Tensor| x.get(bi).unwrap().narrow(1, hi * hd, hd).unwrap().contiguous().unwrap();
                     let mut s = (pick(&q).matmul(&pick(&k).t().unwrap()).unwrap() * scale).unwrap();
                     if let Some(bias) = &bias {
                         s = s.broadcast_add(&bias.get(bi).unwrap().unsqueeze(0).unwrap()).unwrap();

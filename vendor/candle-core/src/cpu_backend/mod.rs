@@ -1437,6 +1437,34 @@ impl MatMul {
         };
         Ok((a_skip, b_skip))
     }
+
+    /// With `KLSPEECH_CUDA_MATMUL_CHECK=1` in the environment (read once), refuses the layouts
+    /// that the CUDA backend's `gemm_config` refuses: cuBLAS takes each operand's rows
+    /// contiguous (or transposed) with a leading dimension of exactly k (lhs) or n (rhs),
+    /// where the CPU's gemm takes any strides. So a CPU run finds the matmuls that would fail
+    /// with `MatMulNonContiguous` on a GPU. (klspeech: vendor/README.md.)
+    fn check_cuda_layouts(&self, lhs_l: &Layout, rhs_l: &Layout) -> Result<()> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var("KLSPEECH_CUDA_MATMUL_CHECK").is_ok_and(|v| v == "1")) {
+            return Ok(());
+        }
+        let (_b, m, n, k) = self.0;
+        let last2 = |l: &Layout| {
+            let s = l.stride();
+            (s[s.len() - 1], s[s.len() - 2])
+        };
+        let (rhs_m1, rhs_m2) = last2(rhs_l);
+        let (lhs_m1, lhs_m2) = last2(lhs_l);
+        let rhs_ok = ((rhs_m1 == 1 || n == 1) && (rhs_m2 == n || k == 1))
+            || ((rhs_m1 == k || n == 1) && (rhs_m2 == 1 || k == 1));
+        let lhs_ok = ((lhs_m1 == 1 || k == 1) && (lhs_m2 == k || m == 1))
+            || ((lhs_m1 == m || k == 1) && (lhs_m2 == 1 || m == 1));
+        if rhs_ok && lhs_ok {
+            Ok(())
+        } else {
+            Err(self.striding_error(lhs_l, rhs_l, "a layout the CUDA backend refuses (KLSPEECH_CUDA_MATMUL_CHECK)"))
+        }
+    }
 }
 
 impl Map2 for MatMul {
@@ -1457,6 +1485,7 @@ impl Map2 for MatMul {
             _ => Err(Error::UnsupportedDTypeForOp(T::DTYPE, "matmul").bt())?,
         }
 
+        self.check_cuda_layouts(lhs_l, rhs_l)?;
         let (b, m, n, k) = self.0;
         let lhs = &lhs[lhs_l.start_offset()..];
         let rhs = &rhs[rhs_l.start_offset()..];
