@@ -20,7 +20,7 @@ TINY = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, interme
             conv_dim=[128] * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", choices=["tiny", "base"], required=True)
     ap.add_argument("--batch", type=int, required=True)
@@ -31,7 +31,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 matmuls and convolutions (klspeech --tf32)")
-    a = ap.parse_args()
+    return ap
+
+
+def setup(a):
+    """(step, sync, attention): one timed unit of the row (a training step, or an inference
+    batch under inference_mode), a device synchronization, and the attention implementation
+    transformers chose ("sdpa", "eager", ...)."""
     # Both switches, as klspeech's: PyTorch's default lets cuDNN run f32 convolutions in TF32
     # (torch.backends.cudnn.allow_tf32 = True) while its matmuls stay f32, so its "f32" rows
     # were a mix; without --tf32 both sides now compute f32 convolutions in f32.
@@ -44,7 +50,6 @@ def main() -> None:
                  final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, num_labels=12)
     cfg = Wav2Vec2Config(**(TINY if a.config == "tiny" else {}), **extra)
     x = torch.randn(a.batch, int(a.seconds * 16000), device=a.device, dtype=dtype)
-    times = []
 
     def sync():
         if a.device != "cpu":
@@ -54,33 +59,39 @@ def main() -> None:
         model = Wav2Vec2ForSequenceClassification(cfg).to(a.device, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         y = torch.randint(0, 12, (a.batch,), device=a.device)
-        for i in range(a.iters + 2):
-            sync()
-            t = time.perf_counter()
+
+        def step():
             loss = model(x, labels=y).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t)
     else:
         model = Wav2Vec2Model(cfg).eval().to(a.device, dtype)
-        with torch.inference_mode():
-            for i in range(a.iters + 2):
-                sync()
-                t = time.perf_counter()
+
+        def step():
+            with torch.inference_mode():
                 model(x)
-                sync()
-                if i >= 2:  # warm-up
-                    times.append(time.perf_counter() - t)
+    return step, sync, getattr(model.config, "_attn_implementation", None)
+
+
+def main() -> None:
+    a = parser().parse_args()
+    step, sync, attention = setup(a)
+    times = []
+    for i in range(a.iters + 2):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t)
     med = statistics.median(times)
     print(json.dumps({
         "config": a.config, "batch": a.batch, "seconds": a.seconds, "threads": a.threads,
         "median_ms": med * 1000, "audio_s_per_s": a.batch * a.seconds / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if a.device != "cpu" else None,
-        "dtype": a.dtype, "train": a.train, "tf32_matmul": a.tf32,
+        "dtype": a.dtype, "train": a.train, "tf32_matmul": a.tf32, "attention": attention,
     }))
 
 

@@ -24,6 +24,7 @@
 #     (KLSPEECH_CONV_GEMM=off|all|pos|fe, src/ops/conv_gemm.rs, default auto; tested in the ops
 #     and conv suites);
 #   - CUPTI kernel profiles of a training step (LayerNorm, KL-Norm) and of an inference batch.
+#   - PyTorch's kernel profiles of the same rows (torch.profiler, tools/profile_pytorch.py).
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_check.log.
 #
 # Build the archive it needs here (cuDNN build, only the executables used below, ~40 MiB):
@@ -221,6 +222,11 @@ KLSPEECH_BENCH_STAGES=1 KLSPEECH_BENCH_ROWS=base-train-8x4-f32,base-infer-16x10-
 profile base-train-8x4-f32-klnorm
 profile base-infer-16x10-bf16
 profile base-infer-16x10-f32-tf32
+# PyTorch's side of the main rows under torch.profiler (tools/profile_pytorch.py): its kernels
+# beside klspeech's profiles above (which cuDNN algorithms, whether its attention runs fused
+# SDPA kernels, what its convolutions cost), so the next changes aim at measured gaps.
+T=150 TAIL=200 t "pytorch kernel profiles" python3 tools/profile_pytorch.py --device cuda \
+  --rows base-infer-16x10-f32,base-infer-16x10-f32-tf32,base-infer-16x10-bf16,base-train-8x4-f32,base-train-8x4-bf16
 # Last (the rows above come first if time runs short): the keyword-spotting example end to end
 # on the GPU (dropout, SpecAugment, KL-Norm noise: the real fine-tuning path), to compare with
 # its CPU figures in the README (1.2 min on 2 cores).

@@ -7,7 +7,8 @@ Prints, in this order:
      ratio and peak memory per row, as a Markdown table;
   3. every other bench section's klspeech ms, each with the main run's ms over it (below 1:
      the section's setting is slower than the default, above 1: faster);
-  4. the top kernels of each CUPTI profile (--top N, default 8).
+  4. the top kernels of each profile, klspeech's (CUPTI) and PyTorch's (torch.profiler,
+     "kernel profile pytorch <row>") (--top N, default 8).
 
 Usage: python3 tools/gpu_log_summary.py docs/gpu_check_h200_<date>.log [--top N]
 Reads text only; needs nothing beyond the Python standard library.
@@ -99,9 +100,9 @@ def main(argv):
     for title, body in sections:
         if not title.startswith("kernel profile"):
             continue
-        per_step = next((l for l in body if "GPU profile of" in l), "")
+        per_step = next((l for l in body if " profile of " in l and "steps (" in l), "")
         print(f"- {title}: {per_step.split(': ', 1)[-1].strip()}")
-        table = [l for l in body if l.startswith("| ") and not l.startswith("| GPU time") and not l.startswith("|---")]
+        table = [l for l in body if l.startswith("| ") and not l.startswith("|---") and cells(l)[1:2] != ["share"]]
         for l in table[:top]:
             c = cells(l)
             if len(c) >= 5:
