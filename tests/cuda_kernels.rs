@@ -921,7 +921,9 @@ fn col2im_is_the_phase_sum_bit_for_bit() {
 /// candle's `contiguous()` bit for bit, in f32, bf16 and f16: the attention's head split
 /// ([B, T, 3, nh, hd] -> [3, B, nh, T, hd]) and merge, a narrowed view (start offset and
 /// padded rows), the grouped convolution's group-major block, rows shorter than a warp, more
-/// rows than one launch's warps.
+/// rows than one launch's warps; and with `pad` zero rows after the second-to-last axis
+/// (the attention's padded keys) `contiguous()` then `pad_with_zeros`, the padding +0 exactly
+/// (the output buffer starts as NaN).
 #[test]
 fn copy_rows_is_candles_contiguous_copy() {
     type View = Box<dyn Fn(&Tensor) -> Tensor>;
@@ -941,14 +943,18 @@ fn copy_rows_is_candles_contiguous_copy() {
         // (A view of the base's storage: candle copies on some ops, `get` of a view among them.)
         assert!(!v.is_contiguous() && strides.last() == Some(&1));
         let r = dims.len() - 1;
-        let want: Vec<f32> = v.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let what = format!("view {dims:?} / {strides:?} at {start} of {shape:?}");
-        let plan = kernels::copy_rows(dims[r], &dims[..r], &strides[..r], DType::F32);
-        let got = run(&plan, &[data[start..].to_vec(), vec![f32::NAN; want.len()]])[1].clone();
-        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
-        for dtype in [DType::BF16, DType::F16] {
-            let got = run_bufs(&kernels::copy_rows(dims[r], &dims[..r], &strides[..r], dtype), &[half_buf(dtype, &data[start..]), half_empty(dtype, want.len())])[1].clone();
-            assert_eq!(got, half_buf(dtype, &want), "{what} in {dtype:?}");
+        for pad in [0, 1, 5] {
+            let want = v.contiguous().unwrap().pad_with_zeros(r - 1, 0, pad).unwrap();
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let what = format!("view {dims:?} / {strides:?} at {start} of {shape:?}, {pad} zero rows");
+            let plan = if pad == 0 { kernels::copy_rows(dims[r], &dims[..r], &strides[..r], DType::F32) } else { kernels::copy_rows_padded(dims[r], &dims[..r], &strides[..r], pad, DType::F32) };
+            let got = run(&plan, &[data[start..].to_vec(), vec![f32::NAN; want.len()]])[1].clone();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
+            for dtype in [DType::BF16, DType::F16] {
+                let plan = kernels::copy_rows_padded(dims[r], &dims[..r], &strides[..r], pad, dtype);
+                let got = run_bufs(&plan, &[half_buf(dtype, &data[start..]), half_empty(dtype, want.len())])[1].clone();
+                assert_eq!(got, half_buf(dtype, &want), "{what} in {dtype:?}");
+            }
         }
     }
 }

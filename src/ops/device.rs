@@ -273,13 +273,17 @@ pub fn set_key_padding(on: bool) {
     KEY_PAD.set(on);
 }
 
-/// Keys or values [B, nh, T, hd] with `pad` zero rows after the T real ones.
-fn pad_keys(x: Tensor, pad: usize) -> candle_core::Result<Tensor> {
-    if pad == 0 {
-        Ok(x)
-    } else {
-        x.pad_with_zeros(2, 0, pad)
-    }
+/// The heads of a packed projection qkv [B, T, 3H]: q [B, nh, T, hd] and the keys and values
+/// [B, nh, T + pad, hd] with `pad` zero rows after the T real ones, all three views of one
+/// [3, B, nh, T + pad, hd] copy (on a GPU one `kl_copy_rows` pass writing the padding too,
+/// where the head split and then a zero fill and a concatenation for each of k and v read
+/// and wrote them three times; q's padding rows are written and never read).
+fn split_heads(qkv: &Tensor, heads: usize, pad: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, h3) = qkv.dims3()?;
+    let hd = h3 / 3 / heads;
+    // [B, T, 3, nh, hd] -> [3, B, nh, T + pad, hd]
+    let all = super::kernels::contiguous_rows_padded(&qkv.reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?, pad)?;
+    Ok((all.get(0)?.narrow(2, 0, t)?, all.get(1)?, all.get(2)?))
 }
 
 /// A [B, nh, T, T] tensor with `pad` zero columns after its T.
@@ -326,13 +330,9 @@ fn probabilities(s: &Tensor, key_bias: Option<&Tensor>, t: usize, scale: f64) ->
 /// scale on q and candle's softmax), qkv [B, T, 3H] -> o [B, T, H]. No gradient.
 pub fn attention_infer_device(qkv: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, t, h3) = qkv.dims3()?;
-    let hd = h3 / 3 / heads;
-    // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
-    let qkv = super::kernels::contiguous_rows(&qkv.detach().reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?)?;
-    let pad = key_padding(t);
-    let (k, v) = (pad_keys(qkv.get(1)?, pad)?, pad_keys(qkv.get(2)?, pad)?);
+    let (q, k, v) = split_heads(&qkv.detach(), heads, key_padding(t))?;
     // (cuBLAS reads k^T in place.)
-    let p = probabilities(&qkv.get(0)?.matmul(&k.transpose(2, 3)?)?, key_bias, t, scale)?; // [B, nh, T, T + pad]
+    let p = probabilities(&q.matmul(&k.transpose(2, 3)?)?, key_bias, t, scale)?; // [B, nh, T, T + pad]
     Ok(super::kernels::contiguous_rows(&p.matmul(&v)?.transpose(1, 2)?)?.reshape((b, t, h3 / 3))?)
 }
 
@@ -362,7 +362,7 @@ struct AttentionDevice {
 
 /// What the forward computes and the backward needs again.
 struct AttentionParts {
-    /// [B, nh, T, hd]
+    /// [B, nh, T, hd] (a view of [`split_heads`]' padded copy)
     q: Tensor,
     /// Keys and values [B, nh, T + pad, hd] ([`key_padding`]: zero rows after the T).
     k: Tensor,
@@ -377,12 +377,9 @@ impl AttentionDevice {
     /// The parts and the output o [B, T, H].
     fn forward(&self, qkv: &Tensor) -> candle_core::Result<(AttentionParts, Tensor)> {
         let (b, t, h3) = qkv.dims3()?;
-        let hd = h3 / 3 / self.heads;
-        // [B, T, 3, nh, hd] -> [3, B, nh, T, hd], one copy for all three.
-        let qkv = super::kernels::contiguous_rows(&qkv.reshape((b, t, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?)?;
         // Keys and values padded to a multiple of 8 ([`key_padding`]): [B, nh, T + pad, hd].
         let pad = key_padding(t);
-        let (q, k, v) = (qkv.get(0)?, pad_keys(qkv.get(1)?, pad)?, pad_keys(qkv.get(2)?, pad)?);
+        let (q, k, v) = split_heads(qkv, self.heads, pad)?;
         // (cuBLAS reads k^T, like the transposes below, in place.)
         let s = q.matmul(&k.transpose(2, 3)?)?; // [B, nh, T, T + pad]
         let p = probabilities(&s, self.key_bias.as_ref(), t, self.scale)?;

@@ -283,13 +283,20 @@ pub const COPY_ROWS_MAX_AXES: usize = 5;
 /// elements) of the row axes, at most [`COPY_ROWS_MAX_AXES`], each stride and dim under 2^31.
 /// One warp per row, 8 rows a block, about 4096 blocks at most (grid-stride beyond).
 pub fn copy_rows(len: usize, dims: &[usize], strides: &[usize], dtype: DType) -> Launch {
-    assert!(dims.len() == strides.len() && dims.len() <= COPY_ROWS_MAX_AXES, "klspeech copy_rows: {} dims, {} strides", dims.len(), strides.len());
-    let pad = COPY_ROWS_MAX_AXES - dims.len();
-    let d: Vec<usize> = std::iter::repeat_n(1, pad).chain(dims.iter().copied()).collect();
-    let st: Vec<usize> = std::iter::repeat_n(0, pad).chain(strides.iter().copied()).collect();
-    let rows: usize = dims.iter().product();
+    copy_rows_padded(len, dims, strides, 0, dtype)
+}
+
+/// [`copy_rows`] with `pad` zero rows after the last row axis: out [.., d_last + pad, len].
+pub fn copy_rows_padded(len: usize, dims: &[usize], strides: &[usize], pad: usize, dtype: DType) -> Launch {
+    assert!(dims.len() == strides.len() && !dims.is_empty() && dims.len() <= COPY_ROWS_MAX_AXES, "klspeech copy_rows: {} dims, {} strides", dims.len(), strides.len());
+    let lead = COPY_ROWS_MAX_AXES - dims.len();
+    let d: Vec<usize> = std::iter::repeat_n(1, lead).chain(dims.iter().copied()).collect();
+    let st: Vec<usize> = std::iter::repeat_n(0, lead).chain(strides.iter().copied()).collect();
+    let last = dims[dims.len() - 1];
+    let rows: usize = dims.iter().product::<usize>() / last.max(1) * (last + pad);
     let mut args = vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(len))];
     args.extend(d.iter().chain(&st).map(|&v| Arg::I32(i32_of(v))));
+    args.push(Arg::I32(i32_of(pad)));
     Launch { name: typed("kl_copy_rows", "kl_copy_rows_bf16", "kl_copy_rows_f16", dtype), grid: rows.div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
 }
 
@@ -1126,9 +1133,12 @@ pub(crate) fn col2im_of(dcols: &Tensor, l: usize, stride: usize, padding: usize)
     dcols.detach().contiguous()?.apply_op1_no_bwd(&Col2Im { l, stride, padding })
 }
 
-/// [`copy_rows`] as a candle op without a backward: a view -> its contiguous copy.
+/// [`copy_rows_padded`] as a candle op without a backward: a view -> its contiguous copy, with
+/// `pad` zero rows after its second-to-last axis.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct CopyRows;
+struct CopyRows {
+    pad: usize,
+}
 
 impl candle_core::CustomOp1 for CopyRows {
     fn name(&self) -> &'static str {
@@ -1141,12 +1151,14 @@ impl candle_core::CustomOp1 for CopyRows {
         {
             let (dims, strides) = (l.dims(), l.stride());
             let r = dims.len() - 1;
-            if strides[r] != 1 {
-                candle_core::bail!("klspeech-kernel-copy-rows: a view whose last axis has stride {}", strides[r]);
+            if strides[r] != 1 || r == 0 {
+                candle_core::bail!("klspeech-kernel-copy-rows: a view of {dims:?} whose last axis has stride {}", strides[r]);
             }
             let dtype = candle_core::backend::BackendStorage::dtype(x);
-            let plan = copy_rows(dims[r], &dims[..r], &strides[..r], dtype);
-            gpu::launch_op_view(&plan, (x, l), l.shape())
+            let plan = copy_rows_padded(dims[r], &dims[..r], &strides[..r], self.pad, dtype);
+            let mut out = dims.to_vec();
+            out[r - 1] += self.pad;
+            gpu::launch_op_view(&plan, (x, l), &candle_core::Shape::from(out))
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -1160,13 +1172,33 @@ impl candle_core::CustomOp1 for CopyRows {
 /// copy works out a multi-axis index per element: 0.4-1.3 TB/s on the H200 for the attention's
 /// head split); elsewhere candle's copy.
 pub(crate) fn contiguous_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    contiguous_rows_padded(x, 0)
+}
+
+/// [`contiguous_rows`] with `pad` zero rows after the second-to-last axis (x [.., n, len] ->
+/// [.., n + pad, len]): on a GPU the same one kernel, where a copy and then
+/// `pad_with_zeros` (a zero fill and a concatenation) read and write the result twice more;
+/// elsewhere exactly those.
+pub(crate) fn contiguous_rows_padded(x: &Tensor, pad: usize) -> candle_core::Result<Tensor> {
     let x = x.detach();
     let (dims, strides) = (x.dims(), x.stride());
     let fits = |v: &usize| *v < (1 << 31);
-    if x.is_contiguous() || !apply_any_float(&x) || !kernel_on("copy_rows") || dims.len() < 2 || dims.len() > COPY_ROWS_MAX_AXES + 1 || strides.last() != Some(&1) || !dims.iter().chain(strides.iter()).all(fits) {
-        return x.contiguous();
+    let rank = dims.len();
+    let kernel = apply_any_float(&x)
+        && kernel_on("copy_rows")
+        && (2..=COPY_ROWS_MAX_AXES + 1).contains(&rank)
+        && strides.last() == Some(&1)
+        && dims.iter().chain(strides.iter()).chain([&(dims[rank - 2] + pad)]).all(fits)
+        && !(x.is_contiguous() && pad == 0);
+    if kernel {
+        return x.apply_op1_no_bwd(&CopyRows { pad });
     }
-    x.apply_op1_no_bwd(&CopyRows)
+    let y = x.contiguous()?;
+    if pad == 0 || rank < 2 {
+        Ok(y)
+    } else {
+        y.pad_with_zeros(rank - 2, 0, pad)
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -749,17 +749,26 @@ extern "C" __global__ void kl_gather_taps_f16(const __half* x, __half* out, int 
 // each result rounded once to the storage type (the moments as stored feed the update).
 // A contiguous copy of a strided view whose last axis is contiguous (the attention's head
 // split and merge, the grouped convolution's group-major blocks: candle's strided copy
-// computes a multi-axis index per element). out [rows, len] with row r the view's row of
-// index (i0, .., i4) over dims d0..d4 (r = ((i0 d1 + i1) d2 + ..) d4 + i4; leading dims 1),
-// at x + sum i_k s_k. One warp per row, lanes along it; the index arithmetic once per row.
+// computes a multi-axis index per element), with `pad` zero rows after the last row axis
+// (the attention's keys and values padded to a multiple of 8 in the same pass). out
+// [d0, .., d3, d4 + pad, len]: row r of index (i0, .., i4) (r = ((i0 d1 + i1) d2 + ..)
+// (d4 + pad) + i4; leading dims 1) is the view's row at x + sum i_k s_k for i4 < d4, zeros
+// after. One warp per row, lanes along it; the index arithmetic once per row.
 template <typename T>
-__device__ void copy_rows(const T* x, T* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
-    long long rows = (long long)d0 * d1 * d2 * d3 * d4;
+__device__ void copy_rows(const T* x, T* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4, int pad) {
+    long long d4p = (long long)d4 + pad;
+    long long rows = (long long)d0 * d1 * d2 * d3 * d4p;
     int warps = blockDim.x / 32, lane = threadIdx.x % 32;
     for (long long r = (long long)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += (long long)gridDim.x * warps) {
         long long q = r;
-        long long src = (q % d4) * s4;
-        q /= d4;
+        long long i4 = q % d4p;
+        T* b = out + r * len;
+        if (i4 >= d4) {
+            for (int i = lane; i < len; i += 32) b[i] = kl_st<T>(0.0f);
+            continue;
+        }
+        long long src = i4 * s4;
+        q /= d4p;
         src += (q % d3) * s3;
         q /= d3;
         src += (q % d2) * s2;
@@ -768,19 +777,18 @@ __device__ void copy_rows(const T* x, T* out, int len, int d0, int d1, int d2, i
         q /= d1;
         src += q * s0;
         const T* a = x + src;
-        T* b = out + r * len;
         for (int i = lane; i < len; i += 32) b[i] = a[i];
     }
 }
 
-extern "C" __global__ void kl_copy_rows(const float* x, float* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
-    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4);
+extern "C" __global__ void kl_copy_rows(const float* x, float* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4, int pad) {
+    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4, pad);
 }
-extern "C" __global__ void kl_copy_rows_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
-    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4);
+extern "C" __global__ void kl_copy_rows_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4, int pad) {
+    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4, pad);
 }
-extern "C" __global__ void kl_copy_rows_f16(const __half* x, __half* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4) {
-    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4);
+extern "C" __global__ void kl_copy_rows_f16(const __half* x, __half* out, int len, int d0, int d1, int d2, int d3, int d4, int s0, int s1, int s2, int s3, int s4, int pad) {
+    copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4, pad);
 }
 
 // The adjoint of the gather above for a whole strided convolution (ops::conv_gemm::input_grad):
