@@ -959,6 +959,33 @@ fn copy_rows_is_candles_contiguous_copy() {
     }
 }
 
+/// `kl_merge_qkv` (the attention backward's three head gradients into the packed projection's
+/// layout, each head's padded key rows of dk and dv dropped) is the stack and transposed copy
+/// it replaces, bit for bit in f32, bf16 and f16 (the output starts as NaN): padded and
+/// unpadded keys, heads wider than a warp.
+#[test]
+fn merge_qkv_is_the_stack_and_transposed_copy() {
+    for &(b, t, nh, hd, pad) in &[(2, 7, 3, 16, 1), (1, 5, 2, 40, 0), (3, 13, 4, 8, 3)] {
+        let tk = t + pad;
+        let dq = normal(b * nh * t * hd, 3100 + t as u64, 1.0, 0.0);
+        let dk = normal(b * nh * tk * hd, 3200 + t as u64, 1.0, 0.0);
+        let dv = normal(b * nh * tk * hd, 3300 + t as u64, 1.0, 0.0);
+        let q = Tensor::from_vec(dq.clone(), (b, nh, t, hd), &Device::Cpu).unwrap();
+        let k = Tensor::from_vec(dk.clone(), (b, nh, tk, hd), &Device::Cpu).unwrap();
+        let v = Tensor::from_vec(dv.clone(), (b, nh, tk, hd), &Device::Cpu).unwrap();
+        let stacked = Tensor::stack(&[q, k.narrow(2, 0, t).unwrap(), v.narrow(2, 0, t).unwrap()], 0).unwrap();
+        let want: Vec<f32> = stacked.permute((1, 3, 0, 2, 4)).unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let what = format!("b {b}, t {t}, {nh} heads of {hd}, {pad} padded keys");
+        let got = run(&kernels::merge_qkv(b, t, nh, hd, tk, DType::F32), &[dq.clone(), dk.clone(), dv.clone(), vec![f32::NAN; want.len()]])[3].clone();
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}");
+        for dtype in [DType::BF16, DType::F16] {
+            let bufs = [half_buf(dtype, &dq), half_buf(dtype, &dk), half_buf(dtype, &dv), half_empty(dtype, want.len())];
+            let got = run_bufs(&kernels::merge_qkv(b, t, nh, hd, tk, dtype), &bufs)[3].clone();
+            assert_eq!(got, half_buf(dtype, &want), "{what} in {dtype:?}");
+        }
+    }
+}
+
 /// `kl_adam_step` (AdamW's moments and update in one pass) is, bit for bit, `kl_adam_moments`
 /// then `kl_adam_apply` (themselves checked against the CPU's update and an independent
 /// half-type reference above): f32, bf16 and f16, with and without weight decay, three steps

@@ -446,11 +446,12 @@ impl CustomOp1 for AttentionDevice {
         };
         let dq = ds.matmul(&k)?;
         let dk = ds.transpose(2, 3)?.matmul(&q)?;
-        let rows = |x: Tensor| super::kernels::contiguous_rows(&x.narrow(2, 0, t)?);
-        let (dk, dv) = (rows(dk)?, rows(dv)?);
-        // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]
-        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?.permute((1, 3, 0, 2, 4))?;
-        Ok(Some(super::kernels::contiguous_rows(&dqkv)?.reshape((b, t, h3))?))
+        // [B, T, 3H], the padded keys' rows of dk and dv dropped.
+        let dqkv = super::kernels::merge_head_grads(&dq, &dk, &dv)?;
+        if dqkv.dims() != [b, t, h3] {
+            bail!("klspeech attention backward: merged gradient {:?} for [{b}, {t}, {h3}]", dqkv.dims());
+        }
+        Ok(Some(dqkv))
     }
 }
 

@@ -300,6 +300,14 @@ pub fn copy_rows_padded(len: usize, dims: &[usize], strides: &[usize], pad: usiz
     Launch { name: typed("kl_copy_rows", "kl_copy_rows_bf16", "kl_copy_rows_f16", dtype), grid: rows.div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
 }
 
+/// The attention backward's merge: buffers [dq [b, nh, t, hd], dk [b, nh, tk, hd],
+/// dv [b, nh, tk, hd], out [b, t, 3, nh, hd]] of `dtype` (each head's first t rows of dk and
+/// dv; tk >= t). One warp per output row, 8 rows a block, about 4096 blocks at most.
+pub fn merge_qkv(b: usize, t: usize, nh: usize, hd: usize, tk: usize, dtype: DType) -> Launch {
+    let args = vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(i32_of(b)), Arg::I32(i32_of(t)), Arg::I32(i32_of(nh)), Arg::I32(i32_of(hd)), Arg::I32(i32_of(tk))];
+    Launch { name: typed("kl_merge_qkv", "kl_merge_qkv_bf16", "kl_merge_qkv_f16", dtype), grid: (b * t * 3 * nh).div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
+}
+
 /// A strided convolution's column gradient added back onto its input frames: buffers
 /// [dcols [n, t, k, c], dx [n, l, c]] of `dtype` (f32, bf16, f16); dx frame f sums, in f32 in
 /// increasing tap j, dcols[u, j] for every output frame u with u stride + j = f + padding. One
@@ -1199,6 +1207,61 @@ pub(crate) fn contiguous_rows_padded(x: &Tensor, pad: usize) -> candle_core::Res
     } else {
         y.pad_with_zeros(rank - 2, 0, pad)
     }
+}
+
+/// [`merge_qkv`] as a candle op without a backward: (dq, dk, dv) -> [b, t, 3 nh hd].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct MergeQkv {
+    t: usize,
+}
+
+impl candle_core::CustomOp3 for MergeQkv {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-merge-qkv"
+    }
+    cuda_only!(3);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &candle_core::Layout,
+        k: &candle_core::CudaStorage,
+        lk: &candle_core::Layout,
+        v: &candle_core::CudaStorage,
+        lv: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let (b, nh, t, hd) = lq.shape().dims4()?;
+            let (kb, knh, tk, khd) = lk.shape().dims4()?;
+            if t != self.t || (kb, knh, khd) != (b, nh, hd) || lv.shape() != lk.shape() || tk < t {
+                candle_core::bail!("klspeech-kernel-merge-qkv: dq {:?}, dk {:?}, dv {:?} for {} frames", lq.shape(), lk.shape(), lv.shape(), self.t);
+            }
+            let dtype = candle_core::backend::BackendStorage::dtype(q);
+            gpu::launch_op(&merge_qkv(b, t, nh, hd, tk, dtype), &[(q, lq), (k, lk), (v, lv)], &candle_core::Shape::from((b, t, 3 * nh * hd)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-merge-qkv: built without CUDA")
+        }
+    }
+}
+
+/// The attention backward's head gradients as the packed projection's gradient: dq
+/// [B, nh, T, hd] and dk, dv [B, nh, T + pad, hd] (the padded keys' rows dropped) ->
+/// [B, T, 3 nh hd]. On a GPU one [`merge_qkv`] pass (under the `copy_rows` switch), elsewhere
+/// a copy of dk's and dv's first T rows, a stack and a transposed copy.
+pub(crate) fn merge_head_grads(dq: &Tensor, dk: &Tensor, dv: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, nh, t, hd) = dq.dims4()?;
+    let (dq, dk, dv) = (dq.detach(), dk.detach(), dv.detach());
+    let small = [b * t * 3 * nh, dk.elem_count(), dq.elem_count()].iter().all(|v| *v < (1 << 31));
+    if apply_any_float(&dq) && kernel_on("copy_rows") && small && dk.dtype() == dq.dtype() && dv.dtype() == dq.dtype() {
+        return dq.contiguous()?.apply_op3_no_bwd(&dk.contiguous()?, &dv.contiguous()?, &MergeQkv { t });
+    }
+    let rows = |x: &Tensor| contiguous_rows(&x.narrow(2, 0, t)?);
+    // [3, B, nh, T, hd] -> [B, T, 3, nh, hd] -> [B, T, 3H]
+    let all = Tensor::stack(&[dq, rows(&dk)?, rows(&dv)?], 0)?.permute((1, 3, 0, 2, 4))?;
+    contiguous_rows(&all)?.reshape((b, t, 3 * nh * hd))
 }
 
 #[cfg(feature = "cuda")]

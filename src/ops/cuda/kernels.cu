@@ -791,6 +791,38 @@ extern "C" __global__ void kl_copy_rows_f16(const __half* x, __half* out, int le
     copy_rows(x, out, len, d0, d1, d2, d3, d4, s0, s1, s2, s3, s4, pad);
 }
 
+// The attention backward's merge of the three head gradients into the packed projection's
+// layout: dq [b, nh, t, hd] and dk, dv [b, nh, tk, hd] (tk >= t: the padded keys' rows after
+// each head's t are dropped) -> out [b, t, 3, nh, hd]. One warp per output row, lanes along
+// hd; where the backward took a copy of dk's and dv's first t rows, a stack and a transposed
+// copy (four passes over the result, six launches), one pass and one launch.
+template <typename T>
+__device__ void merge_qkv(const T* dq, const T* dk, const T* dv, T* out, int b, int t, int nh, int hd, int tk) {
+    long long rows = (long long)b * t * 3 * nh;
+    int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    for (long long r = (long long)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += (long long)gridDim.x * warps) {
+        long long q = r;
+        long long h = q % nh;
+        q /= nh;
+        int j = (int)(q % 3);
+        q /= 3;
+        long long tt = q % t, bb = q / t;
+        const T* src = j == 0 ? dq + ((bb * nh + h) * t + tt) * hd : (j == 1 ? dk : dv) + ((bb * nh + h) * tk + tt) * hd;
+        T* dst = out + r * hd;
+        for (int i = lane; i < hd; i += 32) dst[i] = src[i];
+    }
+}
+
+extern "C" __global__ void kl_merge_qkv(const float* dq, const float* dk, const float* dv, float* out, int b, int t, int nh, int hd, int tk) {
+    merge_qkv(dq, dk, dv, out, b, t, nh, hd, tk);
+}
+extern "C" __global__ void kl_merge_qkv_bf16(const __nv_bfloat16* dq, const __nv_bfloat16* dk, const __nv_bfloat16* dv, __nv_bfloat16* out, int b, int t, int nh, int hd, int tk) {
+    merge_qkv(dq, dk, dv, out, b, t, nh, hd, tk);
+}
+extern "C" __global__ void kl_merge_qkv_f16(const __half* dq, const __half* dk, const __half* dv, __half* out, int b, int t, int nh, int hd, int tk) {
+    merge_qkv(dq, dk, dv, out, b, t, nh, hd, tk);
+}
+
 // The adjoint of the gather above for a whole strided convolution (ops::conv_gemm::input_grad):
 // the column gradient dcols [n, t, k, c] added back onto the input frames it read, dx [n, l, c]
 // (frames of the unpadded input; frame f is padded frame f + padding, which tap j of output
