@@ -8,7 +8,9 @@ Prints, in this order:
   3. every other bench section's klspeech ms, each with the main run's ms over it (below 1:
      the section's setting is slower than the default, above 1: faster);
   4. the top kernels of each profile, klspeech's (CUPTI) and PyTorch's (torch.profiler,
-     "kernel profile pytorch <row>") (--top N, default 8).
+     "kernel profile pytorch <row>") (--top N, default 8), with the launches a step and, for
+     klspeech's rows, the profiled GPU time over the median step (a row far under 100 % is
+     bound by the host's launches, not the GPU).
 
 Usage: python3 tools/gpu_log_summary.py docs/gpu_check_h200_<date>.log [--top N]
 Reads text only; needs nothing beyond the Python standard library.
@@ -101,8 +103,21 @@ def main(argv):
         if not title.startswith("kernel profile"):
             continue
         per_step = next((l for l in body if " profile of " in l and "steps (" in l), "")
-        print(f"- {title}: {per_step.split(': ', 1)[-1].strip()}")
         table = [l for l in body if l.startswith("| ") and not l.startswith("|---") and cells(l)[1:2] != ["share"]]
+        # Launches a step and, for klspeech's rows, the profiled GPU time over the row's median
+        # step: well under 100 %, the host's launches set the pace; over 100 %, the profiler's
+        # own cost (log e's inference rows: 118-140 %) or a setting the profile did not share.
+        extra = ""
+        m = re.search(r"of (\d+) steps \(([\d.]+) ms of GPU time per step\)", per_step)
+        total = next((cells(l) for l in table if cells(l)[-1:] == ["total"]), None)
+        if m and total and total[2].isdigit():
+            steps, gpu_ms = int(m.group(1)), float(m.group(2))
+            extra = f"; {int(total[2]) // max(steps, 1)} kernels and copies a step"
+            row = title.split()[-1]
+            median = main_rows.get(row, (None,))[0]
+            if median and not title.startswith("kernel profile pytorch"):
+                extra += f"; profiled GPU time {100 * gpu_ms / median:.0f} % of the {median} ms median step"
+        print(f"- {title}: {per_step.split(': ', 1)[-1].strip()}{extra}")
         for l in table[:top]:
             c = cells(l)
             if len(c) >= 5:
