@@ -959,6 +959,25 @@ fn copy_rows_is_candles_contiguous_copy() {
     }
 }
 
+/// `kl_cat3` (three buffers one after another: the attention's packed q / k / v weights and
+/// biases) is `Tensor::cat` bit for bit in f32, bf16 and f16 (the output starts as NaN):
+/// small and uneven parts, and more elements than one launch's threads (grid-stride).
+#[test]
+fn cat3_is_candles_concatenation() {
+    for &(na, nb, nc) in &[(5, 7, 3), (1, 1, 40), (400_000, 500_000, 300_000)] {
+        let parts = [normal(na, 3400, 1.0, 0.0), normal(nb, 3401, 1.0, 0.0), normal(nc, 3402, 1.0, 0.0)];
+        let t: Vec<Tensor> = parts.iter().map(|p| Tensor::from_vec(p.clone(), p.len(), &Device::Cpu).unwrap()).collect();
+        let want: Vec<f32> = Tensor::cat(&t, 0).unwrap().to_vec1().unwrap();
+        let got = run(&kernels::cat3(na, nb, nc, DType::F32), &[parts[0].clone(), parts[1].clone(), parts[2].clone(), vec![f32::NAN; want.len()]])[3].clone();
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{na} + {nb} + {nc}");
+        for dtype in [DType::BF16, DType::F16] {
+            let bufs = [half_buf(dtype, &parts[0]), half_buf(dtype, &parts[1]), half_buf(dtype, &parts[2]), half_empty(dtype, want.len())];
+            let got = run_bufs(&kernels::cat3(na, nb, nc, dtype), &bufs)[3].clone();
+            assert_eq!(got, half_buf(dtype, &want), "{na} + {nb} + {nc} in {dtype:?}");
+        }
+    }
+}
+
 /// `kl_merge_qkv` (the attention backward's three head gradients into the packed projection's
 /// layout, each head's padded key rows of dk and dv dropped) is the stack and transposed copy
 /// it replaces, bit for bit in f32, bf16 and f16 (the output starts as NaN): padded and

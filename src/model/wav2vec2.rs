@@ -245,14 +245,15 @@ impl Attention {
 
     /// q, k and v as one layer: weight [3H, H], bias [3H].
     fn packed_qkv(&self) -> Result<Linear> {
-        let w = Tensor::cat(&[&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight], 0)?; // [3H, H]
+        // (Off the CPU one kernel for the three: ops::kernels::concat3.)
+        let w = crate::ops::kernels::concat3([&self.q_proj.weight, &self.k_proj.weight, &self.v_proj.weight])?; // [3H, H]
         Ok(Linear::new(w, self.packed_bias()?))
     }
 
     /// The q, k, v biases as one [3H] (when all three have one).
     fn packed_bias(&self) -> Result<Option<Tensor>> {
         Ok(match (&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            (Some(q), Some(k), Some(v)) => Some(crate::ops::kernels::concat3([q, k, v])?),
             _ => None,
         })
     }

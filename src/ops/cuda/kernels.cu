@@ -823,6 +823,26 @@ extern "C" __global__ void kl_merge_qkv_f16(const __half* dq, const __half* dk, 
     merge_qkv(dq, dk, dv, out, b, t, nh, hd, tk);
 }
 
+// Three contiguous buffers one after another (the attention's q, k and v weights, or biases,
+// packed for one projection): out[i] = a[i], then b, then c, a thread per element. candle's
+// concatenation runs a 2-D copy kernel per input.
+template <typename T>
+__device__ void cat3(const T* a, const T* b, const T* c, T* out, int na, int nb, int nc) {
+    long long n = (long long)na + nb + nc;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = i < na ? a[i] : (i < (long long)na + nb ? b[i - na] : c[i - na - nb]);
+}
+
+extern "C" __global__ void kl_cat3(const float* a, const float* b, const float* c, float* out, int na, int nb, int nc) {
+    cat3(a, b, c, out, na, nb, nc);
+}
+extern "C" __global__ void kl_cat3_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* c, __nv_bfloat16* out, int na, int nb, int nc) {
+    cat3(a, b, c, out, na, nb, nc);
+}
+extern "C" __global__ void kl_cat3_f16(const __half* a, const __half* b, const __half* c, __half* out, int na, int nb, int nc) {
+    cat3(a, b, c, out, na, nb, nc);
+}
+
 // The adjoint of the gather above for a whole strided convolution (ops::conv_gemm::input_grad):
 // the column gradient dcols [n, t, k, c] added back onto the input frames it read, dx [n, l, c]
 // (frames of the unpadded input; frame f is padded frame f + padding, which tap j of output
