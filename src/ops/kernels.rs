@@ -417,7 +417,8 @@ pub const SWITCHABLE: [&str; 7] = ["gather_taps", "col2im", "copy_rows", "adam_s
 /// stderr). Off, each falls back to what ran before it (or the composite): candle's
 /// `index_select` for the column gathers, the stride phases for col2im, candle's strided copy
 /// for row copies (`copy_rows` also covers the padded head split, then `pad_with_zeros`, and
-/// `kl_merge_qkv`, then copies, a stack and candle's strided copy), the two AdamW kernels for the fused step, the scale, a -inf key bias and
+/// `kl_merge_qkv`, then copies, a stack and candle's strided copy, and `kl_cat3`, then
+/// `Tensor::cat`), the two AdamW kernels for the fused step, the scale, a -inf key bias and
 /// candle's softmax for the attention's probabilities, the composite for the channels-last
 /// GroupNorm (whose kernels now run 1024-thread blocks), the output projections' bias and
 /// the residual added before candle's LayerNorm (`ops::residual_layer_norm_infer`).
