@@ -303,11 +303,9 @@ pub fn copy_rows_padded(len: usize, dims: &[usize], strides: &[usize], pad: usiz
 /// Three buffers one after another: buffers [a (na), b (nb), c (nc), out (na + nb + nc)] of
 /// `dtype`, a thread per element, 256 a block, at most 4096 blocks.
 pub fn cat3(na: usize, nb: usize, nc: usize, dtype: DType) -> Launch {
-    let n = na + nb + nc;
-    let mut plan = elementwise(typed("kl_cat3", "kl_cat3_bf16", "kl_cat3_f16", dtype), n, 4, &[Arg::I32(i32_of(nb)), Arg::I32(i32_of(nc))]);
-    // (The kernel takes na, nb, nc: elementwise put n where na goes.)
-    plan.args[4] = Arg::I32(i32_of(na));
-    plan
+    let mut args: Vec<Arg> = (0..4).map(Arg::Buf).collect();
+    args.extend([na, nb, nc].map(|v| Arg::I32(i32_of(v))));
+    Launch { name: typed("kl_cat3", "kl_cat3_bf16", "kl_cat3_f16", dtype), grid: (na + nb + nc).div_ceil(256).clamp(1, 4096) as u32, block: 256, args }
 }
 
 /// The attention backward's merge: buffers [dq [b, nh, t, hd], dk [b, nh, tk, hd],
