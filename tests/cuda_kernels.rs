@@ -1032,3 +1032,62 @@ fn fused_adamw_step_is_the_two_kernels_in_turn() {
         }
     }
 }
+
+/// Inference through wav2vec2-base's first feature-encoder layer in one kernel
+/// (`kl_conv1_group_norm_gelu`): bit for bit the GroupNorm + GELU kernel (checked against f64
+/// above) on the convolution's values as the separate conv stores them (the f32 fused
+/// multiply-add sum in tap order, rounded to the type), in f32, bf16 and f16; and in f32
+/// within 2e-5 of candle's f64 conv1d, GroupNorm and GELU. Shapes: wav2vec2's K 10 / stride 5
+/// with fewer channels than a 32-channel tile, a K 3 / stride 2 layer over two tiles (idle
+/// threads), the most taps with one frame (x̂ = 0), one tap on clips with a mean 100 times
+/// their spread, and 499 frames (each time lane several).
+#[test]
+fn conv1_group_norm_gelu_is_the_convolution_then_the_group_norm_kernel() {
+    let eps = 1e-5;
+    let k_max = kernels::CONV1_MAX_K;
+    for (case, &(b, l, c, k, stride, shift)) in [(2usize, 203usize, 16usize, 10usize, 5usize, 0.0f32), (3, 150, 40, 3, 2, 0.5), (1, k_max, 7, k_max, 1, 0.0), (2, 400, 33, 1, 1, 100.0), (1, 2500, 64, 10, 5, 0.0)].iter().enumerate() {
+        let t = (l - k) / stride + 1;
+        let n = b * t * c;
+        let seed = 2100 + 10 * case as u64;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let what = format!("x [{b}, {l}], w [{c}, {k}], stride {stride} in {dtype:?}");
+            let round = common::round_to(dtype);
+            let of = |v: Vec<f32>| v.into_iter().map(&round).collect::<Vec<f32>>();
+            let x = of(normal(b * l, seed, 1.5, shift));
+            let w = of(normal(c * k, seed + 1, 0.4, 0.0));
+            let p = of([normal(c, seed + 2, 0.3, 1.0), normal(c, seed + 3, 0.2, 0.0)].concat());
+            // The convolution as its own op stores it: [b, t, c].
+            let mut conv = vec![0f32; n];
+            for bi in 0..b {
+                for i in 0..t {
+                    for j in 0..c {
+                        let s = (0..k).fold(0f32, |s, kk| w[j * k + kk].mul_add(x[bi * l + i * stride + kk], s));
+                        conv[(bi * t + i) * c + j] = round(s);
+                    }
+                }
+            }
+            let buf = |v: &[f32]| if dtype == DType::F32 { Buf::F32(v.to_vec()) } else { half_buf(dtype, v) };
+            let empty = if dtype == DType::F32 { Buf::F32(vec![f32::NAN; n]) } else { half_empty(dtype, n) };
+            let got = run_bufs(&kernels::conv1_group_norm_gelu(b, l, t, c, k, stride, eps, dtype), &[buf(&x), buf(&w), buf(&p), empty.clone()]);
+            let want = run_bufs(&kernels::group_norm_cl_fwd(b, t, c, eps, true, dtype), &[buf(&conv), buf(&p[..c]), buf(&p[c..]), empty]);
+            let bits = |v: &Buf| -> Vec<u32> {
+                match v {
+                    Buf::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+                    Buf::Bf16(v) | Buf::F16(v) => v.iter().map(|&x| x as u32).collect(),
+                }
+            };
+            let (g, e) = (bits(&got[3]), bits(&want[3]));
+            let diff = g.iter().zip(&e).position(|(a, b)| a != b);
+            assert!(diff.is_none(), "{what}: value {} has bits {:#x} where the conv, then the GroupNorm kernel give {:#x}", diff.unwrap(), g[diff.unwrap()], e[diff.unwrap()]);
+            assert_eq!((&got[0], &got[1], &got[2]), (&buf(&x), &buf(&w), &buf(&p)), "{what}: inputs left as they were");
+            if dtype == DType::F32 {
+                let f64_t = |v: &[f32], shape: &[usize]| Tensor::from_vec(v.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap();
+                let y = f64_t(&x, &[b, 1, l]).conv1d(&f64_t(&w, &[c, 1, k]), 0, stride, 1, 1).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                let y = klspeech::ops::group_norm_cl_composite(&y, &f64_t(&p[..c], &[c]), &f64_t(&p[c..], &[c]), eps).unwrap().gelu_erf().unwrap();
+                let Buf::F32(v) = &got[3] else { unreachable!() };
+                let e = rel_err(v, &as_f64(&y));
+                assert!(e < 2e-5, "{what}: {e} of f64");
+            }
+        }
+    }
+}

@@ -325,6 +325,34 @@ fn first_layer_conv_group_norm_gelu_matches_the_three_ops() {
     }
 }
 
+/// The first feature-encoder layer's inference op on the test device (on a GPU the one kernel
+/// `kl_conv1_group_norm_gelu`) in f32, bf16 and f16 against f64's conv, GroupNorm and GELU
+/// of the same (rounded) values: wav2vec2-base's K 10 / stride 5 over 20 channels (fewer than a
+/// tile), and 40 channels of K 3 / stride 2 on clips with a mean 4 times their spread (in bf16 the
+/// convolution's rounding, relative to its mean, is the error after the normalization).
+#[test]
+fn first_layer_conv_group_norm_gelu_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    for (case, &(b, l, c, k, s, offset)) in [(2usize, 1603usize, 20usize, 10usize, 5usize, 0.0), (3, 301, 40, 3, 2, 4.0)].iter().enumerate() {
+        let seed = 730 + 10 * case as u64;
+        let x = rand(&[b, l, 1], seed, DType::F64).affine(1.0, offset).unwrap();
+        let w = rand(&[c, 1, k], seed + 1, DType::F64).affine(0.3, 0.0).unwrap();
+        let (gw, gb) = (rand(&[c], seed + 2, DType::F64).affine(0.3, 1.0).unwrap(), rand(&[c], seed + 3, DType::F64).affine(0.2, 0.0).unwrap());
+        for (dtype, tol) in [(DType::F32, 5e-6), (DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+            let of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let got = ops::conv1_group_norm_gelu(&on(&x), &on(&w), s, &on(&gw), &on(&gb), 1e-5).unwrap();
+            let t = (l - k) / s + 1;
+            assert_eq!((got.dtype(), got.dims()), (dtype, &[b, t, c][..]));
+            let conv = of(&x).transpose(1, 2).unwrap().conv1d(&of(&w), 0, s, 1, 1).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let want = ops::group_norm_cl_composite(&conv, &of(&gw), &of(&gb), 1e-5).unwrap().gelu_erf().unwrap();
+            let e = rel(&got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap(), &want);
+            println!("conv1_group_norm_gelu {:?} in {dtype:?} on {dev:?}: {e:e}", (b, l, c, k, s));
+            assert!(e <= tol, "conv1_group_norm_gelu {:?} in {dtype:?} on {dev:?}: rel. error {e:e}", (b, l, c, k, s));
+        }
+    }
+}
+
 #[test]
 fn weight_norm_matches_the_composite() {
     // v [O, C, K] with g [1, 1, K] (the positional conv's layout): one kernel tap, fewer

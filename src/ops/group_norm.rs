@@ -372,14 +372,23 @@ impl CustomOp3 for ConvGroupNormGelu {
 /// Inference: `gelu_erf(group_norm_cl(conv1d_cl(x, w, stride), gn_w, gn_b))` for a
 /// one-channel input x [B, L, 1] and w [C, 1, K] (wav2vec2-base's first feature-encoder
 /// layer) as one pass over frame blocks (see [`ConvGroupNormGelu`]); no gradient flows
-/// through it. Fused on the CPU, else the three ops.
+/// through it. Fused on the CPU; on a GPU one kernel (`kl_conv1_group_norm_gelu`, f32, bf16 or
+/// f16, at most `kernels::CONV1_MAX_K` taps), which writes only the result where the three
+/// ops write the convolution's output, read it twice and write the result (the output of a
+/// 16 x 10 s batch is 1 GiB in f32; `KLSPEECH_NO_KERNEL=conv1_group_norm` for the three ops);
+/// else the three ops.
 pub fn conv1_group_norm_gelu(x: &Tensor, w: &Tensor, stride: usize, gn_w: &Tensor, gn_b: &Tensor, eps: f64) -> Result<Tensor> {
     let (x, w) = (x.detach(), w.detach());
     let (_, l, c_in) = x.dims3()?;
     let (_, c_g, k) = w.dims3()?;
-    if fused(&x) && x.dtype() == w.dtype() && c_in == 1 && c_g == 1 && stride > 0 && k <= l {
+    let one_channel = x.dtype() == w.dtype() && c_in == 1 && c_g == 1 && stride > 0 && k <= l;
+    if fused(&x) && one_channel {
         let gn = Tensor::cat(&[gn_w.detach(), gn_b.detach()], 0)?.to_dtype(x.dtype())?;
         return Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &gn, &ConvGroupNormGelu { stride, eps })?);
+    }
+    if one_channel && k <= super::kernels::CONV1_MAX_K && super::kernels::apply_any_float(&x) && super::kernels::kernel_on("conv1_group_norm") {
+        let gn = Tensor::cat(&[gn_w.detach(), gn_b.detach()], 0)?.to_dtype(x.dtype())?;
+        return Ok(super::kernels::conv1_group_norm_gelu_of(&x, &w, &gn, stride, eps)?);
     }
     group_norm_cl_gelu(&super::conv1d_cl(&x, &w, stride, 0, 1, None)?, gn_w, gn_b, eps)
 }

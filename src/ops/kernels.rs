@@ -204,7 +204,12 @@ fn group_norm_plan(name: &'static str, b: usize, t: usize, c: usize, buffers: us
     let mut args: Vec<Arg> = (0..buffers).map(Arg::Buf).collect();
     args.extend([Arg::I32(i32_of(b)), Arg::I32(i32_of(t)), Arg::I32(i32_of(c))]);
     args.extend_from_slice(extra);
-    Launch { name, grid: u32::try_from(b * c.div_ceil(GROUP_NORM_TILE)).expect("klspeech kernels: grid over 2^32"), block: 1024, args }
+    Launch { name, grid: group_norm_grid(b, c), block: 1024, args }
+}
+
+/// One block per (clip, tile of 32 channels).
+fn group_norm_grid(b: usize, c: usize) -> u32 {
+    u32::try_from(b * c.div_ceil(GROUP_NORM_TILE)).expect("klspeech kernels: grid over 2^32")
 }
 
 /// Per-channel GroupNorm over the frames of channels-last x [b, t, c], then the exact GELU when
@@ -217,6 +222,24 @@ pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool, dty
         _ => "kl_group_norm_cl_fwd",
     };
     group_norm_plan(name, b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
+}
+
+/// The most taps [`conv1_group_norm_gelu`] takes (`KL_C1_MAX_K` in the kernel: each thread
+/// keeps its channel's taps in registers).
+pub const CONV1_MAX_K: usize = 12;
+
+/// Inference through a one-channel convolution, per-channel GroupNorm and the exact GELU in
+/// one kernel (wav2vec2-base's first feature-encoder layer): buffers [x [b, l], w [c, k],
+/// p [GroupNorm weight; bias] [2 c], y [b, t, c]] of `dtype` (f32, bf16, f16), t = (l - k) /
+/// stride + 1, k at most [`CONV1_MAX_K`]; launched as [`group_norm_cl_fwd`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv1_group_norm_gelu(b: usize, l: usize, t: usize, c: usize, k: usize, stride: usize, eps: f64, dtype: DType) -> Launch {
+    assert!(k <= CONV1_MAX_K, "klspeech conv1_group_norm_gelu: {k} taps, at most {CONV1_MAX_K}");
+    let name = typed("kl_conv1_group_norm_gelu", "kl_conv1_group_norm_gelu_bf16", "kl_conv1_group_norm_gelu_f16", dtype);
+    let mut args: Vec<Arg> = (0..4).map(Arg::Buf).collect();
+    args.extend([b, l, t, c, k, stride].map(|v| Arg::I32(i32_of(v))));
+    args.push(Arg::F32(eps as f32));
+    Launch { name, grid: group_norm_grid(b, c), block: 1024, args }
 }
 
 /// y += b over y's rows in place, then with `gelu` the exact GELU: buffers [y [rows, d], b [d]],
@@ -408,7 +431,7 @@ pub fn set_half_enabled(on: bool) {
 
 /// The kernels [`kernel_on`] can switch off one by one (those built or changed after the last
 /// GPU run, so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
-pub const SWITCHABLE: [&str; 7] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm"];
+pub const SWITCHABLE: [&str; 8] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm", "conv1_group_norm"];
 
 /// Whether the kernel `name` (one of [`SWITCHABLE`]) runs where it applies: yes unless
 /// `KLSPEECH_NO_KERNEL` names it (comma-separated, read once; unknown names are reported on
@@ -419,7 +442,9 @@ pub const SWITCHABLE: [&str; 7] = ["gather_taps", "col2im", "copy_rows", "adam_s
 /// `Tensor::cat`), the two AdamW kernels for the fused step, the scale, a -inf key bias and
 /// candle's softmax for the attention's probabilities, the composite for the channels-last
 /// GroupNorm (whose kernels now run 1024-thread blocks), the output projections' bias and
-/// the residual added before candle's LayerNorm (`ops::residual_layer_norm_infer`).
+/// the residual added before candle's LayerNorm (`ops::residual_layer_norm_infer`), the first
+/// feature-encoder layer's convolution, GroupNorm and GELU as three ops
+/// (`ops::conv1_group_norm_gelu`).
 pub fn kernel_on(name: &str) -> bool {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let off = OFF.get_or_init(|| {
@@ -1108,6 +1133,60 @@ pub(crate) fn residual_layer_norm_of(y: &Tensor, r: &Tensor, p: &Tensor, eps: f6
     }
     let op = AffineNormKernel { norm: AffineNorm::ResidualLayer { d }, eps, backward: false };
     y.detach().contiguous()?.apply_op3_no_bwd(&r.detach().contiguous()?, &p.detach().contiguous()?, &op)
+}
+
+/// [`conv1_group_norm_gelu`] as a candle op without a backward: (x [b, l, 1], w [c, 1, k],
+/// p [2 c]) -> [b, t, c].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Conv1GroupNormGelu {
+    stride: usize,
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for Conv1GroupNormGelu {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-conv1-group-norm-gelu"
+    }
+    cuda_only!(3);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let (b, l, _) = l1.shape().dims3()?;
+            let (c, _, k) = l2.shape().dims3()?;
+            let t = (l - k) / self.stride + 1;
+            let dtype = candle_core::backend::BackendStorage::dtype(s1);
+            let plan = conv1_group_norm_gelu(b, l, t, c, k, self.stride, self.eps, dtype);
+            gpu::launch_op(&plan, &[(s1, l1), (s2, l2), (s3, l3)], &candle_core::Shape::from((b, t, c)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-conv1-group-norm-gelu: built without CUDA")
+        }
+    }
+}
+
+/// `gelu_erf(group_norm_cl(conv1d_cl(x, w, stride), p[..c], p[c..]))` for one-channel clips
+/// x [b, l, 1] and w [c, 1, k] by [`conv1_group_norm_gelu`] (no gradient; [`apply_any_float`]
+/// must hold for x; x, w and p = [weight; bias] [2 c] of one type).
+pub(crate) fn conv1_group_norm_gelu_of(x: &Tensor, w: &Tensor, p: &Tensor, stride: usize, eps: f64) -> candle_core::Result<Tensor> {
+    let (_, l, c_in) = x.dims3()?;
+    let (c, c_g, k) = w.dims3()?;
+    if c_in != 1 || c_g != 1 || k == 0 || k > CONV1_MAX_K || k > l || stride == 0 || p.elem_count() != 2 * c {
+        candle_core::bail!("klspeech conv1_group_norm_gelu: x {:?}, w {:?}, stride {stride}, GroupNorm parameters {:?}", x.dims(), w.dims(), p.dims())
+    }
+    if w.dtype() != x.dtype() || p.dtype() != x.dtype() {
+        candle_core::bail!("klspeech conv1_group_norm_gelu: x of {:?} with w of {:?} and GroupNorm parameters of {:?}", x.dtype(), w.dtype(), p.dtype())
+    }
+    x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &p.detach().contiguous()?, &Conv1GroupNormGelu { stride, eps })
 }
 
 /// [`col2im`] as a candle op without a backward: dcols [n, t, k, c] -> dx [n, l, c].

@@ -16,6 +16,11 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+// A loop over a compile-time count unrolled (its array indices constant: registers, not local
+// memory); the emulator's g++ takes no such pragma.
+#define KL_UNROLL _Pragma("unroll")
+#else
+#define KL_UNROLL
 #endif
 
 // Storage types of the kernels that also take bf16 / f16 (computing in f32 or f64 all the
@@ -501,15 +506,16 @@ __device__ void gn_lane_sum2(double* a, double* b) {
 // Mean and 1 / sqrt(var + eps) of channel j of clip xb [t, c] (j >= c: unused), in one pass:
 // f64 sums of x - x0 and (x - x0)^2 with x0 the channel's first frame (as the CPU's fused op),
 // so that a mean far from zero does not cancel the variance.
-template <typename T>
-__device__ void gn_moments(const T* xb, int t, int c, int j, float eps, double* mean, float* rstd) {
-    bool on = j < c;
+// The same for a channel whose frame i has the f32 value value(i) (`on`: the thread has a
+// channel; every thread of the block calls it, for the barriers).
+template <typename F>
+__device__ void gn_moments_of(F value, int t, bool on, float eps, double* mean, float* rstd) {
     int lane = (int)(threadIdx.x / KL_GN_CH);
-    double x0 = on ? (double)kl_ld(xb[j]) : 0.0;
+    double x0 = on ? (double)value(0) : 0.0;
     double s = 0.0, q = 0.0;
     if (on)
         for (int i = lane; i < t; i += KL_GN_LANES) {
-            double d = (double)kl_ld(xb[(long long)i * c + j]) - x0;
+            double d = (double)value(i) - x0;
             s += d;
             q += d * d;
         }
@@ -518,6 +524,19 @@ __device__ void gn_moments(const T* xb, int t, int c, int j, float eps, double* 
     double var = q / (double)t - ms * ms;
     *mean = x0 + ms;
     *rstd = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + (double)eps));
+}
+
+template <typename T>
+__device__ void gn_moments(const T* xb, int t, int c, int j, float eps, double* mean, float* rstd) {
+    gn_moments_of([&](int i) { return kl_ld(xb[(long long)i * c + j]); }, t, j < c, eps, mean, rstd);
+}
+
+// One GroupNorm output: (x - mean) rstd w + b, then the exact GELU when `gelu`.
+__device__ inline float gn_out(float x, double m, float rs, float wj, float bj, int gelu) {
+    // Centred in f64: the mean rounded to f32 could be off by more than the spread.
+    float v = (float)((double)x - m) * rs * wj + bj;
+    if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    return v;
 }
 
 // y = (x - mean) rstd w + b per (clip, channel), then the exact GELU when `gelu`; x, w, b, y
@@ -537,10 +556,7 @@ __device__ void group_norm_cl_fwd(const T* x, const T* w, const T* b, T* y, int 
     float wj = kl_ld(w[j]), bj = kl_ld(b[j]);
     for (int i = (int)(threadIdx.x / KL_GN_CH); i < t; i += KL_GN_LANES) {
         long long k = o + (long long)i * c + j;
-        // Centred in f64: the mean rounded to f32 could be off by more than the spread.
-        float v = (float)((double)kl_ld(x[k]) - m) * rs * wj + bj;
-        if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-        y[k] = kl_st<T>(v);
+        y[k] = kl_st<T>(gn_out(kl_ld(x[k]), m, rs, wj, bj, gelu));
     }
 }
 
@@ -552,6 +568,59 @@ extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd
 }
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd_f16(const __half* x, const __half* w, const __half* b, __half* y, int nb, int t, int c, float eps, int gelu) {
     group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
+}
+
+// Inference through wav2vec2-base's first feature-encoder layer in one kernel:
+// y = GELU(GroupNorm(conv1d(x, w, stride))) for one-channel clips x [nb, l], w [c, k] (k at
+// most KL_C1_MAX_K), p = [GroupNorm weight (c); bias (c)], y channels-last [nb, t, c] with
+// t = (l - k) / stride + 1; all of one type T. Where the three ops write the convolution's
+// output (1 GiB for 16 x 10 s in f32), read it twice and write the result, this writes only
+// the result: the statistics pass and the output pass each recompute the k-tap products from
+// the clip (a few MB, read by every channel of a warp at once). Each convolution value is
+// the f32 sum of its products in tap order (fused multiply-adds), rounded to T as the conv's
+// output of type T is, then exactly group_norm_cl_fwd's arithmetic on it. Launched as the
+// GroupNorm (one block of KL_GN_THREADS per clip and tile of KL_GN_CH channels); each thread
+// keeps its channel's taps in registers.
+#define KL_C1_MAX_K 12
+
+template <typename T>
+__device__ inline float conv1_value(const T* xi, const float* wr, int k) {
+    float s = 0.0f;
+    KL_UNROLL
+    for (int kk = 0; kk < KL_C1_MAX_K; ++kk)
+        if (kk < k) s = fmaf(wr[kk], kl_ld(xi[kk]), s);
+    return kl_ld(kl_st<T>(s));
+}
+
+template <typename T>
+__device__ void conv1_group_norm_gelu(const T* x, const T* w, const T* p, T* y, int nb, int l, int t, int c, int k, int stride, float eps) {
+    int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
+    int clip = blockIdx.x / tiles;
+    if (clip >= nb) return;
+    int j = (blockIdx.x % tiles) * KL_GN_CH + (int)(threadIdx.x & (KL_GN_CH - 1));
+    bool on = j < c;
+    float wr[KL_C1_MAX_K];
+    KL_UNROLL
+    for (int kk = 0; kk < KL_C1_MAX_K; ++kk) wr[kk] = (on && kk < k) ? kl_ld(w[(long long)j * k + kk]) : 0.0f;
+    const T* xb = x + (long long)clip * l;
+    double m;
+    float rs;
+    gn_moments_of([&](int i) { return conv1_value(xb + (long long)i * stride, wr, k); }, t, on, eps, &m, &rs);
+    if (!on) return;
+    float wj = kl_ld(p[j]), bj = kl_ld(p[c + j]);
+    long long o = (long long)clip * t * c;
+    for (int i = (int)(threadIdx.x / KL_GN_CH); i < t; i += KL_GN_LANES)
+        y[o + (long long)i * c + j] = kl_st<T>(gn_out(conv1_value(xb + (long long)i * stride, wr, k), m, rs, wj, bj, 1));
+}
+
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_conv1_group_norm_gelu(const float* x, const float* w, const float* p, float* y, int nb, int l, int t, int c, int k, int stride, float eps) {
+    conv1_group_norm_gelu(x, w, p, y, nb, l, t, c, k, stride, eps);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_conv1_group_norm_gelu_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* p, __nv_bfloat16* y, int nb, int l, int t, int c, int k, int stride, float eps) {
+    conv1_group_norm_gelu(x, w, p, y, nb, l, t, c, k, stride, eps);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_conv1_group_norm_gelu_f16(const __half* x, const __half* w, const __half* p, __half* y, int nb, int l, int t, int c, int k, int stride, float eps) {
+    conv1_group_norm_gelu(x, w, p, y, nb, l, t, c, k, stride, eps);
 }
 
 // y[r, c] += b[c] in place for y [rows, d] of one storage type T (the linear layers' bias after
