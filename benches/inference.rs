@@ -95,6 +95,12 @@ struct Row {
     train: bool,
     /// KL-Norm at its default sites (training rows).
     kl: bool,
+    /// Training rows: the step as `klspeech train` runs it, with the non-finite probe and the
+    /// gradients' global norm read back once and clipping at 1.0 (its default) folded into
+    /// AdamW (`optim::step_probes`, `AdamW::step_scaled`); on PyTorch's side
+    /// `clip_grad_norm_(.., 1.0)` and `isfinite` of the norm read back, as the Hugging Face
+    /// Trainer's default `max_grad_norm` 1.0.
+    clip: bool,
     /// GPU: TF32 tensor cores for f32 matrix products and convolutions, on both sides
     /// (`klspeech --tf32`; `torch.backends.cuda.matmul.allow_tf32` and
     /// `torch.backends.cudnn.allow_tf32`, the latter on by default in PyTorch and set off here
@@ -179,7 +185,14 @@ fn bench_klspeech(row: &Row, dev: &Device) -> klspeech::Result<(f64, Vec<(&'stat
             }
             let grads = klspeech::ops::backward(&loss)?;
             mark("backward", &mut marks);
-            opt.step(&grads, 1.0)?;
+            if row.clip {
+                let [probe, sq] = klspeech::train::optim::step_probes(&grads, &vars, true)?;
+                let figures = Tensor::stack(&[probe.expect("gradients"), sq.expect("gradients")], 0)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?;
+                assert!(figures[0].is_finite(), "{}: a non-finite gradient", row.name);
+                opt.step_scaled(&grads, 1.0, klspeech::train::optim::clip_coef(1.0, figures[1].sqrt()))?;
+            } else {
+                opt.step(&grads, 1.0)?;
+            }
             mark("AdamW", &mut marks);
         } else {
             let mut ctx = if row.unfold { ForwardCtx::eval_with_grad() } else { ForwardCtx::eval() };
@@ -280,6 +293,9 @@ fn bench_pytorch(py: &str, row: &Row, threads: usize, device: &str) -> Option<(f
     if row.train {
         args.push("--train".into());
     }
+    if row.clip {
+        args.push("--clip".into());
+    }
     if row.tf32 {
         args.push("--tf32".into());
     }
@@ -302,7 +318,7 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn rows(gpu: bool) -> Vec<Row> {
-    let r = |name, config, batch, seconds, train, kl, iters| Row { name, unfold: false, config, batch, seconds, dtype: DType::F32, train, kl, tf32: false, iters };
+    let r = |name, config, batch, seconds, train, kl, iters| Row { name, unfold: false, config, batch, seconds, dtype: DType::F32, train, kl, clip: false, tf32: false, iters };
     if gpu {
         vec![
             Row { unfold: true, ..r("base-infer-16x10-f32-unfold", "base", 16, 10.0, false, false, 5) },
@@ -316,6 +332,7 @@ fn rows(gpu: bool) -> Vec<Row> {
             // `model.to(bfloat16)`.
             Row { dtype: DType::BF16, ..r("base-train-8x4-bf16", "base", 8, 4.0, true, false, 5) },
             r("base-train-8x4-f32-klnorm", "base", 8, 4.0, true, true, 5),
+            Row { clip: true, ..r("base-train-8x4-f32-clip", "base", 8, 4.0, true, false, 5) },
         ]
     } else {
         vec![
@@ -325,6 +342,7 @@ fn rows(gpu: bool) -> Vec<Row> {
             r("base-infer-1x5", "base", 1, 5.0, false, false, 5),
             r("base-train-4x1", "base", 4, 1.0, true, true, 4),
             r("base-train-4x1-layernorm", "base", 4, 1.0, true, false, 4),
+            Row { clip: true, ..r("base-train-4x1-clip", "base", 4, 1.0, true, true, 4) },
         ]
     }
 }

@@ -1226,7 +1226,7 @@ fn adamw_on_the_test_device_is_the_cpus_to_the_bit() {
         let before: Vec<f32> = theta.to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
         let g = rand(&[64], 701, DType::F32).to_device(&dev).unwrap();
         let mv = Tensor::zeros((2, 64), DType::F32, &dev).unwrap();
-        let p = ops::AdamWScalars { beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: None, bias_correction2_sqrt: 1.0, step_size: 1e-3 };
+        let p = ops::AdamWScalars { beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: None, bias_correction2_sqrt: 1.0, step_size: 1e-3, grad_scale: None };
         assert!(!ops::adamw_in_place(&theta, &g, &mv, p).unwrap(), "no fused update on {dev:?} without klspeech's kernels");
         let after: Vec<f32> = theta.to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
         assert_eq!(before, after, "a refused update must not touch the parameter");

@@ -9,7 +9,8 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use klspeech::train::optim::{
-    clip_grad_norm, grads_finite, lr_factor, no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule,
+    clip_coef, clip_grad_norm, clip_to_norm, grads_finite, lr_factor, no_decay, step_probes, AdamW, AdamWConfig, GradAccumulator,
+    Schedule,
 };
 
 const NAMES: [&str; 3] =
@@ -518,6 +519,7 @@ fn half_precision_adamw_is_the_f32_arithmetic_rounded() {
                     decay: (!no_decay(n) && cfg.weight_decay != 0.0).then_some(1.0 - lr * cfg.weight_decay),
                     bias_correction2_sqrt: (1.0 - cfg.beta2.powi(t)).sqrt(),
                     step_size: lr / (1.0 - cfg.beta1.powi(t)),
+                    grad_scale: None,
                 };
                 common::adamw_half_reference(theta_r, mv_r, &host(&grad(k, n)), &p, &round);
                 assert_eq!(v.as_tensor().dtype(), dtype, "{n}");
@@ -531,6 +533,157 @@ fn half_precision_adamw_is_the_f32_arithmetic_rounded() {
                         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype:?} step {k}: {n} {what} on {dev:?} is not the half-type update");
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The update with clipping's scale folded in (`AdamW::step_scaled`, what `klspeech train`
+/// runs) is bit for bit the scaled gradients (`clip_to_norm`, candle's affine) then the update,
+/// on every path: the CPU's fused update (which reads `g s + 0` as it goes), the composite and
+/// the grouped one; f64 and f32, gradients with +0 and -0 among their values, steps with and
+/// without a scale.
+#[test]
+fn scaled_update_is_the_clipped_gradients_then_the_update() {
+    for dtype in [DType::F64, DType::F32] {
+        let f: HashMap<String, Tensor> = fixtures(&Device::Cpu).into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+        let cfg = config(&f);
+        // Step k's gradients with a +0 and a -0 planted in each.
+        let grads = |vars: &[(String, Var)], k: usize| -> GradStore {
+            let mut g = GradStore::default();
+            for (n, v) in vars {
+                let mut x = vec1(&f[&format!("grad.{k}.{n}")]);
+                x[0] = 0.0;
+                let last = x.len() - 1;
+                x[last] = -0.0;
+                g.insert(v.as_tensor(), Tensor::from_vec(x, v.as_tensor().shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap());
+            }
+            g
+        };
+        let scale = |k: usize| (k != 2).then_some(0.3 + 0.1 * k as f64);
+        for (what, fused, grouped) in [("fused", true, false), ("composite", false, false), ("grouped", false, true)] {
+            let run = |folded: bool| {
+                let vars = params(&f);
+                let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+                opt.set_fused(fused);
+                opt.set_grouped(grouped);
+                for k in 0..STEPS {
+                    let mut g = grads(&vars, k);
+                    let lr = lr_factor(Schedule::Linear, k, WARMUP, STEPS);
+                    if folded {
+                        opt.step_scaled(&g, lr, scale(k)).unwrap();
+                    } else {
+                        if let Some(s) = scale(k) {
+                            // clip_to_norm's scale for a norm of 1 / s - 1e-6.
+                            let norm = 1.0 / s - 1e-6;
+                            clip_to_norm(&mut g, &vars, 1.0, norm).unwrap();
+                        }
+                        opt.step(&g, lr).unwrap();
+                    }
+                }
+                let state: HashMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
+                let bits = |t: &Tensor| vec1(t).iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+                (vars.iter().map(|(_, v)| bits(v.as_tensor())).collect::<Vec<_>>(), state.iter().map(|(k, t)| (k.clone(), bits(t))).collect::<HashMap<_, _>>())
+            };
+            let (a, b) = (run(false), run(true));
+            assert_eq!(a.0, b.0, "{dtype:?} {what}: parameters differ");
+            assert_eq!(a.1, b.1, "{dtype:?} {what}: optimizer state differs");
+        }
+    }
+    // The scale itself: clip_grad_norm_'s max_norm / (norm + 1e-6) below 1, else none.
+    assert_eq!(clip_coef(1.0, 3.0), Some(1.0 / (3.0 + 1e-6)));
+    assert_eq!((clip_coef(1.0, 0.5), clip_coef(1.0, f64::INFINITY), clip_coef(1.0, f64::NAN)), (None, None, None));
+}
+
+/// The step's probes in one pass on the CPU (`step_probes`: f64 squares and sums) against the
+/// separate candle-op probes (a gradient that is a transposed view sends every gradient there)
+/// and an f64 sum of squares written out here: the same non-finite verdicts (NaN, +-inf, an
+/// f64 value whose square overflows but is finite), sums within 1e-6 of each other and 1e-12
+/// of the f64 reference; no gradient at all gives none.
+#[test]
+fn step_probes_in_one_pass_match_the_separate_probes() {
+    let big = 1e200f64;
+    for dtype in [DType::F32, DType::F64] {
+        for (case, poison) in [None, Some(f64::NAN), Some(f64::INFINITY), Some(f64::NEG_INFINITY), Some(big)].into_iter().enumerate() {
+            if dtype == DType::F32 && poison == Some(big) {
+                continue;
+            }
+            let shapes: [&[usize]; 3] = [&[300, 70], &[5], &[40000]];
+            let vars: Vec<(String, Var)> = shapes.iter().enumerate().map(|(i, s)| (format!("p{i}"), Var::zeros(*s, dtype, &Device::Cpu).unwrap())).collect();
+            let mut values: Vec<Vec<f64>> = shapes.iter().enumerate().map(|(i, s)| klspeech::rng::Rng::new(40 + i as u64).normal_vec(s.iter().product()).into_iter().map(|v| v as f64 * 3.0).collect()).collect();
+            if let Some(p) = poison {
+                values[2][12345] = p;
+            }
+            let store = |transposed: bool| {
+                let mut g = GradStore::default();
+                for (i, (_, v)) in vars.iter().enumerate() {
+                    let t = Tensor::from_vec(values[i].clone(), shapes[i], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                    // A transposed copy's transpose: the same values, not contiguous.
+                    let t = if transposed && i == 0 { t.t().unwrap().contiguous().unwrap().t().unwrap() } else { t };
+                    g.insert(v.as_tensor(), t);
+                }
+                g
+            };
+            let read = |p: &Option<Tensor>| p.as_ref().unwrap().to_scalar::<f64>().unwrap();
+            let [probe, sq] = step_probes(&store(false), &vars, true).unwrap();
+            let [probe_s, sq_s] = step_probes(&store(true), &vars, true).unwrap();
+            let what = format!("{dtype:?}, case {case}");
+            let finite = poison.is_none_or(|p| p.is_finite());
+            assert_eq!((read(&probe).is_finite(), read(&probe_s).is_finite()), (finite, finite), "{what}: non-finite verdicts");
+            // f64 squares of the stored values, summed in f64.
+            let want: f64 = values.iter().flatten().map(|&v| if dtype == DType::F32 { (v as f32) as f64 } else { v }).map(|v| v * v).sum();
+            let (got, sep) = (read(&sq), read(&sq_s));
+            if want.is_finite() {
+                assert!((got - want).abs() <= 1e-12 * want, "{what}: one pass {got} vs f64 {want}");
+                assert!((sep - want).abs() <= 1e-6 * want, "{what}: separate probes {sep} vs f64 {want}");
+            } else {
+                assert!(!got.is_finite() && !sep.is_finite(), "{what}: sums {got}, {sep} where the f64 sum is {want}");
+            }
+            let [p, q] = step_probes(&store(false), &vars, false).unwrap();
+            assert!(p.is_some() && q.is_none(), "{what}: no norm asked");
+        }
+    }
+    let vars = vec![("a".to_string(), Var::zeros(3, DType::F32, &Device::Cpu).unwrap())];
+    let [p, q] = step_probes(&GradStore::default(), &vars, true).unwrap();
+    assert!(p.is_none() && q.is_none(), "no gradient: no probes");
+}
+
+/// The step's probes on the test device (on a GPU one kernel a gradient into one buffer of
+/// partial sums, `ops::kernels::sum_sq_of`; on the CPU one parallel pass) against an f64 sum
+/// of squares of the same values: within 1e-7, and the non-finite verdict for a NaN and an
+/// infinity in one gradient; in f32, and in bf16 where the device runs bf16 training.
+#[test]
+fn step_probes_on_the_test_device_match_f64() {
+    let dev = common::device();
+    let dtypes: &[DType] = if dev.is_cpu() { &[DType::F32] } else { &[DType::F32, DType::BF16] };
+    for &dtype in dtypes {
+        for poison in [None, Some(f64::NAN), Some(f64::INFINITY)] {
+            let shapes: [&[usize]; 3] = [&[768, 300], &[7], &[3072 * 50]];
+            let vars: Vec<(String, Var)> = shapes.iter().enumerate().map(|(i, s)| (format!("p{i}"), Var::zeros(*s, dtype, &dev).unwrap())).collect();
+            let mut g = GradStore::default();
+            let mut want = 0f64;
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let mut x = klspeech::rng::Rng::new(60 + i as u64).normal_vec(shapes[i].iter().product());
+                if i == 2 {
+                    if let Some(p) = poison {
+                        x[777] = p as f32;
+                    }
+                }
+                let t = Tensor::from_vec(x, shapes[i], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                want += vec1(&t).iter().map(|v| v * v).sum::<f64>();
+                g.insert(v.as_tensor(), t.to_device(&dev).unwrap());
+            }
+            let [probe, sq] = step_probes(&g, &vars, true).unwrap();
+            let read = |p: &Option<Tensor>| p.as_ref().unwrap().to_device(&Device::Cpu).unwrap().to_scalar::<f64>().unwrap();
+            let (p, s) = (read(&probe), read(&sq));
+            let what = format!("{dtype:?} on {dev:?}, poison {poison:?}");
+            assert_eq!(p.is_finite(), poison.is_none(), "{what}: probe {p}");
+            if poison.is_none() {
+                assert!((s - want).abs() <= 1e-7 * want, "{what}: {s} vs the f64 sum {want}");
+                assert!(grads_finite(&g, &vars).unwrap(), "{what}");
+            } else {
+                assert!(!s.is_finite(), "{what}: sum {s}");
+                assert!(!grads_finite(&g, &vars).unwrap(), "{what}");
             }
         }
     }

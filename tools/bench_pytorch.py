@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--clip", action="store_true",
+                    help="training: clip_grad_norm_(.., 1.0) and isfinite of the norm read back (the HF Trainer's default max_grad_norm; klspeech train's probes and clipping)")
     ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 matmuls and convolutions (klspeech --tf32)")
     return ap
 
@@ -63,6 +65,9 @@ def setup(a):
         def step():
             loss = model(x, labels=y).loss
             loss.backward()
+            if a.clip:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                assert torch.isfinite(norm).item(), "a non-finite gradient"
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
@@ -91,7 +96,7 @@ def main() -> None:
         "median_ms": med * 1000, "audio_s_per_s": a.batch * a.seconds / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if a.device != "cpu" else None,
-        "dtype": a.dtype, "train": a.train, "tf32_matmul": a.tf32, "attention": attention,
+        "dtype": a.dtype, "train": a.train, "clip": a.clip, "tf32_matmul": a.tf32, "attention": attention,
     }))
 
 

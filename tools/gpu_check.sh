@@ -5,7 +5,7 @@
 #     (tests/ops.rs: klspeech's CUDA kernels against f64 composites);
 #     the ops suite runs first: a failing suite is rerun with each kernel built since the last
 #     GPU run switched off in turn (KLSPEECH_NO_KERNEL=gather_taps|col2im|copy_rows|adam_step|
-#     attn_softmax|group_norm|residual_layer_norm|conv1_group_norm, then all eight), and the first setting that passes holds for the
+#     attn_softmax|group_norm|residual_layer_norm|conv1_group_norm|grad_norm, then all nine), and the first setting that passes holds for the
 #     rest; if none does and
 #     the ops suite passes without klspeech's CUDA kernels, the rest runs without them
 #     (KLSPEECH_NO_CUDA_KERNELS=1); each said in the log with "!!";
@@ -105,7 +105,7 @@ fi
 kernel_fallback() {
   local name=$1; shift
   local k off
-  for k in gather_taps col2im copy_rows adam_step attn_softmax group_norm residual_layer_norm conv1_group_norm gather_taps,col2im,copy_rows,adam_step,attn_softmax,group_norm,residual_layer_norm,conv1_group_norm; do
+  for k in gather_taps col2im copy_rows adam_step attn_softmax group_norm residual_layer_norm conv1_group_norm grad_norm gather_taps,col2im,copy_rows,adam_step,attn_softmax,group_norm,residual_layer_norm,conv1_group_norm,grad_norm; do
     off=${KLSPEECH_NO_KERNEL:+$KLSPEECH_NO_KERNEL,}$k
     KLSPEECH_NO_KERNEL=$off T=60 t "$name with KLSPEECH_NO_KERNEL=$off" "$@"
     if [ "$RC" = 0 ]; then

@@ -298,6 +298,20 @@ pub fn gather_taps(n: usize, lp: usize, t: usize, kc: usize, cg: usize, stride: 
     Launch { name, grid: rows.div_ceil(8).clamp(1, 4096) as u32, block: 256, args }
 }
 
+/// The blocks (partial sums) [`sum_sq_partial`] gives a gradient of `n` values: about 16
+/// values a thread, at most 256.
+pub fn sum_sq_blocks(n: usize) -> usize {
+    n.div_ceil(256 * 16).clamp(1, 256)
+}
+
+/// The training step's probe of one gradient of `n` values: buffers [partial [`sum_sq_blocks`]
+/// f32 (written in place: this gradient's slots of the step's buffer), g [n] of `dtype` (f32,
+/// bf16, f16)], each partial the sum of one block's grid-stride squares in f64 stored as f32.
+pub fn sum_sq_partial(n: usize, dtype: DType) -> Launch {
+    let name = typed("kl_sum_sq_partial", "kl_sum_sq_partial_bf16", "kl_sum_sq_partial_f16", dtype);
+    Launch { name, grid: sum_sq_blocks(n) as u32, block: 256, args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(i32_of(n))] }
+}
+
 /// The most row axes [`copy_rows`] takes (a view of rank 6 at most: these and the row).
 pub const COPY_ROWS_MAX_AXES: usize = 5;
 
@@ -354,6 +368,7 @@ pub fn col2im(n: usize, l: usize, t: usize, k: usize, c: usize, stride: usize, p
 /// each result rounded once to the type), mv = [m; v] of 2n, g of n (`ops::AdamWScalars`
 /// rounded to f32 as the CPU kernel rounds them).
 pub fn adam_moments(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
+    assert!(p.grad_scale.is_none(), "klspeech AdamW kernels take no gradient scale: scale the gradient first (ops::adamw_in_place)");
     let name = match dtype {
         DType::BF16 => "kl_adam_moments_bf16",
         DType::F16 => "kl_adam_moments_f16",
@@ -378,6 +393,7 @@ pub fn adam_apply(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
 /// Both AdamW steps in one pass ([`adam_moments`] then [`adam_apply`], the same bits): buffers
 /// [theta (n), mv (2n), g (n)] of `dtype`, theta and mv in place.
 pub fn adam_step(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
+    assert!(p.grad_scale.is_none(), "klspeech AdamW kernels take no gradient scale: scale the gradient first (ops::adamw_in_place)");
     let moments = [Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)];
     let decay = [Arg::I32(p.decay.is_some() as i32), Arg::F32(p.decay.unwrap_or(1.0) as f32)];
     let rest = [Arg::F32((1.0 / p.bias_correction2_sqrt) as f32), Arg::F32(p.eps as f32), Arg::F32(p.step_size as f32)];
@@ -431,7 +447,7 @@ pub fn set_half_enabled(on: bool) {
 
 /// The kernels [`kernel_on`] can switch off one by one (those built or changed after the last
 /// GPU run, so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
-pub const SWITCHABLE: [&str; 8] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm", "conv1_group_norm"];
+pub const SWITCHABLE: [&str; 9] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm", "conv1_group_norm", "grad_norm"];
 
 /// Whether the kernel `name` (one of [`SWITCHABLE`]) runs where it applies: yes unless
 /// `KLSPEECH_NO_KERNEL` names it (comma-separated, read once; unknown names are reported on
@@ -444,7 +460,8 @@ pub const SWITCHABLE: [&str; 8] = ["gather_taps", "col2im", "copy_rows", "adam_s
 /// GroupNorm (whose kernels now run 1024-thread blocks), the output projections' bias and
 /// the residual added before candle's LayerNorm (`ops::residual_layer_norm_infer`), the first
 /// feature-encoder layer's convolution, GroupNorm and GELU as three ops
-/// (`ops::conv1_group_norm_gelu`).
+/// (`ops::conv1_group_norm_gelu`), candle's ops for the training step's gradient probes
+/// (`train::optim::step_probes`, [`sum_sq_of`]).
 pub fn kernel_on(name: &str) -> bool {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let off = OFF.get_or_init(|| {
@@ -1189,6 +1206,58 @@ pub(crate) fn conv1_group_norm_gelu_of(x: &Tensor, w: &Tensor, p: &Tensor, strid
     x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &p.detach().contiguous()?, &Conv1GroupNormGelu { stride, eps })
 }
 
+/// [`sum_sq_partial`] on one gradient into its slots of the step's partial sums (the in-place
+/// target, f32), the gradient (f32, bf16 or f16) its input.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct SumSqPartial;
+
+impl candle_core::InplaceOp2 for SumSqPartial {
+    fn name(&self) -> &'static str {
+        "klspeech-kernel-sum-sq-partial"
+    }
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<()> {
+        candle_core::bail!("klspeech-kernel-sum-sq-partial: a CUDA kernel")
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &candle_core::Layout, s2: &candle_core::CudaStorage, l2: &candle_core::Layout) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let n = l2.shape().elem_count();
+            let plan = sum_sq_partial(n, candle_core::backend::BackendStorage::dtype(s2));
+            if l1.shape().elem_count() != plan.grid as usize {
+                candle_core::bail!("klspeech-kernel-sum-sq-partial: {} slots for {} blocks", l1.shape().elem_count(), plan.grid)
+            }
+            gpu::launch_in_place_f32(&plan, s1, l1, &[(s2, l2)])
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            candle_core::bail!("klspeech-kernel-sum-sq-partial: built without CUDA")
+        }
+    }
+}
+
+/// The sum of the squares of every value of `grads` as a 0-d f64 tensor on their GPU, for the
+/// training step's non-finite probe and global norm (`train::optim::step_probes`): one
+/// [`sum_sq_partial`] launch a gradient into one buffer of partial sums, then one cast and one
+/// sum, where candle's ops took some six launches a gradient (about 1 300 a wav2vec2-base
+/// step) and a copy of each. `None` where it does not apply (no gradient; one off the GPU, not
+/// f32 / bf16 / f16, or on another device; kernels off or `KLSPEECH_NO_KERNEL=grad_norm`):
+/// then candle's ops.
+pub(crate) fn sum_sq_of(grads: &[&Tensor]) -> candle_core::Result<Option<Tensor>> {
+    let Some(first) = grads.first() else { return Ok(None) };
+    if !grads.iter().all(|g| apply_any_float(g) && g.device().same_device(first.device())) || !kernel_on("grad_norm") {
+        return Ok(None);
+    }
+    let blocks: Vec<usize> = grads.iter().map(|g| sum_sq_blocks(g.elem_count())).collect();
+    let partials = Tensor::zeros(blocks.iter().sum::<usize>(), DType::F32, first.device())?;
+    let mut at = 0;
+    for (g, &b) in grads.iter().zip(&blocks) {
+        partials.narrow(0, at, b)?.inplace_op2(&g.contiguous()?, &SumSqPartial)?;
+        at += b;
+    }
+    Ok(Some(partials.to_dtype(DType::F64)?.sum_all()?))
+}
+
 /// [`col2im`] as a candle op without a backward: dcols [n, t, k, c] -> dx [n, l, c].
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Col2Im {
@@ -1477,6 +1546,42 @@ mod gpu {
             DType::F16 => launch_in_place_as::<half::f16>(plan, lead, target, tl, inputs),
             other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
         }
+    }
+
+    /// [`launch_in_place`] for an f32 target whose inputs are each of their own type (f32, bf16
+    /// or f16).
+    pub(crate) fn launch_in_place_f32(plan: &Launch, target: &mut CudaStorage, tl: &Layout, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<()> {
+        let Some((a, _)) = tl.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous in-place target", plan.name) };
+        let dev = target.device().clone();
+        let stream = dev.cuda_stream();
+        let t = target.as_cuda_slice_mut::<f32>()?;
+        let (p, tg) = t.device_ptr_mut(&stream);
+        let mut ptrs: Vec<u64> = vec![p + 4 * a as u64];
+        let mut guards = Vec::with_capacity(inputs.len());
+        for (s, l) in inputs {
+            let Some((a, _)) = l.contiguous_offsets() else { bail!("klspeech kernel {}: non-contiguous input", plan.name) };
+            let (p, g, size) = match s.dtype() {
+                DType::F32 => {
+                    let (p, g) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                    (p, g, 4u64)
+                }
+                DType::BF16 => {
+                    let (p, g) = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
+                    (p, g, 2)
+                }
+                DType::F16 => {
+                    let (p, g) = s.as_cuda_slice::<half::f16>()?.device_ptr(&stream);
+                    (p, g, 2)
+                }
+                other => bail!("klspeech kernel {}: no {other:?} version", plan.name),
+            };
+            ptrs.push(p + size * a as u64);
+            guards.push(g);
+        }
+        run_plan(&dev, plan, &ptrs)?;
+        drop(guards);
+        drop(tg);
+        Ok(())
     }
 
     /// Runs `f` with the device address of `s`'s contiguous data (f32, bf16 or f16), `s` held

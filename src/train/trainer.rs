@@ -548,8 +548,8 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
             let grads = crate::ops::backward(&(loss / accum as f64)?)?;
             acc.add(grads, &vars, 1.0)?;
         }
-        let mut grads = acc.into_grads();
-        let probes = [optim::nonfinite_probe(&grads, &vars)?, if cfg.max_grad_norm > 0.0 { optim::grad_sq_sum(&grads, &vars)? } else { None }];
+        let grads = acc.into_grads();
+        let probes = optim::step_probes(&grads, &vars, cfg.max_grad_norm > 0.0)?;
         let n_micro = figures.len();
         figures.extend(probes.iter().map(|p| p.clone().map_or_else(|| Tensor::zeros((), DType::F64, &run.model.store.device), Ok)).collect::<candle_core::Result<Vec<_>>>()?);
         let values: Vec<f64> = Tensor::stack(&figures, 0)?.to_device(&candle_core::Device::Cpu)?.to_vec1()?;
@@ -578,17 +578,15 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         }
         state.consecutive_nonfinite = 0;
         let grad_norm = match &probes[1] {
-            Some(_) => {
-                let norm = values[n_micro + 1].sqrt();
-                optim::clip_to_norm(&mut grads, &vars, cfg.max_grad_norm, norm)?;
-                norm
-            }
+            Some(_) => values[n_micro + 1].sqrt(),
             // No gradient at all (nothing trainable got one): clip_grad_norm's 0.
             None if cfg.max_grad_norm > 0.0 => 0.0,
             None => f64::NAN,
         };
+        // Clipping (clip_grad_norm_'s scale) applied by the update as it reads each gradient.
+        let clip = if probes[1].is_some() { optim::clip_coef(cfg.max_grad_norm, grad_norm) } else { None };
         let lr_scale = optim::lr_factor(schedule, step, warmup, total_steps);
-        opt.step(&grads, lr_scale)?;
+        opt.step_scaled(&grads, lr_scale, clip)?;
         let total = task_sum + kl_sum * cfg.kl_beta * if cfg.kl_warmup_steps == 0 { 1.0 } else { (step as f64 / cfg.kl_warmup_steps as f64).min(1.0) };
         state.last_loss = Some(total);
         loss_points.push((state.step as f64, task_sum));

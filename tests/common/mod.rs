@@ -203,6 +203,7 @@ pub fn adamw_scalars(t: i32, decay: Option<f64>) -> klspeech::ops::AdamWScalars 
         decay,
         bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
         step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+        grad_scale: None,
     }
 }
 

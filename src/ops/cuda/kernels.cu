@@ -1014,3 +1014,41 @@ extern "C" __global__ void kl_adam_step_bf16(__nv_bfloat16* theta, __nv_bfloat16
 extern "C" __global__ void kl_adam_step_f16(__half* theta, __half* mv, const __half* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
     adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
 }
+
+// The training step's gradient probe (`train::optim::step_probes`: the non-finite check and the
+// global norm for clipping) for one gradient g [n] of type T: partial[b] = the sum of the
+// squares of block b's grid-stride values, each square and every sum in f64 (a block's threads
+// added in a fixed tree), stored as f32; the trainer adds every gradient's partials in f64 (one
+// cast and one sum for all of them), where candle's ops took some six launches a gradient and
+// a copy of its size. The sum is finite exactly when every value is (an f32 square is exact in
+// f64, and none of their sums overflows it) unless a block's sum passes f32's range (values
+// near 1e17: PyTorch's f32 norm overflows there too). `partial` is written in place: the
+// gradient's slots of the step's buffer of partial sums.
+#define KL_SUMSQ_THREADS 256
+
+template <typename T>
+__device__ void sum_sq_partial(float* partial, const T* g, int n) {
+    __shared__ double sh[KL_SUMSQ_THREADS];
+    double s = 0.0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        double x = (double)kl_ld(g[i]);
+        s += x * x;
+    }
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned int st = blockDim.x / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) sh[threadIdx.x] += sh[threadIdx.x + st];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = (float)sh[0];
+}
+
+extern "C" __global__ void __launch_bounds__(KL_SUMSQ_THREADS) kl_sum_sq_partial(float* partial, const float* g, int n) {
+    sum_sq_partial(partial, g, n);
+}
+extern "C" __global__ void __launch_bounds__(KL_SUMSQ_THREADS) kl_sum_sq_partial_bf16(float* partial, const __nv_bfloat16* g, int n) {
+    sum_sq_partial(partial, g, n);
+}
+extern "C" __global__ void __launch_bounds__(KL_SUMSQ_THREADS) kl_sum_sq_partial_f16(float* partial, const __half* g, int n) {
+    sum_sq_partial(partial, g, n);
+}
