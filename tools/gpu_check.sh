@@ -191,6 +191,12 @@ KLSPEECH_NO_KEY_PAD=1 KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-
 # with TF32, as before 2026-11-27's shared columns): before/after in one binary.
 KLSPEECH_CONV_SHIFT=off KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-f32-tf32,base-infer-16x10-bf16,base-infer-16x10-f16,base-train-8x4-f32,base-train-8x4-f32-tf32,base-train-8x4-bf16 KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=150 \
   t "bench rows without shared columns (KLSPEECH_CONV_SHIFT=off)" $D/inference-*
+# Session 17's two kernels against their switches, before/after in one binary: the first
+# feature-encoder layer as conv + GroupNorm + GELU (three ops) instead of
+# kl_conv1_group_norm_gelu, and the trainer's gradient probes as candle's ops instead of
+# kl_sum_sq_partial (the -clip row).
+KLSPEECH_NO_KERNEL=${KLSPEECH_NO_KERNEL:+$KLSPEECH_NO_KERNEL,}conv1_group_norm,grad_norm KLSPEECH_BENCH_ROWS=base-infer-16x10-f32,base-infer-16x10-bf16,base-train-8x4-f32-clip KLSPEECH_BENCH_DEVICE=cuda KLSPEECH_PYTHON=none T=90 \
+  t "bench rows without kl_conv1_group_norm_gelu and kl_sum_sq_partial (KLSPEECH_NO_KERNEL=conv1_group_norm,grad_norm)" $D/inference-*
 # Shared columns of 8 and 32 taps a row instead of 16 (more gemms of a shorter reduction and
 # a smaller gather, or fewer and larger): which the default should be.
 if [ "${KLSPEECH_CONV_SHIFT:-}" != off ]; then
