@@ -307,6 +307,47 @@ fn channels_last_group_norm_matches_the_composite() {
     assert!(r <= 1e-5, "group_norm_cl f32, mean 1e3: rel. error {r:e}");
 }
 
+/// The padding-aware channels-last GroupNorm (`ops::group_norm_cl_valid`: statistics over each
+/// clip's valid frames, every frame normalized; the trainer's padded batches) against the
+/// masked composite `model::Norm` ran in [B, C, T] (mask-weighted mean and variance over the
+/// valid count, then the affine), values and the gradients of x, w and b: valid lengths of one
+/// frame, of every frame, across and inside 32-frame blocks; a refused length list gives None.
+#[test]
+fn padding_aware_channels_last_group_norm_matches_the_masked_composite() {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &(t, c, ref valid)) in [(45usize, 13usize, vec![45usize, 1, 33]), (131, 5, vec![64, 100, 131]), (7, 40, vec![3, 7, 6])].iter().enumerate() {
+            let b = valid.len();
+            let x = rand(&[b, t, c], 140 + i as u64, dtype).affine(3.0, 0.5).unwrap();
+            let (w, bias) = (rand(&[c], 141, dtype), rand(&[c], 142, dtype));
+            let mut m = vec![0f64; b * t];
+            for (bi, &n) in valid.iter().enumerate() {
+                m[bi * t..bi * t + n].fill(1.0);
+            }
+            let mask = Tensor::from_vec(m, (b, 1, t), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let composite = |v: &[Tensor]| {
+                let xt = v[0].transpose(1, 2).unwrap(); // [B, C, T]
+                let n = mask.sum_keepdim(2).unwrap();
+                let mean = xt.broadcast_mul(&mask).unwrap().sum_keepdim(2).unwrap().broadcast_div(&n).unwrap();
+                let xc = xt.broadcast_sub(&mean).unwrap();
+                let var = xc.broadcast_mul(&mask).unwrap().sqr().unwrap().sum_keepdim(2).unwrap().broadcast_div(&n).unwrap();
+                let xh = xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().transpose(1, 2).unwrap();
+                xh.broadcast_mul(&v[1]).unwrap().broadcast_add(&v[2]).unwrap()
+            };
+            compare(
+                &format!("group_norm_cl_valid {:?} {valid:?}", (b, t, c)),
+                &[x, w, bias],
+                |v| ops::group_norm_cl_valid(&v[0], &v[1], &v[2], 1e-5, valid).unwrap().expect("fused on the CPU"),
+                composite,
+            );
+        }
+    }
+    let x = rand(&[2, 5, 3], 1, DType::F32);
+    let (w, b) = (rand(&[3], 2, DType::F32), rand(&[3], 3, DType::F32));
+    for bad in [vec![5, 0], vec![5, 6], vec![5]] {
+        assert!(ops::group_norm_cl_valid(&x, &w, &b, 1e-5, &bad).unwrap().is_none(), "{bad:?}");
+    }
+}
+
 #[test]
 fn first_layer_conv_group_norm_gelu_matches_the_three_ops() {
     // wav2vec2-base's first layer (one input channel, K = 10, stride 5) and odd variants:

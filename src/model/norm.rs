@@ -212,8 +212,18 @@ impl Norm {
     /// statistics over every frame), else [`Norm::forward`] on the transposed input.
     pub fn forward_time_channels_last(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let stats_mask = if ctx.padding_aware { time_mask } else { None };
-        if stats_mask.is_none() && (self.kl.is_none() || !ctx.train) {
-            return crate::ops::group_norm_cl(x, &self.weight, &self.bias, self.eps);
+        if self.kl.is_none() || !ctx.train {
+            match stats_mask {
+                None => return crate::ops::group_norm_cl(x, &self.weight, &self.bias, self.eps),
+                // Padding-aware statistics over each clip's valid frames, fused (CPU).
+                Some(m) => {
+                    if let Some(valid) = prefix_lengths(m)? {
+                        if let Some(y) = crate::ops::group_norm_cl_valid(x, &self.weight, &self.bias, self.eps, &valid)? {
+                            return Ok(y);
+                        }
+                    }
+                }
+            }
         }
         Ok(self.forward(&x.transpose(1, 2)?, time_mask, ctx)?.transpose(1, 2)?)
     }
@@ -276,4 +286,23 @@ impl Norm {
         Ok((y, per_pos))
     }
 
+}
+
+/// Each row's count of valid frames when a [B, T] time mask on the CPU is leading ones then
+/// zeros with at least one one (`model::wav2vec2::length_mask`'s masks); `None` for any other
+/// mask, or one on another device (not read back: the composite takes it as it is).
+fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    if !mask.device().is_cpu() || mask.rank() != 2 {
+        return Ok(None);
+    }
+    let rows: Vec<Vec<f64>> = mask.to_dtype(DType::F64)?.to_vec2()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let n = r.iter().take_while(|&&v| v == 1.0).count();
+        if n == 0 || r[n..].iter().any(|&v| v != 0.0) {
+            return Ok(None);
+        }
+        out.push(n);
+    }
+    Ok(Some(out))
 }

@@ -146,18 +146,32 @@ fn merge(partial: Vec<Vec<f64>>, bsz: usize, t: usize, ch: usize) -> Vec<Vec<f64
 /// Mean and 1 / sqrt(var + eps) per (clip, channel): two [B C] vectors, from the per-block
 /// sums of d = x - shift[clip] that `block_sums(clip, first frame, frames, s)` adds into s.
 /// (`scratch` is a per-thread buffer the callback may use.)
-fn stats_with<T: Float + Send>(bsz: usize, t: usize, eps: f64, shifts: &[Vec<f64>], block_sums: impl Fn(usize, usize, usize, &mut [f64], &mut Vec<T>) + Sync) -> (Vec<T>, Vec<T>) {
+/// With `valid`, clip b's statistics are over its first `valid[b]` frames only (padding-aware
+/// normalization of a padded batch): blocks past them add nothing, a block across the boundary
+/// only its valid frames.
+fn stats_with<T: Float + Send>(
+    bsz: usize,
+    t: usize,
+    eps: f64,
+    shifts: &[Vec<f64>],
+    valid: Option<&[usize]>,
+    block_sums: impl Fn(usize, usize, usize, &mut [f64], &mut Vec<T>) + Sync,
+) -> (Vec<T>, Vec<T>) {
     let ch = shifts.first().map_or(0, |s| s.len());
+    let frames = |bi: usize| valid.map_or(t, |v| v[bi]);
     let partial: Vec<Vec<f64>> = blocks(bsz, t)
         .map_init(Vec::new, |scratch, (bi, t0, n)| {
             let mut s = vec![0f64; 2 * ch];
-            block_sums(bi, t0, n, &mut s, scratch);
+            let n = n.min(frames(bi).saturating_sub(t0));
+            if n > 0 {
+                block_sums(bi, t0, n, &mut s, scratch);
+            }
             s
         })
         .collect();
     let (mut mean, mut rstd) = (Vec::with_capacity(bsz * ch), Vec::with_capacity(bsz * ch));
-    let tn = t as f64;
-    for (s, shift) in merge(partial, bsz, t, ch).iter().zip(shifts) {
+    for (bi, (s, shift)) in merge(partial, bsz, t, ch).iter().zip(shifts).enumerate() {
+        let tn = frames(bi) as f64;
         for (ci, &k) in shift.iter().enumerate() {
             let m = s[ci] / tn;
             let var = (s[ch + ci] / tn - m * m).max(0.0);
@@ -168,19 +182,24 @@ fn stats_with<T: Float + Send>(bsz: usize, t: usize, eps: f64, shifts: &[Vec<f64
     (mean, rstd)
 }
 
-/// [`stats_with`] of x [B, T, C], shifted by each clip's first frame.
-fn stats<T: WithDType + Float>(x: &[T], bsz: usize, t: usize, ch: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+/// [`stats_with`] of x [B, T, C], shifted by each clip's first frame (over the `valid` frames
+/// of each clip where given).
+fn stats<T: WithDType + Float>(x: &[T], bsz: usize, t: usize, ch: usize, eps: f64, valid: Option<&[usize]>) -> (Vec<T>, Vec<T>) {
     let shifts: Vec<Vec<f64>> = (0..bsz).map(|bi| x[bi * t * ch..][..ch].iter().map(|&v| f64_of(v)).collect()).collect();
-    stats_with(bsz, t, eps, &shifts, |bi, t0, n, s, _: &mut Vec<T>| sum_rows(&x[(bi * t + t0) * ch..][..n * ch], &shifts[bi], s))
+    stats_with(bsz, t, eps, &shifts, valid, |bi, t0, n, s, _: &mut Vec<T>| sum_rows(&x[(bi * t + t0) * ch..][..n * ch], &shifts[bi], s))
 }
 
 struct GroupNormCl {
     eps: f64,
     /// GELU (erf) on each output block while it is in cache (inference: no backward).
     gelu: bool,
+    /// Padding-aware statistics: clip b's over its first `valid[b]` frames (every frame is
+    /// normalized with them).
+    valid: Option<Vec<usize>>,
 }
 struct GroupNormClBwd {
     eps: f64,
+    valid: Option<Vec<usize>>,
 }
 
 impl CustomOp3 for GroupNormCl {
@@ -192,7 +211,7 @@ impl CustomOp3 for GroupNormCl {
         by_dtype!(s1, T => {
             let x = data::<T>(s1, l1)?;
             let (w, b) = (data::<T>(s2, l2)?, data::<T>(s3, l3)?);
-            let (mean, rstd) = stats(x, bsz, t, ch, self.eps);
+            let (mean, rstd) = stats(x, bsz, t, ch, self.eps, self.valid.as_deref());
             let scale: Vec<T> = rstd.iter().enumerate().map(|(i, &r)| r * w[i % ch]).collect();
             // Safety: the blocks cover every (clip, frame).
             let mut y = unsafe { output_buf::<T>(x.len(), 0) };
@@ -213,7 +232,7 @@ impl CustomOp3 for GroupNormCl {
         if self.gelu {
             bail!("klspeech group norm + GELU is an inference op (no backward)");
         }
-        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &GroupNormClBwd { eps: self.eps })?;
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &GroupNormClBwd { eps: self.eps, valid: self.valid.clone() })?;
         super::split_affine_grads(&packed, x, w, b)
     }
 }
@@ -225,6 +244,9 @@ impl CustomOp3 for GroupNormClBwd {
     /// (x, w, dy) -> [dx (B T C), dw (C), db (C)] flat. Per (clip, channel), with r = 1 /
     /// sqrt(var + eps) and x_hat = (x - m) r: sg = sum_t dy, sgx = sum_t dy x_hat;
     /// dx = r w (dy - sg / T - x_hat sgx / T); dw = sum over clips (in order) of sgx, db = of sg.
+    /// With padding-aware statistics over a clip's first n frames: the same sums over every
+    /// frame, divided by n, and the two correction terms only on the n valid frames (a padded
+    /// frame's input moves no statistic).
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (bsz, t, ch) = btc(l1)?;
         by_dtype!(s1, T => {
@@ -232,7 +254,8 @@ impl CustomOp3 for GroupNormClBwd {
             let w = data::<T>(s2, l2)?;
             let g = data::<T>(s3, l3)?;
             let n = x.len();
-            let (mean, rstd) = stats(x, bsz, t, ch, self.eps);
+            let (mean, rstd) = stats(x, bsz, t, ch, self.eps, self.valid.as_deref());
+            let frames = |bi: usize| self.valid.as_ref().map_or(t, |v| v[bi]);
             let partial: Vec<Vec<f64>> = blocks(bsz, t)
                 .map(|(bi, t0, rows)| {
                     let mut s = vec![0f64; 2 * ch];
@@ -245,9 +268,9 @@ impl CustomOp3 for GroupNormClBwd {
             // Safety: the blocks cover every dx element; dw, db start at zero.
             let mut out = unsafe { output_buf::<T>(n, 2 * ch) };
             // Per clip: r w, sg / T and r^2 sgx / T ([B C] each; sgx here is sum dy (x - m)).
-            let tn = t as f64;
             let (mut rw, mut a, mut bcoef) = (Vec::with_capacity(bsz * ch), Vec::with_capacity(bsz * ch), Vec::with_capacity(bsz * ch));
             for (bi, s) in sums.iter().enumerate() {
+                let tn = frames(bi) as f64;
                 for ci in 0..ch {
                     let r = f64_of(rstd[bi * ch + ci]);
                     rw.push(c::<T>(r) * w[ci]);
@@ -256,13 +279,21 @@ impl CustomOp3 for GroupNormClBwd {
                 }
             }
             let op = Ptr(out.as_mut_ptr());
+            let zeros = vec![T::zero(); ch];
             blocks(bsz, t).for_each(|(bi, t0, rows)| {
                 let off = (bi * t + t0) * ch;
                 // Safety: frames t0 .. t0 + rows of clip bi are this task's.
                 let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(off), rows * ch) };
                 let r = bi * ch..(bi + 1) * ch;
-                let p = [&mean[r.clone()], &rw[r.clone()], &a[r.clone()], &bcoef[r]];
-                dx_rows(&x[off..][..rows * ch], &g[off..][..rows * ch], dst, p);
+                // Valid frames take both corrections, padded ones none (dx = r w dy).
+                let nv = rows.min(frames(bi).saturating_sub(t0));
+                let (dv, dp) = dst.split_at_mut(nv * ch);
+                let (xv, xp) = x[off..][..rows * ch].split_at(nv * ch);
+                let (gv, gp) = g[off..][..rows * ch].split_at(nv * ch);
+                dx_rows(xv, gv, dv, [&mean[r.clone()], &rw[r.clone()], &a[r.clone()], &bcoef[r.clone()]]);
+                if nv < rows {
+                    dx_rows(xp, gp, dp, [&mean[r.clone()], &rw[r], &zeros, &zeros]);
+                }
             });
             let (_, tail) = out.split_at_mut(n);
             let (dw, db) = tail.split_at_mut(ch);
@@ -343,7 +374,7 @@ impl CustomOp3 for ConvGroupNormGelu {
                     row.iter().map(|&v| f64_of(v)).collect()
                 })
                 .collect();
-            let (mean, rstd) = stats_with::<T>(bsz, t, self.eps, &shifts, |bi, t0, n, s, buf| {
+            let (mean, rstd) = stats_with::<T>(bsz, t, self.eps, &shifts, None, |bi, t0, n, s, buf| {
                 buf.resize(ROWS * ch, T::zero());
                 let buf = &mut buf[..n * ch];
                 conv1_rows(clip(bi), &wt, k, stride, t0, buf);
@@ -412,7 +443,21 @@ pub fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Ten
     if !fused(x) {
         return group_norm_cl_composite(x, w, b, eps);
     }
-    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GroupNormCl { eps, gelu: false })?)
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GroupNormCl { eps, gelu: false, valid: None })?)
+}
+
+/// [`group_norm_cl`] with padding-aware statistics: clip b's mean and variance over its first
+/// `valid[b]` frames (1 ..= T), every frame normalized with them (`model::Norm`'s masked
+/// GroupNorm, the trainer's padded batches); differentiable in x, w and b. Fused on the CPU
+/// (where the masked composite in [B, C, T] and the copy of its transposed result back to
+/// channels-last took about a fifth of a keyword-spotting fine-tuning run), else `None`: the
+/// caller's composite.
+pub fn group_norm_cl_valid(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, valid: &[usize]) -> Result<Option<Tensor>> {
+    let (bsz, t, _) = x.dims3()?;
+    if !fused(x) || valid.len() != bsz || valid.iter().any(|&n| n == 0 || n > t) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GroupNormCl { eps, gelu: false, valid: Some(valid.to_vec()) })?))
 }
 
 /// Inference: [`group_norm_cl`] followed by the erf GELU, applied to each output strip while
@@ -429,7 +474,7 @@ pub fn group_norm_cl_gelu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
     if !fused(x) {
         return super::gelu_erf(&group_norm_cl_composite(x, w, b, eps)?);
     }
-    Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNormCl { eps, gelu: true })?)
+    Ok(x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNormCl { eps, gelu: true, valid: None })?)
 }
 
 /// [`group_norm_cl`] from candle ops (the reference, and the path off the CPU); bf16 / f16 in
