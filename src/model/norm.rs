@@ -209,7 +209,8 @@ impl Norm {
 
     /// A [`NormAxis::Time`] site (per-channel GroupNorm) on channels-last x [B, T, C]: the fused
     /// channels-last op where it applies (plain GroupNorm, or KL-Norm in evaluation, with
-    /// statistics over every frame), else [`Norm::forward`] on the transposed input.
+    /// statistics over every frame, or over each clip's valid frames for a padding-aware
+    /// length mask on the CPU), else [`Norm::forward`] on the transposed input.
     pub fn forward_time_channels_last(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let stats_mask = if ctx.padding_aware { time_mask } else { None };
         if self.kl.is_none() || !ctx.train {
