@@ -420,6 +420,83 @@ fn channels_last_group_norm_forward_and_backward_match_the_f64_composite() {
     }
 }
 
+/// A [b, t] mask per case: leading ones of `Some(n)` frames, or (`None`) a mask with holes (frame
+/// i valid when (7 i) % 5 < 3: not a prefix, and frame 0 valid).
+fn frame_mask(t: usize, valid: &[Option<usize>]) -> Vec<f32> {
+    valid.iter().flat_map(|v| (0..t).map(move |i| f32::from(u8::from(v.map_or((7 * i) % 5 < 3, |n| i < n))))).collect()
+}
+
+/// The padding-aware GroupNorm kernels (`kl_group_norm_cl_masked_fwd` / `_bwd`, a padded
+/// batch's first feature-encoder layer on a GPU): each (clip, channel)'s statistics over the
+/// frames whose mask is not 0, every frame normalized with them; forward with and without the
+/// GELU, backward (dx, and dw / db through the per-clip sums and kl_colsum) against the f64
+/// masked composite (`model::Norm`'s) and its autograd. The padded frames hold values far from
+/// the valid ones (statistics over every frame would be off by them). Masks: leading ones of one
+/// frame, of every frame, across the 32 time lanes, and one with holes (the kernels read the
+/// mask; they do not assume lengths); channels over and under the 32-channel tile, a mean 1000
+/// times the spread. With every frame valid: the unmasked kernels' bits.
+#[test]
+fn padding_aware_group_norm_kernels_match_the_masked_f64_composite() {
+    let eps = 1e-5;
+    let cases: [(usize, usize, Vec<Option<usize>>, f32); 4] = [
+        (37, 40, vec![Some(37), Some(1), Some(20)], 0.3),
+        (300, 33, vec![Some(129), Some(300)], 1000.0),
+        (64, 7, vec![None, Some(33)], 2.0),
+        (5, 64, vec![Some(5), Some(5)], 0.0),
+    ];
+    for (case, (t, c, valid, shift)) in cases.iter().enumerate() {
+        let (b, t, c, shift) = (valid.len(), *t, *c, *shift);
+        let n = b * t * c;
+        let seed = 760 + 10 * case as u64;
+        let mask = frame_mask(t, valid);
+        let mut x = normal(n, seed, 1.5, shift);
+        for (i, v) in x.iter_mut().enumerate() {
+            if mask[i / c] == 0.0 {
+                *v = *v * 4.0 + 50.0;
+            }
+        }
+        let w = normal(c, seed + 1, 0.3, 1.0);
+        let bias = normal(c, seed + 2, 0.2, 0.0);
+        let g = normal(n, seed + 3, 1.0, 0.0);
+        let f64_t = |v: &[f32], shape: &[usize]| Tensor::from_vec(v.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap();
+        let (xv, wv, bv) = (Var::from_tensor(&f64_t(&x, &[b, t, c])).unwrap(), Var::from_tensor(&f64_t(&w, &[c])).unwrap(), Var::from_tensor(&f64_t(&bias, &[c])).unwrap());
+        let m = f64_t(&mask, &[b, t, 1]);
+        let count = m.sum_keepdim(1).unwrap();
+        let mean = xv.as_tensor().broadcast_mul(&m).unwrap().sum_keepdim(1).unwrap().broadcast_div(&count).unwrap();
+        let xc = xv.as_tensor().broadcast_sub(&mean).unwrap();
+        let var = xc.broadcast_mul(&m).unwrap().sqr().unwrap().sum_keepdim(1).unwrap().broadcast_div(&count).unwrap();
+        let y_ref = xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(wv.as_tensor()).unwrap().broadcast_add(bv.as_tensor()).unwrap();
+        let grads = y_ref.mul(&f64_t(&g, &[b, t, c])).unwrap().sum_all().unwrap().backward().unwrap();
+        let gelu_ref = y_ref.gelu_erf().unwrap();
+
+        let what = format!("masked group norm [{b}, {t}, {c}] valid {valid:?}");
+        let all_valid = mask.iter().all(|&v| v == 1.0);
+        for (gelu, want) in [(false, &y_ref), (true, &gelu_ref)] {
+            let fwd = run(&kernels::group_norm_cl_masked_fwd(b, t, c, eps, gelu, DType::F32), &[x.clone(), w.clone(), bias.clone(), mask.clone(), vec![f32::NAN; n]]);
+            let e = rel_err(&fwd[4], &as_f64(want));
+            assert!(e < 2e-5, "{what} forward (GELU {gelu}): {e}");
+            assert_eq!(fwd[3], mask);
+            if all_valid {
+                let plain = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, DType::F32), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; n]]);
+                assert_eq!(fwd[4], plain[3], "{what}: the unmasked kernel's bits (GELU {gelu})");
+            }
+        }
+        let bwd = run(&kernels::group_norm_cl_masked_bwd(b, t, c, eps, DType::F32), &[x.clone(), w.clone(), mask.clone(), g.clone(), vec![f32::NAN; n + b * 2 * c]]);
+        let e = rel_err(&bwd[4][..n], &as_f64(grads.get(xv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "{what} dx: {e}");
+        let sums = run(&kernels::colsum(b, 2 * c), &[bwd[4][n..].to_vec(), vec![f32::NAN; 2 * c]]);
+        let e = rel_err(&sums[1][..c], &as_f64(grads.get(wv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "{what} dw: {e}");
+        let e = rel_err(&sums[1][c..], &as_f64(grads.get(bv.as_tensor()).unwrap()));
+        assert!(e < 5e-5, "{what} db: {e}");
+        assert_eq!((&bwd[0], &bwd[2], &bwd[3]), (&x, &mask, &g));
+        if all_valid {
+            let plain = run(&kernels::group_norm_cl_bwd(b, t, c, eps, DType::F32), &[x.clone(), w.clone(), g.clone(), vec![f32::NAN; n + b * 2 * c]]);
+            assert_eq!(bwd[4], plain[3], "{what}: the unmasked backward's bits");
+        }
+    }
+}
+
 /// The GroupNorm forward in bf16 and f16 (inference in those types): each output is the f32
 /// kernel's result on the same (exactly representable) inputs, rounded to the type to nearest
 /// even, bit for bit; with and without the GELU. (The f32 kernel is checked against f64 above.)
@@ -447,12 +524,20 @@ fn channels_last_group_norm_in_bf16_and_f16_is_the_f32_kernel_rounded() {
             let (w, wh) = of(normal(c, seed + 1, 0.3, 1.0));
             let (bias, bh) = of(normal(c, seed + 2, 0.2, 0.0));
             let empty = half_empty(dtype, b * t * c);
+            // The padding-aware kernel: clip 0 of one valid frame (or all of them), the rest
+            // with holes.
+            let valid: Vec<Option<usize>> = (0..b).map(|i| if i == 0 { Some(if t > 40 { 41 } else { 1 }) } else { None }).collect();
+            let (mask, mh) = of(frame_mask(t, &valid));
             for gelu in [false, true] {
                 let y32 = run(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, DType::F32), &[x.clone(), w.clone(), bias.clone(), vec![f32::NAN; b * t * c]]);
                 let (_, want) = of(y32[3].clone());
                 let got = run_bufs(&kernels::group_norm_cl_fwd(b, t, c, eps, gelu, dtype), &[xh.clone(), wh.clone(), bh.clone(), empty.clone()]);
                 assert_eq!(got[3], want, "group norm forward [{b}, {t}, {c}] in {dtype:?} (GELU {gelu})");
                 assert_eq!(got[0], xh);
+                let y32 = run(&kernels::group_norm_cl_masked_fwd(b, t, c, eps, gelu, DType::F32), &[x.clone(), w.clone(), bias.clone(), mask.clone(), vec![f32::NAN; b * t * c]]);
+                let (_, want) = of(y32[4].clone());
+                let got = run_bufs(&kernels::group_norm_cl_masked_fwd(b, t, c, eps, gelu, dtype), &[xh.clone(), wh.clone(), bh.clone(), mh.clone(), empty.clone()]);
+                assert_eq!(got[4], want, "masked group norm forward [{b}, {t}, {c}] in {dtype:?} (GELU {gelu})");
             }
         }
     }
@@ -818,6 +903,14 @@ fn half_type_norm_kernels_are_the_f32_kernels_rounded() {
             let (dx, tail) = split(&outh, n, sums);
             assert_eq!(dx, bits(&out32[..n]), "{what}: dx");
             same_bits(&tail, &out32[n..], &what);
+            // The padding-aware backward: the last clip's frames after the first 1 + t / 2 padding.
+            let valid: Vec<Option<usize>> = (0..b).map(|i| Some(if i + 1 == b { 1 + t / 2 } else { t })).collect();
+            let mask = frame_mask(t, &valid);
+            let out32 = run(&kernels::group_norm_cl_masked_bwd(b, t, c, eps, DType::F32), &[x.clone(), w.clone(), mask.clone(), g.clone(), vec![f32::NAN; n + sums]])[4].clone();
+            let outh = run_bufs(&kernels::group_norm_cl_masked_bwd(b, t, c, eps, dtype), &[bits(&x), bits(&w), bits(&mask), bits(&g), empty(kernels::packed_len(n, sums, dtype))])[4].clone();
+            let (dx, tail) = split(&outh, n, sums);
+            assert_eq!(dx, bits(&out32[..n]), "{what} masked: dx");
+            same_bits(&tail, &out32[n..], &format!("{what} masked"));
         }
     }
 }

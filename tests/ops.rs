@@ -348,6 +348,85 @@ fn padding_aware_channels_last_group_norm_matches_the_masked_composite() {
     }
 }
 
+/// The masked composite `model::Norm` runs for a padded batch's GroupNorm, in channels-last
+/// [B, T, C] with mask [B, T]: mean and variance over each clip's frames whose mask is 1, every
+/// frame normalized, then the affine.
+fn masked_group_norm_composite(x: &Tensor, w: &Tensor, b: &Tensor, mask: &Tensor) -> Tensor {
+    let m = mask.unsqueeze(2).unwrap(); // [B, T, 1]
+    let n = m.sum_keepdim(1).unwrap();
+    let mean = x.broadcast_mul(&m).unwrap().sum_keepdim(1).unwrap().broadcast_div(&n).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.broadcast_mul(&m).unwrap().sqr().unwrap().sum_keepdim(1).unwrap().broadcast_div(&n).unwrap();
+    xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+}
+
+/// `ops::group_norm_cl_masked` (the padding-aware GroupNorm of a padded batch's first
+/// feature-encoder layer) on the test device against the masked composite in f64: values and the
+/// gradients of x, w and b in f32 (on a GPU klspeech's masked kernels, on the CPU the fused op
+/// of leading-ones masks); the inference variant with the GELU in f32, bf16 and f16 (on a GPU the
+/// kernels; the CPU has no fused half-type op: `None`, the caller's composite); a mask with
+/// holes (a GPU's kernels read the mask; the CPU's op takes lengths: `None`). Padded frames hold
+/// values far from the valid ones.
+#[test]
+fn padding_aware_group_norm_on_the_test_device_matches_f64() {
+    let dev = test_device();
+    let (b, t, c) = (3usize, 45usize, 40usize);
+    let lengths = [45usize, 1, 30];
+    let prefix: Vec<f64> = lengths.iter().flat_map(|&n| (0..t).map(move |i| f64::from(u8::from(i < n)))).collect();
+    let holes: Vec<f64> = (0..b * t).map(|i| f64::from(u8::from((7 * (i % t)) % 5 < 3))).collect();
+    let x0 = rand(&[b, t, c], 150, DType::F64).affine(1.5, 0.3).unwrap();
+    let w = rand(&[c], 151, DType::F64).affine(0.3, 1.0).unwrap();
+    let bias = rand(&[c], 152, DType::F64).affine(0.2, 0.0).unwrap();
+    for (name, m) in [("leading ones", prefix), ("holes", holes)] {
+        let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+        // Padding far from the valid frames: statistics over every frame would be off by it.
+        let pad = (mask.affine(-1.0, 1.0).unwrap().unsqueeze(2).unwrap() * 40.0).unwrap();
+        let x = x0.broadcast_add(&pad).unwrap();
+        let kernel_or_fused = dev.is_cuda() || name == "leading ones";
+        let on = |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+
+        // f32 with gradients.
+        let vars: Vec<Var> = [&x, &w, &bias].iter().map(|t| Var::from_tensor(&on(t, DType::F32)).unwrap()).collect();
+        let got = ops::group_norm_cl_masked(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5, &on(&mask, DType::F32), false).unwrap();
+        assert_eq!(got.is_some(), kernel_or_fused, "{name} on {dev:?}: fused / kernel path");
+        let Some(got) = got else { continue };
+        let ref_vars: Vec<Var> = [&x, &w, &bias].iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let want = masked_group_norm_composite(ref_vars[0].as_tensor(), ref_vars[1].as_tensor(), ref_vars[2].as_tensor(), &mask);
+        let r = rand(&[b, t, c], 153, DType::F64);
+        let g = (&got * &on(&r, DType::F32)).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+        let e = rel(&cpu(&got), &want);
+        println!("masked group norm ({name}) in F32 on {dev:?}: {e:e}");
+        assert!(e <= 2e-5, "masked group norm ({name}) on {dev:?}: value rel. error {e:e}");
+        for (i, (v, rv)) in vars.iter().zip(&ref_vars).enumerate() {
+            let e = rel(&cpu(g.get(v.as_tensor()).expect("a gradient")), gr.get(rv.as_tensor()).unwrap());
+            println!("masked group norm ({name}) gradient {i} on {dev:?}: {e:e}");
+            assert!(e <= 5e-5, "masked group norm ({name}) on {dev:?}: gradient of input {i}: rel. error {e:e}");
+        }
+
+        // Inference with the GELU, in each type: the f64 GELU of the composite on the same values.
+        for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+            let of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+            let got = ops::group_norm_cl_masked(&on(&x, dtype), &on(&w, dtype), &on(&bias, dtype), 1e-5, &on(&mask, dtype), true).unwrap();
+            if !dev.is_cuda() && dtype != DType::F32 {
+                assert!(got.is_none(), "{name} in {dtype:?} on the CPU: no fused half-type op");
+                continue;
+            }
+            let got = got.expect("a kernel or fused path");
+            assert_eq!((got.dtype(), got.dims()), (dtype, &[b, t, c][..]));
+            let want = masked_group_norm_composite(&of(&x), &of(&w), &of(&bias), &mask).gelu_erf().unwrap();
+            let e = rel(&cpu(&got), &want);
+            println!("masked group norm + GELU ({name}) in {dtype:?} on {dev:?}: {e:e}");
+            assert!(e <= tol, "masked group norm + GELU ({name}) in {dtype:?} on {dev:?}: rel. error {e:e}");
+        }
+    }
+    // A mask of another shape: not this op's (the caller's composite).
+    let x = rand(&[2, 5, 3], 1, DType::F32).to_device(&dev).unwrap();
+    let (w, b) = (rand(&[3], 2, DType::F32).to_device(&dev).unwrap(), rand(&[3], 3, DType::F32).to_device(&dev).unwrap());
+    assert!(ops::group_norm_cl_masked(&x, &w, &b, 1e-5, &Tensor::ones((2, 4), DType::F32, &dev).unwrap(), false).unwrap().is_none());
+}
+
 #[test]
 fn first_layer_conv_group_norm_gelu_matches_the_three_ops() {
     // wav2vec2-base's first layer (one input channel, K = 10, stride 5) and odd variants:

@@ -5,7 +5,7 @@
 #     (tests/ops.rs: klspeech's CUDA kernels against f64 composites);
 #     the ops suite runs first: a failing suite is rerun with each kernel built since the last
 #     GPU run switched off in turn (KLSPEECH_NO_KERNEL=gather_taps|col2im|copy_rows|adam_step|
-#     attn_softmax|group_norm|residual_layer_norm|conv1_group_norm|grad_norm, then all nine), and the first setting that passes holds for the
+#     attn_softmax|group_norm_masked|group_norm|residual_layer_norm|conv1_group_norm|grad_norm, then all ten), and the first setting that passes holds for the
 #     rest; if none does and
 #     the ops suite passes without klspeech's CUDA kernels, the rest runs without them
 #     (KLSPEECH_NO_CUDA_KERNELS=1); each said in the log with "!!";
@@ -105,7 +105,9 @@ fi
 kernel_fallback() {
   local name=$1; shift
   local k off
-  for k in gather_taps col2im copy_rows adam_step attn_softmax group_norm residual_layer_norm conv1_group_norm grad_norm gather_taps,col2im,copy_rows,adam_step,attn_softmax,group_norm,residual_layer_norm,conv1_group_norm,grad_norm; do
+  # (group_norm_masked before group_norm: switching group_norm off also stops the masked
+  # kernels, and the unmasked ones have run on a GPU.)
+  for k in gather_taps col2im copy_rows adam_step attn_softmax group_norm_masked group_norm residual_layer_norm conv1_group_norm grad_norm gather_taps,col2im,copy_rows,adam_step,attn_softmax,group_norm_masked,group_norm,residual_layer_norm,conv1_group_norm,grad_norm; do
     off=${KLSPEECH_NO_KERNEL:+$KLSPEECH_NO_KERNEL,}$k
     KLSPEECH_NO_KERNEL=$off T=60 t "$name with KLSPEECH_NO_KERNEL=$off" "$@"
     if [ "$RC" = 0 ]; then
@@ -237,4 +239,8 @@ T=150 TAIL=200 t "pytorch kernel profiles" python3 tools/profile_pytorch.py --de
 # on the GPU (dropout, SpecAugment, KL-Norm noise: the real fine-tuning path), to compare with
 # its CPU figures in the README (1.2 min on 2 cores).
 T=180 TAIL=12 t "keyword_spotting example on cuda" $D/keyword_spotting --device cuda --out /tmp/kws-cuda
+# Its padded batches' first-layer GroupNorm as the masked composite in [B, C, T] instead of
+# kl_group_norm_cl_masked_fwd / _bwd (session 18): before/after in one binary, same figures.
+KLSPEECH_NO_KERNEL=${KLSPEECH_NO_KERNEL:+$KLSPEECH_NO_KERNEL,}group_norm_masked T=60 TAIL=12 \
+  t "keyword_spotting example on cuda without the masked GroupNorm kernels (KLSPEECH_NO_KERNEL=group_norm_masked)" $D/keyword_spotting --device cuda --out /tmp/kws-cuda-nomask
 echo "== gpu_check done in $SECONDS s"

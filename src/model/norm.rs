@@ -209,19 +209,16 @@ impl Norm {
 
     /// A [`NormAxis::Time`] site (per-channel GroupNorm) on channels-last x [B, T, C]: the fused
     /// channels-last op where it applies (plain GroupNorm, or KL-Norm in evaluation, with
-    /// statistics over every frame, or over each clip's valid frames for a padding-aware
-    /// length mask on the CPU), else [`Norm::forward`] on the transposed input.
+    /// statistics over every frame, or over each clip's valid frames for a padding-aware length
+    /// mask: `ops::group_norm_cl_masked`), else [`Norm::forward`] on the transposed input.
     pub fn forward_time_channels_last(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let stats_mask = if ctx.padding_aware { time_mask } else { None };
         if self.kl.is_none() || !ctx.train {
             match stats_mask {
                 None => return crate::ops::group_norm_cl(x, &self.weight, &self.bias, self.eps),
-                // Padding-aware statistics over each clip's valid frames, fused (CPU).
                 Some(m) => {
-                    if let Some(valid) = prefix_lengths(m)? {
-                        if let Some(y) = crate::ops::group_norm_cl_valid(x, &self.weight, &self.bias, self.eps, &valid)? {
-                            return Ok(y);
-                        }
+                    if let Some(y) = crate::ops::group_norm_cl_masked(x, &self.weight, &self.bias, self.eps, m, false)? {
+                        return Ok(y);
                     }
                 }
             }
@@ -230,11 +227,16 @@ impl Norm {
     }
 
     /// Inference only: [`Self::forward_time_channels_last`] then the erf GELU, fused into the
-    /// normalization's output pass, where the fused op applies (else `None`).
+    /// normalization's output pass, where the fused op applies (else `None`): statistics over
+    /// every frame, or with padding-aware statistics over a padded batch (evaluation during
+    /// fine-tuning) `ops::group_norm_cl_masked`.
     pub fn forward_time_channels_last_gelu(&self, x: &Tensor, time_mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
-        match self.plain_inference(time_mask.is_some(), ctx) {
-            Some((w, b, eps)) => Ok(Some(crate::ops::group_norm_cl_gelu(x, w, b, eps)?)),
-            None => Ok(None),
+        if let Some((w, b, eps)) = self.plain_inference(time_mask.is_some(), ctx) {
+            return Ok(Some(crate::ops::group_norm_cl_gelu(x, w, b, eps)?));
+        }
+        match time_mask {
+            Some(m) if ctx.padding_aware && !ctx.grad && (self.kl.is_none() || !ctx.train) => crate::ops::group_norm_cl_masked(x, &self.weight, &self.bias, self.eps, m, true),
+            _ => Ok(None),
         }
     }
 
@@ -286,24 +288,5 @@ impl Norm {
         };
         Ok((y, per_pos))
     }
-
 }
 
-/// Each row's count of valid frames when a [B, T] time mask on the CPU is leading ones then
-/// zeros with at least one one (`model::wav2vec2::length_mask`'s masks); `None` for any other
-/// mask, or one on another device (not read back: the composite takes it as it is).
-fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
-    if !mask.device().is_cpu() || mask.rank() != 2 {
-        return Ok(None);
-    }
-    let rows: Vec<Vec<f64>> = mask.to_dtype(DType::F64)?.to_vec2()?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let n = r.iter().take_while(|&&v| v == 1.0).count();
-        if n == 0 || r[n..].iter().any(|&v| v != 0.0) {
-            return Ok(None);
-        }
-        out.push(n);
-    }
-    Ok(Some(out))
-}

@@ -460,6 +460,50 @@ pub fn group_norm_cl_valid(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, valid: 
     Ok(Some(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, GroupNormCl { eps, gelu: false, valid: Some(valid.to_vec()) })?))
 }
 
+/// Padding-aware [`group_norm_cl`] over a padded batch: `mask` [B, T] is 1 for each clip's
+/// valid frames and 0 for its padding (`model::Norm`'s length mask); each clip's statistics
+/// cover the frames whose mask is not 0 (for a 0 / 1 mask the masked composite's), every frame
+/// normalized with them; then the erf GELU when `gelu` (no gradient through that). On a GPU
+/// klspeech's kernels read the mask (f32, or bf16 / f16; one launch forward, two backward),
+/// where the masked composite in [B, C, T] ran some fifteen candle ops and a transposed copy;
+/// on the CPU the fused op when every clip's mask is leading ones ([`group_norm_cl_valid`]).
+/// Else `None`: the caller's composite.
+pub fn group_norm_cl_masked(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, mask: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+    let (bsz, t, _) = x.dims3()?;
+    if mask.dims() != [bsz, t] {
+        return Ok(None);
+    }
+    let kernels = super::kernels::kernel_on("group_norm") && super::kernels::kernel_on("group_norm_masked");
+    let typed = w.dtype() == x.dtype() && b.dtype() == x.dtype() && mask.device().same_device(x.device());
+    let runs = if gelu { super::kernels::apply_any_float(x) } else { super::kernels::apply(x) || super::kernels::apply_half(x) };
+    if kernels && typed && runs {
+        return Ok(Some(super::kernels::group_norm_cl_masked(x, w, b, Some(mask), eps, gelu)?));
+    }
+    let Some(valid) = prefix_lengths(mask)? else { return Ok(None) };
+    match group_norm_cl_valid(x, w, b, eps, &valid)? {
+        Some(y) if gelu => Ok(Some(super::gelu_erf(&y.detach())?)),
+        y => Ok(y),
+    }
+}
+
+/// Each clip's count of valid frames when the mask [B, T] (on the CPU) is leading ones then
+/// zeros with at least one frame valid, else `None`.
+fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    if !mask.device().is_cpu() || mask.rank() != 2 {
+        return Ok(None);
+    }
+    let rows: Vec<Vec<f64>> = mask.to_dtype(DType::F64)?.to_vec2()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let n = r.iter().take_while(|&&v| v == 1.0).count();
+        if n == 0 || r[n..].iter().any(|&v| v != 0.0) {
+            return Ok(None);
+        }
+        out.push(n);
+    }
+    Ok(Some(out))
+}
+
 /// Inference: [`group_norm_cl`] followed by the erf GELU, applied to each output strip while
 /// it is in cache (one pass over the activation instead of two; the same values as the two
 /// ops). No gradient flows through it. Fused on the CPU, one CUDA kernel on a GPU (f32, bf16

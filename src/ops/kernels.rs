@@ -224,6 +224,14 @@ pub fn group_norm_cl_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool, dty
     group_norm_plan(name, b, t, c, 4, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
 }
 
+/// [`group_norm_cl_fwd`] with padding-aware statistics: buffers [x, w, b, mask, y], mask
+/// [b, t] of `dtype` (1 for a clip's valid frames, 0 for its padding): each (clip, channel)'s
+/// mean and variance over the frames whose mask is not 0, every frame normalized with them.
+pub fn group_norm_cl_masked_fwd(b: usize, t: usize, c: usize, eps: f64, gelu: bool, dtype: DType) -> Launch {
+    let name = typed("kl_group_norm_cl_masked_fwd", "kl_group_norm_cl_masked_fwd_bf16", "kl_group_norm_cl_masked_fwd_f16", dtype);
+    group_norm_plan(name, b, t, c, 5, &[Arg::F32(eps as f32), Arg::I32(gelu as i32)])
+}
+
 /// The most taps [`conv1_group_norm_gelu`] takes (`KL_C1_MAX_K` in the kernel: each thread
 /// keeps its channel's taps in registers).
 pub const CONV1_MAX_K: usize = 12;
@@ -265,6 +273,13 @@ pub fn bias_add(rows: usize, d: usize, dtype: DType, gelu: bool) -> Launch {
 /// [`tail_offset`], for [`colsum`] over the clips (dw, db).
 pub fn group_norm_cl_bwd(b: usize, t: usize, c: usize, eps: f64, dtype: DType) -> Launch {
     group_norm_plan(typed("kl_group_norm_cl_bwd", "kl_group_norm_cl_bwd_bf16", "kl_group_norm_cl_bwd_f16", dtype), b, t, c, 4, &[Arg::F32(eps as f32)])
+}
+
+/// Its padding-aware backward ([`group_norm_cl_masked_fwd`]'s gradient): buffers [x, w, mask,
+/// g, out], out as [`group_norm_cl_bwd`]'s (the per-clip sums run over every frame: each
+/// output depends on w and b, and on the statistics).
+pub fn group_norm_cl_masked_bwd(b: usize, t: usize, c: usize, eps: f64, dtype: DType) -> Launch {
+    group_norm_plan(typed("kl_group_norm_cl_masked_bwd", "kl_group_norm_cl_masked_bwd_bf16", "kl_group_norm_cl_masked_bwd_f16", dtype), b, t, c, 5, &[Arg::F32(eps as f32)])
 }
 
 /// `n` values of klspeech's keyed standard normal stream (`rng::keyed_normal_vec`, the same
@@ -447,7 +462,7 @@ pub fn set_half_enabled(on: bool) {
 
 /// The kernels [`kernel_on`] can switch off one by one (those built or changed after the last
 /// GPU run, so that a fault in one costs the next run only that one: `tools/gpu_check.sh`).
-pub const SWITCHABLE: [&str; 9] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm", "conv1_group_norm", "grad_norm"];
+pub const SWITCHABLE: [&str; 10] = ["gather_taps", "col2im", "copy_rows", "adam_step", "attn_softmax", "group_norm", "residual_layer_norm", "conv1_group_norm", "grad_norm", "group_norm_masked"];
 
 /// Whether the kernel `name` (one of [`SWITCHABLE`]) runs where it applies: yes unless
 /// `KLSPEECH_NO_KERNEL` names it (comma-separated, read once; unknown names are reported on
@@ -461,7 +476,8 @@ pub const SWITCHABLE: [&str; 9] = ["gather_taps", "col2im", "copy_rows", "adam_s
 /// the residual added before candle's LayerNorm (`ops::residual_layer_norm_infer`), the first
 /// feature-encoder layer's convolution, GroupNorm and GELU as three ops
 /// (`ops::conv1_group_norm_gelu`), candle's ops for the training step's gradient probes
-/// (`train::optim::step_probes`, [`sum_sq_of`]).
+/// (`train::optim::step_probes`, [`sum_sq_of`]), the masked composite in [B, C, T] for the
+/// padding-aware channels-last GroupNorm over a padded batch (`ops::group_norm_cl_masked`).
 pub fn kernel_on(name: &str) -> bool {
     static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let off = OFF.get_or_init(|| {
@@ -893,6 +909,10 @@ struct AffineNormKernel {
     norm: AffineNorm,
     eps: f64,
     backward: bool,
+    /// GroupCl only: padding-aware statistics over the frames whose mask [b, t] (x's type,
+    /// contiguous, on x's GPU) is not 0; the masked kernels take it after (x, w, b) forward,
+    /// after (x, w) backward.
+    mask: Option<Tensor>,
 }
 
 impl AffineNormKernel {
@@ -906,8 +926,14 @@ impl AffineNormKernel {
                 let blocks = plan.grid as usize;
                 (plan, blocks)
             }
-            (AffineNorm::GroupCl { b, t, c, gelu }, false) => (group_norm_cl_fwd(b, t, c, self.eps, gelu, dtype), 0),
-            (AffineNorm::GroupCl { b, t, c, .. }, true) => (group_norm_cl_bwd(b, t, c, self.eps, dtype), b),
+            (AffineNorm::GroupCl { b, t, c, gelu }, false) => match self.mask {
+                Some(_) => (group_norm_cl_masked_fwd(b, t, c, self.eps, gelu, dtype), 0),
+                None => (group_norm_cl_fwd(b, t, c, self.eps, gelu, dtype), 0),
+            },
+            (AffineNorm::GroupCl { b, t, c, .. }, true) => match self.mask {
+                Some(_) => (group_norm_cl_masked_bwd(b, t, c, self.eps, dtype), b),
+                None => (group_norm_cl_bwd(b, t, c, self.eps, dtype), b),
+            },
             (AffineNorm::ResidualLayer { d }, _) => (residual_layer_norm(n / d.max(1), d, self.eps, dtype), 0),
         }
     }
@@ -947,7 +973,12 @@ impl candle_core::CustomOp3 for AffineNormKernel {
             let n = l1.shape().elem_count();
             let dtype = candle_core::backend::BackendStorage::dtype(s1);
             let (plan, blocks) = self.plan(n, dtype);
-            let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+            let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
+            let mut inputs = vec![(s1, l1), (s2, l2), (s3, l3)];
+            if let Some((guard, ml)) = &mask {
+                let candle_core::Storage::Cuda(ms) = &**guard else { candle_core::bail!("klspeech GroupNorm kernel: the length mask is not on the GPU") };
+                inputs.insert(if self.backward { 2 } else { 3 }, (ms, ml));
+            }
             if self.backward {
                 gpu::launch_op(&plan, &inputs, &candle_core::Shape::from(packed_len(n, blocks * 2 * self.width(), dtype)))
             } else {
@@ -964,7 +995,7 @@ impl candle_core::CustomOp3 for AffineNormKernel {
             candle_core::bail!("{}: inference only, no backward", <Self as candle_core::CustomOp3>::name(self));
         }
         let (n, d) = (x.elem_count(), self.width());
-        let op = AffineNormKernel { norm: self.norm, eps: self.eps, backward: true };
+        let op = AffineNormKernel { norm: self.norm, eps: self.eps, backward: true, mask: self.mask.clone() };
         let packed = x.detach().apply_op3_no_bwd(&w.detach(), &g.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         // (f32 sums: the half-type weights' gradients rounded once.)
@@ -986,21 +1017,34 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle
     if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
         candle_core::bail!("klspeech LayerNorm kernel: x of {:?} with weights of {:?} and {:?}", x.dtype(), w.dtype(), b.dtype());
     }
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, AffineNormKernel { norm: AffineNorm::Layer { d }, eps, backward: false })
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, AffineNormKernel { norm: AffineNorm::Layer { d }, eps, backward: false, mask: None })
 }
 
 /// Per-channel GroupNorm over the frames of channels-last x [B, T, C] (w, b [C]), the exact
 /// GELU after it when `gelu` (then without a backward): one kernel forward, two backward
 /// ([`apply_any_float`] must hold for x, w and b, all three of one type).
 pub(crate) fn group_norm_cl(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, gelu: bool) -> candle_core::Result<Tensor> {
+    group_norm_cl_masked(x, w, b, None, eps, gelu)
+}
+
+/// [`group_norm_cl`], with `mask` ([B, T], 1 for a clip's valid frames, 0 for its padding, on
+/// x's device) padding-aware: each clip's statistics over the frames whose mask is not 0 (the
+/// masked composite's for a 0 / 1 mask), every frame normalized with them.
+pub(crate) fn group_norm_cl_masked(x: &Tensor, w: &Tensor, b: &Tensor, mask: Option<&Tensor>, eps: f64, gelu: bool) -> candle_core::Result<Tensor> {
     let (nb, t, c) = x.dims3()?;
+    if let Some(m) = mask {
+        if m.dims() != [nb, t] {
+            candle_core::bail!("klspeech GroupNorm kernel: [{nb}, {t}, {c}] with a mask of {:?}", m.dims());
+        }
+    }
+    let mask = mask.map(|m| m.detach().to_dtype(x.dtype())?.contiguous()).transpose()?;
     if w.elem_count() != c || b.elem_count() != c || t == 0 {
         candle_core::bail!("klspeech GroupNorm kernel: [{nb}, {t}, {c}] with weights of {} and {}", w.elem_count(), b.elem_count());
     }
     if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
         candle_core::bail!("klspeech GroupNorm kernel: x of {:?} with weights of {:?} and {:?}", x.dtype(), w.dtype(), b.dtype());
     }
-    let op = AffineNormKernel { norm: AffineNorm::GroupCl { b: nb, t, c, gelu }, eps, backward: false };
+    let op = AffineNormKernel { norm: AffineNorm::GroupCl { b: nb, t, c, gelu }, eps, backward: false, mask };
     let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
     if gelu {
         x.detach().apply_op3_no_bwd(&w.detach(), &b.detach(), &op)
@@ -1148,7 +1192,7 @@ pub(crate) fn residual_layer_norm_of(y: &Tensor, r: &Tensor, p: &Tensor, eps: f6
     if y.dims() != r.dims() || p.elem_count() != 3 * d || d == 0 {
         candle_core::bail!("klspeech residual_layer_norm: y {:?}, r {:?}, parameters {:?}", y.dims(), r.dims(), p.dims())
     }
-    let op = AffineNormKernel { norm: AffineNorm::ResidualLayer { d }, eps, backward: false };
+    let op = AffineNormKernel { norm: AffineNorm::ResidualLayer { d }, eps, backward: false, mask: None };
     y.detach().contiguous()?.apply_op3_no_bwd(&r.detach().contiguous()?, &p.detach().contiguous()?, &op)
 }
 

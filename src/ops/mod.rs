@@ -307,7 +307,7 @@ mod weight_norm;
 pub use attention::{attention, attention_composite, attention_infer, attention_train_composite};
 pub use grads::backward;
 pub use conv::{conv1d_cl, conv1d_cl_composite, conv1d_cl_gelu, conv1d_cl_recompute};
-pub use group_norm::{conv1_group_norm_gelu, group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu, group_norm_cl_valid};
+pub use group_norm::{conv1_group_norm_gelu, group_norm_cl, group_norm_cl_composite, group_norm_cl_gelu, group_norm_cl_masked, group_norm_cl_valid};
 pub use linear::{linear, linear_gelu_infer, linear_transposed, transpose_weight};
 pub use weight_norm::{weight_norm_last, weight_norm_last_composite};
 

@@ -507,28 +507,41 @@ __device__ void gn_lane_sum2(double* a, double* b) {
 // f64 sums of x - x0 and (x - x0)^2 with x0 the channel's first frame (as the CPU's fused op),
 // so that a mean far from zero does not cancel the variance.
 // The same for a channel whose frame i has the f32 value value(i) (`on`: the thread has a
-// channel; every thread of the block calls it, for the barriers).
-template <typename F>
-__device__ void gn_moments_of(F value, int t, bool on, float eps, double* mean, float* rstd) {
+// channel; every thread of the block calls it, for the barriers). MASKED: the statistics over
+// the frames i with keep(i) only (a padded clip's valid frames; their count, the same for every
+// thread, in *count; none: NaN, as the masked composite's 0 / 0); else over all t frames.
+template <bool MASKED, typename F, typename K>
+__device__ void gn_moments_kept(F value, K keep, int t, bool on, float eps, double* mean, float* rstd, double* count) {
     int lane = (int)(threadIdx.x / KL_GN_CH);
     double x0 = on ? (double)value(0) : 0.0;
     double s = 0.0, q = 0.0;
     if (on)
         for (int i = lane; i < t; i += KL_GN_LANES) {
+            if (MASKED && !keep(i)) continue;
             double d = (double)value(i) - x0;
             s += d;
             q += d * d;
         }
     gn_lane_sum2(&s, &q);
-    double ms = s / (double)t;
-    double var = q / (double)t - ms * ms;
+    double n = (double)t;
+    if (MASKED) {
+        // (A second barrier pair, only in the masked kernels: the count of kept frames.)
+        double k = 0.0, unused = 0.0;
+        for (int i = lane; i < t; i += KL_GN_LANES) k += keep(i) ? 1.0 : 0.0;
+        gn_lane_sum2(&k, &unused);
+        n = k;
+    }
+    double ms = s / n;
+    double var = q / n - ms * ms;
     *mean = x0 + ms;
     *rstd = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + (double)eps));
+    *count = n;
 }
 
-template <typename T>
-__device__ void gn_moments(const T* xb, int t, int c, int j, float eps, double* mean, float* rstd) {
-    gn_moments_of([&](int i) { return kl_ld(xb[(long long)i * c + j]); }, t, j < c, eps, mean, rstd);
+template <typename F>
+__device__ void gn_moments_of(F value, int t, bool on, float eps, double* mean, float* rstd) {
+    double n;
+    gn_moments_kept<false>(value, [](int) { return true; }, t, on, eps, mean, rstd, &n);
 }
 
 // One GroupNorm output: (x - mean) rstd w + b, then the exact GELU when `gelu`.
@@ -541,17 +554,20 @@ __device__ inline float gn_out(float x, double m, float rs, float wj, float bj, 
 
 // y = (x - mean) rstd w + b per (clip, channel), then the exact GELU when `gelu`; x, w, b, y
 // of one storage type T (f32, or bf16 / f16 for inference in those types), arithmetic in f32
-// and the statistics in f64 whatever T.
-template <typename T>
-__device__ void group_norm_cl_fwd(const T* x, const T* w, const T* b, T* y, int nb, int t, int c, float eps, int gelu) {
+// and the statistics in f64 whatever T. MASKED: mask [nb, t] of T, the statistics over each
+// clip's frames whose mask is not 0 (padding-aware GroupNorm over a padded batch), every frame
+// normalized with them.
+template <bool MASKED, typename T>
+__device__ void group_norm_cl_fwd(const T* x, const T* w, const T* b, const T* mask, T* y, int nb, int t, int c, float eps, int gelu) {
     int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
     int clip = blockIdx.x / tiles;
     if (clip >= nb) return;
     int j = (blockIdx.x % tiles) * KL_GN_CH + (int)(threadIdx.x & (KL_GN_CH - 1));
     long long o = (long long)clip * t * c;
-    double m;
+    const T* mb = mask + (MASKED ? (long long)clip * t : 0);
+    double m, n;
     float rs;
-    gn_moments(x + o, t, c, j, eps, &m, &rs);
+    gn_moments_kept<MASKED>([&](int i) { return kl_ld(x[o + (long long)i * c + j]); }, [&](int i) { return kl_ld(mb[i]) != 0.0f; }, t, j < c, eps, &m, &rs, &n);
     if (j >= c) return;
     float wj = kl_ld(w[j]), bj = kl_ld(b[j]);
     for (int i = (int)(threadIdx.x / KL_GN_CH); i < t; i += KL_GN_LANES) {
@@ -561,13 +577,22 @@ __device__ void group_norm_cl_fwd(const T* x, const T* w, const T* b, T* y, int 
 }
 
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd(const float* x, const float* w, const float* b, float* y, int nb, int t, int c, float eps, int gelu) {
-    group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
+    group_norm_cl_fwd<false>(x, w, b, (const float*)nullptr, y, nb, t, c, eps, gelu);
 }
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, __nv_bfloat16* y, int nb, int t, int c, float eps, int gelu) {
-    group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
+    group_norm_cl_fwd<false>(x, w, b, (const __nv_bfloat16*)nullptr, y, nb, t, c, eps, gelu);
 }
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_fwd_f16(const __half* x, const __half* w, const __half* b, __half* y, int nb, int t, int c, float eps, int gelu) {
-    group_norm_cl_fwd(x, w, b, y, nb, t, c, eps, gelu);
+    group_norm_cl_fwd<false>(x, w, b, (const __half*)nullptr, y, nb, t, c, eps, gelu);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_masked_fwd(const float* x, const float* w, const float* b, const float* mask, float* y, int nb, int t, int c, float eps, int gelu) {
+    group_norm_cl_fwd<true>(x, w, b, mask, y, nb, t, c, eps, gelu);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_masked_fwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, const __nv_bfloat16* mask, __nv_bfloat16* y, int nb, int t, int c, float eps, int gelu) {
+    group_norm_cl_fwd<true>(x, w, b, mask, y, nb, t, c, eps, gelu);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_masked_fwd_f16(const __half* x, const __half* w, const __half* b, const __half* mask, __half* y, int nb, int t, int c, float eps, int gelu) {
+    group_norm_cl_fwd<true>(x, w, b, mask, y, nb, t, c, eps, gelu);
 }
 
 // Inference through wav2vec2-base's first feature-encoder layer in one kernel:
@@ -658,9 +683,13 @@ extern "C" __global__ void kl_bias_add_f16(__half* y, const __half* b, int rows,
 
 // Its backward (no GELU): with x̂ the normalized input and gy = g w,
 // dx = rstd (gy - mean_t(gy) - x̂ mean_t(gy x̂)); out = [dx (nb t c); from kl_tail per clip
-// f32 [sum_t g x̂ (c); sum_t g (c)]] for kl_colsum over the clips (dw, db).
-template <typename T>
-__device__ void group_norm_cl_bwd(const T* x, const T* w, const T* g, T* out, int nb, int t, int c, float eps) {
+// f32 [sum_t g x̂ (c); sum_t g (c)]] for kl_colsum over the clips (dw, db). MASKED (the
+// statistics over the kept frames, n of them): every frame's output depends on them, so the
+// sums still run over all t frames but are divided by n, and the two correction terms apply to
+// the kept frames only (the others' mean and variance derivatives are 0):
+// dx = rstd (gy - kept (sum_t gy + x̂ sum_t gy x̂) / n).
+template <bool MASKED, typename T>
+__device__ void group_norm_cl_bwd(const T* x, const T* w, const T* mask, const T* g, T* out, int nb, int t, int c, float eps) {
     int tiles = (c + KL_GN_CH - 1) / KL_GN_CH;
     int clip = blockIdx.x / tiles;
     if (clip >= nb) return;
@@ -668,9 +697,11 @@ __device__ void group_norm_cl_bwd(const T* x, const T* w, const T* g, T* out, in
     int lane = (int)(threadIdx.x / KL_GN_CH);
     bool on = j < c;
     long long o = (long long)clip * t * c;
-    double m;
+    const T* mb = mask + (MASKED ? (long long)clip * t : 0);
+    auto keep = [&](int i) { return kl_ld(mb[i]) != 0.0f; };
+    double m, n;
     float rs;
-    gn_moments(x + o, t, c, j, eps, &m, &rs);
+    gn_moments_kept<MASKED>([&](int i) { return kl_ld(x[o + (long long)i * c + j]); }, keep, t, on, eps, &m, &rs, &n);
     double sg = 0.0, sgx = 0.0;
     if (on)
         for (int i = lane; i < t; i += KL_GN_LANES) {
@@ -682,12 +713,13 @@ __device__ void group_norm_cl_bwd(const T* x, const T* w, const T* g, T* out, in
     gn_lane_sum2(&sg, &sgx);
     if (!on) return;
     float wj = kl_ld(w[j]);
-    float mg = (float)(sg / (double)t) * wj, mgx = (float)(sgx / (double)t) * wj;
+    float mg = (float)(sg / n) * wj, mgx = (float)(sgx / n) * wj;
     for (int i = lane; i < t; i += KL_GN_LANES) {
         long long k = o + (long long)i * c + j;
         float xh = (float)((double)kl_ld(x[k]) - m) * rs;
         // (__fmul_rn as in kl_layer_norm_bwd: one frame gives exactly 0, not an FMA residual.)
-        out[k] = kl_st<T>((__fmul_rn(kl_ld(g[k]), wj) - mg - xh * mgx) * rs);
+        float gw = __fmul_rn(kl_ld(g[k]), wj);
+        out[k] = kl_st<T>(((!MASKED || keep(i)) ? gw - mg - xh * mgx : gw) * rs);
     }
     if (lane == 0) {
         float* partial = kl_tail(out, (long long)nb * t * c) + (long long)clip * 2 * c;
@@ -697,13 +729,22 @@ __device__ void group_norm_cl_bwd(const T* x, const T* w, const T* g, T* out, in
 }
 
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_bwd(const float* x, const float* w, const float* g, float* out, int nb, int t, int c, float eps) {
-    group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
+    group_norm_cl_bwd<false>(x, w, (const float*)nullptr, g, out, nb, t, c, eps);
 }
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g, __nv_bfloat16* out, int nb, int t, int c, float eps) {
-    group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
+    group_norm_cl_bwd<false>(x, w, (const __nv_bfloat16*)nullptr, g, out, nb, t, c, eps);
 }
 extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_bwd_f16(const __half* x, const __half* w, const __half* g, __half* out, int nb, int t, int c, float eps) {
-    group_norm_cl_bwd(x, w, g, out, nb, t, c, eps);
+    group_norm_cl_bwd<false>(x, w, (const __half*)nullptr, g, out, nb, t, c, eps);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_masked_bwd(const float* x, const float* w, const float* mask, const float* g, float* out, int nb, int t, int c, float eps) {
+    group_norm_cl_bwd<true>(x, w, mask, g, out, nb, t, c, eps);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_masked_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* mask, const __nv_bfloat16* g, __nv_bfloat16* out, int nb, int t, int c, float eps) {
+    group_norm_cl_bwd<true>(x, w, mask, g, out, nb, t, c, eps);
+}
+extern "C" __global__ void __launch_bounds__(KL_GN_THREADS) kl_group_norm_cl_masked_bwd_f16(const __half* x, const __half* w, const __half* mask, const __half* g, __half* out, int nb, int t, int c, float eps) {
+    group_norm_cl_bwd<true>(x, w, mask, g, out, nb, t, c, eps);
 }
 
 // klspeech's keyed standard normal stream (src/rng.rs: keyed_normal_vec), bit for bit: value i
