@@ -1126,6 +1126,49 @@ fn fused_adamw_step_is_the_two_kernels_in_turn() {
     }
 }
 
+/// `kl_adam_step_scaled` (the step with gradient clipping's coefficient read with the
+/// gradient) is, bit for bit, candle's `g.affine(s, 0.)` in the type then `kl_adam_step`: f32,
+/// bf16 and f16, with and without weight decay, three steps, scales below 1 that bf16 / f16
+/// round (the plan passes the scale as the affine rounds it from f64), gradients with zeros
+/// of both signs and a product that underflows.
+#[test]
+fn scaled_adamw_step_is_the_affine_then_the_step() {
+    let n = 4_097;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let buf = |v: &[f32]| if dtype == DType::F32 { Buf::F32(v.to_vec()) } else { half_buf(dtype, v) };
+        for decay in [None, Some(1.0 - 1e-3 * 0.01)] {
+            let (mut theta2, mut mv2) = (buf(&normal(n, 2301, 0.5, 0.0)), buf(&vec![0f32; 2 * n]));
+            let (mut theta1, mut mv1) = (theta2.clone(), mv2.clone());
+            for (t, scale) in [(1i32, 0.3137254901960784f64), (2, 0.012345678901), (3, 0.999)] {
+                let mut g = normal(n, 2310 + t as u64, 0.1, 0.0);
+                g[0] = 0.0;
+                g[1] = -0.0;
+                g[2] = -1e-38;
+                let g = Tensor::from_vec(g, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                // The gradient as candle's affine stores it, as bits of the type.
+                let affine = g.affine(scale, 0.0).unwrap();
+                let bits = |t: &Tensor| match dtype {
+                    DType::F32 => Buf::F32(t.to_vec1::<f32>().unwrap()),
+                    DType::BF16 => Buf::Bf16(t.to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect()),
+                    _ => Buf::F16(t.to_vec1::<half::f16>().unwrap().iter().map(|v| v.to_bits()).collect()),
+                };
+                let p = common::adamw_scalars(t, decay);
+                let out = run_bufs(&kernels::adam_step(n, &p, dtype), &[theta2, mv2, bits(&affine)]);
+                (theta2, mv2) = (out[0].clone(), out[1].clone());
+                let scaled = klspeech::ops::AdamWScalars { grad_scale: Some(scale), ..p };
+                let plan = kernels::adam_step(n, &scaled, dtype);
+                assert!(plan.name.starts_with("kl_adam_step_scaled"), "{}", plan.name);
+                let out = run_bufs(&plan, &[theta1, mv1, bits(&g)]);
+                (theta1, mv1) = (out[0].clone(), out[1].clone());
+                // (Not assert_eq: a failure would print 12 000 values.)
+                assert!(mv1 == mv2, "moments differ at step {t} (scale {scale}), {dtype:?}, decay {decay:?}");
+                assert!(theta1 == theta2, "parameters differ at step {t} (scale {scale}), {dtype:?}, decay {decay:?}");
+                assert!(out[2] == bits(&g), "the gradient is read only");
+            }
+        }
+    }
+}
+
 /// Inference through wav2vec2-base's first feature-encoder layer in one kernel
 /// (`kl_conv1_group_norm_gelu`): bit for bit the GroupNorm + GELU kernel (checked against f64
 /// above) on the convolution's values as the separate conv stores them (the f32 fused

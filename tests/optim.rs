@@ -542,11 +542,14 @@ fn half_precision_adamw_is_the_f32_arithmetic_rounded() {
 /// runs) is bit for bit the scaled gradients (`clip_to_norm`, candle's affine) then the update,
 /// on every path: the CPU's fused update (which reads `g s + 0` as it goes), the composite and
 /// the grouped one; f64 and f32, gradients with +0 and -0 among their values, steps with and
-/// without a scale.
+/// without a scale. On the test device: on a GPU the fused update is klspeech's one-kernel
+/// step, which reads the scale with the gradient (`kl_adam_step_scaled`), against candle's
+/// affine on the GPU then the unscaled kernel.
 #[test]
 fn scaled_update_is_the_clipped_gradients_then_the_update() {
+    let dev = common::device();
     for dtype in [DType::F64, DType::F32] {
-        let f: HashMap<String, Tensor> = fixtures(&Device::Cpu).into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+        let f: HashMap<String, Tensor> = fixtures(&dev).into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
         let cfg = config(&f);
         // Step k's gradients with a +0 and a -0 planted in each.
         let grads = |vars: &[(String, Var)], k: usize| -> GradStore {
@@ -556,7 +559,7 @@ fn scaled_update_is_the_clipped_gradients_then_the_update() {
                 x[0] = 0.0;
                 let last = x.len() - 1;
                 x[last] = -0.0;
-                g.insert(v.as_tensor(), Tensor::from_vec(x, v.as_tensor().shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap());
+                g.insert(v.as_tensor(), Tensor::from_vec(x, v.as_tensor().shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(&dev).unwrap());
             }
             g
         };
@@ -586,8 +589,8 @@ fn scaled_update_is_the_clipped_gradients_then_the_update() {
                 (vars.iter().map(|(_, v)| bits(v.as_tensor())).collect::<Vec<_>>(), state.iter().map(|(k, t)| (k.clone(), bits(t))).collect::<HashMap<_, _>>())
             };
             let (a, b) = (run(false), run(true));
-            assert_eq!(a.0, b.0, "{dtype:?} {what}: parameters differ");
-            assert_eq!(a.1, b.1, "{dtype:?} {what}: optimizer state differs");
+            assert_eq!(a.0, b.0, "{dtype:?} {what} on {dev:?}: parameters differ");
+            assert_eq!(a.1, b.1, "{dtype:?} {what} on {dev:?}: optimizer state differs");
         }
     }
     // The scale itself: clip_grad_norm_'s max_norm / (norm + 1e-6) below 1, else none.

@@ -406,13 +406,26 @@ pub fn adam_apply(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
 }
 
 /// Both AdamW steps in one pass ([`adam_moments`] then [`adam_apply`], the same bits): buffers
-/// [theta (n), mv (2n), g (n)] of `dtype`, theta and mv in place.
+/// [theta (n), mv (2n), g (n)] of `dtype`, theta and mv in place. With a gradient scale
+/// (`p.grad_scale`, clipping's coefficient) the kernel reads each gradient as candle's
+/// `g.affine(s, 0.)` in `dtype` would store it (`kl_adam_step_scaled`), bit for bit that affine
+/// then the unscaled kernel.
 pub fn adam_step(n: usize, p: &super::AdamWScalars, dtype: DType) -> Launch {
-    assert!(p.grad_scale.is_none(), "klspeech AdamW kernels take no gradient scale: scale the gradient first (ops::adamw_in_place)");
     let moments = [Arg::F32((1.0 - p.beta1) as f32), Arg::F32(p.beta2 as f32), Arg::F32((1.0 - p.beta2) as f32)];
     let decay = [Arg::I32(p.decay.is_some() as i32), Arg::F32(p.decay.unwrap_or(1.0) as f32)];
     let rest = [Arg::F32((1.0 / p.bias_correction2_sqrt) as f32), Arg::F32(p.eps as f32), Arg::F32(p.step_size as f32)];
-    elementwise(typed("kl_adam_step", "kl_adam_step_bf16", "kl_adam_step_f16", dtype), n, 3, &[moments.as_slice(), decay.as_slice(), rest.as_slice()].concat())
+    // (The scale in `dtype` as candle's affine rounds it from f64, exactly an f32.)
+    let in_type = |s: f64| match dtype {
+        DType::BF16 => half::bf16::from_f64(s).to_f32(),
+        DType::F16 => half::f16::from_f64(s).to_f32(),
+        _ => s as f32,
+    };
+    let scale: Vec<Arg> = p.grad_scale.map(|s| Arg::F32(in_type(s))).into_iter().collect();
+    let name = match p.grad_scale {
+        Some(_) => typed("kl_adam_step_scaled", "kl_adam_step_scaled_bf16", "kl_adam_step_scaled_f16", dtype),
+        None => typed("kl_adam_step", "kl_adam_step_bf16", "kl_adam_step_f16", dtype),
+    };
+    elementwise(name, n, 3, &[moments.as_slice(), decay.as_slice(), rest.as_slice(), scale.as_slice()].concat())
 }
 
 static KERNELS: super::EnvSwitch = super::EnvSwitch::new("KLSPEECH_NO_CUDA_KERNELS");

@@ -1137,8 +1137,9 @@ pub struct AdamWScalars {
     pub step_size: f64,
     /// The gradient's scale (gradient clipping's coefficient), or `None`: the update reads
     /// `g s + 0` in the parameter's type, the bits of candle's `g.affine(s, 0.)` before the
-    /// update, without that pass over the gradient (on the CPU's fused path; the GPU's kernels
-    /// get the gradient scaled by that affine first).
+    /// update, without that pass over the gradient (on the CPU's fused path and the GPU's
+    /// one-kernel step; the GPU's two-kernel update gets the gradient scaled by that affine
+    /// first).
     pub grad_scale: Option<f64>,
 }
 
@@ -1320,21 +1321,26 @@ pub fn adamw_in_place(theta: &Tensor, grad: &Tensor, mv: &Tensor, p: AdamWScalar
         // bf16 / f16 parameters and moments (also on the CPU rehearsing the GPU's path) through
         // their half-type instances, f32 arithmetic on the stored values, each result rounded
         // once, the moments as stored feeding the update (candle's half-type composite was
-        // about 15 passes). A gradient scale goes through candle's affine first (the kernels
-        // take none).
+        // about 15 passes).
+        if theta.device().is_cuda() && kernels::kernel_on("adam_step") {
+            let g = grad.contiguous()?;
+            if distinct_storages(&[theta, mv, &g]) {
+                // One kernel for both steps (`kl_adam_step`, the same bits): a launch a
+                // parameter instead of two, the moments read once; a gradient scale read with
+                // the gradient (`kl_adam_step_scaled`: candle's affine's bits, without its
+                // launch and its copy of the gradient).
+                theta.inplace_op1(&AdamStep { mv, g: &g, p })?;
+                return Ok(true);
+            }
+        }
+        // The two kernels take no scale: candle's affine first.
         let g = match p.grad_scale {
             Some(s) => grad.affine(s, 0.0)?.contiguous()?,
             None => grad.contiguous()?,
         };
         let p = AdamWScalars { grad_scale: None, ..p };
-        if theta.device().is_cuda() && distinct_storages(&[theta, mv, &g]) && kernels::kernel_on("adam_step") {
-            // One kernel for both steps (`kl_adam_step`, the same bits): a launch a parameter
-            // instead of two, the moments read once.
-            theta.inplace_op1(&AdamStep { mv, g: &g, p })?;
-        } else {
-            mv.inplace_op2(&g, &AdamMoments(p))?;
-            theta.inplace_op2(mv, &AdamApply(p))?;
-        }
+        mv.inplace_op2(&g, &AdamMoments(p))?;
+        theta.inplace_op2(mv, &AdamApply(p))?;
         return Ok(true);
     }
     if !fused(theta) || grad.dtype() != theta.dtype() || mv.dtype() != theta.dtype() || !theta.is_contiguous() || !mv.is_contiguous() {

@@ -183,6 +183,9 @@ int main() {
         {"kl_adam_step", runner(kl_adam_step)},
         {"kl_adam_step_bf16", runner(kl_adam_step_bf16)},
         {"kl_adam_step_f16", runner(kl_adam_step_f16)},
+        {"kl_adam_step_scaled", runner(kl_adam_step_scaled)},
+        {"kl_adam_step_scaled_bf16", runner(kl_adam_step_scaled_bf16)},
+        {"kl_adam_step_scaled_f16", runner(kl_adam_step_scaled_f16)},
     };
     uint32_t len;
     read_exact(&len, 4);

@@ -1031,10 +1031,15 @@ extern "C" __global__ void kl_adam_apply_f16(__half* theta, const __half* mv, in
 // Both of AdamW's steps in one pass (a launch a parameter instead of two, the moments read
 // once): kl_adam_moments' m and v, stored, then kl_adam_apply's update from the stored values,
 // the same float operations in the same order (bit for bit the two kernels in turn).
-template <typename T>
-__device__ void adam_step(T* theta, T* mv, const T* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
+// SCALED (kl_adam_step_scaled: gradient clipping's coefficient s): each gradient read as
+// g s + 0 rounded to T with s rounded to T, the bits of candle's g.affine(s, 0) (which the
+// unscaled kernel's caller ran first: a launch and a copy of every gradient a step).
+template <bool SCALED, typename T>
+__device__ void adam_step(T* theta, T* mv, const T* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step, float s) {
+    float sc = kl_ld(kl_st<T>(s));
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         float gi = kl_ld(g[i]), m = kl_ld(mv[i]), v = kl_ld(mv[(long long)n + i]);
+        if (SCALED) gi = kl_ld(kl_st<T>(__fadd_rn(__fmul_rn(gi, sc), 0.0f)));
         T ms = kl_st<T>(__fadd_rn(__fadd_rn(__fmul_rn(__fsub_rn(gi, m), c1), 0.0f), m));
         T vs = kl_st<T>(__fadd_rn(__fadd_rn(__fmul_rn(v, b2), 0.0f), __fadd_rn(__fmul_rn(__fmul_rn(gi, gi), c2), 0.0f)));
         mv[i] = ms;
@@ -1047,13 +1052,22 @@ __device__ void adam_step(T* theta, T* mv, const T* g, int n, float c1, float b2
 }
 
 extern "C" __global__ void kl_adam_step(float* theta, float* mv, const float* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
-    adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
+    adam_step<false>(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step, 1.0f);
 }
 extern "C" __global__ void kl_adam_step_bf16(__nv_bfloat16* theta, __nv_bfloat16* mv, const __nv_bfloat16* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
-    adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
+    adam_step<false>(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step, 1.0f);
 }
 extern "C" __global__ void kl_adam_step_f16(__half* theta, __half* mv, const __half* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step) {
-    adam_step(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step);
+    adam_step<false>(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step, 1.0f);
+}
+extern "C" __global__ void kl_adam_step_scaled(float* theta, float* mv, const float* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step, float s) {
+    adam_step<true>(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step, s);
+}
+extern "C" __global__ void kl_adam_step_scaled_bf16(__nv_bfloat16* theta, __nv_bfloat16* mv, const __nv_bfloat16* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step, float s) {
+    adam_step<true>(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step, s);
+}
+extern "C" __global__ void kl_adam_step_scaled_f16(__half* theta, __half* mv, const __half* g, int n, float c1, float b2, float c2, int decay, float d, float inv_bc2, float eps, float step, float s) {
+    adam_step<true>(theta, mv, g, n, c1, b2, c2, decay, d, inv_bc2, eps, step, s);
 }
 
 // The training step's gradient probe (`train::optim::step_probes`: the non-finite check and the
