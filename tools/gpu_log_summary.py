@@ -7,7 +7,9 @@ Prints, in this order:
      ratio and peak memory per row, as a Markdown table;
   3. every other bench section's klspeech ms, each with the main run's ms over it (below 1:
      the section's setting is slower than the default, above 1: faster);
-  4. the top kernels of each profile, klspeech's (CUPTI) and PyTorch's (torch.profiler,
+  4. the keyword-spotting example's runs (with and without the masked GroupNorm kernels):
+     wall time and figures;
+  5. the top kernels of each profile, klspeech's (CUPTI) and PyTorch's (torch.profiler,
      "kernel profile pytorch <row>") (--top N, default 8), with the launches a step and, for
      klspeech's rows, the profiled GPU time over the median step (a row far under 100 % is
      bound by the host's launches, not the GPU).
@@ -97,6 +99,22 @@ def main(argv):
             rel = f" ({base / ms:.2f})" if base and ms else ""
             parts.append(f"{name} {ms}{rel}")
         print(f"- {title}: " + "; ".join(parts))
+
+    print("\n## The keyword-spotting example on the GPU (wall time, figures)")
+    # (The example prints "== " lines of its own: each run goes from its header to its exit line.)
+    runs = [i for i, l in enumerate(lines) if l.startswith("== keyword_spotting example")]
+    for i in runs:
+        title, wall, figures = lines[i][3:].strip(), "?", []
+        for l in lines[i + 1:]:
+            m = EXIT.match(l.strip())
+            if m and m.group(1) == title:
+                wall = m.group(3)
+                break
+            if l.startswith("| LayerNorm") or l.startswith("| KL-Norm"):
+                figures.append(l.strip())
+        print(f"- {title}: {wall} s; " + (" ".join(figures) if figures else "no figures"))
+    if not runs:
+        print("(no such section: the run stopped before it)")
 
     print(f"\n## Profiles (top {top} kernels)")
     for title, body in sections:
