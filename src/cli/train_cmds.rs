@@ -108,6 +108,10 @@ pub struct TrainArgs {
     /// Longest clip kept (seconds).
     #[arg(long, default_value_t = 20.0)]
     pub max_duration_s: f64,
+    /// With the feature encoder frozen and no waveform augmentation, keep its outputs across
+    /// epochs, up to this many MiB (in the model's memory; 0 = recompute every epoch).
+    #[arg(long, default_value_t = 2048)]
+    pub feature_cache_mib: usize,
     /// Shortest clip kept (seconds).
     #[arg(long, default_value_t = 0.0)]
     pub min_duration_s: f64,
@@ -197,6 +201,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     cfg.class_balanced = a.class_balanced;
     cfg.crop_s = a.crop_s;
     cfg.max_duration_s = a.max_duration_s;
+    cfg.feature_cache_mib = a.feature_cache_mib;
     cfg.min_duration_s = a.min_duration_s;
     cfg.skip_bad = a.skip_bad;
     cfg.chars_to_ignore = a.chars_to_ignore;

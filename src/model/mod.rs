@@ -485,7 +485,14 @@ impl SpeechModel {
 
     /// input_values [B, L] with optional per-clip sample counts -> encoder outputs and logits.
     pub fn forward(&self, input_values: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<ModelOutput> {
-        let encoder = self.encoder.forward(input_values, lengths, ctx)?;
+        let feats = self.encoder.extract(input_values, lengths, ctx)?; // [B, T, C]
+        self.forward_features(&feats, lengths, ctx)
+    }
+
+    /// [`Self::forward`] from the feature encoder's output [B, T, C] (`lengths`: the clips'
+    /// sample counts, as for `forward`).
+    pub fn forward_features(&self, feats: &Tensor, lengths: Option<&[usize]>, ctx: &mut ForwardCtx) -> Result<ModelOutput> {
+        let encoder = self.encoder.forward_features(feats, lengths, ctx)?;
         let logits = match &self.head {
             Head::None => None,
             Head::Ctc(h) => Some(h.forward(&encoder, self.config.final_dropout, ctx)?),

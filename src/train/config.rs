@@ -97,6 +97,10 @@ pub struct TrainConfig {
     pub crop_s: f64,
     /// Drop clips longer than this (seconds).
     pub max_duration_s: f64,
+    /// Keep the frozen feature encoder's outputs across epochs, up to this many MiB (0 = off;
+    /// `train::feature_cache`).
+    #[serde(default = "default_feature_cache_mib")]
+    pub feature_cache_mib: usize,
     /// Drop clips shorter than this (seconds).
     pub min_duration_s: f64,
     /// Drop bad clips (with a count) instead of refusing to start.
@@ -125,6 +129,11 @@ pub struct TrainConfig {
     pub quiet: bool,
     /// Stop (as if killed) after this many optimizer steps; for resume tests.
     pub stop_after: Option<usize>,
+}
+
+/// `--feature-cache-mib`'s default: 2 GiB.
+fn default_feature_cache_mib() -> usize {
+    2048
 }
 
 impl TrainConfig {
@@ -163,6 +172,7 @@ impl TrainConfig {
             class_balanced: false,
             crop_s: 0.0,
             max_duration_s: 20.0,
+            feature_cache_mib: default_feature_cache_mib(),
             min_duration_s: 0.0,
             skip_bad: false,
             chars_to_ignore: ",?.!-;:\"“%‘”�".into(),

@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::feature_cache::FeatureCache;
 use crate::error::{Error, Result};
 use crate::features::FeatureExtractor;
 use crate::metrics;
@@ -59,6 +60,21 @@ pub fn evaluate(
     vocab: Option<&CharVocab>,
     batch_size: usize,
 ) -> Result<EvalResult> {
+    evaluate_cached(model, clips, labels, texts, vocab, batch_size, None)
+}
+
+/// [`evaluate`] with the feature encoder's outputs of each batch taken from `cache` when it
+/// has them, else computed and kept there (a trainer's repeated evaluations of one split with
+/// the feature encoder frozen: `train::feature_cache`). The batches are the same every call.
+pub fn evaluate_cached(
+    model: &SpeechModel,
+    clips: &[Vec<f32>],
+    labels: Option<&[usize]>,
+    texts: Option<&[String]>,
+    vocab: Option<&CharVocab>,
+    batch_size: usize,
+    mut cache: Option<&mut FeatureCache>,
+) -> Result<EvalResult> {
     let mut preds_cls = Vec::with_capacity(clips.len());
     let mut preds_txt = Vec::with_capacity(clips.len());
     // Sort by length so batches pad little; restore order afterwards.
@@ -66,11 +82,22 @@ pub fn evaluate(
     order.sort_by_key(|&i| clips[i].len());
     let mut out_cls = vec![0usize; clips.len()];
     let mut out_txt = vec![String::new(); clips.len()];
-    for chunk in order.chunks(batch_size.max(1)) {
+    for (bi, chunk) in order.chunks(batch_size.max(1)).enumerate() {
         let refs: Vec<&[f32]> = chunk.iter().map(|&i| clips[i].as_slice()).collect();
-        let (x, lengths) = batch_tensor(&model.feature_extractor, &refs, model)?;
         let mut ctx = ForwardCtx::eval().with_padding_aware(true);
-        let out = model.forward(&x, Some(&lengths), &mut ctx)?;
+        let (feats, lengths) = match cache.as_mut().and_then(|c| c.eval_batch(bi)) {
+            // (The batch's sample counts: what the feature extractor's batch reports.)
+            Some(f) => (f, refs.iter().map(|c| c.len()).collect::<Vec<_>>()),
+            None => {
+                let (x, lengths) = batch_tensor(&model.feature_extractor, &refs, model)?;
+                let f = model.encoder.extract(&x, Some(&lengths), &mut ctx)?;
+                if let Some(c) = cache.as_mut() {
+                    c.keep_eval_batch(bi, &f);
+                }
+                (f, lengths)
+            }
+        };
+        let out = model.forward_features(&feats, Some(&lengths), &mut ctx)?;
         let logits = out.logits.ok_or_else(|| Error::InvalidInput("evaluation needs a model with a head".into()))?;
         match model.head_kind {
             HeadKind::Classification => {

@@ -4,6 +4,7 @@ pub mod optim;
 pub mod augment;
 pub mod config;
 pub mod eval;
+pub mod feature_cache;
 pub mod trainer;
 
 pub use config::{Task, TrainConfig};

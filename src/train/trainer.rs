@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::augment::{augment, random_crop, NoiseBank};
 use super::config::{Task, TrainConfig};
-use super::eval::{batch_tensor, evaluate, EvalResult};
+use super::eval::{batch_tensor, evaluate, evaluate_cached, EvalResult};
+use super::feature_cache::FeatureCache;
 use super::optim::{self, AdamW, AdamWConfig, Schedule};
 use crate::data::{self, Dataset};
 use crate::device::parse_device;
@@ -43,6 +44,12 @@ pub struct TrainOutcome {
     pub dropped_bad: usize,
     /// Last training loss logged.
     pub last_loss: Option<f64>,
+    /// Training clips whose frozen feature-encoder outputs were kept across epochs, the MiB
+    /// the cache held at the end (training clips and dev batches), and the training and dev
+    /// batches whose features came from it (`train::feature_cache`).
+    pub feature_cache_clips: usize,
+    pub feature_cache_mib: f64,
+    pub feature_cache_hits: (usize, usize),
 }
 
 /// Progress kept in `checkpoint-last/trainer_state.json`.
@@ -272,6 +279,9 @@ struct Run<'a> {
     noise: Option<NoiseBank>,
     batches_per_epoch: usize,
     epoch_cache: HashMap<usize, Vec<Vec<usize>>>,
+    /// The frozen feature encoder's outputs of dev batches and training clips, where they are
+    /// the same every epoch ([`FeatureCache::for_run`]).
+    features: Option<FeatureCache>,
 }
 
 impl Run<'_> {
@@ -300,7 +310,21 @@ impl Run<'_> {
             clips.push(x);
         }
         let refs: Vec<&[f32]> = clips.iter().map(|c| c.as_slice()).collect();
-        let (x, lengths) = batch_tensor(&self.model.feature_extractor, &refs, &self.model)?;
+        // With every clip's features cached (the feature encoder frozen, the clips as loaded),
+        // no waveform batch: its sample counts are the clips' lengths, as the batch reports.
+        let lengths: Vec<usize> = refs.iter().map(|c| c.len()).collect();
+        let t = lengths.iter().map(|&n| self.model.config.frames_for_samples(n)).max().unwrap_or(0);
+        let cached = match self.features.as_mut() {
+            Some(cache) => cache.batch_of_clips(&idx, t)?,
+            None => None,
+        };
+        let (x, lengths) = match cached {
+            Some(_) => (None, lengths),
+            None => {
+                let (x, l) = batch_tensor(&self.model.feature_extractor, &refs, &self.model)?;
+                (Some(x), l)
+            }
+        };
         let mut ctx = ForwardCtx::train(&self.model.config, rng.fork());
         if !cfg.spec_augment {
             ctx.spec_augment = None;
@@ -308,18 +332,26 @@ impl Run<'_> {
             ctx.spec_augment = SpecAugment::from_config(&self.model.config);
         }
         let model = &self.model;
-        let out = if cfg.freeze_encoder {
-            let mut frozen = ForwardCtx::eval().with_padding_aware(true);
-            let mut enc = model.encoder.forward(&x, Some(&lengths), &mut frozen)?;
-            enc.last_hidden_state = enc.last_hidden_state.detach();
-            enc.hidden_states = enc.hidden_states.iter().map(|h| h.detach()).collect();
-            enc
-        } else if cfg.freeze_feature_encoder {
-            let mut fe_ctx = ForwardCtx::eval().with_padding_aware(true);
-            let feats = model.encoder.extract(&x, Some(&lengths), &mut fe_ctx)?.detach();
-            model.encoder.forward_features(&feats, Some(&lengths), &mut ctx)?
-        } else {
-            model.encoder.forward(&x, Some(&lengths), &mut ctx)?
+        let out = match (cached, x) {
+            (Some(feats), _) => model.encoder.forward_features(&feats, Some(&lengths), &mut ctx)?,
+            (None, Some(x)) if cfg.freeze_encoder => {
+                let mut frozen = ForwardCtx::eval().with_padding_aware(true);
+                let mut enc = model.encoder.forward(&x, Some(&lengths), &mut frozen)?;
+                enc.last_hidden_state = enc.last_hidden_state.detach();
+                enc.hidden_states = enc.hidden_states.iter().map(|h| h.detach()).collect();
+                enc
+            }
+            (None, Some(x)) if cfg.freeze_feature_encoder => {
+                let mut fe_ctx = ForwardCtx::eval().with_padding_aware(true);
+                let feats = model.encoder.extract(&x, Some(&lengths), &mut fe_ctx)?.detach();
+                if let Some(cache) = self.features.as_mut() {
+                    let frames: Vec<usize> = lengths.iter().map(|&n| model.config.frames_for_samples(n)).collect();
+                    cache.keep_clips(&idx, &feats, &frames)?;
+                }
+                model.encoder.forward_features(&feats, Some(&lengths), &mut ctx)?
+            }
+            (None, Some(x)) => model.encoder.forward(&x, Some(&lengths), &mut ctx)?,
+            (None, None) => unreachable!("a batch without cached features has its waveforms"),
         };
         let task_loss = match &model.head {
             crate::model::Head::Classification(h) => {
@@ -512,7 +544,8 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         TrainerState::default()
     };
 
-    let mut run = Run { cfg, model, vocab, train, dev, noise, batches_per_epoch, epoch_cache: HashMap::new() };
+    let features = FeatureCache::for_run(cfg);
+    let mut run = Run { cfg, model, vocab, train, dev, noise, batches_per_epoch, epoch_cache: HashMap::new(), features };
     let pb = if cfg.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -606,7 +639,9 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
 
         if state.step % eval_every == 0 || state.step == total_steps {
             if run.dev.len() > 0 {
-                let r = evaluate(&run.model, &run.dev.clips, Some(&run.dev.labels), Some(&run.dev.texts), run.vocab.as_ref(), bs)?;
+                // (The feature encoder is frozen when the cache exists: its dev batches' outputs
+                // are kept.)
+                let r = evaluate_cached(&run.model, &run.dev.clips, Some(&run.dev.labels), Some(&run.dev.texts), run.vocab.as_ref(), bs, run.features.as_mut())?;
                 write_line(&metrics_path, &serde_json::json!({"step": state.step, "dev": r}))?;
                 metric_points.push((state.step as f64, r.accuracy.or(r.cer).unwrap_or(f64::NAN)));
                 if state.best_score.is_none_or(|b| r.score() > b) {
@@ -660,5 +695,8 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         stopped_early,
         dropped_bad,
         last_loss: state.last_loss,
+        feature_cache_clips: run.features.as_ref().map_or(0, FeatureCache::clips),
+        feature_cache_mib: run.features.as_ref().map_or(0.0, |c| c.bytes() as f64 / (1 << 20) as f64),
+        feature_cache_hits: run.features.as_ref().map_or((0, 0), FeatureCache::hits),
     })
 }
