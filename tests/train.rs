@@ -151,7 +151,7 @@ fn ctc_loss_falls_and_cer_drops() {
 /// batch without the cache runs the feature encoder over padding), KL-Norm and SpecAugment
 /// on, gives the same metrics line for line and the same final weights as the run with
 /// `feature_cache_mib = 0`, bit for bit on the CPU (on a GPU, cuBLAS may pick other kernels
-/// for other batch shapes: loss curves within 1e-4). The cached run kept every training clip;
+/// for other batch shapes: loss curves within 1e-3, as the GPU path's test above). The cached run kept every training clip;
 /// with gain augmentation only the dev batches are kept.
 #[test]
 fn the_feature_cache_changes_nothing_but_the_time() {
@@ -199,7 +199,7 @@ fn the_feature_cache_changes_nothing_but_the_time() {
     if std::env::var("KLSPEECH_TEST_DEVICE").as_deref() == Ok("cuda") {
         let curve = |l: &[serde_json::Value]| l.iter().filter_map(|v| v.get("task_loss").and_then(|x| x.as_f64())).collect::<Vec<_>>();
         let worst = curve(&plain_lines).iter().zip(curve(&cached_lines)).map(|(a, b)| (a - b).abs()).fold(0.0, |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) });
-        assert!(worst < 1e-4, "loss curves differ by {worst} with the cache");
+        assert!(worst < 1e-3, "loss curves differ by {worst} with the cache");
     } else {
         assert_eq!(cached_lines, plain_lines, "metrics differ with the cache");
         for (name, t) in &plain_w {
