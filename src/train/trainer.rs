@@ -270,6 +270,13 @@ fn epoch_batches(split: &Split, cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usiz
     batches
 }
 
+/// A training batch as the model takes it: waveforms [B, L], or the frozen feature encoder's
+/// outputs [B, T, C] from the [`FeatureCache`].
+enum BatchInput {
+    Waves(Tensor),
+    Features(Tensor),
+}
+
 struct Run<'a> {
     cfg: &'a TrainConfig,
     model: SpeechModel,
@@ -318,11 +325,11 @@ impl Run<'_> {
             Some(cache) => cache.batch_of_clips(&idx, t)?,
             None => None,
         };
-        let (x, lengths) = match cached {
-            Some(_) => (None, lengths),
+        let (input, lengths) = match cached {
+            Some(feats) => (BatchInput::Features(feats), lengths),
             None => {
                 let (x, l) = batch_tensor(&self.model.feature_extractor, &refs, &self.model)?;
-                (Some(x), l)
+                (BatchInput::Waves(x), l)
             }
         };
         let mut ctx = ForwardCtx::train(&self.model.config, rng.fork());
@@ -332,16 +339,16 @@ impl Run<'_> {
             ctx.spec_augment = SpecAugment::from_config(&self.model.config);
         }
         let model = &self.model;
-        let out = match (cached, x) {
-            (Some(feats), _) => model.encoder.forward_features(&feats, Some(&lengths), &mut ctx)?,
-            (None, Some(x)) if cfg.freeze_encoder => {
+        let out = match input {
+            BatchInput::Features(feats) => model.encoder.forward_features(&feats, Some(&lengths), &mut ctx)?,
+            BatchInput::Waves(x) if cfg.freeze_encoder => {
                 let mut frozen = ForwardCtx::eval().with_padding_aware(true);
                 let mut enc = model.encoder.forward(&x, Some(&lengths), &mut frozen)?;
                 enc.last_hidden_state = enc.last_hidden_state.detach();
                 enc.hidden_states = enc.hidden_states.iter().map(|h| h.detach()).collect();
                 enc
             }
-            (None, Some(x)) if cfg.freeze_feature_encoder => {
+            BatchInput::Waves(x) if cfg.freeze_feature_encoder => {
                 let mut fe_ctx = ForwardCtx::eval().with_padding_aware(true);
                 let feats = model.encoder.extract(&x, Some(&lengths), &mut fe_ctx)?.detach();
                 if let Some(cache) = self.features.as_mut() {
@@ -350,8 +357,7 @@ impl Run<'_> {
                 }
                 model.encoder.forward_features(&feats, Some(&lengths), &mut ctx)?
             }
-            (None, Some(x)) => model.encoder.forward(&x, Some(&lengths), &mut ctx)?,
-            (None, None) => unreachable!("a batch without cached features has its waveforms"),
+            BatchInput::Waves(x) => model.encoder.forward(&x, Some(&lengths), &mut ctx)?,
         };
         let task_loss = match &model.head {
             crate::model::Head::Classification(h) => {
