@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         let model = SpeechModel::load(&out, &LoadOptions { device: klspeech::device::parse_device(&a.device)?, ..Default::default() })?;
         let mut r = Vec::new();
         for set in ["test.csv", "test-ood.csv"] {
-            let e = evaluate_asr_manifest(&model, &a.data.join(set), &c.chars_to_ignore, 16)?;
+            let e = evaluate_asr_manifest(&model, &a.data.join(set), &c.chars_to_ignore, c.text_case, 16)?;
             r.push((e.cer.unwrap_or(f64::NAN), e.wer.unwrap_or(f64::NAN)));
         }
         rows.push((norm, r));

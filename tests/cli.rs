@@ -1,4 +1,4 @@
-//! The model commands end to end: embed, predict, inspect-model.
+//! The commands end to end: embed, predict, inspect-model, and train / eval's flags and output.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,4 +155,75 @@ fn chunked_prediction_flags() {
     assert!(e.contains("expected a positive chunk and non-negative strides"), "{e}");
     let e = err(&["predict", "--model", "tests/fixtures/w2v2/cls-weighted", "--chunk-s", "2", A]);
     assert!(e.contains("--chunk-s on a model without a CTC head"), "{e}");
+}
+
+/// `train` and `eval` with a model whose CTC vocabulary is uppercase (as
+/// `facebook/wav2vec2-base-960h`'s) and lowercase transcripts: `--text-case auto`, the
+/// default, folds them to the vocabulary's case and trains; `keep` refuses before the first
+/// step, naming the fix. The outcome reads as text, or as one JSON object with `--json`, and
+/// `eval` of the saved model gives the trainer's dev CER.
+#[test]
+fn transcripts_follow_the_vocabularys_case_and_the_outcome_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let model = t.join("upper");
+    std::fs::create_dir(&model).unwrap();
+    let small = root().join("models/klspeech-small");
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        std::fs::copy(small.join(f), model.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(small.join("vocab.json")).unwrap()).unwrap();
+    assert!(vocab.contains_key("a") && !vocab.contains_key("A"), "the bundled vocabulary is lowercase");
+    let upper: serde_json::Map<String, serde_json::Value> =
+        vocab.into_iter().map(|(k, v)| (if k.chars().count() == 1 { k.to_uppercase() } else { k }, v)).collect();
+    std::fs::write(model.join("vocab.json"), serde_json::to_string(&upper).unwrap()).unwrap();
+    let clips = root().join("audio_fixtures/asr/clips");
+    let manifest = |name: &str, rows: &[(&str, &str)]| {
+        let body: String = rows.iter().map(|(f, s)| format!("{},{s}\n", clips.join(f).display())).collect();
+        let p = t.join(name);
+        std::fs::write(&p, format!("path,sentence\n{body}")).unwrap();
+        p.display().to_string()
+    };
+    let train = manifest(
+        "train.csv",
+        &[
+            ("train-153c2cde-0020.flac", "the teacher wrote a word on the board"),
+            ("train-153c2cde-0044.flac", "please put the milk in the fridge"),
+            ("train-153c2cde-0068.flac", "the wall around the garden is very old"),
+            ("train-153c2cde-0092.flac", "the children ran to the beach"),
+        ],
+    );
+    let dev = manifest("dev.csv", &[("dev-18fb3856-0004.flac", "they ate lunch under a big tree"), ("dev-18fb3856-0009.flac", "the moon is bright tonight")]);
+    let (model, out_json, out_text) = (model.display().to_string(), t.join("json").display().to_string(), t.join("text").display().to_string());
+    let args = |out: &str, extra: &[&str]| -> Vec<String> {
+        let base = ["train", "--task", "asr", "--model", &model, "--data", &train, "--dev", &dev, "--out", out, "--steps", "1", "--batch-size", "2", "--quiet"];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |a: Vec<String>| klspeech(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let refused = run(args(&out_json, &["--text-case", "keep"]));
+    assert!(!refused.status.success());
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(e.contains("characters outside the vocabulary (4 clips):"), "{e}");
+    assert!(e.contains("fold letters to the vocabulary's case with --text-case lower or upper"), "{e}");
+
+    let json: serde_json::Value = serde_json::from_str(ok(&run(args(&out_json, &["--json"]))).trim()).unwrap();
+    assert_eq!(json["steps"], 1);
+    assert_eq!(json["best"]["n"], 2);
+    let cer = json["best"]["cer"].as_f64().unwrap();
+    assert!(cer.is_finite() && cer > 0.0, "{json}");
+
+    let text = ok(&run(args(&out_text, &[])));
+    assert!(text.starts_with(&format!("trained 1 step; best dev evaluation at step 1, saved to {out_text}\n")), "{text}");
+    assert!(text.contains(&format!("dev       2 clips   CER {cer:.4}   WER ")), "{text}");
+    assert!(text.contains("last training loss "), "{text}");
+
+    // eval folds the references as training did (the saved vocab.json is the model's).
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let a: Vec<&str> = ["eval", "--json", "--model", out_json.as_str(), "--data", dev.as_str()].iter().chain(extra).copied().collect();
+        serde_json::from_str(ok(&klspeech(&a)).trim()).unwrap()
+    };
+    assert_eq!(eval(&[])["cer"].as_f64().unwrap(), cer);
+    let kept = eval(&["--text-case", "keep"])["cer"].as_f64().unwrap();
+    assert!(kept > cer + 0.3, "uppercase predictions against lowercase references: CER {kept} against {cer}");
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use klspeech::data::{self, Dataset, Example, KwsOptions, ProblemKind, SilenceCount, Source, ValidateOptions};
+use klspeech::data::{self, Case, Dataset, Example, KwsOptions, ProblemKind, SilenceCount, Source, TextCase, ValidateOptions};
 use klspeech::model::Wav2Vec2Config;
 use klspeech::vocab::CharVocab;
 
@@ -384,7 +384,8 @@ fn validation_reports_every_problem_kind_at_once() {
         "too short for its CTC transcript (1 clip):".into(),
         "too long (1 clip):".into(),
         format!("  {}: 3.000 s, above the maximum of 2 s", p("long.wav")),
-        "  fix: split the recordings into shorter clips or raise the maximum duration".into(),
+        "  fix: split the recordings into shorter clips or raise --max-duration-s".into(),
+        "  fix: remove punctuation with --chars-to-ignore (its value replaces the default list), fold letters to the vocabulary's case with --text-case lower or upper, or fine-tune from a copy of the model folder without vocab.json to build the vocabulary from the training text".into(),
         "fix the clips above, or pass --skip-bad to drop the 6 bad clips (nothing is dropped otherwise)".into(),
     ] {
         assert!(shown.contains(&line), "missing {line:?} in:\n{shown}");
@@ -443,8 +444,9 @@ fn char_vocab_like_hugging_face() {
 
 #[test]
 fn normalize_and_encode() {
-    assert_eq!(data::normalize_transcript("  Hello,  World! It's “e-mail”. ", data::HF_CHARS_TO_IGNORE, false), "Hello World It's email");
-    assert_eq!(data::normalize_transcript("ÀB\tc", "", true), "àb c");
+    assert_eq!(data::normalize_transcript("  Hello,  World! It's “e-mail”. ", data::HF_CHARS_TO_IGNORE, Case::Keep), "Hello World It's email");
+    assert_eq!(data::normalize_transcript("ÀB\tc", "", Case::Lower), "àb c");
+    assert_eq!(data::normalize_transcript("ÀB\tc ß", "", Case::Upper), "ÀB C SS");
     let v = hf_vocab(&["ab c"]);
     assert_eq!(data::encode_transcript(&v, "ab c").unwrap(), vec![1, 2, 0, 3]);
     assert_eq!(data::encode_transcript(&v, "ax").unwrap(), vec![1, 4]); // x -> [UNK]
@@ -453,4 +455,50 @@ fn normalize_and_encode() {
     let v = CharVocab::from_map(&no_unk, Path::new("vocab.json")).unwrap();
     let e = data::encode_transcript(&v, "a xy").unwrap_err().to_string();
     assert_eq!(e, "invalid input: transcript \"a xy\" has characters that are not in the vocabulary, which has no [UNK] token: 'x', 'y'");
+}
+
+/// `--text-case auto` folds transcripts to the vocabulary's letter case (lowercase for the
+/// Hugging Face recipe's vocabularies, uppercase for `wav2vec2-base-960h`'s), keeps them when
+/// the vocabulary has both cases or is still to be built; the explicit settings do what they say.
+#[test]
+fn transcripts_take_the_vocabularys_letter_case() {
+    let lower = data::build_char_vocab(["hello world"]);
+    let upper = data::build_char_vocab(["HELLO WORLD"]);
+    let mixed = data::build_char_vocab(["Hello world"]);
+    let digits = data::build_char_vocab(["123 4"]);
+    // Special tokens ([PAD], [UNK], |) have letters but are not characters.
+    assert_eq!(data::vocab_case(&lower), Some(Case::Lower));
+    assert_eq!(data::vocab_case(&upper), Some(Case::Upper));
+    assert_eq!(data::vocab_case(&mixed), None);
+    assert_eq!(data::vocab_case(&digits), None);
+    let resolve = |c: &str, v: Option<&BTreeMap<String, i64>>| c.parse::<TextCase>().unwrap().resolve(v);
+    assert_eq!(resolve("auto", Some(&upper)), Case::Upper);
+    assert_eq!(resolve("auto", Some(&lower)), Case::Lower);
+    assert_eq!(resolve("auto", Some(&mixed)), Case::Keep);
+    assert_eq!(resolve("auto", None), Case::Keep);
+    assert_eq!(resolve("keep", Some(&upper)), Case::Keep);
+    assert_eq!(resolve("lower", Some(&upper)), Case::Lower);
+    assert_eq!(resolve("upper", None), Case::Upper);
+    assert_eq!(TextCase::default(), TextCase::Auto);
+    let e = "Upper".parse::<TextCase>().unwrap_err().to_string();
+    assert!(e.contains("text case `Upper`: expected auto, keep, lower or upper"), "{e}");
+
+    // Validation with an uppercase vocabulary: lowercase transcripts are out of vocabulary as
+    // written, in vocabulary once folded.
+    let tmp = tempfile::tempdir().unwrap();
+    wav(&tmp.path().join("a.wav"), 1.0);
+    let ds = Dataset {
+        examples: vec![Example { source: Source::File(tmp.path().join("a.wav")), label: None, text: Some("Hello, world".into()), speaker: None }],
+        labels: vec![],
+    };
+    let opts = |case: Case| ValidateOptions {
+        vocab: Some(CharVocab::from_map(&upper, Path::new("vocab.json")).unwrap()),
+        chars_to_ignore: data::HF_CHARS_TO_IGNORE.into(),
+        case,
+        ..Default::default()
+    };
+    let kept = data::validate(&ds, &opts(Case::Keep));
+    assert_eq!(kept.problems.iter().map(|p| p.kind).collect::<Vec<_>>(), vec![ProblemKind::OutOfVocabulary]);
+    assert_eq!(kept.problems[0].detail, "'d', 'e', 'l', 'o', 'r', 'w' in \"Hello world\"");
+    assert!(data::validate(&ds, &opts(TextCase::Auto.resolve(Some(&upper)))).is_ok());
 }

@@ -121,6 +121,10 @@ pub struct TrainArgs {
     /// Characters removed from transcripts.
     #[arg(long, default_value = ",?.!-;:\"“%‘”�")]
     pub chars_to_ignore: String,
+    /// Letter case of the transcripts (asr): auto (fold them to the model vocabulary's case
+    /// when it has one case, else keep), keep, lower or upper.
+    #[arg(long, default_value = "auto", value_name = "CASE")]
+    pub text_case: String,
     /// Keywords for kws (comma-separated; others become _unknown_).
     #[arg(long, default_value = "yes,no,up,down,left,right,on,off,stop,go")]
     pub words: String,
@@ -165,6 +169,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Print the outcome as one JSON object (steps, best dev and test metrics, counts) instead
+    /// of the summary.
+    #[arg(long)]
+    pub json: bool,
     /// Stop after N steps as if killed (testing resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
@@ -205,6 +213,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     cfg.min_duration_s = a.min_duration_s;
     cfg.skip_bad = a.skip_bad;
     cfg.chars_to_ignore = a.chars_to_ignore;
+    cfg.text_case = a.text_case.parse().context("--text-case")?;
     cfg.words = a.words.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let speeds = match a.speeds {
         Some(s) => s.split(',').map(|v| v.trim().parse::<f64>()).collect::<Result<Vec<_>, _>>().context("--speeds: comma-separated numbers")?,
@@ -220,9 +229,68 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     cfg.log_every = a.log_every;
     cfg.quiet = a.quiet;
     cfg.stop_after = a.stop_after;
+    let out_dir = cfg.out.clone();
     let out = train::train(&cfg, a.resume)?;
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        print_outcome(&out, &out_dir);
+    }
     Ok(())
+}
+
+/// The end of `klspeech train` for a person: what was trained, the best dev evaluation and
+/// the test split's, and anything that was skipped or dropped (`--json` has every field).
+fn print_outcome(o: &train::TrainOutcome, out: &std::path::Path) {
+    let steps = format!("{} step{}", o.steps, if o.steps == 1 { "" } else { "s" });
+    match &o.best {
+        Some(_) => println!("trained {steps}; best dev evaluation at step {}, saved to {}", o.best_step, out.display()),
+        None => println!("trained {steps}; no dev evaluation, last weights saved to {}", out.display()),
+    }
+    if let Some(best) = &o.best {
+        print_eval("dev", best, false);
+    }
+    if let Some(test) = &o.test {
+        print_eval("test", test, true);
+    }
+    if let Some(loss) = o.last_loss {
+        println!("last training loss {loss:.4}");
+    }
+    if o.stopped_early {
+        println!("stopped early: no dev improvement in --patience evaluations");
+    }
+    if o.nonfinite_skipped > 0 {
+        println!("{} steps skipped for a non-finite loss or gradient", o.nonfinite_skipped);
+    }
+    if o.dropped_bad > 0 {
+        println!("{} bad clips dropped (--skip-bad)", o.dropped_bad);
+    }
+    if o.feature_cache_clips > 0 || o.feature_cache_hits != (0, 0) {
+        let (tr, dev) = o.feature_cache_hits;
+        println!("feature cache: {} clips, {:.1} MiB; batches served from it: {tr} training, {dev} dev", o.feature_cache_clips, o.feature_cache_mib);
+    }
+}
+
+/// One evaluation as lines of text: `name`, clip count, accuracy and macro-F1 (with the
+/// confusion matrix when `confusion`) or CER and WER.
+fn print_eval(name: &str, r: &train::EvalResult, confusion: bool) {
+    if let (Some(acc), Some(f1)) = (r.accuracy, r.macro_f1) {
+        println!("{name:<5} {:>5} clips   accuracy {acc:.4}   macro-F1 {f1:.4}", r.n);
+        if let (true, Some(c), Some(l)) = (confusion, &r.confusion, &r.labels) {
+            print_confusion(c, l);
+        }
+    }
+    if let (Some(cer), Some(wer)) = (r.cer, r.wer) {
+        println!("{name:<5} {:>5} clips   CER {cer:.4}   WER {wer:.4}", r.n);
+    }
+}
+
+/// A confusion matrix, rows truth and columns prediction, under the labels' names.
+fn print_confusion(c: &[Vec<usize>], labels: &[String]) {
+    println!("confusion (rows: truth, columns: prediction; {})", labels.join(" "));
+    for row in c {
+        println!("  {}", row.iter().map(|v| format!("{v:4}")).collect::<String>());
+    }
 }
 
 #[derive(Debug, Args)]
@@ -242,12 +310,17 @@ pub struct EvalArgs {
     /// Characters removed from reference transcripts.
     #[arg(long, default_value = ",?.!-;:\"“%‘”�")]
     pub chars_to_ignore: String,
+    /// Letter case of the reference transcripts: auto (the model vocabulary's case when it has
+    /// one, as training folds them), keep, lower or upper.
+    #[arg(long, default_value = "auto", value_name = "CASE")]
+    pub text_case: String,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let text_case: data::TextCase = a.text_case.parse().context("--text-case")?;
     let model = SpeechModel::load(&a.model, &LoadOptions { device: parse_device(&a.device)?, ..Default::default() })
         .with_context(|| format!("loading {}", a.model.display()))?;
     let result = match model.head_kind {
@@ -271,7 +344,8 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             let vocab = CharVocab::from_map(&vocab_map, &a.model.join("vocab.json"))?;
             let ds = if a.data.is_dir() { data::librispeech(&a.data)? } else { data::asr_manifest(&a.data)? };
             let clips = ds.load_all_16k()?;
-            let texts: Vec<String> = ds.examples.iter().map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &a.chars_to_ignore, false)).collect();
+            let case = text_case.resolve(Some(&vocab_map));
+            let texts: Vec<String> = ds.examples.iter().map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &a.chars_to_ignore, case)).collect();
             train::evaluate(&model, &clips, None, Some(&texts), Some(&vocab), a.batch_size)?
         }
         klspeech::model::HeadKind::None => anyhow::bail!("{}: a bare encoder has nothing to evaluate; fine-tune it first", a.model.display()),
@@ -283,10 +357,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         if let (Some(acc), Some(f1)) = (result.accuracy, result.macro_f1) {
             println!("accuracy   {acc:.4}\nmacro-F1   {f1:.4}");
             if let (Some(c), Some(l)) = (&result.confusion, &result.labels) {
-                println!("confusion (rows: truth, columns: prediction; {})", l.join(" "));
-                for row in c {
-                    println!("  {}", row.iter().map(|v| format!("{v:4}")).collect::<String>());
-                }
+                print_confusion(c, l);
             }
         }
         if let (Some(cer), Some(wer)) = (result.cer, result.wer) {

@@ -13,8 +13,8 @@
 //!   [`asr_manifest`]) and the LibriSpeech folder layout ([`librispeech`]);
 //! - classification manifests (CSV/TSV with `path` + `label`: [`classification_manifest`]).
 //!
-//! Text for CTC follows the Hugging Face fine-tuning recipe: [`normalize_transcript`],
-//! [`build_char_vocab`], [`encode_transcript`].
+//! Text for CTC follows the Hugging Face fine-tuning recipe: [`normalize_transcript`] (letter
+//! case folded to the vocabulary's: [`TextCase`]), [`build_char_vocab`], [`encode_transcript`].
 //!
 //! Determinism: every loader returns examples in a fixed order (sorted paths, or manifest row
 //! order) and everything random (the `_silence_` cuts) is drawn from a seeded [`crate::rng::Rng`],
@@ -36,7 +36,7 @@ pub use kws::{
     SUPERB_WORDS, TESTING_LIST, UNKNOWN_LABEL, VALIDATION_LIST,
 };
 pub use manifest::{asr_manifest, classification_manifest, classification_manifest_with_labels, librispeech};
-pub use text::{build_char_vocab, encode_transcript, normalize_transcript, HF_CHARS_TO_IGNORE};
+pub use text::{build_char_vocab, encode_transcript, normalize_transcript, vocab_case, Case, TextCase, HF_CHARS_TO_IGNORE};
 pub use validate::{validate, Problem, ProblemKind, ValidateOptions, ValidationReport};
 
 /// The sample rate every model input has (Wav2Vec2 is pretrained on 16 kHz audio).

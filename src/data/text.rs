@@ -11,21 +11,91 @@ use crate::vocab::CharVocab;
 /// '[\,\?\.\!\-\;\:\"\“\%\‘\”\�]'`). The apostrophe is kept: it is part of words ("don't").
 pub const HF_CHARS_TO_IGNORE: &str = ",?.!-;:\"“%‘”�";
 
+/// How [`normalize_transcript`] treats letter case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// Leave every character as written.
+    Keep,
+    /// Lowercase (the Hugging Face recipe's `.lower()`).
+    Lower,
+    /// Uppercase (for uppercase vocabularies such as `wav2vec2-base-960h`'s).
+    Upper,
+}
+
+/// The letter case a run gives its transcripts (`--text-case`): `auto` (the default) folds
+/// them to the CTC vocabulary's case when every cased letter of the vocabulary has one case
+/// ([`vocab_case`]: lowercase vocabularies as the Hugging Face recipe builds them, uppercase ones
+/// such as `facebook/wav2vec2-base-960h`'s), and keeps them otherwise (a vocabulary with
+/// both cases, or one still to be built from the transcripts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextCase {
+    #[default]
+    Auto,
+    Keep,
+    Lower,
+    Upper,
+}
+
+impl std::str::FromStr for TextCase {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(TextCase::Auto),
+            "keep" => Ok(TextCase::Keep),
+            "lower" => Ok(TextCase::Lower),
+            "upper" => Ok(TextCase::Upper),
+            _ => Err(Error::InvalidInput(format!("text case `{s}`: expected auto, keep, lower or upper"))),
+        }
+    }
+}
+
+impl TextCase {
+    /// The case to apply with this vocabulary (`None`: none yet, it will be built from the
+    /// transcripts, so `auto` keeps them).
+    pub fn resolve(self, vocab: Option<&BTreeMap<String, i64>>) -> Case {
+        match self {
+            TextCase::Auto => vocab.and_then(vocab_case).unwrap_or(Case::Keep),
+            TextCase::Keep => Case::Keep,
+            TextCase::Lower => Case::Lower,
+            TextCase::Upper => Case::Upper,
+        }
+    }
+}
+
+/// The case of a vocabulary's letters: `Lower` or `Upper` when its one-character tokens have
+/// cased letters of that case only, `None` when they have both or none (special tokens such
+/// as `[PAD]` and `<s>` are not characters and do not count).
+pub fn vocab_case(vocab: &BTreeMap<String, i64>) -> Option<Case> {
+    let (mut lower, mut upper) = (false, false);
+    for tok in vocab.keys() {
+        let mut chars = tok.chars();
+        if let (Some(c), None) = (chars.next(), chars.next()) {
+            lower |= c.is_lowercase();
+            upper |= c.is_uppercase();
+        }
+    }
+    match (lower, upper) {
+        (true, false) => Some(Case::Lower),
+        (false, true) => Some(Case::Upper),
+        _ => None,
+    }
+}
+
 /// Normalizes a transcript: removes every character of `chars_to_ignore` (without leaving a
-/// space: "e-mail" becomes "email", as the recipe's `re.sub(.., '', ..)` does), lowercases when
-/// `lowercase`, collapses runs of whitespace to one space and trims.
+/// space: "e-mail" becomes "email", as the recipe's `re.sub(.., '', ..)` does), applies `case`,
+/// collapses runs of whitespace to one space and trims.
 ///
 /// Case: the Hugging Face blog lowercases (its TIMIT/Common Voice vocabularies are lowercase),
 /// but the English CTC checkpoints (`wav2vec2-base-960h`) have an uppercase vocabulary. The
-/// case must match the vocabulary, so nothing here changes it unless asked: the default
-/// everywhere in klspeech is `lowercase = false`.
-pub fn normalize_transcript(text: &str, chars_to_ignore: &str, lowercase: bool) -> String {
+/// case must match the vocabulary: runs resolve their [`TextCase`] against it.
+pub fn normalize_transcript(text: &str, chars_to_ignore: &str, case: Case) -> String {
     let mut s = String::with_capacity(text.len());
     for c in text.chars().filter(|c| !chars_to_ignore.contains(*c)) {
-        if lowercase {
-            s.extend(c.to_lowercase());
-        } else {
-            s.push(c);
+        match case {
+            Case::Keep => s.push(c),
+            Case::Lower => s.extend(c.to_lowercase()),
+            Case::Upper => s.extend(c.to_uppercase()),
         }
     }
     s.split_whitespace().collect::<Vec<_>>().join(" ")

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::text::CharIndex;
-use super::{normalize_transcript, Dataset, Source, SAMPLE_RATE};
+use super::{normalize_transcript, Case, Dataset, Source, SAMPLE_RATE};
 use crate::error::Error;
 use crate::model::Wav2Vec2Config;
 use crate::vocab::CharVocab;
@@ -18,9 +18,10 @@ pub struct ValidateOptions {
     /// has `[UNK]`: training towards `[UNK]` is almost always a normalization mistake).
     pub vocab: Option<CharVocab>,
     /// Characters removed from transcripts before the checks, as
-    /// [`super::normalize_transcript`] does with `lowercase = false` (lowercase the texts
-    /// beforehand if the vocabulary is lowercase).
+    /// [`super::normalize_transcript`] removes them.
     pub chars_to_ignore: String,
+    /// The letter case the run gives its transcripts ([`super::TextCase::resolve`]).
+    pub case: Case,
     /// The model: its feature encoder's frame count ([`Wav2Vec2Config::frames_for_samples`])
     /// enables the CTC length check and, for labelled clips, the zero-frames check.
     pub config: Option<Wav2Vec2Config>,
@@ -36,6 +37,7 @@ impl Default for ValidateOptions {
         ValidateOptions {
             vocab: None,
             chars_to_ignore: String::new(),
+            case: Case::Keep,
             config: None,
             min_duration_s: 0.0,
             max_duration_s: f64::INFINITY,
@@ -87,10 +89,10 @@ impl ProblemKind {
             ProblemKind::UnreadableAudio => "re-encode the files (e.g. `sox IN -r 16000 -c 1 -b 16 OUT.wav`) or remove them",
             ProblemKind::InvalidLabel => "the label list does not match the class ids; rebuild the data set",
             ProblemKind::EmptyTranscript => "write the transcripts, or remove the rows",
-            ProblemKind::OutOfVocabulary => "add the characters to the characters to ignore, lowercase if the vocabulary is lowercase, or rebuild the vocabulary from the training text",
+            ProblemKind::OutOfVocabulary => "remove punctuation with --chars-to-ignore (its value replaces the default list), fold letters to the vocabulary's case with --text-case lower or upper, or fine-tune from a copy of the model folder without vocab.json to build the vocabulary from the training text",
             ProblemKind::TooShortForCtc => "the audio is too short for its transcript: check that transcript and audio belong together",
-            ProblemKind::TooShort => "remove the clips or lower the minimum duration",
-            ProblemKind::TooLong => "split the recordings into shorter clips or raise the maximum duration",
+            ProblemKind::TooShort => "remove the clips or lower --min-duration-s",
+            ProblemKind::TooLong => "split the recordings into shorter clips or raise --max-duration-s",
         }
     }
 }
@@ -265,7 +267,7 @@ pub fn validate(ds: &Dataset, opts: &ValidateOptions) -> ValidationReport {
         }
         let frames = audio.and_then(|(n, _)| opts.config.as_ref().map(|c| (n, c.frames_for_samples(n))));
         if let Some(text) = &ex.text {
-            let norm = normalize_transcript(text, &opts.chars_to_ignore, false);
+            let norm = normalize_transcript(text, &opts.chars_to_ignore, opts.case);
             if norm.is_empty() {
                 let detail = if text.trim().is_empty() {
                     "the transcript is empty".to_string()

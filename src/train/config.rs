@@ -107,6 +107,9 @@ pub struct TrainConfig {
     pub skip_bad: bool,
     /// Characters removed from transcripts before building the vocabulary.
     pub chars_to_ignore: String,
+    /// The transcripts' letter case (ASR): `auto` folds them to the model vocabulary's case.
+    #[serde(default)]
+    pub text_case: crate::data::TextCase,
     /// Keyword set for `kws` (SUPERB's ten words by default).
     pub words: Vec<String>,
     /// Waveform augmentation.
@@ -176,6 +179,7 @@ impl TrainConfig {
             min_duration_s: 0.0,
             skip_bad: false,
             chars_to_ignore: ",?.!-;:\"“%‘”�".into(),
+            text_case: crate::data::TextCase::Auto,
             words: "yes no up down left right on off stop go".split(' ').map(String::from).collect(),
             augment: AugmentConfig::default(),
             eval_every: 0,

@@ -155,14 +155,16 @@ pub fn evaluate_kws_folder(model: &SpeechModel, dir: &std::path::Path, batch: us
     evaluate(model, &clips, Some(&y), None, None, batch)
 }
 
-/// Evaluates a CTC model on an ASR manifest: transcripts normalized as for training (lower
-/// case, `chars_to_ignore` removed), greedy decoding with the model's `vocab.json`.
-pub fn evaluate_asr_manifest(model: &SpeechModel, manifest: &std::path::Path, chars_to_ignore: &str, batch: usize) -> Result<EvalResult> {
+/// Evaluates a CTC model on an ASR manifest: transcripts normalized as for training
+/// (`chars_to_ignore` removed, letter case by `case` against the model's vocabulary), greedy
+/// decoding with the model's `vocab.json`.
+pub fn evaluate_asr_manifest(model: &SpeechModel, manifest: &std::path::Path, chars_to_ignore: &str, case: crate::data::TextCase, batch: usize) -> Result<EvalResult> {
     let map = model.vocab.as_ref().ok_or_else(|| Error::InvalidInput("evaluating ASR needs a model with vocab.json".into()))?;
     let vocab = CharVocab::from_map(map, std::path::Path::new("vocab.json"))?;
+    let case = case.resolve(Some(map));
     let ds = crate::data::asr_manifest(manifest)?;
     let clips = ds.load_all_16k()?;
     let texts: Vec<String> =
-        ds.examples.iter().map(|e| crate::data::normalize_transcript(e.text.as_deref().unwrap_or(""), chars_to_ignore, false)).collect();
+        ds.examples.iter().map(|e| crate::data::normalize_transcript(e.text.as_deref().unwrap_or(""), chars_to_ignore, case)).collect();
     evaluate(model, &clips, None, Some(&texts), Some(&vocab), batch)
 }

@@ -77,14 +77,14 @@ struct Split {
 }
 
 impl Split {
-    fn from(ds: &Dataset, task: Task, chars_to_ignore: &str) -> Result<Self> {
+    fn from(ds: &Dataset, task: Task, chars_to_ignore: &str, case: data::Case) -> Result<Self> {
         let clips = ds.load_all_16k()?;
         let labels = ds.examples.iter().map(|e| e.label.unwrap_or(0)).collect();
         let texts = ds
             .examples
             .iter()
             .map(|e| match task {
-                Task::Asr => data::normalize_transcript(e.text.as_deref().unwrap_or(""), chars_to_ignore, false),
+                Task::Asr => data::normalize_transcript(e.text.as_deref().unwrap_or(""), chars_to_ignore, case),
                 _ => String::new(),
             })
             .collect();
@@ -459,22 +459,22 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         return Err(Error::Data(format!("{}: no training clips found", cfg.data.display())));
     }
 
-    // Vocabulary (ASR): the model's own vocab.json if it has one, else built from transcripts.
-    let vocab_map = if cfg.task == Task::Asr {
-        match crate::model::read_vocab(&cfg.model.join("vocab.json"))? {
-            Some(v) => Some(v),
-            None => {
-                let texts: Vec<String> = train_ds
-                    .examples
-                    .iter()
-                    .chain(&dev_ds.examples)
-                    .map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &cfg.chars_to_ignore, false))
-                    .collect();
-                Some(data::build_char_vocab(texts.iter().map(|s| s.as_str())))
-            }
+    // Vocabulary (ASR): the model's own vocab.json if it has one, else built from transcripts;
+    // the transcripts' letter case follows --text-case (by default the model vocabulary's).
+    let model_vocab = if cfg.task == Task::Asr { crate::model::read_vocab(&cfg.model.join("vocab.json"))? } else { None };
+    let case = cfg.text_case.resolve(model_vocab.as_ref());
+    let vocab_map = match (cfg.task, model_vocab) {
+        (Task::Asr, Some(v)) => Some(v),
+        (Task::Asr, None) => {
+            let texts: Vec<String> = train_ds
+                .examples
+                .iter()
+                .chain(&dev_ds.examples)
+                .map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &cfg.chars_to_ignore, case))
+                .collect();
+            Some(data::build_char_vocab(texts.iter().map(|s| s.as_str())))
         }
-    } else {
-        None
+        _ => None,
     };
     let labels = (cfg.task != Task::Asr).then(|| train_ds.labels.clone());
     let (model, dropped_head) = load_model(cfg, labels.as_deref(), vocab_map.as_ref())?;
@@ -490,6 +490,7 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         let opts = data::ValidateOptions {
             vocab: vocab.clone(),
             chars_to_ignore: cfg.chars_to_ignore.clone(),
+            case,
             config: Some(model.config.clone()),
             min_duration_s: cfg.min_duration_s,
             max_duration_s: cfg.max_duration_s,
@@ -517,9 +518,9 @@ fn train_in_context(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     let run_cfg = serde_json::to_value(cfg).map_err(|e| Error::InvalidInput(e.to_string()))?;
     crate::model::write_json_atomic(&cfg.out.join("run_config.json"), &run_cfg)?;
 
-    let train = Split::from(&train_ds, cfg.task, &cfg.chars_to_ignore)?;
-    let dev = Split::from(&dev_ds, cfg.task, &cfg.chars_to_ignore)?;
-    let test = Split::from(&test_ds, cfg.task, &cfg.chars_to_ignore)?;
+    let train = Split::from(&train_ds, cfg.task, &cfg.chars_to_ignore, case)?;
+    let dev = Split::from(&dev_ds, cfg.task, &cfg.chars_to_ignore, case)?;
+    let test = Split::from(&test_ds, cfg.task, &cfg.chars_to_ignore, case)?;
     let noise = match &cfg.augment.noise_dir {
         Some(d) => Some(NoiseBank::load(d)?),
         None => None,
