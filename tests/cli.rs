@@ -227,3 +227,28 @@ fn transcripts_follow_the_vocabularys_case_and_the_outcome_reads() {
     let kept = eval(&["--text-case", "keep"])["cer"].as_f64().unwrap();
     assert!(kept > cer + 0.3, "uppercase predictions against lowercase references: CER {kept} against {cer}");
 }
+
+/// Errors print once, on one line, with the file and the fix: the binary's report drops a
+/// cause whose text the message already holds (each I/O error names its cause itself).
+#[test]
+fn error_lines_name_the_file_once() {
+    let stderr = |args: &[&str]| {
+        let o = klspeech(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8(o.stderr).unwrap()
+    };
+    let layout = "a model is a folder in the Hugging Face layout (config.json, model.safetensors, optional preprocessor_config.json and vocab.json)";
+    assert_eq!(
+        stderr(&["eval", "--model", "no/such/model", "--data", "audio_fixtures/kws/test-ood"]),
+        format!("error: loading the model: no/such/model: no such folder: {layout}\n")
+    );
+    assert_eq!(stderr(&["predict", "--model", "README.md", A]), format!("error: loading the model: README.md: a file, not a model folder: {layout}\n"));
+    assert_eq!(
+        stderr(&["inspect", "no/such.wav"]),
+        "error: no/such.wav: cannot open file: No such file or directory (os error 2)\nerror: 1 of 1 file(s) could not be read\n"
+    );
+    assert_eq!(
+        stderr(&["eval", "--model", "models/klspeech-small", "--data", "no/such/data"]),
+        "error: no/such/data: cannot open file: No such file or directory (os error 2)\n"
+    );
+}

@@ -30,7 +30,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             Ok(()) => {}
             Err(e) => {
                 failures += 1;
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", super::report(&e));
             }
         }
     }

@@ -39,6 +39,21 @@ pub enum Command {
     Eval(train_cmds::EvalArgs),
 }
 
+/// An error and its causes on one line, as `{:#}` prints them but without a cause whose text
+/// the message already holds (klspeech's errors name their I/O cause in their own message and
+/// also expose it as their source, which `{:#}` would print twice).
+pub fn report(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     klspeech::device::set_threads(cli.threads)?;
     klspeech::device::tune_cpu_runtime();

@@ -90,7 +90,7 @@ pub struct InspectModelArgs {
 
 fn load(dir: &std::path::Path, device: &str) -> anyhow::Result<SpeechModel> {
     let opts = LoadOptions { device: parse_device(device)?, ..Default::default() };
-    SpeechModel::load(dir, &opts).with_context(|| format!("loading the model in {}", dir.display()))
+    SpeechModel::load(dir, &opts).context("loading the model")
 }
 
 pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {

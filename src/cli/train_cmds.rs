@@ -322,7 +322,7 @@ pub struct EvalArgs {
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let text_case: data::TextCase = a.text_case.parse().context("--text-case")?;
     let model = SpeechModel::load(&a.model, &LoadOptions { device: parse_device(&a.device)?, ..Default::default() })
-        .with_context(|| format!("loading {}", a.model.display()))?;
+        .context("loading the model")?;
     let result = match model.head_kind {
         klspeech::model::HeadKind::Classification => {
             let labels = model.config.labels();

@@ -356,10 +356,8 @@ impl SpeechModel {
     /// `preprocessor_config.json` (optional), `vocab.json` (optional).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::Open {
-                path: dir.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a model folder (expected config.json and model.safetensors in it)"),
-            });
+            let what = if dir.exists() { "a file, not a model folder" } else { "no such folder" };
+            return Err(Error::config(dir, format!("{what}: a model is a folder in the Hugging Face layout (config.json, model.safetensors, optional preprocessor_config.json and vocab.json)")));
         }
         let config = Wav2Vec2Config::from_file(&dir.join("config.json"))?;
         let store = ParamStore::from_safetensors(&dir.join("model.safetensors"), opts.dtype, &opts.device, opts.seed)?;
