@@ -7,9 +7,13 @@ Prints, in this order:
      ratio and peak memory per row, as a Markdown table;
   3. every other bench section's klspeech ms, each with the main run's ms over it (below 1:
      the section's setting is slower than the default, above 1: faster);
-  4. the keyword-spotting example's runs (with and without the masked GroupNorm kernels):
+  4. per main row, the fastest setting among the log's bench sections and the ratio against
+     PyTorch it would give as the default (the material for re-deciding defaults; left out:
+     the per-stage split, and for exact-f32 rows candle's convolutions, whose cuDNN call
+     allows TF32);
+  5. the keyword-spotting example's runs (with and without the masked GroupNorm kernels):
      wall time and figures;
-  5. the top kernels of each profile, klspeech's (CUPTI) and PyTorch's (torch.profiler,
+  6. the top kernels of each profile, klspeech's (CUPTI) and PyTorch's (torch.profiler,
      "kernel profile pytorch <row>") (--top N, default 8), with the launches a step and, for
      klspeech's rows, the profiled GPU time over the median step (a row far under 100 % is
      bound by the host's launches, not the GPU).
@@ -99,6 +103,28 @@ def main(argv):
             rel = f" ({base / ms:.2f})" if base and ms else ""
             parts.append(f"{name} {ms}{rel}")
         print(f"- {title}: " + "; ".join(parts))
+
+    print("\n## The fastest setting per row (what each row's ratio would be with it as the default)")
+    if main_rows:
+        print("| row | default ms | ratio | fastest setting in this log | its ms | its ratio |")
+        print("|---|---|---|---|---|---|")
+        for name, (ms, pt, *_rest) in main_rows.items():
+            best = ("(the default)", ms)
+            exact_f32 = "-f32" in name and "tf32" not in name
+            for title, body in sections:
+                if title == "benchmarks on cuda" or "KLSPEECH_BENCH_STAGES" in title:
+                    continue
+                if exact_f32 and "NO_CUDNN_NHWC" in title:
+                    # candle's own cuDNN call runs with CUDNN_DEFAULT_MATH: TF32, not f32.
+                    continue
+                alt = bench_rows(body).get(name, (None,))[0]
+                if alt and best[1] and alt < best[1]:
+                    best = (title, alt)
+            f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
+            ratio = lambda t: pt / t if pt and t else None
+            print(f"| {name} | {f(ms)} | {f(ratio(ms), 2)} | {best[0]} | {f(best[1])} | {f(ratio(best[1]), 2)} |")
+    else:
+        print("(no main bench section)")
 
     print("\n## The keyword-spotting example on the GPU (wall time, figures)")
     # (The example prints "== " lines of its own: each run goes from its header to its exit line.)
