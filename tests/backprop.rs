@@ -126,3 +126,53 @@ fn cpu_matmuls_refuse_what_cuda_refuses() {
     // A whole matrix transposed is a layout cuBLAS reads (CUBLAS_OP_T).
     assert_eq!(x.t().unwrap().matmul(&x).unwrap().dims(), &[24, 24]);
 }
+
+/// A tensor split by narrows (a packed output read as two parts, as a KL-Norm site's [y; kl]):
+/// the vendored backward writes each part's gradient into one zero-filled gradient of the
+/// whole in place, one fill and one copy a part, where candle made a padded copy of the whole
+/// per narrow and added them. Values: each part's gradient where it is, zeros elsewhere, sums
+/// where narrows overlap or another consumer also reads the tensor, on any axis, from strided
+/// gradients too.
+#[test]
+fn narrowed_gradients_are_written_in_place() {
+    let dev = Device::Cpu;
+    let n = 4096;
+    let x = Var::from_vec((0..n).map(|i| i as f32 / n as f32).collect::<Vec<f32>>(), n, &dev).unwrap();
+    let xt = x.as_tensor();
+    // A packed [y (4000); kl (96)] read as two parts, each scaled: y by 3, kl by -2.
+    let packed = xt.exp().unwrap();
+    let y = packed.narrow(0, 0, 4000).unwrap();
+    let kl = packed.narrow(0, 4000, 96).unwrap();
+    let loss = ((y * 3.0).unwrap().sum_all().unwrap() + (kl * -2.0).unwrap().sum_all().unwrap()).unwrap();
+    let before = buffers();
+    let grads = loss.backward().unwrap();
+    let used = buffers() - before;
+    // Buffers of 1 KiB or more: the y part's broadcast gradient made contiguous and scaled (2),
+    // the whole gradient's fill (the parts are copied into it), exp's product: 4. (The kl part,
+    // 384 bytes, is under the count.) candle's narrows: 7, a padded copy per narrow and an add.
+    assert!(used <= 4, "the backward allocated {used} buffers of 1 KiB or more: is the narrow part of the [patch] in effect?");
+    let want: Vec<f64> = values(xt).iter().enumerate().map(|(i, v)| v.exp() * if i < 4000 { 3.0 } else { -2.0 }).collect();
+    for (g, w) in values(grads.get(xt).unwrap()).iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "gradient {g} against {w}");
+    }
+
+    // Overlapping narrows, a part left out, another consumer of the same tensor, the second
+    // axis, a transposed (strided) gradient, a leaf read through narrows only.
+    let a = Var::from_vec((0..24).map(|i| i as f64).collect::<Vec<f64>>(), (4, 6), &dev).unwrap();
+    let at = a.as_tensor();
+    let p = (at * 1.0).unwrap(); // an intermediate, so that its gradient is the backward's own
+    let l1 = p.narrow(1, 0, 3).unwrap().sum_all().unwrap(); // columns 0..3: 1
+    let l2 = (p.narrow(1, 2, 2).unwrap() * 10.0).unwrap().sum_all().unwrap(); // columns 2..4: +10
+    let l3 = p.narrow(0, 1, 2).unwrap().t().unwrap().affine(100.0, 0.0).unwrap().sum_all().unwrap(); // rows 1..3: +100
+    let l4 = (&p * 1000.0).unwrap().sum_all().unwrap(); // everywhere, another consumer of p: +1000
+    let g = (((l1 + l2).unwrap() + l3).unwrap() + l4).unwrap().backward().unwrap();
+    let want: Vec<f64> = (0..24)
+        .map(|i| {
+            let (r, c) = (i / 6, i % 6);
+            1000.0 + if c < 3 { 1.0 } else { 0.0 } + if (2..4).contains(&c) { 10.0 } else { 0.0 } + if (1..3).contains(&r) { 100.0 } else { 0.0 }
+        })
+        .collect();
+    assert_eq!(values(g.get(at).unwrap()), want);
+    let leaf = a.as_tensor().narrow(0, 3, 1).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(values(leaf.get(at).unwrap()), (0..24).map(|i| if i >= 18 { 1.0 } else { 0.0 }).collect::<Vec<_>>());
+}

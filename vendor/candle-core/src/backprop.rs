@@ -166,6 +166,10 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        // klspeech's patch: the gradients that narrowed views write into in place (see
+        // `Op::Narrow` below), by the tensor they belong to: the gradient tensor's id and the
+        // (dim, start, len) slices written so far.
+        let mut narrowed: HashMap<TensorId, (TensorId, Vec<(usize, usize, usize)>)> = HashMap::new();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
@@ -533,6 +537,34 @@ impl Tensor {
                         grads.subtract(arg, &(grad / arg.sqr()?)?)?;
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
+                        // klspeech's patch: the first narrowed gradient of a tensor creates
+                        // its whole gradient, zero-filled, which this backward owns; every
+                        // narrow writes its slice into it in place (a copy, or an add where an
+                        // earlier slice overlaps). candle built a padded copy of the whole
+                        // tensor per narrow (zeros, a concatenation) and added the copies:
+                        // for a tensor split in two, two fills, two concatenations and an add
+                        // of the whole size instead of one fill and two copies. A gradient that
+                        // came from another consumer first, or that one has replaced since, is
+                        // not written in place: the padded copy is added to it as before.
+                        let own = match (grads.get(arg), narrowed.get(&arg.id())) {
+                            _ if len == arg.dims()[dim] => None,
+                            (None, _) => {
+                                let z = Tensor::zeros(arg.shape(), grad.dtype(), grad.device())?;
+                                narrowed.insert(arg.id(), (z.id(), Vec::new()));
+                                grads.insert(arg, z.clone());
+                                Some(z)
+                            }
+                            (Some(sum), Some((id, _))) if *id == sum.id() => Some(sum.clone()),
+                            _ => None,
+                        };
+                        if let Some(own) = own {
+                            let written = &mut narrowed.get_mut(&arg.id()).expect("recorded above").1;
+                            let overlaps = written.iter().any(|&(d, s, l)| d != dim || (s < start_idx + len && start_idx < s + l));
+                            let part = if overlaps { own.narrow(dim, start_idx, len)?.add(&grad)? } else { grad.contiguous()? };
+                            own.slice_set(&part, dim, start_idx)?;
+                            written.push((dim, start_idx, len));
+                            continue;
+                        }
                         let arg_dims = arg.dims();
                         let left_pad = if start_idx == 0 {
                             None
