@@ -244,11 +244,11 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
 fn print_outcome(o: &train::TrainOutcome, out: &std::path::Path) {
     let steps = format!("{} step{}", o.steps, if o.steps == 1 { "" } else { "s" });
     match &o.best {
-        Some(_) => println!("trained {steps}; best dev evaluation at step {}, saved to {}", o.best_step, out.display()),
+        Some(best) => {
+            println!("trained {steps}; best dev evaluation at step {}, saved to {}", o.best_step, out.display());
+            print_eval("dev", best, false);
+        }
         None => println!("trained {steps}; no dev evaluation, last weights saved to {}", out.display()),
-    }
-    if let Some(best) = &o.best {
-        print_eval("dev", best, false);
     }
     if let Some(test) = &o.test {
         print_eval("test", test, true);
