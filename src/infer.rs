@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use crate::audio;
 use crate::error::{Error, Result};
 use crate::model::{ForwardCtx, Head, ModelOutput, SpeechModel};
-use crate::vocab::{ctc_greedy, CharVocab};
+use crate::vocab::{ctc_greedy, word_spans, CharVocab};
 
 /// Reads `path`, resamples it to the model's rate and normalizes it as the model's
 /// preprocessor does: input_values [1, L].
@@ -74,8 +74,64 @@ pub fn embed_file(model: &SpeechModel, path: &Path, layer: LayerChoice) -> Resul
 pub enum Prediction {
     /// Classification: best label, its probability, and every label's probability.
     Label { label: String, probability: f32, scores: Vec<(String, f32)> },
-    /// CTC: the greedy transcript.
-    Text(String),
+    /// CTC: the greedy transcript, and its characters or words with their times when asked
+    /// ([`PredictOptions::timestamps`]; empty otherwise).
+    Text { text: String, timestamps: Vec<TimedText> },
+}
+
+/// Which timestamps a transcript carries (transformers' ASR pipeline `return_timestamps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timestamps {
+    /// Every character, the word delimiter as `" "` (`return_timestamps="char"`).
+    Char,
+    /// Every word (`return_timestamps="word"`).
+    Word,
+}
+
+impl std::str::FromStr for Timestamps {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "char" => Ok(Timestamps::Char),
+            "word" => Ok(Timestamps::Word),
+            _ => Err(Error::InvalidInput(format!("--timestamps `{s}`: expected char or word"))),
+        }
+    }
+}
+
+/// A character or word of a transcript and when it is spoken, in seconds from the start of the
+/// recording: its first logit frame's start and the end of its last frame, a frame being
+/// `inputs_to_logits_ratio` samples (the product of the conv strides: 20 ms at 16 kHz for every
+/// Wav2Vec2). The pipeline's `{"text", "timestamp": (start, stop)}`, the same values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedText {
+    pub text: String,
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+/// How `predict` runs: whole files or chunks, and timestamps.
+#[derive(Debug, Clone, Default)]
+pub struct PredictOptions {
+    /// Long recordings in overlapping chunks (CTC only); None = the whole file in one pass.
+    pub chunking: Option<Chunking>,
+    /// With `chunking`: chunks per forward pass (0 is taken as 1).
+    pub batch: usize,
+    /// Character or word times for transcripts (CTC only).
+    pub timestamps: Option<Timestamps>,
+}
+
+/// The spans of `frame_ids` at the chosen level, in seconds: frame `f` starts at
+/// `f * align / rate` (`align` samples per frame), computed as transformers does (an exact
+/// integer product, then one division).
+pub fn timed_text(vocab: &CharVocab, frame_ids: &[usize], level: Timestamps, align: usize, rate: u32) -> Vec<TimedText> {
+    let chars = vocab.char_spans(frame_ids);
+    let spans = match level {
+        Timestamps::Char => chars,
+        Timestamps::Word => word_spans(&chars),
+    };
+    let secs = |f: usize| (f * align) as f64 / rate as f64;
+    spans.into_iter().map(|s| TimedText { start_s: secs(s.start), end_s: secs(s.end), text: s.text }).collect()
 }
 
 /// Long recordings transcribed in overlapping chunks, as transformers'
@@ -154,8 +210,9 @@ pub fn chunk_plan(n: usize, rate: u32, align: usize, c: &Chunking) -> Result<Vec
 }
 
 /// The greedy CTC frame ids of `path` transcribed in chunks ([`Chunking`]), joined: what
-/// [`predict_file_chunked`] decodes. Up to `batch` chunks of the same length run as one batch
-/// (no padding, so each chunk's frames are what it gives alone; only the last chunk is shorter).
+/// [`predict_file`] decodes with [`PredictOptions::chunking`]. Up to `batch` chunks of the same
+/// length run as one batch (no padding, so each chunk's frames are what it gives alone; only the
+/// last chunk is shorter).
 /// A chunk shorter than one model frame (possible only at the end, with strides under a frame)
 /// is skipped; transformers fails on it.
 pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, batch: usize) -> Result<Vec<usize>> {
@@ -185,41 +242,54 @@ pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, ba
     Ok(ids)
 }
 
-/// Transcribes one file in chunks ([`Chunking`], `batch` chunks at a time; CTC models only).
-pub fn predict_file_chunked(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>, chunking: &Chunking, batch: usize) -> Result<Prediction> {
-    let ids = ctc_ids_chunked(model, path, chunking, batch)?;
-    let vocab = vocab.ok_or_else(no_vocab)?;
-    Ok(Prediction::Text(vocab.decode(&ctc_greedy(&ids, vocab.pad_id))))
-}
-
 fn no_vocab() -> Error {
     Error::Unsupported { what: "transcribing without vocab.json".into(), detail: "a CTC model folder needs vocab.json to turn ids into text".into() }
 }
 
-/// Classifies or transcribes one file.
-pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>) -> Result<Prediction> {
-    let out = run_file(model, path)?;
-    let logits = out.logits.ok_or_else(|| Error::Unsupported {
-        what: "predict on a model without a head".into(),
-        detail: "this checkpoint is a bare encoder (Wav2Vec2Model / ForPreTraining); fine-tune it with `klspeech train` or use `klspeech embed`".into(),
-    })?;
-    match &model.head {
-        Head::Classification(_) => {
-            let p: Vec<f32> = crate::model::heads::probabilities(&logits.to_dtype(DType::F32)?)?.squeeze(0)?.to_vec1()?;
-            let labels = model.config.labels();
-            let scores: Vec<(String, f32)> = labels.into_iter().zip(p.iter().copied()).collect();
-            let (label, probability) = scores
-                .iter()
-                .cloned()
-                .fold((String::new(), f32::MIN), |best, (l, v)| if v > best.1 { (l, v) } else { best });
-            Ok(Prediction::Label { label, probability, scores })
-        }
-        Head::Ctc(_) => {
-            let vocab = vocab.ok_or_else(no_vocab)?;
-            let ids: Vec<u32> = logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
-            let ids: Vec<usize> = ids.into_iter().map(|i| i as usize).collect();
-            Ok(Prediction::Text(vocab.decode(&ctc_greedy(&ids, vocab.pad_id))))
-        }
-        Head::None => unreachable!("logits imply a head"),
+/// Classifies or transcribes one file ([`PredictOptions`]: whole or in chunks, with or without
+/// timestamps). `vocab` is needed for CTC models.
+pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>, opts: &PredictOptions) -> Result<Prediction> {
+    if opts.timestamps.is_some() && !matches!(model.head, Head::Ctc(_)) {
+        return Err(Error::Unsupported {
+            what: "--timestamps on a model without a CTC head".into(),
+            detail: "timestamps place a transcript's characters or words in time; a classifier gives one label per file".into(),
+        });
     }
+    let ids = match &opts.chunking {
+        Some(c) => ctc_ids_chunked(model, path, c, opts.batch)?,
+        None => {
+            let out = run_file(model, path)?;
+            let logits = out.logits.ok_or_else(|| Error::Unsupported {
+                what: "predict on a model without a head".into(),
+                detail: "this checkpoint is a bare encoder (Wav2Vec2Model / ForPreTraining); fine-tune it with `klspeech train` or use `klspeech embed`".into(),
+            })?;
+            match &model.head {
+                Head::Classification(_) => {
+                    let p: Vec<f32> = crate::model::heads::probabilities(&logits.to_dtype(DType::F32)?)?.squeeze(0)?.to_vec1()?;
+                    let labels = model.config.labels();
+                    let scores: Vec<(String, f32)> = labels.into_iter().zip(p.iter().copied()).collect();
+                    let (label, probability) = scores
+                        .iter()
+                        .cloned()
+                        .fold((String::new(), f32::MIN), |best, (l, v)| if v > best.1 { (l, v) } else { best });
+                    return Ok(Prediction::Label { label, probability, scores });
+                }
+                Head::Ctc(_) => {
+                    let ids: Vec<u32> = logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
+                    ids.into_iter().map(|i| i as usize).collect()
+                }
+                Head::None => unreachable!("logits imply a head"),
+            }
+        }
+    };
+    let vocab = vocab.ok_or_else(no_vocab)?;
+    let text = vocab.decode(&ctc_greedy(&ids, vocab.pad_id));
+    let timestamps = match opts.timestamps {
+        Some(level) => {
+            let align: usize = model.config.conv_stride.iter().product();
+            timed_text(vocab, &ids, level, align, model.feature_extractor.config.sampling_rate)
+        }
+        None => Vec::new(),
+    };
+    Ok(Prediction::Text { text, timestamps })
 }

@@ -75,6 +75,56 @@ impl CharVocab {
     }
 }
 
+/// One token of a greedy CTC path and the logit frames it spans: `start..end` (end exclusive),
+/// the token's run of equal frame ids. Words span from their first character's start to their
+/// last character's end. The same offsets as transformers' `Wav2Vec2CTCTokenizer.decode(...,
+/// output_char_offsets=True)` / `_get_word_offsets` (what its ASR pipeline's
+/// `return_timestamps="char"` / `"word"` scale to seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpan {
+    /// The character (the word delimiter as a space) or the word.
+    pub text: String,
+    /// First frame.
+    pub start: usize,
+    /// One past the last frame.
+    pub end: usize,
+}
+
+impl CharVocab {
+    /// Character spans of per-frame best ids: runs of equal ids, blanks dropped, the word
+    /// delimiter as `" "`. Tokens that [`CharVocab::decode`] leaves out of the text (`<s>`,
+    /// `</s>`, ids beyond the vocabulary) are left out here too, so the spans spell the text;
+    /// transformers keeps `<s>` / `</s>` as characters (fine-tuned models do not emit them).
+    pub fn char_spans(&self, frame_ids: &[usize]) -> Vec<TokenSpan> {
+        let mut spans = Vec::new();
+        let mut start = 0;
+        for run in frame_ids.chunk_by(|a, b| a == b) {
+            let (id, end) = (run[0], start + run.len());
+            if id != self.pad_id {
+                if let Some(tok) = self.tokens.get(id) {
+                    if Some(id) == self.word_delimiter_id {
+                        spans.push(TokenSpan { text: " ".into(), start, end });
+                    } else if !SPECIAL.contains(&tok.as_str()) {
+                        spans.push(TokenSpan { text: tok.clone(), start, end });
+                    }
+                }
+            }
+            start = end;
+        }
+        spans
+    }
+}
+
+/// Word spans from character spans ([`CharVocab::char_spans`]): maximal runs of characters other
+/// than `" "`, each from its first character's start to its last one's end.
+pub fn word_spans(chars: &[TokenSpan]) -> Vec<TokenSpan> {
+    chars
+        .split(|c| c.text == " ")
+        .filter(|w| !w.is_empty())
+        .map(|w| TokenSpan { text: w.iter().map(|c| c.text.as_str()).collect(), start: w[0].start, end: w[w.len() - 1].end })
+        .collect()
+}
+
 /// Greedy CTC decoding of per-frame best ids: collapse repeats, then drop blanks.
 pub fn ctc_greedy(frame_ids: &[usize], blank: usize) -> Vec<usize> {
     let mut out = Vec::new();
@@ -99,6 +149,14 @@ mod tests {
             [("<pad>", 0), ("<s>", 1), ("|", 2), ("A", 3), ("B", 4)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let v = CharVocab::from_map(&map, Path::new("vocab.json")).unwrap();
         assert_eq!(v.decode(&ctc_greedy(&[0, 3, 3, 0, 3, 2, 1, 4, 0], 0)), "AA B");
+        // Spans: runs of equal frame ids, blanks and <s> dropped, `|` as a space.
+        let frames = [0, 3, 3, 0, 3, 2, 1, 4, 0, 2, 2, 3, 4, 4];
+        let chars = v.char_spans(&frames);
+        let span = |t: &str, start, end| TokenSpan { text: t.into(), start, end };
+        assert_eq!(chars, vec![span("A", 1, 3), span("A", 4, 5), span(" ", 5, 6), span("B", 7, 8), span(" ", 9, 11), span("A", 11, 12), span("B", 12, 14)]);
+        assert_eq!(word_spans(&chars), vec![span("AA", 1, 5), span("B", 7, 8), span("AB", 11, 14)]);
+        let text: Vec<String> = word_spans(&chars).into_iter().map(|w| w.text).collect();
+        assert_eq!(text.join(" "), v.decode(&ctc_greedy(&frames, 0)));
         let bad: BTreeMap<String, i64> = [("A".to_string(), 0)].into_iter().collect();
         assert!(CharVocab::from_map(&bad, Path::new("vocab.json")).unwrap_err().to_string().contains("no padding token"));
     }

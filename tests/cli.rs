@@ -157,6 +157,63 @@ fn chunked_prediction_flags() {
     assert!(e.contains("--chunk-s on a model without a CTC head"), "{e}");
 }
 
+/// `predict --timestamps`: with --json, "chunks" of {"text", "timestamp"} whose words spell the
+/// transcript, in order, inside the recording, on 20 ms frames; in plain text, one indented line
+/// per word after the transcript; chunked, the same flag; errors for a bad level and a
+/// classifier (the values themselves are `tests/parity.rs`, against transformers' pipeline).
+#[test]
+fn predict_timestamps() {
+    let m = "models/klspeech-small";
+    let clip = "audio_fixtures/asr/clips/test-1b4ae5a6-0003.flac";
+    let secs = klspeech::audio::load_resampled(&root().join(clip), 16000).unwrap().samples.len() as f64 / 16000.0;
+    let line = ok(&klspeech(&["predict", "--json", "--timestamps", "word", "--model", m, clip]));
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let words = v["chunks"].as_array().unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(words.len() >= 3, "{line}");
+    let spelled: Vec<&str> = words.iter().map(|w| w["text"].as_str().unwrap()).collect();
+    assert_eq!(spelled.join(" "), text);
+    let mut last_end = 0.0;
+    for w in words {
+        let (s, e) = (w["timestamp"][0].as_f64().unwrap(), w["timestamp"][1].as_f64().unwrap());
+        assert!(last_end <= s && s < e && e <= secs + 0.02, "{w} after {last_end} in {secs} s");
+        for t in [s, e] {
+            assert!(((t / 0.02).round() * 0.02 - t).abs() < 1e-9, "{t} is not on a 20 ms frame");
+        }
+        last_end = e;
+    }
+    // Without --timestamps no "chunks" key; the text is the same.
+    let plain: serde_json::Value = serde_json::from_str(ok(&klspeech(&["predict", "--json", "--model", m, clip])).trim()).unwrap();
+    assert_eq!(plain["text"], v["text"]);
+    assert!(plain.get("chunks").is_none());
+    // Plain text: the transcript line, then "  start end  word" per word.
+    let out = ok(&klspeech(&["predict", "--timestamps", "word", "--model", m, clip]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], format!("{clip}\t{text}"));
+    assert_eq!(lines.len(), 1 + words.len());
+    for (l, w) in lines[1..].iter().zip(words) {
+        let f = |i: usize| format!("{:>9.3}", w["timestamp"][i].as_f64().unwrap());
+        assert_eq!(*l, format!("  {} {}  {}", f(0), f(1), w["text"].as_str().unwrap()));
+    }
+    // Characters: spaces between words are chunks of their own.
+    let c: serde_json::Value =
+        serde_json::from_str(ok(&klspeech(&["predict", "--json", "--timestamps", "char", "--model", m, clip])).trim()).unwrap();
+    let chars: String = c["chunks"].as_array().unwrap().iter().map(|x| x["text"].as_str().unwrap()).collect();
+    assert_eq!(chars.split_whitespace().collect::<Vec<_>>().join(" "), text);
+    // Chunked with one chunk longer than the clip: the same words and times.
+    let chunked = ok(&klspeech(&["predict", "--json", "--timestamps", "word", "--chunk-s", "30", "--model", m, clip]));
+    assert_eq!(chunked, line);
+    let err = |args: &[&str]| {
+        let o = klspeech(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(&["predict", "--timestamps", "words", "--model", m, clip]);
+    assert!(e.starts_with("error: invalid value 'words' for '--timestamps <LEVEL>'\n  [possible values: char, word]"), "{e}");
+    let e = err(&["predict", "--timestamps", "word", "--model", "tests/fixtures/w2v2/cls-weighted", A]);
+    assert!(e.contains("--timestamps on a model without a CTC head"), "{e}");
+}
+
 /// `train` and `eval` with a model whose CTC vocabulary is uppercase (as
 /// `facebook/wav2vec2-base-960h`'s) and lowercase transcripts: `--text-case auto`, the
 /// default, folds them to the vocabulary's case and trains; `keep` refuses before the first

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use klspeech::model::{ForwardCtx, HeadKind, LoadOptions, ModelOutput, SpeechModel};
+use klspeech::infer::{PredictOptions, Prediction, Timestamps};
 
 const TOL: f32 = 1e-4;
 
@@ -217,7 +218,9 @@ fn gpu_memory_pool_keeps_freed_memory_across_synchronizations() {
 /// the bundled CTC model and four test clips joined (9.4 s), the same chunks, strides and kept
 /// frames, the same joined frame ids (chunks one by one and three to a batch) and the same
 /// text, for the default stride (chunk / 6), one stride, unequal left / right strides, and one
-/// chunk longer than the recording.
+/// chunk longer than the recording; and the same character and word timestamps
+/// (`return_timestamps="char"` / `"word"`: text and seconds) there and for the whole recording
+/// in one pass (`predict --timestamps`).
 #[test]
 fn chunked_ctc_transcription_matches_transformers_pipeline() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -268,5 +271,36 @@ fn chunked_ctc_transcription_matches_transformers_pipeline() {
         assert_eq!(batched, want_ids, "chunk {chunk_s} s, stride {stride:?}, 3 chunks a batch: joined frame ids");
         let text = vocab.decode(&klspeech::vocab::ctc_greedy(&ids, vocab.pad_id));
         assert_eq!(text, case["text"].as_str().unwrap(), "chunk {chunk_s} s, stride {stride:?}");
+        for level in [Timestamps::Char, Timestamps::Word] {
+            let got = klspeech::infer::timed_text(&vocab, &ids, level, align, 16000);
+            assert_timestamps(&got, case, level, &format!("chunk {chunk_s} s, stride {stride:?}"));
+        }
+    }
+    // The whole recording in one pass, through `predict_file` as the CLI calls it.
+    for level in [Timestamps::Char, Timestamps::Word] {
+        let opts = PredictOptions { timestamps: Some(level), ..Default::default() };
+        let Prediction::Text { text, timestamps } = klspeech::infer::predict_file(&model, &wav, Some(&vocab), &opts).unwrap() else {
+            panic!("a CTC model transcribes")
+        };
+        assert_eq!(text, r["unchunked_text"].as_str().unwrap());
+        assert_timestamps(&timestamps, &r["unchunked"], level, "one pass");
+    }
+}
+
+/// `got` against the pipeline's `{level}_chunks` in `want`: the same texts in order and the same
+/// start and stop in seconds (both `frame * 320 / 16000` in f64; 1e-12 allows for JSON's
+/// decimal round trip).
+fn assert_timestamps(got: &[klspeech::infer::TimedText], want: &serde_json::Value, level: Timestamps, what: &str) {
+    let key = match level {
+        Timestamps::Char => "char_chunks",
+        Timestamps::Word => "word_chunks",
+    };
+    let want = want[key].as_array().unwrap();
+    assert!(!want.is_empty(), "{what}: the fixture has {key}");
+    assert_eq!(got.len(), want.len(), "{what}: number of {key}");
+    for (g, w) in got.iter().zip(want) {
+        let (s, e) = (w["timestamp"][0].as_f64().unwrap(), w["timestamp"][1].as_f64().unwrap());
+        assert_eq!(g.text, w["text"].as_str().unwrap(), "{what}: {key} at {s} s");
+        assert!((g.start_s - s).abs() < 1e-12 && (g.end_s - e).abs() < 1e-12, "{what}: {key} {:?}: {} .. {} s, want {s} .. {e}", g.text, g.start_s, g.end_s);
     }
 }

@@ -2,16 +2,19 @@
 transformers' AutomaticSpeechRecognitionPipeline with `chunk_length_s` / `stride_length_s` on
 the bundled CTC model, for the four test clips below joined end to end (9.4 s).
 
-    /work/venv/bin/python tools/gen_chunked_ctc_fixture.py   # writes tests/fixtures/chunked_ctc.json
+    .venv/bin/python tools/gen_chunked_ctc_fixture.py   # writes tests/fixtures/chunked_ctc.json
 
 For each case it records the pipeline's own chunk plan (each chunk's sample count and its
 left / right strides in samples, and the same rescaled to logit frames), each chunk's greedy
-token ids, and the final text; plus the waveform's length and sums, so that the Rust test can
-first check that it decoded the same samples. The FLAC clips are lossless 16-bit, so soundfile
+token ids, the final text, and the pipeline's `return_timestamps="char"` and `"word"` chunks
+(text and (start, stop) in seconds); the same for the whole recording in one pass; plus the
+waveform's length and sums, so that the Rust test can first check that it decoded the same
+samples. The FLAC clips are lossless 16-bit, so soundfile
 and klspeech's decoder give the same values (x / 32768).
 """
 import json
 import os
+import re
 
 import numpy as np
 import soundfile as sf
@@ -29,6 +32,16 @@ CLIPS = [
 ]
 # (chunk_length_s, stride_length_s: None = the pipeline's default chunk / 6, a number, or [left, right])
 CASES = [(2.0, None), (2.5, 0.4), (3.0, [0.6, 0.2]), (20.0, None)]
+
+
+def timestamps(pipe, x, kwargs, text):
+    """The pipeline's timestamped chunks, both levels, as {"char_chunks", "word_chunks"}."""
+    out = {}
+    for level in ("char", "word"):
+        r = pipe(x.copy(), return_timestamps=level, **kwargs)
+        assert r["text"] == text, (r["text"], text)
+        out[f"{level}_chunks"] = [{"text": c["text"], "timestamp": [float(c["timestamp"][0]), float(c["timestamp"][1])]} for c in r["chunks"]]
+    return out
 
 
 def main() -> None:
@@ -53,13 +66,14 @@ def main() -> None:
                                "token_n": int(tn), "token_left": int(tl), "token_right": int(tr),
                                "ids": out["tokens"][0].tolist()})
         text = pipe(x.copy(), **kwargs)["text"]
-        cases.append({"chunk_s": chunk_s, "stride_s": stride_s, "chunks": chunks, "text": text})
+        cases.append({"chunk_s": chunk_s, "stride_s": stride_s, "chunks": chunks, "text": text, **timestamps(pipe, x, kwargs, text)})
         print(f"chunk {chunk_s} s, stride {stride_s}: {len(chunks)} chunks: {text!r}")
     with torch.no_grad():
         whole = fe(x, sampling_rate=16000, return_tensors="pt")
         ids = model(whole.input_values).logits.argmax(-1)[0].tolist()
     out = {
         "model": "models/klspeech-small",
+        "unchunked": timestamps(pipe, x, {}, tok.decode(ids)),
         "clips": CLIPS,
         "samples": int(x.shape[0]),
         "sum": float(x.astype(np.float64).sum()),
@@ -68,9 +82,13 @@ def main() -> None:
         "cases": cases,
     }
     path = os.path.join(ROOT, "tests", "fixtures", "chunked_ctc.json")
+    text = json.dumps(out, indent=1)
+    # Each timestamped chunk on one line: {"text": "the", "timestamp": [0.14, 0.24]}.
+    text = re.sub(r'\{\s*"text": ("(?:[^"\\]|\\.)*"),\s*"timestamp": \[\s*([^\s,]+),\s*([^\s\]]+)\s*\]\s*\}',
+                  r'{"text": \1, "timestamp": [\2, \3]}', text)
+    assert json.loads(text) == json.loads(json.dumps(out))
     with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
     print(f"unchunked: {out['unchunked_text']!r}; wrote {path}")
 
 

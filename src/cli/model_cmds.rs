@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use klspeech::device::parse_device;
-use klspeech::infer::{self, Chunking, LayerChoice, Prediction};
+use klspeech::infer::{self, Chunking, LayerChoice, PredictOptions, Prediction, Timestamps};
 use klspeech::model::{HeadKind, KlSites, LoadOptions, SpeechModel, Wav2Vec2Config};
 use klspeech::vocab::CharVocab;
 
@@ -35,9 +35,14 @@ pub struct PredictArgs {
     /// Model folder with a classification or CTC head.
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// One JSON object per line: {"path", "label", "scores"} or {"path", "text"}.
+    /// One JSON object per line: {"path", "label", "scores"} or {"path", "text"} (with
+    /// --timestamps also "chunks": [{"text", "timestamp": [START, END]}], as transformers' pipeline).
     #[arg(long)]
     pub json: bool,
+    /// CTC: the time of every word or character of the transcript, in seconds (transformers'
+    /// ASR pipeline `return_timestamps`): word or char.
+    #[arg(long, value_name = "LEVEL", value_parser = ["char", "word"])]
+    pub timestamps: Option<String>,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -118,6 +123,8 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let timestamps = a.timestamps.as_deref().map(str::parse::<Timestamps>).transpose()?;
+    let opts = PredictOptions { chunking: chunks, batch: a.batch_size, timestamps };
     let model = load(&a.model, &a.device)?;
     let vocab = match &model.vocab {
         Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),
@@ -125,11 +132,7 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     };
     let mut failures = 0;
     for p in &a.audio {
-        let pred = match &chunks {
-            Some(c) => infer::predict_file_chunked(&model, p, vocab.as_ref(), c, a.batch_size),
-            None => infer::predict_file(&model, p, vocab.as_ref()),
-        };
-        let pred = match pred {
+        let pred = match infer::predict_file(&model, p, vocab.as_ref(), &opts) {
             Ok(x) => x,
             Err(e @ klspeech::Error::Unsupported { .. }) => return Err(e.into()),
             Err(e) => {
@@ -146,8 +149,24 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({ "path": path, "label": label, "scores": scores }));
             }
             (Prediction::Label { label, probability, .. }, false) => println!("{path}\t{label}\t{probability:.4}"),
-            (Prediction::Text(text), true) => println!("{}", serde_json::json!({ "path": path, "text": text })),
-            (Prediction::Text(text), false) => println!("{path}\t{text}"),
+            (Prediction::Text { text, timestamps }, true) => {
+                let mut o = serde_json::json!({ "path": path, "text": text });
+                if opts.timestamps.is_some() {
+                    let chunks: Vec<serde_json::Value> =
+                        timestamps.iter().map(|t| serde_json::json!({ "text": t.text, "timestamp": [t.start_s, t.end_s] })).collect();
+                    o["chunks"] = chunks.into();
+                }
+                println!("{o}");
+            }
+            (Prediction::Text { text, timestamps }, false) => {
+                println!("{path}\t{text}");
+                // One line per word or character: start and end in seconds, then the text
+                // (a space shows as `' '`).
+                for t in timestamps {
+                    let shown = if t.text == " " { "' '" } else { t.text.as_str() };
+                    println!("  {:>9.3} {:>9.3}  {shown}", t.start_s, t.end_s);
+                }
+            }
         }
     }
     if failures > 0 {
