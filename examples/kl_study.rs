@@ -152,7 +152,7 @@ fn run_one(a: &Args, v: &Variant, seed: u64, out: &Path) -> anyhow::Result<serde
     match v.task {
         Task::Asr => {
             for (set, key) in [("test.csv", ""), ("test-ood.csv", "ood_")] {
-                let e = evaluate_asr_manifest(&model, &a.asr.join(set), &c.chars_to_ignore, c.text_case, 16)?;
+                let e = evaluate_asr_manifest(&model, &a.asr.join(set), &c.chars_to_ignore, c.text_case, 16, None)?;
                 m.insert(format!("{key}cer"), e.cer.unwrap_or(f64::NAN).into());
                 m.insert(format!("{key}wer"), e.wer.unwrap_or(f64::NAN).into());
             }

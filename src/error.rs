@@ -70,6 +70,10 @@ pub enum Error {
     #[error("{path}: {detail}")]
     Config { path: PathBuf, detail: String },
 
+    /// An ARPA language model file is bad.
+    #[error("{path}: {detail}")]
+    LanguageModel { path: PathBuf, detail: String },
+
     /// A checkpoint tensor is absent.
     #[error("{path}: missing tensor `{key}`{hint}")]
     MissingTensor { path: PathBuf, key: String, hint: String },

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor, D};
 use crate::audio;
 use crate::error::{Error, Result};
 use crate::model::{ForwardCtx, Head, ModelOutput, SpeechModel};
+use crate::decode::{log_softmax_rows, BeamSearch};
 use crate::vocab::{ctc_greedy, word_spans, CharVocab};
 
 /// Reads `path`, resamples it to the model's rate and normalizes it as the model's
@@ -117,8 +118,10 @@ pub struct PredictOptions {
     pub chunking: Option<Chunking>,
     /// With `chunking`: chunks per forward pass (0 is taken as 1).
     pub batch: usize,
-    /// Character or word times for transcripts (CTC only).
+    /// Character or word times for transcripts (CTC only; greedy decoding only).
     pub timestamps: Option<Timestamps>,
+    /// CTC: a beam search (with a word language model, or not) instead of greedy decoding.
+    pub decoder: Option<BeamSearch>,
 }
 
 /// The spans of `frame_ids` at the chosen level, in seconds: frame `f` starts at
@@ -209,13 +212,12 @@ pub fn chunk_plan(n: usize, rate: u32, align: usize, c: &Chunking) -> Result<Vec
     Ok(plan)
 }
 
-/// The greedy CTC frame ids of `path` transcribed in chunks ([`Chunking`]), joined: what
-/// [`predict_file`] decodes with [`PredictOptions::chunking`]. Up to `batch` chunks of the same
-/// length run as one batch (no padding, so each chunk's frames are what it gives alone; only the
-/// last chunk is shorter).
-/// A chunk shorter than one model frame (possible only at the end, with strides under a frame)
-/// is skipped; transformers fails on it.
-pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, batch: usize) -> Result<Vec<usize>> {
+/// The CTC logits of `path` transcribed in chunks ([`Chunking`]): each chunk's kept frames (its
+/// strides' frames dropped), joined: [frames, vocab]. Up to `batch` chunks of the same length
+/// run as one batch (no padding, so each chunk's frames are what it gives alone; only the last
+/// chunk is shorter). A chunk shorter than one model frame (possible only at the end, with
+/// strides under a frame) is skipped; transformers fails on it.
+pub fn ctc_logits_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, batch: usize) -> Result<Tensor> {
     if !matches!(model.head, Head::Ctc(_)) {
         return Err(Error::Unsupported {
             what: "--chunk-s on a model without a CTC head".into(),
@@ -227,19 +229,32 @@ pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, ba
     let align: usize = model.config.conv_stride.iter().product();
     let min = model.config.receptive_field();
     let plan: Vec<ChunkPlan> = chunk_plan(a.samples.len(), rate, align, chunking)?.into_iter().filter(|c| c.end - c.start >= min).collect();
-    let mut ids = Vec::new();
+    let mut kept = Vec::new();
     for group in plan.chunk_by(|p, q| p.end - p.start == q.end - q.start).flat_map(|g| g.chunks(batch.max(1))) {
         let clips: Vec<&[f32]> = group.iter().map(|c| &a.samples[c.start..c.end]).collect();
         let x = model.feature_extractor.batch(&clips)?.input_tensor(&model.store.device)?.to_dtype(model.store.dtype)?;
         let logits = model.forward(&x, None, &mut ForwardCtx::eval())?.logits.ok_or_else(|| Error::InvalidInput("a CTC head gives logits".into()))?;
-        let all: Vec<Vec<u32>> = logits.argmax(D::Minus1)?.to_vec2()?;
-        for (c, chunk_ids) in group.iter().zip(all) {
+        let frames = logits.dim(1)?;
+        for (j, c) in group.iter().enumerate() {
             // Python's items[left : token_n - right], clipped to the frames there are.
-            let stop = c.token_n.saturating_sub(c.token_right).min(chunk_ids.len());
-            ids.extend(chunk_ids.get(c.token_left.min(stop)..stop).unwrap_or(&[]).iter().map(|&i| i as usize));
+            let stop = c.token_n.saturating_sub(c.token_right).min(frames);
+            let start = c.token_left.min(stop);
+            if stop > start {
+                kept.push(logits.get(j)?.narrow(0, start, stop - start)?);
+            }
         }
     }
-    Ok(ids)
+    if kept.is_empty() {
+        return Err(Error::InvalidInput(format!("{}: no chunk is one model frame long", path.display())));
+    }
+    Ok(Tensor::cat(&kept, 0)?)
+}
+
+/// The greedy CTC frame ids of `path` transcribed in chunks: the best token of each frame of
+/// [`ctc_logits_chunked`], what [`predict_file`] decodes with [`PredictOptions::chunking`].
+pub fn ctc_ids_chunked(model: &SpeechModel, path: &Path, chunking: &Chunking, batch: usize) -> Result<Vec<usize>> {
+    let ids: Vec<u32> = ctc_logits_chunked(model, path, chunking, batch)?.argmax(D::Minus1)?.to_vec1()?;
+    Ok(ids.into_iter().map(|i| i as usize).collect())
 }
 
 fn no_vocab() -> Error {
@@ -255,34 +270,46 @@ pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>,
             detail: "timestamps place a transcript's characters or words in time; a classifier gives one label per file".into(),
         });
     }
-    let ids = match &opts.chunking {
-        Some(c) => ctc_ids_chunked(model, path, c, opts.batch)?,
+    if opts.decoder.is_some() && !matches!(model.head, Head::Ctc(_)) {
+        return Err(Error::Unsupported {
+            what: "--lm / --beam-width on a model without a CTC head".into(),
+            detail: "a beam search decodes CTC transcripts; a classifier gives one label per file".into(),
+        });
+    }
+    if opts.timestamps.is_some() && opts.decoder.is_some() {
+        return Err(Error::Unsupported {
+            what: "--timestamps with a beam search (--lm / --beam-width)".into(),
+            detail: "timestamps come from the greedy path's frames; drop --lm and --beam-width for them".into(),
+        });
+    }
+    // The CTC logits [frames, vocab].
+    let logits = match &opts.chunking {
+        Some(c) => ctc_logits_chunked(model, path, c, opts.batch)?,
         None => {
             let out = run_file(model, path)?;
             let logits = out.logits.ok_or_else(|| Error::Unsupported {
                 what: "predict on a model without a head".into(),
                 detail: "this checkpoint is a bare encoder (Wav2Vec2Model / ForPreTraining); fine-tune it with `klspeech train` or use `klspeech embed`".into(),
             })?;
-            match &model.head {
-                Head::Classification(_) => {
-                    let p: Vec<f32> = crate::model::heads::probabilities(&logits.to_dtype(DType::F32)?)?.squeeze(0)?.to_vec1()?;
-                    let labels = model.config.labels();
-                    let scores: Vec<(String, f32)> = labels.into_iter().zip(p.iter().copied()).collect();
-                    let (label, probability) = scores
-                        .iter()
-                        .cloned()
-                        .fold((String::new(), f32::MIN), |best, (l, v)| if v > best.1 { (l, v) } else { best });
-                    return Ok(Prediction::Label { label, probability, scores });
-                }
-                Head::Ctc(_) => {
-                    let ids: Vec<u32> = logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
-                    ids.into_iter().map(|i| i as usize).collect()
-                }
-                Head::None => unreachable!("logits imply a head"),
+            if let Head::Classification(_) = &model.head {
+                let p: Vec<f32> = crate::model::heads::probabilities(&logits.to_dtype(DType::F32)?)?.squeeze(0)?.to_vec1()?;
+                let labels = model.config.labels();
+                let scores: Vec<(String, f32)> = labels.into_iter().zip(p.iter().copied()).collect();
+                let (label, probability) =
+                    scores.iter().cloned().fold((String::new(), f32::MIN), |best, (l, v)| if v > best.1 { (l, v) } else { best });
+                return Ok(Prediction::Label { label, probability, scores });
             }
+            logits.squeeze(0)?
         }
     };
     let vocab = vocab.ok_or_else(no_vocab)?;
+    if let Some(d) = &opts.decoder {
+        let rows: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let text = d.decode(vocab, &log_softmax_rows(&rows, vocab.len()), vocab.len())?;
+        return Ok(Prediction::Text { text, timestamps: Vec::new() });
+    }
+    let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let ids: Vec<usize> = ids.into_iter().map(|i| i as usize).collect();
     let text = vocab.decode(&ctc_greedy(&ids, vocab.pad_id));
     let timestamps = match opts.timestamps {
         Some(level) => {

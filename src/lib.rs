@@ -5,12 +5,14 @@
 
 pub mod audio;
 pub mod data;
+pub mod decode;
 pub mod device;
 pub mod error;
 pub mod fastmath;
 pub mod gpu_profile;
 pub mod features;
 pub mod infer;
+pub mod lm;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -49,6 +49,12 @@ impl CharVocab {
         Self::from_map(&map, path)
     }
 
+    /// Whether a token is spelled in the text ([`CharVocab::decode`] drops `<s>`, `</s>` and the
+    /// padding token; the word delimiter is a space).
+    pub fn is_text(&self, tok: &str) -> bool {
+        !SPECIAL.contains(&tok)
+    }
+
     /// Number of tokens.
     pub fn len(&self) -> usize {
         self.tokens.len()

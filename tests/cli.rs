@@ -214,6 +214,62 @@ fn predict_timestamps() {
     assert!(e.contains("--timestamps on a model without a CTC head"), "{e}");
 }
 
+/// `eval` / `predict` with `--lm` (the bundled 3-gram from training sentences the test set does
+/// not share) on the bundled CTC model: in-domain WER well below greedy decoding's, `predict`
+/// gives the same transcripts as `eval` scored; `--beam-width` alone runs the beam search
+/// without an LM; the flags are checked with messages that name the fix.
+#[test]
+fn language_model_decoding() {
+    let m = "models/klspeech-small";
+    let lm = "audio_fixtures/asr/lm/train-unseen-3gram.arpa";
+    let test = "audio_fixtures/asr/test.csv";
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["eval", "--json", "--chars-to-ignore", ",?.!-;:\"'", "--model", m, "--data", test];
+        args.extend_from_slice(extra);
+        serde_json::from_str(ok(&klspeech(&args)).trim()).unwrap()
+    };
+    let greedy = eval(&[]);
+    let with_lm = eval(&["--lm", lm]);
+    let (g, l) = (greedy["wer"].as_f64().unwrap(), with_lm["wer"].as_f64().unwrap());
+    assert!(l < g - 0.1, "WER with the LM {l}, greedy {g}");
+    assert!(with_lm["cer"].as_f64().unwrap() < greedy["cer"].as_f64().unwrap());
+    // A heavier LM weight changes the result: the flags reach the decoder.
+    assert_ne!(eval(&["--lm", lm, "--lm-alpha", "2", "--lm-beta", "0"])["wer"], with_lm["wer"]);
+    let beam = eval(&["--beam-width", "8"]);
+    assert!(beam["wer"].as_f64().unwrap() <= g + 0.05, "{beam}");
+
+    let clip = "audio_fixtures/asr/clips/test-1b4ae5a6-0003.flac";
+    let plain = ok(&klspeech(&["predict", "--model", m, clip]));
+    let decoded = ok(&klspeech(&["predict", "--model", m, "--lm", lm, clip]));
+    assert!(decoded.starts_with(&format!("{clip}\t")) && decoded != plain, "{decoded} / {plain}");
+    // The LM's words: every word of the LM transcript is in the LM or the greedy one.
+    let lm_text = std::fs::read_to_string(root().join(lm)).unwrap();
+    for w in decoded.trim().split('\t').nth(1).unwrap().split(' ') {
+        assert!(lm_text.contains(&format!("\t{w}\t")) || plain.contains(w), "{w} in {decoded}");
+    }
+    let chunked = ok(&klspeech(&["predict", "--model", m, "--lm", lm, "--chunk-s", "30", clip]));
+    assert_eq!(chunked, decoded);
+
+    let err = |args: &[&str]| {
+        let o = klspeech(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    assert_eq!(
+        err(&["predict", "--model", m, "--lm-alpha", "1", clip]),
+        "error: --lm-alpha, --lm-beta and --unk-score-offset weigh a language model: add --lm FILE.arpa\n"
+    );
+    assert_eq!(err(&["predict", "--model", m, "--beam-width", "0", clip]), "error: --beam-width must be at least 1\n");
+    let e = err(&["predict", "--model", m, "--lm", lm, "--timestamps", "word", clip]);
+    assert!(e.contains("--timestamps with a beam search (--lm / --beam-width)") && e.contains("drop --lm and --beam-width"), "{e}");
+    let e = err(&["predict", "--model", "tests/fixtures/w2v2/cls-weighted", "--lm", lm, A]);
+    assert!(e.contains("--lm / --beam-width on a model without a CTC head"), "{e}");
+    let e = err(&["eval", "--model", m, "--data", test, "--lm", "README.md"]);
+    assert_eq!(e, "error: reading the language model: README.md: no `\\data\\` header before the first entries: not an ARPA language model\n");
+    let e = err(&["eval", "--model", m, "--data", test, "--lm", "no-such.arpa"]);
+    assert!(e.starts_with("error: reading the language model: no-such.arpa: cannot open file"), "{e}");
+}
+
 /// `train` and `eval` with a model whose CTC vocabulary is uppercase (as
 /// `facebook/wav2vec2-base-960h`'s) and lowercase transcripts: `--text-case auto`, the
 /// default, folds them to the vocabulary's case and trains; `keep` refuses before the first

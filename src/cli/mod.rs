@@ -39,6 +39,56 @@ pub enum Command {
     Eval(train_cmds::EvalArgs),
 }
 
+/// CTC decoding flags shared by `predict` and `eval`: greedy by default; a prefix beam search
+/// with `--beam-width`, with a word n-gram model fused in with `--lm`.
+#[derive(Debug, clap::Args)]
+pub struct DecodeArgs {
+    /// CTC: a word n-gram language model in the ARPA format (KenLM's lmplz output), fused into a
+    /// prefix beam search as pyctcdecode does (transformers' Wav2Vec2ProcessorWithLM).
+    #[arg(long, value_name = "FILE.arpa")]
+    pub lm: Option<std::path::PathBuf>,
+    /// CTC: beam search with this many beams instead of greedy decoding [default with --lm: 100].
+    #[arg(long, value_name = "N")]
+    pub beam_width: Option<usize>,
+    /// With --lm: weight of the LM's log probability (pyctcdecode's alpha).
+    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
+    pub lm_alpha: f64,
+    /// With --lm: score added per word (pyctcdecode's beta).
+    #[arg(long, default_value_t = 1.5, value_name = "BETA")]
+    pub lm_beta: f64,
+    /// With --lm: score added for a word outside the LM's vocabulary (pyctcdecode's
+    /// unk_score_offset).
+    #[arg(long, default_value_t = -10.0, value_name = "SCORE", allow_hyphen_values = true)]
+    pub unk_score_offset: f64,
+}
+
+impl DecodeArgs {
+    /// The beam search the flags ask for, or None for greedy decoding.
+    pub fn decoder(&self) -> anyhow::Result<Option<klspeech::decode::BeamSearch>> {
+        use anyhow::Context;
+        let default_flags = self.lm_alpha == 0.5 && self.lm_beta == 1.5 && self.unk_score_offset == -10.0;
+        if self.lm.is_none() && !default_flags {
+            anyhow::bail!("--lm-alpha, --lm-beta and --unk-score-offset weigh a language model: add --lm FILE.arpa");
+        }
+        if self.beam_width == Some(0) {
+            anyhow::bail!("--beam-width must be at least 1");
+        }
+        if self.lm.is_none() && self.beam_width.is_none() {
+            return Ok(None);
+        }
+        let lm = match &self.lm {
+            Some(p) => {
+                let lm = klspeech::lm::NgramLm::from_arpa(p).context("reading the language model")?;
+                let f = klspeech::decode::LmFusion::new(std::sync::Arc::new(lm));
+                Some(klspeech::decode::LmFusion { alpha: self.lm_alpha, beta: self.lm_beta, unk_score_offset: self.unk_score_offset, ..f })
+            }
+            None => None,
+        };
+        let d = klspeech::decode::BeamSearch::default();
+        Ok(Some(klspeech::decode::BeamSearch { beam_width: self.beam_width.unwrap_or(d.beam_width), lm, ..d }))
+    }
+}
+
 /// An error and its causes on one line, as `{:#}` prints them but without a cause whose text
 /// the message already holds (klspeech's errors name their I/O cause in their own message and
 /// also expose it as their source, which `{:#}` would print twice).

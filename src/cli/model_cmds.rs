@@ -43,6 +43,8 @@ pub struct PredictArgs {
     /// ASR pipeline `return_timestamps`): word or char.
     #[arg(long, value_name = "LEVEL", value_parser = ["char", "word"])]
     pub timestamps: Option<String>,
+    #[command(flatten)]
+    pub decode: super::DecodeArgs,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -124,7 +126,7 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let timestamps = a.timestamps.as_deref().map(str::parse::<Timestamps>).transpose()?;
-    let opts = PredictOptions { chunking: chunks, batch: a.batch_size, timestamps };
+    let opts = PredictOptions { chunking: chunks, batch: a.batch_size, timestamps, decoder: a.decode.decoder()? };
     let model = load(&a.model, &a.device)?;
     let vocab = match &model.vocab {
         Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),

@@ -317,10 +317,13 @@ pub struct EvalArgs {
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    #[command(flatten)]
+    pub decode: super::DecodeArgs,
 }
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let text_case: data::TextCase = a.text_case.parse().context("--text-case")?;
+    let decoder = a.decode.decoder()?;
     let model = SpeechModel::load(&a.model, &LoadOptions { device: parse_device(&a.device)?, ..Default::default() })
         .context("loading the model")?;
     let result = match model.head_kind {
@@ -337,6 +340,9 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             };
             let clips = ds.load_all_16k()?;
             let y: Vec<usize> = ds.examples.iter().map(|e| e.label.unwrap_or(0)).collect();
+            if decoder.is_some() {
+                anyhow::bail!("--lm and --beam-width decode CTC transcripts; {} is a classifier", a.model.display());
+            }
             train::evaluate(&model, &clips, Some(&y), None, None, a.batch_size)?
         }
         klspeech::model::HeadKind::Ctc => {
@@ -346,7 +352,10 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             let clips = ds.load_all_16k()?;
             let case = text_case.resolve(Some(&vocab_map));
             let texts: Vec<String> = ds.examples.iter().map(|e| data::normalize_transcript(e.text.as_deref().unwrap_or(""), &a.chars_to_ignore, case)).collect();
-            train::evaluate(&model, &clips, None, Some(&texts), Some(&vocab), a.batch_size)?
+            match &decoder {
+                Some(d) => train::evaluate_decoded(&model, &clips, &texts, &vocab, a.batch_size, d)?,
+                None => train::evaluate(&model, &clips, None, Some(&texts), Some(&vocab), a.batch_size)?,
+            }
         }
         klspeech::model::HeadKind::None => anyhow::bail!("{}: a bare encoder has nothing to evaluate; fine-tune it first", a.model.display()),
     };

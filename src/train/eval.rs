@@ -1,5 +1,5 @@
 //! Evaluation of a model on a data set: accuracy, macro-F1 and confusion for classification;
-//! CER and WER with greedy CTC decoding for ASR.
+//! CER and WER for ASR, with greedy CTC decoding or a beam search ([`crate::decode`]).
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::features::FeatureExtractor;
 use crate::metrics;
 use crate::model::{ForwardCtx, HeadKind, SpeechModel};
+use crate::decode::{log_softmax_rows, BeamSearch};
 use crate::vocab::{ctc_greedy, CharVocab};
 
 /// Metrics of one evaluation.
@@ -63,6 +64,19 @@ pub fn evaluate(
     evaluate_cached(model, clips, labels, texts, vocab, batch_size, None)
 }
 
+/// [`evaluate`] for a CTC model with transcripts decoded by `decoder`'s beam search (a word
+/// language model, a beam width) instead of greedily.
+pub fn evaluate_decoded(
+    model: &SpeechModel,
+    clips: &[Vec<f32>],
+    texts: &[String],
+    vocab: &CharVocab,
+    batch_size: usize,
+    decoder: &BeamSearch,
+) -> Result<EvalResult> {
+    evaluate_with(model, clips, None, Some(texts), Some(vocab), batch_size, None, Some(decoder))
+}
+
 /// [`evaluate`] with the feature encoder's outputs of each batch taken from `cache` when it
 /// has them, else computed and kept there (a trainer's repeated evaluations of one split with
 /// the feature encoder frozen: `train::feature_cache`). The batches are the same every call.
@@ -73,7 +87,21 @@ pub fn evaluate_cached(
     texts: Option<&[String]>,
     vocab: Option<&CharVocab>,
     batch_size: usize,
+    cache: Option<&mut FeatureCache>,
+) -> Result<EvalResult> {
+    evaluate_with(model, clips, labels, texts, vocab, batch_size, cache, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate_with(
+    model: &SpeechModel,
+    clips: &[Vec<f32>],
+    labels: Option<&[usize]>,
+    texts: Option<&[String]>,
+    vocab: Option<&CharVocab>,
+    batch_size: usize,
     mut cache: Option<&mut FeatureCache>,
+    decoder: Option<&BeamSearch>,
 ) -> Result<EvalResult> {
     let mut preds_cls = Vec::with_capacity(clips.len());
     let mut preds_txt = Vec::with_capacity(clips.len());
@@ -108,6 +136,16 @@ pub fn evaluate_cached(
             }
             HeadKind::Ctc => {
                 let vocab = vocab.ok_or_else(|| Error::InvalidInput("CTC evaluation needs a vocabulary".into()))?;
+                if let Some(d) = decoder {
+                    // Each clip's valid frames [n, V] through the beam search.
+                    let all: Vec<Vec<Vec<f32>>> = logits.to_dtype(DType::F32)?.to_vec3()?;
+                    for (k, &i) in chunk.iter().enumerate() {
+                        let n = out.encoder.frame_lengths[k];
+                        let rows: Vec<f32> = all[k][..n].concat();
+                        out_txt[i] = d.decode(vocab, &log_softmax_rows(&rows, vocab.len()), vocab.len())?;
+                    }
+                    continue;
+                }
                 let ids: Vec<Vec<u32>> = logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_vec2()?;
                 for (k, &i) in chunk.iter().enumerate() {
                     let n = out.encoder.frame_lengths[k];
@@ -156,9 +194,16 @@ pub fn evaluate_kws_folder(model: &SpeechModel, dir: &std::path::Path, batch: us
 }
 
 /// Evaluates a CTC model on an ASR manifest: transcripts normalized as for training
-/// (`chars_to_ignore` removed, letter case by `case` against the model's vocabulary), greedy
-/// decoding with the model's `vocab.json`.
-pub fn evaluate_asr_manifest(model: &SpeechModel, manifest: &std::path::Path, chars_to_ignore: &str, case: crate::data::TextCase, batch: usize) -> Result<EvalResult> {
+/// (`chars_to_ignore` removed, letter case by `case` against the model's vocabulary), decoding
+/// with the model's `vocab.json`, greedily or with `decoder`'s beam search.
+pub fn evaluate_asr_manifest(
+    model: &SpeechModel,
+    manifest: &std::path::Path,
+    chars_to_ignore: &str,
+    case: crate::data::TextCase,
+    batch: usize,
+    decoder: Option<&BeamSearch>,
+) -> Result<EvalResult> {
     let map = model.vocab.as_ref().ok_or_else(|| Error::InvalidInput("evaluating ASR needs a model with vocab.json".into()))?;
     let vocab = CharVocab::from_map(map, std::path::Path::new("vocab.json"))?;
     let case = case.resolve(Some(map));
@@ -166,5 +211,5 @@ pub fn evaluate_asr_manifest(model: &SpeechModel, manifest: &std::path::Path, ch
     let clips = ds.load_all_16k()?;
     let texts: Vec<String> =
         ds.examples.iter().map(|e| crate::data::normalize_transcript(e.text.as_deref().unwrap_or(""), chars_to_ignore, case)).collect();
-    evaluate(model, &clips, None, Some(&texts), Some(&vocab), batch)
+    evaluate_with(model, &clips, None, Some(&texts), Some(&vocab), batch, None, decoder)
 }

@@ -8,5 +8,5 @@ pub mod feature_cache;
 pub mod trainer;
 
 pub use config::{Task, TrainConfig};
-pub use eval::{evaluate, evaluate_asr_manifest, evaluate_kws_folder, EvalResult};
+pub use eval::{evaluate, evaluate_asr_manifest, evaluate_decoded, evaluate_kws_folder, EvalResult};
 pub use trainer::{train, TrainOutcome};
