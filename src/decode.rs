@@ -1,26 +1,30 @@
 //! CTC prefix beam search, with an optional word n-gram language model fused in (shallow
-//! fusion, as pyctcdecode does for transformers' `Wav2Vec2ProcessorWithLM`).
+//! fusion): the algorithm of pyctcdecode, which transformers' `Wav2Vec2ProcessorWithLM` runs,
+//! with its defaults and its scores (`tests/decode.rs` compares both on the bundled model's
+//! logits).
 //!
-//! Each beam is a label prefix (the CTC output after collapsing repeats and dropping blanks)
-//! with two log probabilities: of all frame paths so far that give the prefix and end in a blank
-//! (`p_b`), and that end in its last label (`p_nb`). A frame extends a prefix `l` ending in `c`
-//! with token `k` at log probability `x`:
-//! - blank: `p_b(l) += (p_b + p_nb)(l) x`;
-//! - `k == c`: `p_nb(l) += p_nb(l) x` (the repeat collapses) and `p_nb(l k) += p_b(l) x` (a blank
-//!   in between makes it a new label);
-//! - any other `k`: `p_nb(l k) += (p_b + p_nb)(l) x`
+//! A beam is a transcript prefix (completed words and the unfinished word) with the token of
+//! its paths' last frame: blank, the word delimiter, or a letter; paths ending in a blank and
+//! in a letter are separate beams, each with one log score, the log-sum of its paths'
+//! probabilities. A frame with token `k` at log probability `x` takes a beam ending in `c` to:
+//! - the same prefix, ending in `k`, when `k` is blank or `k == c` (a repeat collapses);
+//! - the prefix with its unfinished word completed, when `k` is the delimiter (the same prefix
+//!   if no word is unfinished: repeated delimiters print one space);
+//! - the prefix with `k` appended to the unfinished word, otherwise (after a blank, `k == c`
+//!   is a new letter);
 //!
-//! (sums in probability, computed in log space). With no pruning, `p_b + p_nb` of a prefix after
-//! the last frame is exactly the probability CTC gives that label sequence: the sum over every
-//! frame path that collapses to it (`tests/decode.rs` checks it against enumerating all paths).
+//! beams that arrive at the same state are merged (scores log-summed). With no pruning, the
+//! final score of a text is the log of the sum of the probabilities of every frame path that
+//! prints it (`tests/decode.rs` checks it against enumerating all paths).
 //!
-//! With a language model the beams are ranked by `ln(p_b + p_nb) + lm`, where `lm` sums, for
-//! each word the prefix completes (a word delimiter `|` after letters), `alpha * ln P(word |
-//! previous words) + beta`, plus `unk_score_offset` for a word outside the model's vocabulary;
-//! a prefix whose unfinished last word starts no vocabulary word also gets `unk_score_offset`
-//! while it is unfinished. At the end the last word is scored as complete and the end of the
-//! sentence (`</s>`) is added. `alpha`, `beta`, `unk_score_offset`, the beam width and the two
-//! pruning thresholds have pyctcdecode's names and defaults.
+//! Beams are ranked by acoustic score plus, with a language model: for each completed word
+//! `alpha * ln 10 * (log10 P(word | previous words) + unk_score_offset if it is unknown) + beta`,
+//! and `unk_score_offset` (scaled by length / 6 beyond 6 letters) while the unfinished word
+//! starts no LM word. Each frame tries the tokens with log probability of at least
+//! `token_min_logp` (and the best one), drops beams more than `beam_prune_logp` below the best
+//! and keeps the best `beam_width`. At the end the beams that print the same text merge, the
+//! last word is scored with `</s>`, and the results are ranked again. `alpha`, `beta`,
+//! `unk_score_offset` and the three pruning settings have pyctcdecode's names and defaults.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,8 +33,11 @@ use crate::error::{Error, Result};
 use crate::lm::NgramLm;
 use crate::vocab::CharVocab;
 
-/// ln(10): ARPA files hold base-10 logs, the acoustic scores are natural logs.
-const LN_10: f64 = std::f64::consts::LN_10;
+/// ln(10) as pyctcdecode computes it (`1 / log10(e)`): ARPA files hold base-10 logs, the
+/// acoustic scores are natural logs.
+fn ln_10() -> f64 {
+    1.0 / std::f64::consts::E.log10()
+}
 
 /// A word n-gram model and how much it counts (pyctcdecode's `alpha`, `beta`,
 /// `unk_score_offset`).
@@ -52,10 +59,37 @@ impl LmFusion {
         LmFusion { lm, alpha: 0.5, beta: 1.5, unk_score_offset: -10.0 }
     }
 
-    /// The fused score of `word` after `history`.
+    /// The fused score of `word` after `history`: `alpha * ln(10) * (log10 P(word | history) +
+    /// unk_score_offset if the word is unknown) + beta` (pyctcdecode adds the offset to the
+    /// base-10 score, so alpha and ln 10 scale it too).
     fn word(&self, history: &[u32], word: &str) -> f64 {
         let s = self.lm.score(history, word);
-        self.alpha * LN_10 * s.log10 as f64 + self.beta + if s.oov { self.unk_score_offset } else { 0.0 }
+        let log10 = s.log10 as f64 + if s.oov { self.unk_score_offset } else { 0.0 };
+        self.alpha * log10 * ln_10() + self.beta
+    }
+
+    /// The fused score of the last word and the end of the sentence: as [`LmFusion::word`] with
+    /// log10 P(`</s>` | history, word) inside the scaled sum. An empty last word (the
+    /// transcript ended on a delimiter) is scored as an unknown word, as pyctcdecode does.
+    fn last_word(&self, history: &[u32], word: &str) -> f64 {
+        let s = self.lm.score(history, word);
+        let after = self.lm.push(history, word);
+        let log10 = s.log10 as f64 + if s.oov { self.unk_score_offset } else { 0.0 } + self.lm.score_end(&after) as f64;
+        self.alpha * log10 * ln_10() + self.beta
+    }
+
+    /// The running score of an unfinished word: `unk_score_offset` if no LM word starts with
+    /// it (scaled by its length / 6 beyond 6 characters), else 0; not scaled by alpha.
+    fn partial(&self, partial: &str) -> f64 {
+        if partial.is_empty() || self.lm.is_prefix(partial) {
+            return 0.0;
+        }
+        let n = partial.chars().count();
+        if n > 6 {
+            self.unk_score_offset * n as f64 / 6.0
+        } else {
+            self.unk_score_offset
+        }
     }
 }
 
@@ -84,11 +118,10 @@ impl Default for BeamSearch {
 /// One result of [`BeamSearch::search`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hypothesis {
-    /// The label sequence (token ids, repeats collapsed, no blanks).
-    pub labels: Vec<usize>,
-    /// Its text ([`CharVocab::decode`]).
+    /// The transcript (words separated by single spaces).
     pub text: String,
-    /// ln of its CTC probability over the beam's paths (`p_b + p_nb`).
+    /// ln of its CTC probability over the beam's paths: of every kept frame path that prints
+    /// this text.
     pub acoustic: f64,
     /// Its language-model score, last word and `</s>` included (0 without a model).
     pub lm: f64,
@@ -96,23 +129,27 @@ pub struct Hypothesis {
     pub score: f64,
 }
 
-/// A prefix in the tree of prefixes: its parent, its last token, and the LM's view of it.
+/// A transcript prefix: completed words and the unfinished word, with the LM's view of it.
+/// Label sequences that print the same (repeated or leading word delimiters) share a node.
 struct Node {
-    parent: u32,
-    /// Last label (u32::MAX for the empty prefix).
-    token: u32,
-    /// Sum of the fused scores of the words completed so far.
-    lm: f64,
-    /// LM ids of the words so far (the last `order - 1`).
-    history: Vec<u32>,
+    /// The completed words, joined by single spaces.
+    text: String,
     /// The unfinished word.
     partial: String,
-    /// `unk_score_offset` while `partial` starts no vocabulary word, else 0.
-    partial_penalty: f64,
+    /// Sum of the fused scores of the completed words.
+    lm: f64,
+    /// LM ids of the completed words (the last `order - 1`).
+    history: Vec<u32>,
+    /// The unfinished word's penalty: `unk_score_offset` (times its length / 6 past 6
+    /// characters) while no LM word starts with it, else 0.
+    partial_score: f64,
 }
 
 const ROOT: u32 = 0;
+/// `last` of the start state: no token yet (differs from every token and from blank).
+const START: u32 = u32::MAX;
 
+/// ln(e^a + e^b), as pyctcdecode's `_sum_log_scores` computes it (`hi + ln(1 + e^(lo - hi))`).
 fn log_add(a: f64, b: f64) -> f64 {
     if a == f64::NEG_INFINITY {
         return b;
@@ -120,8 +157,8 @@ fn log_add(a: f64, b: f64) -> f64 {
     if b == f64::NEG_INFINITY {
         return a;
     }
-    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
-    hi + (lo - hi).exp().ln_1p()
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    hi + (1.0 + (lo - hi).exp()).ln()
 }
 
 /// Row-wise natural log-softmax of logits [frames, tokens] (row-major), in f64.
@@ -136,7 +173,7 @@ pub fn log_softmax_rows(logits: &[f32], tokens: usize) -> Vec<f64> {
 }
 
 impl BeamSearch {
-    /// Every final beam, best first, for log probabilities [frames, tokens] (row-major, natural
+    /// The final beams, best first, for log probabilities [frames, tokens] (row-major, natural
     /// log, e.g. [`log_softmax_rows`] of the CTC head's logits; blank = `vocab.pad_id`).
     pub fn search(&self, vocab: &CharVocab, log_probs: &[f64], tokens: usize) -> Result<Vec<Hypothesis>> {
         if tokens != vocab.len() || !log_probs.len().is_multiple_of(tokens.max(1)) {
@@ -153,92 +190,107 @@ impl BeamSearch {
                 detail: "the LM scores words, and this vocab.json has no `|` to end them; decode without --lm".into(),
             });
         }
-        let blank = vocab.pad_id;
-        let delim = vocab.word_delimiter_id;
+        let blank = vocab.pad_id as u32;
+        let delim = vocab.word_delimiter_id.map(|d| d as u32);
         let start = self.lm.as_ref().map(|f| f.lm.start()).unwrap_or_default();
-        let mut nodes = vec![Node { parent: u32::MAX, token: u32::MAX, lm: 0.0, history: start, partial: String::new(), partial_penalty: 0.0 }];
+        let mut nodes = vec![Node { text: String::new(), partial: String::new(), lm: 0.0, history: start, partial_score: 0.0 }];
         let mut children: HashMap<(u32, u32), u32> = HashMap::new();
-        // Beams: node -> (p_b, p_nb).
-        let mut beams: Vec<(u32, f64, f64)> = vec![(ROOT, 0.0, f64::NEG_INFINITY)];
-        let mut next: HashMap<u32, (f64, f64)> = HashMap::new();
-        let mut cand: Vec<(usize, f64)> = Vec::with_capacity(tokens);
+        // A beam is a state (node, last): `last` the token of the path's last frame (blank, the
+        // word delimiter or a letter). Paths ending in a blank and in a letter stay apart, each
+        // with one log score (the log-sum of its paths), as pyctcdecode keeps them.
+        let mut beams: Vec<(u32, u32, f64)> = vec![(ROOT, START, 0.0)];
+        let mut next: HashMap<(u32, u32), usize> = HashMap::new();
+        let mut merged: Vec<(u32, u32, f64)> = Vec::new();
+        let mut cand: Vec<(u32, f64)> = Vec::with_capacity(tokens);
         for row in log_probs.chunks(tokens) {
             // The tokens tried at this frame.
             let best = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
             cand.clear();
-            cand.extend(row.iter().enumerate().filter(|&(i, &v)| i == best || v >= self.token_min_logp).map(|(i, &v)| (i, v)));
+            cand.extend(row.iter().enumerate().filter(|&(i, &v)| i == best || v >= self.token_min_logp).map(|(i, &v)| (i as u32, v)));
             next.clear();
-            for &(n, pb, pnb) in &beams {
-                let total = log_add(pb, pnb);
-                let last = nodes[n as usize].token;
-                for &(k, x) in &cand {
-                    if k == blank {
-                        let e = next.entry(n).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
-                        e.0 = log_add(e.0, total + x);
-                        continue;
-                    }
-                    let from = if k as u32 == last {
-                        let e = next.entry(n).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
-                        e.1 = log_add(e.1, pnb + x);
-                        pb
-                    } else {
-                        total
-                    };
-                    if from == f64::NEG_INFINITY {
-                        continue;
-                    }
-                    let c = match children.get(&(n, k as u32)) {
-                        Some(&c) => c,
-                        None => {
-                            let node = self.child(&nodes[n as usize], n, k, vocab, delim);
-                            nodes.push(node);
-                            let c = (nodes.len() - 1) as u32;
-                            children.insert((n, k as u32), c);
-                            c
+            merged.clear();
+            for &(k, x) in &cand {
+                for &(n, last, s) in &beams {
+                    let to = if k == blank || k == last {
+                        // A blank, or the last token again (collapses): the same prefix.
+                        n
+                    } else if Some(k) == delim {
+                        // The delimiter ends the unfinished word; with none, nothing changes.
+                        if nodes[n as usize].partial.is_empty() {
+                            n
+                        } else {
+                            self.child(&mut nodes, &mut children, n, k, vocab, true)
                         }
+                    } else {
+                        self.child(&mut nodes, &mut children, n, k, vocab, false)
                     };
-                    let e = next.entry(c).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
-                    e.1 = log_add(e.1, from + x);
+                    match next.entry((to, k)) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            let m = &mut merged[*e.get()];
+                            m.2 = log_add(m.2, s + x);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(merged.len());
+                            merged.push((to, k, s + x));
+                        }
+                    }
                 }
             }
-            // Rank, prune by distance to the best, keep the best `beam_width` (ties: older
-            // prefix first, so the result does not depend on hash order).
-            let score = |n: u32, pb: f64, pnb: f64| {
-                let node = &nodes[n as usize];
-                log_add(pb, pnb) + node.lm + node.partial_penalty
-            };
-            let mut ranked: Vec<(f64, u32, f64, f64)> = next.iter().map(|(&n, &(pb, pnb))| (score(n, pb, pnb), n, pb, pnb)).collect();
-            ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let floor = ranked.first().map_or(f64::NEG_INFINITY, |r| r.0 + self.beam_prune_logp);
-            beams = ranked.into_iter().take_while(|r| r.0 >= floor).take(self.beam_width.max(1)).map(|(_, n, pb, pnb)| (n, pb, pnb)).collect();
+            // Rank by acoustic + LM, drop beams more than beam_prune_logp below the best, keep the
+            // best beam_width (a stable sort: ties keep their order of arrival).
+            let mut ranked: Vec<(f64, (u32, u32, f64))> = merged
+                .iter()
+                .map(|&(n, k, s)| {
+                    let node = &nodes[n as usize];
+                    (s + node.lm + node.partial_score, (n, k, s))
+                })
+                .collect();
+            let top = ranked.iter().fold(f64::NEG_INFINITY, |m, r| m.max(r.0));
+            ranked.retain(|r| r.0 >= top + self.beam_prune_logp);
+            ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+            ranked.truncate(self.beam_width.max(1));
+            beams = ranked.into_iter().map(|r| r.1).collect();
         }
-        let mut out: Vec<Hypothesis> = beams
+        // The end: states that print the same text merge (their scores log-summed, in rank
+        // order), the unfinished word is scored as the last word with `</s>`. As pyctcdecode
+        // (whose merge keeps the fields of the last state merged in), the lowest-ranked state of
+        // a text decides how: one whose last word is unfinished scores that word; one that ended
+        // on a delimiter scores an empty last word (an unknown word) after its completed words.
+        let mut groups: Vec<(String, u32, f64)> = Vec::new();
+        let mut by_text: HashMap<String, usize> = HashMap::new();
+        for &(n, _, s) in &beams {
+            let node = &nodes[n as usize];
+            let text = match (node.text.is_empty(), node.partial.is_empty()) {
+                (_, true) => node.text.clone(),
+                (true, false) => node.partial.clone(),
+                (false, false) => format!("{} {}", node.text, node.partial),
+            };
+            match by_text.get(&text) {
+                Some(&g) => {
+                    groups[g].1 = n;
+                    groups[g].2 = log_add(groups[g].2, s);
+                }
+                None => {
+                    by_text.insert(text.clone(), groups.len());
+                    groups.push((text, n, s));
+                }
+            }
+        }
+        let mut out: Vec<Hypothesis> = groups
             .into_iter()
-            .map(|(n, pb, pnb)| {
+            .map(|(text, n, acoustic)| {
                 let node = &nodes[n as usize];
                 let lm = match &self.lm {
                     None => 0.0,
-                    Some(f) => {
-                        let (mut lm, mut history) = (node.lm, node.history.clone());
-                        if !node.partial.is_empty() {
-                            lm += f.word(&history, &node.partial);
-                            history = f.lm.push(&history, &node.partial);
-                        }
-                        lm + f.alpha * LN_10 * f.lm.score_end(&history) as f64
-                    }
+                    Some(f) => node.lm + f.last_word(&node.history, &node.partial),
                 };
-                let mut labels = Vec::new();
-                let mut m = n;
-                while m != ROOT {
-                    labels.push(nodes[m as usize].token as usize);
-                    m = nodes[m as usize].parent;
-                }
-                labels.reverse();
-                let acoustic = log_add(pb, pnb);
-                Hypothesis { text: vocab.decode(&labels), labels, acoustic, lm, score: acoustic + lm }
+                Hypothesis { text: text.split_whitespace().collect::<Vec<_>>().join(" "), acoustic, lm, score: acoustic + lm }
             })
             .collect();
+        let top = out.iter().fold(f64::NEG_INFINITY, |m, h| m.max(h.score));
+        out.retain(|h| h.score >= top + self.beam_prune_logp);
         out.sort_by(|a, b| b.score.total_cmp(&a.score));
+        out.truncate(self.beam_width.max(1));
         Ok(out)
     }
 
@@ -247,28 +299,30 @@ impl BeamSearch {
         Ok(self.search(vocab, log_probs, tokens)?.into_iter().next().map(|h| h.text).unwrap_or_default())
     }
 
-    /// The prefix `parent` + token `k`, with its LM state.
-    fn child(&self, parent: &Node, n: u32, k: usize, vocab: &CharVocab, delim: Option<usize>) -> Node {
-        let mut node = Node {
-            parent: n,
-            token: k as u32,
-            lm: parent.lm,
-            history: parent.history.clone(),
-            partial: parent.partial.clone(),
-            partial_penalty: parent.partial_penalty,
-        };
-        let Some(f) = &self.lm else { return node };
-        if Some(k) == delim {
-            if !parent.partial.is_empty() {
-                node.lm += f.word(&parent.history, &parent.partial);
-                node.history = f.lm.push(&parent.history, &parent.partial);
-                node.partial.clear();
-                node.partial_penalty = 0.0;
-            }
-        } else if let Some(tok) = vocab.tokens.get(k).filter(|t| vocab.is_text(t)) {
-            node.partial.push_str(tok);
-            node.partial_penalty = if f.lm.is_prefix(&node.partial) { 0.0 } else { f.unk_score_offset };
+    /// The node after `n` and token `k` (a letter, or the delimiter ending a word: `ends_word`).
+    fn child(&self, nodes: &mut Vec<Node>, children: &mut HashMap<(u32, u32), u32>, n: u32, k: u32, vocab: &CharVocab, ends_word: bool) -> u32 {
+        if let Some(&c) = children.get(&(n, k)) {
+            return c;
         }
-        node
+        let parent = &nodes[n as usize];
+        let node = if ends_word {
+            let text = if parent.text.is_empty() { parent.partial.clone() } else { format!("{} {}", parent.text, parent.partial) };
+            let (lm, history) = match &self.lm {
+                Some(f) => (parent.lm + f.word(&parent.history, &parent.partial), f.lm.push(&parent.history, &parent.partial)),
+                None => (parent.lm, Vec::new()),
+            };
+            Node { text, partial: String::new(), lm, history, partial_score: 0.0 }
+        } else {
+            let mut partial = parent.partial.clone();
+            if let Some(tok) = vocab.tokens.get(k as usize).filter(|t| vocab.is_text(t)) {
+                partial.push_str(tok);
+            }
+            let partial_score = self.lm.as_ref().map_or(0.0, |f| f.partial(&partial));
+            Node { text: parent.text.clone(), partial, lm: parent.lm, history: parent.history.clone(), partial_score }
+        };
+        nodes.push(node);
+        let c = (nodes.len() - 1) as u32;
+        children.insert((n, k), c);
+        c
     }
 }

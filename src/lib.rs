@@ -1,6 +1,7 @@
 //! klspeech: fine-tune pretrained Wav2Vec2 speech models on small data sets, with KL-Norm.
 //!
-//! Dependencies flow one way: [`audio`] -> [`features`] -> [`model`] -> [`loss`] / [`metrics`] ->
+//! Dependencies flow one way: [`audio`] -> [`features`] -> [`model`] -> [`loss`] / [`metrics`] /
+//! [`vocab`] -> [`lm`] / [`decode`] ->
 //! [`data`] -> [`train`] -> CLI.
 
 pub mod audio;

@@ -8,6 +8,10 @@
 //! file), down to the unigram. A word outside the vocabulary is scored as `<unk>` (KenLM's
 //! behaviour; -100 if the file has no `<unk>`). Only the last `order - 1` words of a history
 //! matter; [`NgramLm::score`] takes the whole history and looks at what it needs.
+//!
+//! The vocabulary is every 1-gram but `<s>`, `</s>` and `<unk>`. (pyctcdecode reads its word
+//! list from the 1-grams that carry a back-off weight, which in lmplz's files is every one;
+//! `tools/make_arpa.py` writes them the same way.)
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

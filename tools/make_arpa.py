@@ -20,7 +20,8 @@ split on spaces, and padded with <s> ... </s>. Estimate: interpolated absolute d
 (discount D = 0.5 at every order), written in back-off form as SRILM and KenLM write interpolated models: an n-gram's entry
 holds its interpolated probability, a context's back-off weight is the interpolation weight
 D * (distinct continuations) / count. Unigrams share their discounted mass uniformly among the
-seen words, `</s>` and `<unk>`; `<s>` gets -99 as in lmplz's output. Each order sums to one.
+seen words, `</s>` and `<unk>`; `<s>` gets -99 as in lmplz's output; every entry below the top
+order has a back-off weight (0 where it is no context), as lmplz writes them. Each order sums to one.
 (lmplz uses modified Kneser-Ney with pruning; on large text use it.)
 """
 import argparse
@@ -119,8 +120,11 @@ def main():
         for g, p in sorted(entries, key=lambda e: e[0]):
             lp = -99.0 if p is None else math.log10(p)
             line = f"{lp:.6f}\t{' '.join(g)}"
-            if k < a.order - 1 and g in backoff:
-                line += f"\t{math.log10(backoff[g]):.6f}"
+            # Every entry below the top order carries a back-off weight, 0 where it is no
+            # context, as lmplz writes them (pyctcdecode reads the vocabulary from the 1-grams
+            # that have one).
+            if k < a.order - 1:
+                line += f"\t{math.log10(backoff[g]) if g in backoff else 0.0:.6f}"
             out.write(line + "\n")
     out.write("\n\\end\\\n")
 
