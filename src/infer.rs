@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use crate::audio;
 use crate::error::{Error, Result};
 use crate::model::{ForwardCtx, Head, ModelOutput, SpeechModel};
-use crate::decode::{log_softmax_rows, BeamSearch};
+use crate::decode::{log_softmax_rows, BeamSearch, Hypothesis};
 use crate::vocab::{ctc_greedy, word_spans, CharVocab};
 
 /// Reads `path`, resamples it to the model's rate and normalizes it as the model's
@@ -75,9 +75,10 @@ pub fn embed_file(model: &SpeechModel, path: &Path, layer: LayerChoice) -> Resul
 pub enum Prediction {
     /// Classification: best label, its probability, and every label's probability.
     Label { label: String, probability: f32, scores: Vec<(String, f32)> },
-    /// CTC: the greedy transcript, and its characters or words with their times when asked
-    /// ([`PredictOptions::timestamps`]; empty otherwise).
-    Text { text: String, timestamps: Vec<TimedText> },
+    /// CTC: the transcript, its characters or words with their times when asked
+    /// ([`PredictOptions::timestamps`]; empty otherwise), and with a beam search the best
+    /// [`PredictOptions::n_best`] hypotheses, best first (empty for greedy decoding).
+    Text { text: String, timestamps: Vec<TimedText>, hypotheses: Vec<Hypothesis> },
 }
 
 /// Which timestamps a transcript carries (transformers' ASR pipeline `return_timestamps`).
@@ -122,6 +123,9 @@ pub struct PredictOptions {
     pub timestamps: Option<Timestamps>,
     /// CTC: a beam search (with a word language model, or not) instead of greedy decoding.
     pub decoder: Option<BeamSearch>,
+    /// With `decoder`: how many of its best hypotheses [`Prediction::Text`] lists (0 is taken
+    /// as 1).
+    pub n_best: usize,
 }
 
 /// The spans of `frame_ids` at the chosen level, in seconds: frame `f` starts at
@@ -305,8 +309,10 @@ pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>,
     let vocab = vocab.ok_or_else(no_vocab)?;
     if let Some(d) = &opts.decoder {
         let rows: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let text = d.decode(vocab, &log_softmax_rows(&rows, vocab.len()), vocab.len())?;
-        return Ok(Prediction::Text { text, timestamps: Vec::new() });
+        let mut hypotheses = d.search(vocab, &log_softmax_rows(&rows, vocab.len()), vocab.len())?;
+        hypotheses.truncate(opts.n_best.max(1));
+        let text = hypotheses.first().map(|h| h.text.clone()).unwrap_or_default();
+        return Ok(Prediction::Text { text, timestamps: Vec::new(), hypotheses });
     }
     let ids: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
     let ids: Vec<usize> = ids.into_iter().map(|i| i as usize).collect();
@@ -318,5 +324,5 @@ pub fn predict_file(model: &SpeechModel, path: &Path, vocab: Option<&CharVocab>,
         }
         None => Vec::new(),
     };
-    Ok(Prediction::Text { text, timestamps })
+    Ok(Prediction::Text { text, timestamps, hypotheses: Vec::new() })
 }

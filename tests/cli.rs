@@ -215,9 +215,10 @@ fn predict_timestamps() {
 }
 
 /// `eval` / `predict` with `--lm` (the bundled 3-gram from training sentences the test set does
-/// not share) on the bundled CTC model: in-domain WER well below greedy decoding's, `predict`
-/// gives the same transcripts as `eval` scored; `--beam-width` alone runs the beam search
-/// without an LM; the flags are checked with messages that name the fix.
+/// not share) on the bundled CTC model: in-domain WER well below greedy decoding's; `predict`
+/// gives another transcript than greedy, of LM words, whole or chunked; `--beam-width` alone
+/// runs the beam search without an LM; `--n-best` lists hypotheses; the flags are checked with messages that name
+/// the fix.
 #[test]
 fn language_model_decoding() {
     let m = "models/klspeech-small";
@@ -249,6 +250,25 @@ fn language_model_decoding() {
     }
     let chunked = ok(&klspeech(&["predict", "--model", m, "--lm", lm, "--chunk-s", "30", clip]));
     assert_eq!(chunked, decoded);
+    // --n-best: the best K hypotheses, best first, the first one the transcript; score =
+    // acoustic + LM (the order and values themselves: tests/decode.rs against pyctcdecode).
+    let j: serde_json::Value = serde_json::from_str(ok(&klspeech(&["predict", "--json", "--model", m, "--lm", lm, "--n-best", "4", clip])).trim()).unwrap();
+    let n = j["n_best"].as_array().unwrap();
+    assert_eq!(n.len(), 4);
+    assert_eq!(n[0]["text"], j["text"]);
+    assert_eq!(format!("{clip}\t{}\n", j["text"].as_str().unwrap()), decoded);
+    for (i, h) in n.iter().enumerate() {
+        let (a, l, t) = (h["acoustic_score"].as_f64().unwrap(), h["lm_score"].as_f64().unwrap(), h["score"].as_f64().unwrap());
+        assert!((a + l - t).abs() < 1e-9, "{h}");
+        if i > 0 {
+            assert!(t <= n[i - 1]["score"].as_f64().unwrap(), "{j}");
+            assert_ne!(h["text"], n[i - 1]["text"]);
+        }
+    }
+    let plain = ok(&klspeech(&["predict", "--model", m, "--lm", lm, "--n-best", "2", clip]));
+    let lines: Vec<&str> = plain.lines().collect();
+    assert_eq!(lines.len(), 3, "{plain}");
+    assert_eq!(lines[1], format!("  {:>3} {:>11.3}  {}", 1, n[0]["score"].as_f64().unwrap(), n[0]["text"].as_str().unwrap()));
 
     let err = |args: &[&str]| {
         let o = klspeech(args);
@@ -260,6 +280,11 @@ fn language_model_decoding() {
         "error: --lm-alpha, --lm-beta and --unk-score-offset weigh a language model: add --lm FILE.arpa\n"
     );
     assert_eq!(err(&["predict", "--model", m, "--beam-width", "0", clip]), "error: --beam-width must be at least 1\n");
+    assert_eq!(
+        err(&["predict", "--model", m, "--n-best", "3", clip]),
+        "error: --n-best lists a beam search's hypotheses: add --lm FILE.arpa or --beam-width N\n"
+    );
+    assert_eq!(err(&["predict", "--model", m, "--lm", lm, "--n-best", "0", clip]), "error: --n-best must be at least 1\n");
     let e = err(&["predict", "--model", m, "--lm", lm, "--timestamps", "word", clip]);
     assert!(e.contains("--timestamps with a beam search (--lm / --beam-width)") && e.contains("drop --lm and --beam-width"), "{e}");
     let e = err(&["predict", "--model", "tests/fixtures/w2v2/cls-weighted", "--lm", lm, A]);

@@ -209,7 +209,8 @@ fn the_demo_language_model_sums_to_one_after_every_context() {
 /// settings (pyctcdecode's defaults with the unseen-sentence 3-gram; alpha 2, beta 0, 8 beams
 /// with the all-sentence 3-gram; other alpha, beta, unk_score_offset, token_min_logp,
 /// beam_prune_logp and 30 beams; no LM, 16 beams): the same best text, and its logit and
-/// combined scores within 1e-4 (KenLM sums back-offs in f32 in its own order).
+/// combined scores within 1e-4 (KenLM sums back-offs in f32 in its own order); and the same
+/// first five beams in the same order with their scores (`predict --n-best`).
 #[test]
 fn beam_search_matches_pyctcdecode() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -237,10 +238,19 @@ fn beam_search_matches_pyctcdecode() {
         for (clip, want) in setting["results"].as_object().unwrap() {
             let t = &logits[clip];
             let rows: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let best = search.search(&v, &log_softmax_rows(&rows, v.len()), v.len()).unwrap().remove(0);
+            let hyps = search.search(&v, &log_softmax_rows(&rows, v.len()), v.len()).unwrap();
+            let best = &hyps[0];
             let (a, c) = (want["logit_score"].as_f64().unwrap(), want["combined_score"].as_f64().unwrap());
             if best.text != want["text"].as_str().unwrap() || (best.acoustic - a).abs() >= 1e-4 || (best.score - c).abs() >= 1e-4 {
                 wrong.push(format!("{name}: {clip}: {:?} {} / {} against {:?} {a} / {c}", best.text, best.acoustic, best.score, want["text"].as_str().unwrap()));
+            }
+            // The first five beams, in order.
+            let n_best = want["n_best"].as_array().unwrap();
+            let got: Vec<(&str, f64, f64)> = hyps.iter().take(5).map(|h| (h.text.as_str(), h.acoustic, h.score)).collect();
+            let exp: Vec<(&str, f64, f64)> = n_best.iter().map(|b| (b[0].as_str().unwrap(), b[1].as_f64().unwrap(), b[2].as_f64().unwrap())).collect();
+            let same = got.len() == exp.len() && got.iter().zip(&exp).all(|(g, e)| g.0 == e.0 && (g.1 - e.1).abs() < 1e-4 && (g.2 - e.2).abs() < 1e-4);
+            if !same {
+                wrong.push(format!("{name}: {clip}: n-best {got:?} against {exp:?}"));
             }
             compared += 1;
         }

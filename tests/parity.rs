@@ -279,7 +279,7 @@ fn chunked_ctc_transcription_matches_transformers_pipeline() {
     // The whole recording in one pass, through `predict_file` as the CLI calls it.
     for level in [Timestamps::Char, Timestamps::Word] {
         let opts = PredictOptions { timestamps: Some(level), ..Default::default() };
-        let Prediction::Text { text, timestamps } = klspeech::infer::predict_file(&model, &wav, Some(&vocab), &opts).unwrap() else {
+        let Prediction::Text { text, timestamps, .. } = klspeech::infer::predict_file(&model, &wav, Some(&vocab), &opts).unwrap() else {
             panic!("a CTC model transcribes")
         };
         assert_eq!(text, r["unchunked_text"].as_str().unwrap());

@@ -9,7 +9,8 @@ bundled CTC model's logits.
 Writes tests/fixtures/lm/ctc_logits.safetensors (the model's logits [frames, 28] for the 30
 in-domain and the first 10 out-of-domain test clips, f32, keyed by clip path) and
 tests/fixtures/lm/pyctcdecode.json: for each decoding setting and clip, the best beam's text,
-its logit score and its combined (acoustic + LM) score. The decoder sees f64 copies of
+its logit score and its combined (acoustic + LM) score, and the first five beams as [text,
+logit score, combined score]. The decoder sees f64 copies of
 the f32 logits, so that both sides take the log-softmax of the same numbers in the same
 precision.
 """
@@ -60,8 +61,10 @@ def main() -> None:
         decoder = build_ctcdecoder(labels, kenlm_model_path=None if lm is None else os.path.join(ROOT, lm), **build)
         results = {}
         for key, lg in logits.items():
-            text, _, _, logit_score, combined = decoder.decode_beams(lg.astype(np.float64), **kwargs)[0]
-            results[key] = {"text": text, "logit_score": float(logit_score), "combined_score": float(combined)}
+            beams = decoder.decode_beams(lg.astype(np.float64), **kwargs)
+            text, _, _, logit_score, combined = beams[0]
+            results[key] = {"text": text, "logit_score": float(logit_score), "combined_score": float(combined),
+                            "n_best": [[b[0], float(b[3]), float(b[4])] for b in beams[:5]]}
         out["settings"].append({"name": name, "lm": lm, "params": {**build, **kwargs}, "results": results})
         print(f"{name}: {sum(len(r['text']) for r in results.values())} characters, e.g. {next(iter(results.values()))}")
     d = os.path.join(ROOT, "tests", "fixtures", "lm")

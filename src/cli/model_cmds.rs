@@ -45,6 +45,10 @@ pub struct PredictArgs {
     pub timestamps: Option<String>,
     #[command(flatten)]
     pub decode: super::DecodeArgs,
+    /// With --lm or --beam-width: list the best K hypotheses with their scores ("n_best" with
+    /// --json: {"text", "acoustic_score", "lm_score", "score"}).
+    #[arg(long, value_name = "K")]
+    pub n_best: Option<usize>,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -126,7 +130,13 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let timestamps = a.timestamps.as_deref().map(str::parse::<Timestamps>).transpose()?;
-    let opts = PredictOptions { chunking: chunks, batch: a.batch_size, timestamps, decoder: a.decode.decoder()? };
+    let decoder = a.decode.decoder()?;
+    match a.n_best {
+        Some(0) => bail!("--n-best must be at least 1"),
+        Some(_) if decoder.is_none() => bail!("--n-best lists a beam search's hypotheses: add --lm FILE.arpa or --beam-width N"),
+        _ => {}
+    }
+    let opts = PredictOptions { chunking: chunks, batch: a.batch_size, timestamps, decoder, n_best: a.n_best.unwrap_or(1) };
     let model = load(&a.model, &a.device)?;
     let vocab = match &model.vocab {
         Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),
@@ -151,8 +161,15 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({ "path": path, "label": label, "scores": scores }));
             }
             (Prediction::Label { label, probability, .. }, false) => println!("{path}\t{label}\t{probability:.4}"),
-            (Prediction::Text { text, timestamps }, true) => {
+            (Prediction::Text { text, timestamps, hypotheses }, true) => {
                 let mut o = serde_json::json!({ "path": path, "text": text });
+                if a.n_best.is_some() {
+                    let n: Vec<serde_json::Value> = hypotheses
+                        .iter()
+                        .map(|h| serde_json::json!({ "text": h.text, "acoustic_score": h.acoustic, "lm_score": h.lm, "score": h.score }))
+                        .collect();
+                    o["n_best"] = n.into();
+                }
                 if opts.timestamps.is_some() {
                     let chunks: Vec<serde_json::Value> =
                         timestamps.iter().map(|t| serde_json::json!({ "text": t.text, "timestamp": [t.start_s, t.end_s] })).collect();
@@ -160,8 +177,14 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
                 }
                 println!("{o}");
             }
-            (Prediction::Text { text, timestamps }, false) => {
+            (Prediction::Text { text, timestamps, hypotheses }, false) => {
                 println!("{path}\t{text}");
+                // --n-best: "  rank  score  text" per hypothesis.
+                if a.n_best.is_some() {
+                    for (i, h) in hypotheses.iter().enumerate() {
+                        println!("  {:>3} {:>11.3}  {}", i + 1, h.score, h.text);
+                    }
+                }
                 // One line per word or character: start and end in seconds, then the text
                 // (a space shows as `' '`).
                 for t in timestamps {
