@@ -217,8 +217,8 @@ fn predict_timestamps() {
 /// `eval` / `predict` with `--lm` (the bundled 3-gram from training sentences the test set does
 /// not share) on the bundled CTC model: in-domain WER well below greedy decoding's; `predict`
 /// gives another transcript than greedy, of LM words, whole or chunked; `--beam-width` alone
-/// runs the beam search without an LM; `--n-best` lists hypotheses; the flags are checked with messages that name
-/// the fix.
+/// runs the beam search without an LM; `--n-best` lists hypotheses; the flags are checked with
+/// messages that name the fix.
 #[test]
 fn language_model_decoding() {
     let m = "models/klspeech-small";
