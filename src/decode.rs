@@ -294,6 +294,59 @@ impl BeamSearch {
         Ok(out)
     }
 
+    /// Checks that the language model's words can be spelled with `vocab`'s letters: an LM
+    /// written in another letter case or with other characters than the transcripts makes
+    /// almost every word unknown and decodes badly without failing. Refused when fewer than
+    /// half its words can be spelled (the error names the file, examples and the fix); no
+    /// check without an LM or for a vocabulary with multi-character tokens.
+    pub fn check_vocabulary(&self, vocab: &CharVocab) -> Result<()> {
+        let Some(f) = &self.lm else { return Ok(()) };
+        let letters: std::collections::HashSet<char> = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|&(i, t)| i != vocab.pad_id && Some(i) != vocab.word_delimiter_id && vocab.is_text(t))
+            .filter_map(|(_, t)| {
+                let mut c = t.chars();
+                match (c.next(), c.next()) {
+                    (Some(ch), None) => Some(ch),
+                    _ => None,
+                }
+            })
+            .collect();
+        // Text tokens of several characters other than the unknown token: word pieces, for
+        // which a letter-level check says nothing.
+        let pieces = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|&(i, t)| i != vocab.pad_id && Some(i) != vocab.unk_id && vocab.is_text(t) && t.chars().count() > 1)
+            .count();
+        if letters.is_empty() || pieces * 10 > vocab.len() {
+            return Ok(());
+        }
+        let words: Vec<&str> = f.lm.vocabulary().collect();
+        let bad: Vec<&str> = words.iter().copied().filter(|w| !w.chars().all(|c| letters.contains(&c))).collect();
+        if words.is_empty() || bad.len() * 2 <= words.len() {
+            return Ok(());
+        }
+        let mut missing: Vec<char> = bad.iter().flat_map(|w| w.chars()).filter(|c| !letters.contains(c)).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let examples: Vec<String> = bad.iter().take(3).map(|w| format!("{w:?}")).collect();
+        let shown: String = missing.iter().take(12).collect();
+        Err(Error::LanguageModel {
+            path: f.lm.source.clone(),
+            detail: format!(
+                "{} of its {} words cannot be spelled with the model's vocab.json (e.g. {}; characters not in it: {shown:?}): \
+                 write the LM's text as the model's transcripts are (letter case, dropped characters) and rebuild it",
+                bad.len(),
+                words.len(),
+                examples.join(", ")
+            ),
+        })
+    }
+
     /// The best hypothesis's text ("" for no frames).
     pub fn decode(&self, vocab: &CharVocab, log_probs: &[f64], tokens: usize) -> Result<String> {
         Ok(self.search(vocab, log_probs, tokens)?.into_iter().next().map(|h| h.text).unwrap_or_default())

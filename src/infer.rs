@@ -121,7 +121,9 @@ pub struct PredictOptions {
     pub batch: usize,
     /// Character or word times for transcripts (CTC only; greedy decoding only).
     pub timestamps: Option<Timestamps>,
-    /// CTC: a beam search (with a word language model, or not) instead of greedy decoding.
+    /// CTC: a beam search (with a word language model, or not) instead of greedy decoding
+    /// (check its LM against the model's vocabulary once first:
+    /// [`BeamSearch::check_vocabulary`]).
     pub decoder: Option<BeamSearch>,
     /// With `decoder`: how many of its best hypotheses [`Prediction::Text`] lists (0 is taken
     /// as 1).

@@ -27,6 +27,8 @@ type NgramTable = HashMap<Box<[u32]>, (f32, f32)>;
 /// A back-off n-gram model read from an ARPA file.
 #[derive(Debug, Clone)]
 pub struct NgramLm {
+    /// The file it was read from (for messages).
+    pub source: std::path::PathBuf,
     /// Highest n-gram order in the file.
     pub order: usize,
     /// Word -> id; ids index [`NgramLm::words`].
@@ -167,7 +169,12 @@ impl NgramLm {
         let unk = ids.get("<unk>").copied();
         let bos = ids.get("<s>").copied();
         let eos = ids.get("</s>").copied();
-        Ok(NgramLm { order, ids, words, tables, prefixes, unk, bos, eos })
+        Ok(NgramLm { source: path.into(), order, ids, words, tables, prefixes, unk, bos, eos })
+    }
+
+    /// The vocabulary words (every 1-gram but `<s>`, `</s>`, `<unk>`).
+    pub fn vocabulary(&self) -> impl Iterator<Item = &str> {
+        self.words.iter().map(|w| w.as_str()).filter(|w| self.contains(w))
     }
 
     /// The id a word is scored with: its own, or `<unk>`'s (None without one).

@@ -291,6 +291,21 @@ fn language_model_decoding() {
     assert!(e.contains("--lm / --beam-width on a model without a CTC head"), "{e}");
     let e = err(&["eval", "--model", m, "--data", test, "--lm", "README.md"]);
     assert_eq!(e, "error: reading the language model: README.md: no `\\data\\` header before the first entries: not an ARPA language model\n");
+    // An LM in capitals for a lowercase model: refused by both commands before decoding.
+    let d = tempfile::tempdir().unwrap();
+    let upper = d.path().join("upper.arpa");
+    let text = std::fs::read_to_string(root().join(lm)).unwrap();
+    let caps: String = text
+        .lines()
+        .map(|l| if l.contains('\t') { l.to_uppercase().replace("<S>", "<s>").replace("</S>", "</s>").replace("<UNK>", "<unk>") } else { l.to_string() } + "\n")
+        .collect();
+    std::fs::write(&upper, caps).unwrap();
+    let u = upper.to_str().unwrap();
+    for args in [vec!["predict", "--model", m, "--lm", u, clip], vec!["eval", "--model", m, "--data", test, "--lm", u]] {
+        let e = err(&args);
+        assert!(e.contains(&format!("{u}: 261 of its 261 words cannot be spelled with the model's vocab.json")), "{e}");
+        assert!(e.contains("write the LM's text as the model's transcripts are"), "{e}");
+    }
     let e = err(&["eval", "--model", m, "--data", test, "--lm", "no-such.arpa"]);
     assert!(e.starts_with("error: reading the language model: no-such.arpa: cannot open file"), "{e}");
 }

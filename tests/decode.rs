@@ -258,3 +258,31 @@ fn beam_search_matches_pyctcdecode() {
     assert_eq!(compared, 4 * 40);
     assert!(wrong.is_empty(), "{} of {compared} differ:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+/// An LM whose words the model cannot spell (another letter case) is refused with the file,
+/// examples and the fix; one it can spell, or a word-piece vocabulary, passes.
+#[test]
+fn a_language_model_in_another_letter_case_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lm/tiny.arpa")).unwrap();
+    let upper = d.path().join("upper.arpa");
+    // "ball" becomes "BALl": three of three words unspellable all the same.
+    std::fs::write(&upper, good.replace("the", "THE").replace("bal", "BAL")).unwrap();
+    let v = vocab(&["[PAD]", "|", "t", "h", "e", "b", "a", "l", "[UNK]"]);
+    let with = |lm: NgramLm| BeamSearch { lm: Some(LmFusion::new(Arc::new(lm))), ..BeamSearch::default() };
+    assert!(with(tiny_lm()).check_vocabulary(&v).is_ok());
+    let e = with(NgramLm::from_arpa(&upper).unwrap()).check_vocabulary(&v).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: 3 of its 3 words cannot be spelled with the model's vocab.json (e.g. \"THE\", \"BALl\", \"BAL\"; characters not in it: \"ABEHLT\"): \
+             write the LM's text as the model's transcripts are (letter case, dropped characters) and rebuild it",
+            upper.display()
+        )
+    );
+    // Word pieces: no letter-level check.
+    let pieces = vocab(&["[PAD]", "|", "th", "he", "ba", "ll", "al", "t", "h"]);
+    assert!(with(NgramLm::from_arpa(&upper).unwrap()).check_vocabulary(&pieces).is_ok());
+    // No LM, nothing to check.
+    assert!(BeamSearch::default().check_vocabulary(&v).is_ok());
+}

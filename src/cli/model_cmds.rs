@@ -142,6 +142,9 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
         Some(map) => Some(CharVocab::from_map(map, &a.model.join("vocab.json"))?),
         None => None,
     };
+    if let (Some(d), Some(v)) = (&opts.decoder, &vocab) {
+        d.check_vocabulary(v)?;
+    }
     let mut failures = 0;
     for p in &a.audio {
         let pred = match infer::predict_file(&model, p, vocab.as_ref(), &opts) {

@@ -103,6 +103,9 @@ fn evaluate_with(
     mut cache: Option<&mut FeatureCache>,
     decoder: Option<&BeamSearch>,
 ) -> Result<EvalResult> {
+    if let (Some(d), Some(v)) = (decoder, vocab) {
+        d.check_vocabulary(v)?;
+    }
     let mut preds_cls = Vec::with_capacity(clips.len());
     let mut preds_txt = Vec::with_capacity(clips.len());
     // Sort by length so batches pad little; restore order afterwards.
