@@ -24,7 +24,8 @@
 //! `token_min_logp` (and the best one), drops beams more than `beam_prune_logp` below the best
 //! and keeps the best `beam_width`. At the end the beams that print the same text merge, the
 //! last word is scored with `</s>`, and the results are ranked again. `alpha`, `beta`,
-//! `unk_score_offset` and the three pruning settings have pyctcdecode's names and defaults.
+//! `unk_score_offset` and the three pruning settings have pyctcdecode's names and defaults;
+//! so do its hotwords ([`Hotwords`]), with or without an LM.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +94,53 @@ impl LmFusion {
     }
 }
 
+/// Words to favour (pyctcdecode's hotwords, for names and terms the LM does not know): each
+/// word of the transcript that is one adds `weight`; an unfinished word that starts one adds
+/// `weight * its length / the length of the shortest hotword it starts`, in place of the LM's
+/// unknown-prefix penalty. Not scaled by alpha.
+#[derive(Debug, Clone)]
+pub struct Hotwords {
+    words: std::collections::HashSet<String>,
+    /// Every non-empty prefix of a hotword -> the length (characters) of the shortest hotword
+    /// with that prefix.
+    prefixes: HashMap<String, usize>,
+    /// Score per hotword (pyctcdecode's `hotword_weight`, default 10).
+    pub weight: f64,
+}
+
+impl Hotwords {
+    /// Hotwords from phrases (each split on whitespace into words; empty ones ignored).
+    pub fn new<S: AsRef<str>>(phrases: &[S], weight: f64) -> Self {
+        let words: std::collections::HashSet<String> = phrases.iter().flat_map(|p| p.as_ref().split_whitespace().map(str::to_string)).collect();
+        let mut prefixes: HashMap<String, usize> = HashMap::new();
+        for w in &words {
+            let n = w.chars().count();
+            for (i, c) in w.char_indices() {
+                let e = prefixes.entry(w[..i + c.len_utf8()].to_string()).or_insert(n);
+                *e = (*e).min(n);
+            }
+        }
+        Hotwords { words, prefixes, weight }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    fn word(&self, w: &str) -> f64 {
+        if self.words.contains(w) {
+            self.weight
+        } else {
+            0.0
+        }
+    }
+
+    fn partial(&self, p: &str) -> Option<f64> {
+        self.prefixes.get(p).map(|&min| self.weight * p.chars().count() as f64 / min as f64)
+    }
+}
+
 /// CTC prefix beam search settings.
 #[derive(Debug, Clone)]
 pub struct BeamSearch {
@@ -106,12 +154,15 @@ pub struct BeamSearch {
     pub beam_prune_logp: f64,
     /// Word language model, if any.
     pub lm: Option<LmFusion>,
+    /// Words to favour, if any.
+    pub hotwords: Option<Hotwords>,
 }
 
 impl Default for BeamSearch {
-    /// pyctcdecode's defaults: beam width 100, token_min_logp -5, beam_prune_logp -10, no LM.
+    /// pyctcdecode's defaults: beam width 100, token_min_logp -5, beam_prune_logp -10, no LM,
+    /// no hotwords.
     fn default() -> Self {
-        BeamSearch { beam_width: 100, token_min_logp: -5.0, beam_prune_logp: -10.0, lm: None }
+        BeamSearch { beam_width: 100, token_min_logp: -5.0, beam_prune_logp: -10.0, lm: None, hotwords: None }
     }
 }
 
@@ -136,12 +187,13 @@ struct Node {
     text: String,
     /// The unfinished word.
     partial: String,
-    /// Sum of the fused scores of the completed words.
+    /// Sum of the fused LM scores of the completed words and their hotword scores.
     lm: f64,
     /// LM ids of the completed words (the last `order - 1`).
     history: Vec<u32>,
-    /// The unfinished word's penalty: `unk_score_offset` (times its length / 6 past 6
-    /// characters) while no LM word starts with it, else 0.
+    /// The unfinished word's score: its hotword prefix score if it starts a hotword, else
+    /// `unk_score_offset` (times its length / 6 past 6 characters) while no LM word starts with
+    /// it, else 0.
     partial_score: f64,
 }
 
@@ -281,9 +333,9 @@ impl BeamSearch {
             .map(|(text, n, acoustic)| {
                 let node = &nodes[n as usize];
                 let lm = match &self.lm {
-                    None => 0.0,
+                    None => node.lm,
                     Some(f) => node.lm + f.last_word(&node.history, &node.partial),
-                };
+                } + self.hotwords.as_ref().map_or(0.0, |h| h.word(&node.partial));
                 Hypothesis { text: text.split_whitespace().collect::<Vec<_>>().join(" "), acoustic, lm, score: acoustic + lm }
             })
             .collect();
@@ -360,17 +412,19 @@ impl BeamSearch {
         let parent = &nodes[n as usize];
         let node = if ends_word {
             let text = if parent.text.is_empty() { parent.partial.clone() } else { format!("{} {}", parent.text, parent.partial) };
-            let (lm, history) = match &self.lm {
+            let (mut lm, history) = match &self.lm {
                 Some(f) => (parent.lm + f.word(&parent.history, &parent.partial), f.lm.push(&parent.history, &parent.partial)),
                 None => (parent.lm, Vec::new()),
             };
+            lm += self.hotwords.as_ref().map_or(0.0, |h| h.word(&parent.partial));
             Node { text, partial: String::new(), lm, history, partial_score: 0.0 }
         } else {
             let mut partial = parent.partial.clone();
             if let Some(tok) = vocab.tokens.get(k as usize).filter(|t| vocab.is_text(t)) {
                 partial.push_str(tok);
             }
-            let partial_score = self.lm.as_ref().map_or(0.0, |f| f.partial(&partial));
+            let hot = self.hotwords.as_ref().and_then(|h| h.partial(&partial));
+            let partial_score = hot.unwrap_or_else(|| self.lm.as_ref().map_or(0.0, |f| f.partial(&partial)));
             Node { text: parent.text.clone(), partial, lm: parent.lm, history: parent.history.clone(), partial_score }
         };
         nodes.push(node);

@@ -217,8 +217,8 @@ fn predict_timestamps() {
 /// `eval` / `predict` with `--lm` (the bundled 3-gram from training sentences the test set does
 /// not share) on the bundled CTC model: in-domain WER well below greedy decoding's; `predict`
 /// gives another transcript than greedy, of LM words, whole or chunked; `--beam-width` alone
-/// runs the beam search without an LM; `--n-best` lists hypotheses; the flags are checked with
-/// messages that name the fix.
+/// runs the beam search without an LM; `--n-best` lists hypotheses; `--hotwords` brings its
+/// words out; the flags are checked with messages that name the fix.
 #[test]
 fn language_model_decoding() {
     let m = "models/klspeech-small";
@@ -291,6 +291,16 @@ fn language_model_decoding() {
     assert!(e.contains("--lm / --beam-width on a model without a CTC head"), "{e}");
     let e = err(&["eval", "--model", m, "--data", test, "--lm", "README.md"]);
     assert_eq!(e, "error: reading the language model: README.md: no `\\data\\` header before the first entries: not an ARPA language model\n");
+    // Hotwords (no LM): "bird" and "tall" come out where greedy decoding misspells them.
+    let hot = ok(&klspeech(&["predict", "--model", m, "--hotwords", "bird, tall", clip]));
+    let words: Vec<&str> = hot.trim().split('\t').nth(1).unwrap().split(' ').collect();
+    assert!(words.contains(&"bird") && words.contains(&"tall"), "{hot}");
+    assert!(!plain.contains("bird") && !plain.contains("tall"), "{plain}");
+    assert_eq!(err(&["predict", "--model", m, "--hotword-weight", "3", clip]), "error: --hotword-weight weighs hotwords: add --hotwords WORDS\n");
+    assert_eq!(
+        err(&["predict", "--model", m, "--hotwords", " , ", clip]),
+        "error: --hotwords ` , `: no words (expected comma-separated words or phrases)\n"
+    );
     // An LM in capitals for a lowercase model: refused by both commands before decoding.
     let d = tempfile::tempdir().unwrap();
     let upper = d.path().join("upper.arpa");

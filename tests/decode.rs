@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use klspeech::decode::{log_softmax_rows, BeamSearch, LmFusion};
+use klspeech::decode::{log_softmax_rows, BeamSearch, Hotwords, LmFusion};
 use klspeech::lm::NgramLm;
 use klspeech::vocab::{ctc_greedy, CharVocab};
 
@@ -40,7 +40,7 @@ fn unpruned_beams_hold_the_exact_ctc_probability_of_their_labels() {
         let p: f64 = ids.iter().enumerate().map(|(t, &k)| lp[t * tokens + k]).sum::<f64>().exp();
         *exact.entry(v.decode(&ctc_greedy(&ids, v.pad_id))).or_default() += p;
     }
-    let search = BeamSearch { beam_width: 100_000, token_min_logp: f64::NEG_INFINITY, beam_prune_logp: f64::NEG_INFINITY, lm: None };
+    let search = BeamSearch { beam_width: 100_000, token_min_logp: f64::NEG_INFINITY, beam_prune_logp: f64::NEG_INFINITY, ..BeamSearch::default() };
     let hyps = search.search(&v, &lp, tokens).unwrap();
     assert_eq!(hyps.len(), exact.len(), "every text a path prints is a beam");
     let total: f64 = hyps.iter().map(|h| h.acoustic.exp()).sum();
@@ -206,9 +206,10 @@ fn the_demo_language_model_sums_to_one_after_every_context() {
 
 /// Against pyctcdecode 0.5 + KenLM (what transformers' Wav2Vec2ProcessorWithLM runs;
 /// tools/gen_lm_decode_fixture.py): on the bundled CTC model's logits for 40 test clips, four
-/// settings (pyctcdecode's defaults with the unseen-sentence 3-gram; alpha 2, beta 0, 8 beams
-/// with the all-sentence 3-gram; other alpha, beta, unk_score_offset, token_min_logp,
-/// beam_prune_logp and 30 beams; no LM, 16 beams): the same best text, and its logit and
+/// six settings (pyctcdecode's defaults with the unseen-sentence 3-gram; alpha 2, beta 0, 8
+/// beams with the all-sentence 3-gram; other alpha, beta, unk_score_offset, token_min_logp,
+/// beam_prune_logp and 30 beams; no LM, 16 beams; hotwords with the LM and without, one a
+/// phrase, one outside the LM): the same best text, and its logit and
 /// combined scores within 1e-4 (KenLM sums back-offs in f32 in its own order); and the same
 /// first five beams in the same order with their scores (`predict --n-best`).
 #[test]
@@ -234,6 +235,10 @@ fn beam_search_matches_pyctcdecode() {
             token_min_logp: get("token_min_logp", -5.0),
             beam_prune_logp: get("beam_prune_logp", -10.0),
             lm: lm.map(|lm| LmFusion { lm, alpha: get("alpha", 0.5), beta: get("beta", 1.5), unk_score_offset: get("unk_score_offset", -10.0) }),
+            hotwords: p.get("hotwords").map(|h| {
+                let words: Vec<&str> = h.as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+                Hotwords::new(&words, get("hotword_weight", 10.0))
+            }),
         };
         for (clip, want) in setting["results"].as_object().unwrap() {
             let t = &logits[clip];
@@ -255,7 +260,7 @@ fn beam_search_matches_pyctcdecode() {
             compared += 1;
         }
     }
-    assert_eq!(compared, 4 * 40);
+    assert_eq!(compared, 6 * 40);
     assert!(wrong.is_empty(), "{} of {compared} differ:\n{}", wrong.len(), wrong.join("\n"));
 }
 

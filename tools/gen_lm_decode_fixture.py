@@ -37,6 +37,8 @@ SETTINGS = [
     ("alpha 0.8, beta 0.5, unk -3, token_min_logp -8, beam_prune_logp -4, 30 beams", LM_UNSEEN,
      {"alpha": 0.8, "beta": 0.5, "unk_score_offset": -3.0}, {"token_min_logp": -8.0, "beam_prune_logp": -4.0, "beam_width": 30}),
     ("no LM, 16 beams", None, {}, {"beam_width": 16}),
+    ("hotwords, 3-gram", LM_UNSEEN, {}, {"hotwords": ["bird", "tall tree", "mill", "zebra"]}),
+    ("hotwords weight 4, no LM, 32 beams", None, {}, {"hotwords": ["bird", "tall tree", "river"], "hotword_weight": 4.0, "beam_width": 32}),
 ]
 
 

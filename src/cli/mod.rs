@@ -47,7 +47,8 @@ pub struct DecodeArgs {
     /// prefix beam search as pyctcdecode does (transformers' Wav2Vec2ProcessorWithLM).
     #[arg(long, value_name = "FILE.arpa")]
     pub lm: Option<std::path::PathBuf>,
-    /// CTC: beam search with this many beams instead of greedy decoding [default with --lm: 100].
+    /// CTC: beam search with this many beams instead of greedy decoding [default with --lm or
+    /// --hotwords: 100].
     #[arg(long, value_name = "N")]
     pub beam_width: Option<usize>,
     /// With --lm: weight of the LM's log probability (pyctcdecode's alpha).
@@ -60,6 +61,13 @@ pub struct DecodeArgs {
     /// unk_score_offset).
     #[arg(long, default_value_t = -10.0, value_name = "SCORE", allow_hyphen_values = true)]
     pub unk_score_offset: f64,
+    /// CTC: words to favour in a beam search (names, terms the LM lacks): comma-separated
+    /// words or phrases, spelled as the transcripts are (pyctcdecode's hotwords).
+    #[arg(long, value_name = "WORDS")]
+    pub hotwords: Option<String>,
+    /// With --hotwords: score added per hotword (pyctcdecode's hotword_weight).
+    #[arg(long, default_value_t = 10.0, value_name = "W")]
+    pub hotword_weight: f64,
 }
 
 impl DecodeArgs {
@@ -73,7 +81,20 @@ impl DecodeArgs {
         if self.beam_width == Some(0) {
             anyhow::bail!("--beam-width must be at least 1");
         }
-        if self.lm.is_none() && self.beam_width.is_none() {
+        if self.hotwords.is_none() && self.hotword_weight != 10.0 {
+            anyhow::bail!("--hotword-weight weighs hotwords: add --hotwords WORDS");
+        }
+        let hotwords = match &self.hotwords {
+            Some(h) => {
+                let phrases: Vec<&str> = h.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+                if phrases.is_empty() {
+                    anyhow::bail!("--hotwords `{h}`: no words (expected comma-separated words or phrases)");
+                }
+                Some(klspeech::decode::Hotwords::new(&phrases, self.hotword_weight))
+            }
+            None => None,
+        };
+        if self.lm.is_none() && self.beam_width.is_none() && hotwords.is_none() {
             return Ok(None);
         }
         let lm = match &self.lm {
@@ -85,7 +106,7 @@ impl DecodeArgs {
             None => None,
         };
         let d = klspeech::decode::BeamSearch::default();
-        Ok(Some(klspeech::decode::BeamSearch { beam_width: self.beam_width.unwrap_or(d.beam_width), lm, ..d }))
+        Ok(Some(klspeech::decode::BeamSearch { beam_width: self.beam_width.unwrap_or(d.beam_width), lm, hotwords, ..d }))
     }
 }
 
