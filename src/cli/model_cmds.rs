@@ -45,8 +45,8 @@ pub struct PredictArgs {
     pub timestamps: Option<String>,
     #[command(flatten)]
     pub decode: super::DecodeArgs,
-    /// With --lm, --beam-width or --hotwords: the best K hypotheses with their scores ("n_best" with
-    /// --json: {"text", "acoustic_score", "lm_score", "score"}).
+    /// With --lm, --beam-width or --hotwords: the best K hypotheses with their scores
+    /// ("n_best" with --json: {"text", "acoustic_score", "lm_score", "score"}).
     #[arg(long, value_name = "K")]
     pub n_best: Option<usize>,
     /// Device: cpu, cuda, cuda:N or auto.
