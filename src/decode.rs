@@ -201,6 +201,15 @@ const ROOT: u32 = 0;
 /// `last` of the start state: no token yet (differs from every token and from blank).
 const START: u32 = u32::MAX;
 
+/// Completed words (single-spaced) followed by one more word, if any.
+fn words_then(text: &str, word: &str) -> String {
+    match (text.is_empty(), word.is_empty()) {
+        (_, true) => text.to_string(),
+        (true, false) => word.to_string(),
+        (false, false) => format!("{text} {word}"),
+    }
+}
+
 /// ln(e^a + e^b), as pyctcdecode's `_sum_log_scores` computes it (`hi + ln(1 + e^(lo - hi))`).
 fn log_add(a: f64, b: f64) -> f64 {
     if a == f64::NEG_INFINITY {
@@ -312,11 +321,7 @@ impl BeamSearch {
         let mut by_text: HashMap<String, usize> = HashMap::new();
         for &(n, _, s) in &beams {
             let node = &nodes[n as usize];
-            let text = match (node.text.is_empty(), node.partial.is_empty()) {
-                (_, true) => node.text.clone(),
-                (true, false) => node.partial.clone(),
-                (false, false) => format!("{} {}", node.text, node.partial),
-            };
+            let text = words_then(&node.text, &node.partial);
             match by_text.get(&text) {
                 Some(&g) => {
                     groups[g].1 = n;
@@ -336,6 +341,7 @@ impl BeamSearch {
                     None => node.lm,
                     Some(f) => node.lm + f.last_word(&node.history, &node.partial),
                 } + self.hotwords.as_ref().map_or(0.0, |h| h.word(&node.partial));
+                // (Single spaces, as pyctcdecode's output: a vocabulary may hold a space token.)
                 Hypothesis { text: text.split_whitespace().collect::<Vec<_>>().join(" "), acoustic, lm, score: acoustic + lm }
             })
             .collect();
@@ -411,7 +417,7 @@ impl BeamSearch {
         }
         let parent = &nodes[n as usize];
         let node = if ends_word {
-            let text = if parent.text.is_empty() { parent.partial.clone() } else { format!("{} {}", parent.text, parent.partial) };
+            let text = words_then(&parent.text, &parent.partial);
             let (mut lm, history) = match &self.lm {
                 Some(f) => (parent.lm + f.word(&parent.history, &parent.partial), f.lm.push(&parent.history, &parent.partial)),
                 None => (parent.lm, Vec::new()),
